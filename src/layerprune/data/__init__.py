@@ -1,0 +1,1 @@
+"""Text sources: bundled corpora, user files, hub datasets; calibration and instruction sets."""

@@ -1,0 +1,141 @@
+"""Calibration data: a few token sequences that importance metrics push through the model.
+
+Sources: a bundled corpus by name (default `c4`, a C4 validation sample), a text
+file (one document per blank-line-separated block), a JSONL file with a text field,
+or a hub dataset id (users with a hub). The paper's default is 10 samples x 128 tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from layerprune.errors import LayerpruneError
+
+
+@dataclass
+class CalibrationData:
+    """input_ids [N, L]; attention_mask [N, L] with 1 for real tokens and 0 for padding."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    description: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2 or self.input_ids.shape != self.attention_mask.shape:
+            raise ValueError("input_ids and attention_mask must both be [num_samples, seq_len]")
+        if self.input_ids.shape[0] == 0 or int(self.attention_mask.sum()) == 0:
+            raise LayerpruneError("calibration data is empty")
+
+    @property
+    def num_samples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def batches(self, batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.num_samples, batch_size):
+            yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
+
+    def subset(self, indices: list[int]) -> "CalibrationData":
+        return CalibrationData(
+            self.input_ids[indices], self.attention_mask[indices], {**self.description, "subset": list(indices)}
+        )
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer itself adds BOS to an encoded text (it follows the tokenizer)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    probe = tokenizer("hello").input_ids
+    return [bos] if probe and probe[0] == bos else []
+
+
+def calibration_from_texts(
+    tokenizer,
+    texts: list[str],
+    *,
+    n_samples: int = 10,
+    seq_len: int = 128,
+    seed: int = 0,
+    mode: str = "concat",
+    source: str = "texts",
+) -> CalibrationData:
+    """Build N samples of L tokens from documents.
+
+    mode "concat" (default): documents are shuffled with the seed, joined, and cut into
+    N non-overlapping full windows (no padding). mode "document": one sample per
+    shuffled document, truncated to L and right-padded (attention_mask marks padding).
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise LayerpruneError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
+    docs = [t for t in texts if t and t.strip()]
+    if not docs:
+        raise LayerpruneError(f"calibration source {source!r} has no text")
+    random.Random(seed).shuffle(docs)
+    prefix = _bos_prefix(tokenizer)
+    body_len = seq_len - len(prefix)
+    rows: list[list[int]] = []
+    if mode == "concat":
+        separator = tokenizer.eos_token_id
+        stream: list[int] = []
+        for doc in docs:
+            stream.extend(tokenizer(doc, add_special_tokens=False).input_ids)
+            if separator is not None:
+                stream.append(separator)
+            if len(stream) >= n_samples * body_len:
+                break
+        if len(stream) < n_samples * body_len:
+            raise LayerpruneError(
+                f"calibration source {source!r} is too short: {len(stream)} tokens, "
+                f"{n_samples} x {seq_len} needed"
+            )
+        rows = [prefix + stream[i * body_len : (i + 1) * body_len] for i in range(n_samples)]
+    elif mode == "document":
+        for doc in docs[:n_samples]:
+            rows.append(prefix + tokenizer(doc, add_special_tokens=False).input_ids[:body_len])
+        if len(rows) < n_samples:
+            raise LayerpruneError(f"calibration source {source!r} has {len(rows)} documents, {n_samples} needed")
+    else:
+        raise LayerpruneError(f"unknown calibration mode {mode!r}; use concat or document")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    description = {
+        "source": source,
+        "n_samples": n_samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "mode": mode,
+        "bos": bool(prefix),
+        "tokens": int(mask.sum()),
+    }
+    return CalibrationData(ids, mask, description)
+
+
+def load_calibration(
+    tokenizer,
+    source: str = "c4",
+    *,
+    n_samples: int = 10,
+    seq_len: int = 128,
+    seed: int = 0,
+    mode: str = "concat",
+    field: str = "text",
+) -> CalibrationData:
+    """Calibration data from a bundled corpus name, a .txt/.jsonl path, or a hub dataset id."""
+    from layerprune.data.sources import read_texts
+
+    texts = read_texts(source, field=field)
+    return calibration_from_texts(
+        tokenizer, texts, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=mode, source=source
+    )

@@ -1,0 +1,1 @@
+"""Measuring a (pruned) model: generation samples now; perplexity and lm-eval tasks later."""

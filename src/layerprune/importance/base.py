@@ -1,0 +1,51 @@
+"""Scores of decoder layers: the common currency of every metric.
+
+Convention: higher score = more important = kept. Indices are ORIGINAL layer indices.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LayerScores:
+    metric: str
+    layers: list[int]  # original indices, in model order
+    values: list[float]  # one per layer; higher = keep
+    params: dict = field(default_factory=dict)
+    calibration: dict | None = None
+    extra: dict = field(default_factory=dict)  # metric-specific tables (e.g. angular distances)
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != len(self.values):
+            raise ValueError(f"{self.metric}: {len(self.layers)} layers but {len(self.values)} scores")
+
+    def as_dict(self) -> dict[int, float]:
+        return dict(zip(self.layers, self.values))
+
+    def ranking(self) -> list[int]:
+        """Original indices from least to most important (ties: deeper layer first)."""
+        return [layer for _, layer in sorted(zip(self.values, self.layers), key=lambda t: (t[0], -t[1]))]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LayerScores":
+        return cls(**data)
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["layer", self.metric])
+        writer.writerows(zip(self.layers, self.values))
+        return buffer.getvalue()
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Loading models, knowing their anatomy, and cutting layers out of them."""

@@ -1,0 +1,47 @@
+"""Save a (pruned) model as a stock Hugging Face checkpoint plus a layerprune.json record."""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from layerprune.models.surgery import provenance
+from layerprune.outputs import atomic_output_dir, write_json
+
+_RECORDED_PACKAGES = ("layerprune", "torch", "transformers", "accelerate", "safetensors", "peft")
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name in _RECORDED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """safetensors + config + generation config + tokenizer + layerprune.json, written atomically.
+
+    The folder reloads with `AutoModelForCausalLM.from_pretrained(out)` and no custom code.
+    """
+    record = provenance(model)
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(
+            Path(tmp) / "layerprune.json",
+            {
+                "source": record.get("source"),
+                "original_num_layers": record["original_num_layers"],
+                "kept_layers": record["kept_layers"],
+                "dropped_layers": record["dropped_layers"],
+                "history": record.get("history", []),
+                **(extra or {}),
+                "versions": package_versions(),
+            },
+        )
+    return Path(out)

@@ -1,0 +1,182 @@
+"""Remove decoder layers so that the result is a plain, consistent transformers model.
+
+Invariants kept by `remove_layers` (each one checked by a reload test):
+- the block list is rebuilt, and `num_hidden_layers` equals its length;
+- every config list with one entry per layer (`layer_types`, ...) is trimmed and
+  family-specific index encodings are rewritten (see anatomy);
+- every `layer_idx` inside a kept block is renumbered, or the KV cache breaks;
+- `config.layerprune["kept_layers"]` records the ORIGINAL indices of the kept
+  blocks, so a second prune still speaks original indices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from layerprune.errors import LayerpruneError
+from layerprune.models.anatomy import Anatomy, get_anatomy
+
+
+def provenance(model: nn.Module) -> dict:
+    """The `layerprune` entry of the config: original layer count, kept and dropped original indices."""
+    record = getattr(model.config, "layerprune", None)
+    if isinstance(record, dict) and "kept_layers" in record:
+        return record
+    n = get_anatomy(model).num_layers
+    return {"original_num_layers": n, "kept_layers": list(range(n)), "dropped_layers": []}
+
+
+def kept_layers(model: nn.Module) -> list[int]:
+    """Original index of each current block, in order."""
+    return list(provenance(model)["kept_layers"])
+
+
+def validate_drop(model: nn.Module, drop: Iterable[int]) -> list[int]:
+    """Check a list of ORIGINAL layer indices to drop; returns it sorted. Raises LayerpruneError."""
+    drop = list(drop)
+    record = provenance(model)
+    original_n = record["original_num_layers"]
+    kept = record["kept_layers"]
+    duplicates = sorted({i for i in drop if drop.count(i) > 1})
+    if duplicates:
+        raise LayerpruneError(f"duplicate layer indices to drop: {duplicates}")
+    for i in drop:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise LayerpruneError(f"layer indices must be integers, got {i!r}")
+        if i < 0 or i >= original_n:
+            raise LayerpruneError(
+                f"layer index {i} is out of range: the original model has {original_n} layers (0..{original_n - 1})"
+            )
+        if i not in kept:
+            raise LayerpruneError(f"layer {i} was already removed (remaining original layers: {kept})")
+    if len(drop) >= len(kept):
+        raise LayerpruneError(f"cannot drop all {len(kept)} remaining layers; at least one must stay")
+    return sorted(drop)
+
+
+def remove_layers(model: nn.Module, drop: Iterable[int], *, how: dict | None = None) -> nn.Module:
+    """Remove the blocks with the given ORIGINAL indices, in place; returns the model.
+
+    `how` (e.g. {"metric": "block-influence"}) is stored with the provenance.
+    Works on models dispatched over several devices: the kept blocks stay where they are.
+    """
+    drop = validate_drop(model, drop)
+    anatomy = get_anatomy(model)
+    record = provenance(model)
+    kept_before = record["kept_layers"]
+    keep_positions = [pos for pos, orig in enumerate(kept_before) if orig not in drop]
+
+    _rebuild_layer_list(anatomy, keep_positions)
+    _rewrite_config(anatomy, keep_positions)
+    _remap_device_map(model, anatomy.layers_path, keep_positions)
+
+    history = list(record.get("history", []))
+    history.append({"dropped": drop, **(how or {})})
+    new_record = {
+        "original_num_layers": record["original_num_layers"],
+        "kept_layers": [kept_before[p] for p in keep_positions],
+        "dropped_layers": sorted(set(record["dropped_layers"]) | set(drop)),
+        "history": history,
+    }
+    if "source" in record:
+        new_record["source"] = record["source"]
+    model.config.layerprune = new_record
+    return model
+
+
+def _rebuild_layer_list(anatomy: Anatomy, keep_positions: list[int]) -> None:
+    old = anatomy.layers
+    new = nn.ModuleList([old[p] for p in keep_positions])
+    for new_idx, block in enumerate(new):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    anatomy.set_layers(new)
+
+
+def _rewrite_config(anatomy: Anatomy, keep_positions: list[int]) -> None:
+    # Modules share the config object, so rewriting it in place updates the live model too.
+    configs = {id(c): c for c in (anatomy.config, anatomy.text_config)}.values()
+    n_before = anatomy.text_config.num_hidden_layers
+    if getattr(anatomy.text_config, "scale_attn_by_inverse_layer_idx", False):
+        raise LayerpruneError(
+            "this GPT-2 config scales attention by 1/layer_idx, so renumbered layers would compute differently; "
+            "layer removal is not supported for scale_attn_by_inverse_layer_idx=True"
+        )
+    for config in configs:
+        for key in anatomy.per_layer_lists:
+            value = getattr(config, key, None)
+            if isinstance(value, (list, tuple)) and len(value) == n_before:
+                setattr(config, key, [value[p] for p in keep_positions])
+        for rewrite in anatomy.config_rewrites:
+            if hasattr(config, "num_hidden_layers"):
+                rewrite(config, keep_positions)
+    anatomy.text_config.num_hidden_layers = len(keep_positions)
+
+
+def _remap_device_map(model: nn.Module, layers_path: str, keep_positions: list[int]) -> None:
+    """accelerate's hf_device_map names blocks by position; keep it truthful after renumbering."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return
+    prefix = layers_path + "."
+    new_index = {old: new for new, old in enumerate(keep_positions)}
+    remapped = {}
+    for name, device in device_map.items():
+        if name.startswith(prefix):
+            index, _, rest = name[len(prefix):].partition(".")
+            if index.isdigit():
+                if int(index) not in new_index:
+                    continue
+                name = f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else "")
+        remapped[name] = device
+    model.hf_device_map = remapped
+
+
+def untie_embeddings(model: nn.Module) -> bool:
+    """Give lm_head its own copy of the embedding matrix. Returns False if it was not tied.
+
+    Needed before training lm_head alone: a tied head would also train the input
+    embeddings, and backpropagation would then run through every layer.
+    """
+    anatomy = get_anatomy(model)
+    head = anatomy.lm_head
+    if head is None or not anatomy.tied_embeddings:
+        return False
+    head.weight = nn.Parameter(anatomy.embeddings.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
+@contextlib.contextmanager
+def bypass_layers(model: nn.Module, positions: Iterable[int]) -> Iterator[None]:
+    """Make the blocks at these positions pass their input through unchanged (SLEB's `turn_off`).
+
+    The model's structure is untouched, so this is a reference for surgery and a cheap
+    way to try a candidate. Use with use_cache=False: bypassed blocks write no cache.
+    """
+    anatomy = get_anatomy(model)
+    handles = []
+
+    def passthrough(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if isinstance(output, tuple):
+            return (hidden,) + tuple(output[1:])
+        return hidden
+
+    try:
+        for pos in positions:
+            handles.append(anatomy.layers[pos].register_forward_hook(passthrough, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_device(model: nn.Module, position: int) -> torch.device:
+    return next(get_anatomy(model).layers[position].parameters()).device

@@ -1,0 +1,63 @@
+"""From layer scores and constraints to the ORIGINAL indices of the layers to drop."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from layerprune.errors import LayerpruneError
+from layerprune.importance.base import LayerScores
+
+
+@dataclass
+class Selection:
+    dropped: list[int]
+    kept: list[int]
+    metric: str | None = None
+    constraints: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def count_to_drop(n_layers: int, *, num_layers: int | None = None, ratio: float | None = None) -> int:
+    """How many layers to drop, given a count or a ratio of the current layers (rounded to nearest)."""
+    if (num_layers is None) == (ratio is None):
+        raise LayerpruneError("give exactly one of a number of layers to drop or a ratio")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise LayerpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
+        num_layers = round(n_layers * ratio)
+    if num_layers < 1:
+        raise LayerpruneError(f"nothing to drop: {num_layers} layers requested")
+    if num_layers >= n_layers:
+        raise LayerpruneError(f"cannot drop {num_layers} of {n_layers} layers; at least one must stay")
+    return num_layers
+
+
+def select_layers(
+    scores: LayerScores,
+    *,
+    num_layers: int | None = None,
+    ratio: float | None = None,
+    protect_first: int = 0,
+    protect_last: int = 0,
+) -> Selection:
+    """Drop the lowest-scored layers. Ties go to the deeper layer. Protected layers are never dropped.
+
+    protect_first/protect_last count the first/last layers of the CURRENT model.
+    """
+    n = len(scores.layers)
+    k = count_to_drop(n, num_layers=num_layers, ratio=ratio)
+    if protect_first < 0 or protect_last < 0:
+        raise LayerpruneError("protect_first and protect_last must be >= 0")
+    protected = set(scores.layers[:protect_first]) | set(scores.layers[n - protect_last :] if protect_last else [])
+    candidates = [layer for layer in scores.ranking() if layer not in protected]
+    if k > len(candidates):
+        raise LayerpruneError(f"cannot drop {k} layers: only {len(candidates)} are not protected")
+    dropped = sorted(candidates[:k])
+    return Selection(
+        dropped=dropped,
+        kept=[layer for layer in scores.layers if layer not in dropped],
+        metric=scores.metric,
+        constraints={"num_layers": k, "protect_first": protect_first, "protect_last": protect_last},
+    )

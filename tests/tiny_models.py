@@ -1,0 +1,71 @@
+"""Seeded tiny random models of every supported family (hidden 32, 5 layers) for fast tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 96
+N_LAYERS = 5
+_IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_hidden_layers=N_LAYERS,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    **_IDS,
+)
+
+# model_type -> config overrides. Windows are small so sliding layers differ from full ones on 12+ tokens.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_DECODER),
+    "mistral": dict(_DECODER, sliding_window=4),
+    "qwen2": dict(_DECODER, use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    "qwen3": dict(_DECODER, use_sliding_window=True, sliding_window=4, max_window_layers=3),
+    "gemma2": dict(_DECODER, sliding_window=4, tie_word_embeddings=True),
+    "gemma3_text": dict(
+        _DECODER,
+        sliding_window=4,
+        tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    ),
+    "phi3": dict(_DECODER),
+    "gpt2": dict(n_embd=32, n_head=4, n_layer=N_LAYERS, n_positions=128, tie_word_embeddings=True, **_IDS),
+    "gpt_neox": dict(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=N_LAYERS,
+        max_position_embeddings=128, **_IDS,
+    ),
+    "opt": dict(
+        hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=N_LAYERS, word_embed_proj_dim=32,
+        max_position_embeddings=128, tie_word_embeddings=True, **_IDS,
+    ),
+    "mixtral": dict(_DECODER, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(
+        _DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        decoder_sparse_step=2, mlp_only_layers=[4],
+    ),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def tiny_config(model_type: str, **overrides):
+    return AutoConfig.for_model(model_type, **{**FAMILY_CONFIGS[model_type], **overrides})
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
+    # Random init leaves some norms at exactly 1 and biases at 0; perturb so every weight matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def tiny_input(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
