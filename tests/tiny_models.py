@@ -69,3 +69,22 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides)
 def tiny_input(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+class CharTokenizer:
+    """A minimal stand-in for a HF tokenizer: one token per character (ids 3..VOCAB-1)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __init__(self, add_bos: bool = False):
+        self.add_bos = add_bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + (ord(c) % (VOCAB - 3)) for c in text]
+        if add_special_tokens and self.add_bos:
+            ids = [self.bos_token_id] + ids
+
+        class Encoded:
+            input_ids = ids
+
+        return Encoded()

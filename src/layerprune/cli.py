@@ -33,7 +33,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LayerpruneError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
     return wrapper
@@ -96,6 +96,9 @@ def prune(
     seed: int = typer.Option(0, help="Seed for the random metric."),
     protect_first: int = typer.Option(0, help="Never drop the first K layers."),
     protect_last: int = typer.Option(0, help="Never drop the last K layers."),
+    calib: str = typer.Option("c4", help="Calibration text for data-driven metrics: c4 | wikitext2 | ptb | a .txt/.jsonl file | a hub dataset id."),
+    n_samples: int = typer.Option(10, help="Calibration samples."),
+    seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
     sample: list[str] = typer.Option([], help="Prompt to generate from before and after pruning (repeatable)."),
@@ -120,6 +123,10 @@ def prune(
         metric_params={"seed": seed} if metric == "random" else {},
         protect_first=protect_first,
         protect_last=protect_last,
+        calib=calib,
+        n_samples=n_samples,
+        seq_len=seq_len,
+        calib_seed=seed,
         dtype=dtype,
         device_map=device_map,
         prompts=sample,
@@ -163,6 +170,15 @@ def models() -> None:
     for alias, spec in BUILTIN_MODELS.items():
         table.add_row(alias, spec.description, spec.license)
     console.print(table)
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress and tables."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def main() -> None:  # console-script entry point

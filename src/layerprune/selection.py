@@ -51,6 +51,8 @@ def select_layers(
     if protect_first < 0 or protect_last < 0:
         raise LayerpruneError("protect_first and protect_last must be >= 0")
     protected = set(scores.layers[:protect_first]) | set(scores.layers[n - protect_last :] if protect_last else [])
+    if scores.params.get("block_size"):
+        return _select_block(scores, k, protected, protect_first, protect_last)
     candidates = [layer for layer in scores.ranking() if layer not in protected]
     if k > len(candidates):
         raise LayerpruneError(f"cannot drop {k} layers: only {len(candidates)} are not protected")
@@ -60,4 +62,27 @@ def select_layers(
         kept=[layer for layer in scores.layers if layer not in dropped],
         metric=scores.metric,
         constraints={"num_layers": k, "protect_first": protect_first, "protect_last": protect_last},
+    )
+
+
+def _select_block(scores: LayerScores, k: int, protected: set[int], protect_first: int, protect_last: int) -> Selection:
+    """Block metrics (angular): values[i] scores the block of `block_size` layers starting at i; drop the lowest."""
+    m = int(scores.params["block_size"])
+    if k != m:
+        raise LayerpruneError(f"{scores.metric} scored blocks of {m} layers but {k} layers are to be dropped")
+    starts = [
+        (value, start)
+        for start, value in enumerate(scores.values)
+        if value == value and start + m <= len(scores.layers)  # NaN marks an invalid start
+        and not protected & set(scores.layers[start : start + m])
+    ]
+    if not starts:
+        raise LayerpruneError(f"no block of {m} unprotected consecutive layers to drop")
+    _, start = min(starts, key=lambda t: (t[0], -t[1]))
+    dropped = scores.layers[start : start + m]
+    return Selection(
+        dropped=list(dropped),
+        kept=[layer for layer in scores.layers if layer not in dropped],
+        metric=scores.metric,
+        constraints={"num_layers": k, "block_size": m, "protect_first": protect_first, "protect_last": protect_last},
     )

@@ -1,4 +1,14 @@
-"""Registry of importance metrics: `@register_metric(name)`; unknown or duplicate names are errors."""
+"""Registry of importance metrics: `@register_metric(name)`; unknown or duplicate names are errors.
+
+A metric function has one signature:
+    fn(model, calibration, **params) -> list[float] | (list[float], extra: dict)
+returning one score per CURRENT layer, in model order (higher = keep).
+
+Metrics that come from the same forward pass (e.g. block-influence, relative-magnitude,
+angular) declare a `group`; `compute_many` then runs the group's pass once for all of them.
+A group function has the signature:
+    group_fn(model, calibration, requests: dict[metric name, params]) -> dict[metric name, list | (list, extra)]
+"""
 
 from __future__ import annotations
 
@@ -9,8 +19,8 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
 from layerprune.models.surgery import kept_layers
 
-# fn(model, calibration, **params) -> one score per CURRENT layer, in model order.
-MetricFn = Callable[..., list[float]]
+MetricFn = Callable[..., object]
+GroupFn = Callable[..., dict]
 
 
 @dataclass(frozen=True)
@@ -19,16 +29,30 @@ class MetricSpec:
     fn: MetricFn
     needs_calibration: bool
     description: str
+    group: str | None = None
 
 
 _METRICS: dict[str, MetricSpec] = {}
+_GROUPS: dict[str, GroupFn] = {}
 
 
-def register_metric(name: str, *, needs_calibration: bool, description: str):
+def register_metric(name: str, *, needs_calibration: bool, description: str, group: str | None = None):
     def decorate(fn: MetricFn) -> MetricFn:
         if name in _METRICS:
             raise ValueError(f"metric {name!r} is already registered")
-        _METRICS[name] = MetricSpec(name, fn, needs_calibration, description)
+        _METRICS[name] = MetricSpec(name, fn, needs_calibration, description, group)
+        return fn
+
+    return decorate
+
+
+def register_group(name: str):
+    """Register the function that computes every metric of a group in one pass."""
+
+    def decorate(fn: GroupFn) -> GroupFn:
+        if name in _GROUPS:
+            raise ValueError(f"metric group {name!r} is already registered")
+        _GROUPS[name] = fn
         return fn
 
     return decorate
@@ -44,16 +68,43 @@ def get_metric(name: str) -> MetricSpec:
     return _METRICS[name]
 
 
-def compute_scores(model, metric: str, calibration=None, **params) -> LayerScores:
-    """Score every current layer of `model` with one metric; indices come out in original numbering."""
-    spec = get_metric(metric)
-    if spec.needs_calibration and calibration is None:
-        raise LayerpruneError(f"metric {metric!r} needs calibration data")
-    values = spec.fn(model, calibration, **params)
+def _to_scores(model, metric: str, result, params: dict, calibration) -> LayerScores:
+    values, extra = result if isinstance(result, tuple) else (result, {})
     return LayerScores(
         metric=metric,
         layers=kept_layers(model),
         values=[float(v) for v in values],
-        params=params,
-        calibration=getattr(calibration, "description", None),
+        params=dict(params),
+        calibration=getattr(calibration, "description", None) if get_metric(metric).needs_calibration else None,
+        extra=extra,
     )
+
+
+def _check_calibration(name: str, calibration) -> None:
+    if get_metric(name).needs_calibration and calibration is None:
+        raise LayerpruneError(f"metric {name!r} needs calibration data")
+
+
+def compute_scores(model, metric: str, calibration=None, **params) -> LayerScores:
+    """Score every current layer of `model` with one metric; indices come out in original numbering."""
+    _check_calibration(metric, calibration)
+    return _to_scores(model, metric, get_metric(metric).fn(model, calibration, **params), params, calibration)
+
+
+def compute_many(model, metrics: dict[str, dict], calibration=None) -> dict[str, LayerScores]:
+    """Score with several metrics ({name: params}), sharing one pass per metric group."""
+    for name in metrics:
+        _check_calibration(name, calibration)
+    results: dict[str, LayerScores] = {}
+    by_group: dict[str, dict[str, dict]] = {}
+    for name, params in metrics.items():
+        group = get_metric(name).group
+        if group is None:
+            results[name] = compute_scores(model, name, calibration, **params)
+        else:
+            by_group.setdefault(group, {})[name] = params
+    for group, requests in by_group.items():
+        outputs = _GROUPS[group](model, calibration, requests)
+        for name, params in requests.items():
+            results[name] = _to_scores(model, name, outputs[name], params, calibration)
+    return {name: results[name] for name in metrics}
