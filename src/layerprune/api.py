@@ -9,7 +9,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import compute_scores, get_metric
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.loading import load_model
-from layerprune.models.saving import save_model
+from layerprune.models.saving import save_model, write_model_files
 from layerprune.models.surgery import kept_layers, remove_layers, validate_drop
 from layerprune.outputs import check_output_dir
 from layerprune.selection import count_to_drop, select_layers
@@ -137,3 +137,72 @@ def _calibration(loaded, source: str, n_samples: int, seq_len: int, seed: int):
     if loaded.tokenizer is None:
         raise LayerpruneError(f"{loaded.ref} has no tokenizer, so calibration text cannot be encoded")
     return load_calibration(loaded.tokenizer, source, n_samples=n_samples, seq_len=seq_len, seed=seed)
+
+
+def prepare_training_rows(method: str, tokenizer, data: str | None, config, *, max_samples=None, fields=None,
+                          template: str = "auto", seed: int = 0) -> tuple[list[dict], dict]:
+    """Tokenized training rows for a healing method and a description of the data."""
+    from layerprune.data.instructions import load_examples, pack, tokenize_examples, tokenize_text
+    from layerprune.data.sources import read_texts
+    from layerprune.finetune.methods import get_method
+
+    if tokenizer is None:
+        raise LayerpruneError("healing needs the model's tokenizer")
+    if get_method(method).raw_text:
+        source = data or "c4"
+        rows = tokenize_text(read_texts(source), tokenizer, max_length=config.max_length, max_samples=max_samples)
+        return rows, {"source": source, "kind": "raw text", "blocks": len(rows), "block_tokens": config.max_length}
+    source = data or "dolly"
+    examples = load_examples(source, fields=fields, max_samples=max_samples, seed=seed)
+    rows = tokenize_examples(examples, tokenizer, template=template, max_length=config.max_length)
+    if config.packing:
+        rows = pack(rows, config.max_length)
+    return rows, {"source": source, "kind": "instructions", "examples": len(examples), "rows": len(rows),
+                  "template": template, "max_length": config.max_length, "packing": config.packing}
+
+
+def finetune_model(
+    model_ref: str,
+    *,
+    out: str,
+    config,
+    data: str | None = None,
+    max_samples: int | None = None,
+    fields=None,
+    template: str = "auto",
+    dtype: str = "fp32",
+    resume: bool = False,
+    overwrite: bool = False,
+):
+    """Load a (pruned) model, heal it with config.method, save a stock checkpoint + loss curve + heal.json."""
+    import shutil
+
+    from layerprune.finetune import heal
+    from layerprune.finetune.trainer import write_loss_curve
+    from layerprune.outputs import atomic_output_dir, write_json
+
+    check_output_dir(out, overwrite)
+    loaded = load_model(model_ref, dtype=dtype)
+    rows, data_info = prepare_training_rows(
+        config.method, loaded.tokenizer, data, config, max_samples=max_samples, fields=fields, template=template,
+        seed=config.seed,
+    )
+    teacher = None
+    if config.method == "distill":
+        teacher_ref = config.teacher or loaded.model.config.layerprune.get("source")
+        if not teacher_ref or teacher_ref == model_ref:
+            raise LayerpruneError("distillation needs a teacher: set teacher (the unpruned model)")
+        teacher = load_model(teacher_ref, dtype=dtype, load_tokenizer=False).model
+    work_dir = Path(f"{Path(out)}.checkpoints")
+    result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=teacher, work_dir=work_dir,
+                  resume=resume)
+    record = {"heal": {**result.summary(), "config": config.model_dump(), "data": data_info}}
+    history = list(result.model.config.layerprune.get("history", []))
+    history.append({"healed": config.method, "data": data_info["source"]})
+    result.model.config.layerprune = {**result.model.config.layerprune, "history": history}
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_model_files(result.model, loaded.tokenizer, tmp, extra=record)
+        write_json(Path(tmp) / "heal.json", record["heal"])
+        write_loss_curve(result.loss_curve, Path(tmp))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return result, Path(out)

@@ -150,6 +150,188 @@ def prune(
 
 
 @app.command()
+@user_errors
+def score(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for scores.json/csv/md and plots."),
+    metric: str = typer.Option("all", help="Metric name(s), comma separated, or 'all'."),
+    calib: str = typer.Option("c4", help="Calibration text(s), comma separated: c4 | wikitext2 | ptb | a .txt/.jsonl file | a hub dataset id."),
+    calib_field: str = typer.Option("text", help="Text field of a JSONL/hub calibration source."),
+    n_samples: str = typer.Option("10", help="Calibration samples; a list (1,5,10,30) runs the stability study."),
+    seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, help="Seed of calibration sampling and the random metric."),
+    seeds: int = typer.Option(1, help="Stability study: number of calibration seeds per setting."),
+    block_size: int = typer.Option(1, help="Angular distance block size m (its table covers every m)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Layers each metric would drop (default 25%)."),
+    ratio: Optional[float] = typer.Option(None, help="Fraction each metric would drop."),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+    device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Score every layer with one or more importance metrics; write files and plots."""
+    from rich.progress import Progress
+
+    from layerprune.data.calibration import load_calibration
+    from layerprune.models.loading import load_model
+    from layerprune.models.surgery import kept_layers
+    from layerprune.outputs import atomic_output_dir, check_output_dir, write_json
+    from layerprune.importance import compute_many, get_metric
+    from layerprune.scoring import (
+        default_n_drop, metric_requests, parse_metrics, select_for_each, stability_markdown, stability_study,
+        write_score_files,
+    )
+
+    names = parse_metrics(metric)
+    sample_counts = [int(x) for x in parse_indices(n_samples)]
+    sources = [c.strip() for c in calib.split(",") if c.strip()]
+    check_output_dir(out, overwrite)
+    loaded = load_model(model, dtype=dtype, device_map=device_map)
+    n_layers = len(kept_layers(loaded.model))
+    n_drop = default_n_drop(n_layers, num_layers, ratio)
+    requests = metric_requests(names, n_layers, seed=seed, block_size=block_size)
+    calibration = None
+    if any(get_metric(n).needs_calibration for n in names):
+        if loaded.tokenizer is None:
+            raise LayerpruneError(f"{model} has no tokenizer, so calibration text cannot be encoded")
+        calibration = load_calibration(
+            loaded.tokenizer, sources[0], n_samples=sample_counts[0], seq_len=seq_len, seed=seed, field=calib_field
+        )
+    console.print(f"scoring {n_layers} layers with {', '.join(names)}" + (f" on {calibration.description}" if calibration else ""))
+    all_scores = compute_many(loaded.model, requests, calibration)
+    selections = select_for_each(all_scores, n_drop)
+    study = None
+    if len(sample_counts) > 1 or seeds > 1 or len(sources) > 1:
+        settings = len(sources) * len(sample_counts) * seeds
+        with Progress(console=console) as progress:
+            task = progress.add_task("stability study", total=settings)
+            study = stability_study(
+                loaded.model, loaded.tokenizer, names, sources=sources, n_samples_list=sample_counts, seeds=seeds,
+                seq_len=seq_len, n_drop=n_drop, block_size=block_size, progress=lambda: progress.advance(task),
+            )
+    with atomic_output_dir(out, overwrite) as tmp:
+        from pathlib import Path
+
+        written = write_score_files(Path(tmp), all_scores, selections, model)
+        if study is not None:
+            write_json(Path(tmp) / "stability.json", study)
+            (Path(tmp) / "stability.md").write_text(stability_markdown(study))
+    _print_scores(all_scores, selections)
+    if study is not None:
+        console.print(stability_markdown(study))
+    console.print(f"wrote {', '.join(p.name for p in written)}{', stability.json/md' if study else ''} to [bold]{out}[/]")
+
+
+def _print_scores(all_scores, selections) -> None:
+    names = list(all_scores)
+    table = Table(title="layer scores (higher = keep; * = would be dropped)")
+    table.add_column("layer", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    layers = next(iter(all_scores.values())).layers
+    for pos, layer in enumerate(layers):
+        cells = []
+        for name in names:
+            value = all_scores[name].values[pos]
+            mark = "*" if layer in selections[name].dropped else ""
+            cells.append("-" if value != value else f"{value:.4g}{mark}")
+        table.add_row(str(layer), *cells)
+    console.print(table)
+
+
+def validated(config_cls, values: dict, yaml_path: str | None = None):
+    """A pydantic config from a YAML file overlaid with the options given on the command line."""
+    import yaml
+    from pydantic import ValidationError
+
+    data: dict = {}
+    if yaml_path:
+        from pathlib import Path
+
+        try:
+            data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except FileNotFoundError:
+            raise LayerpruneError(f"config file not found: {yaml_path}") from None
+        except yaml.YAMLError as err:
+            raise LayerpruneError(f"{yaml_path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise LayerpruneError(f"{yaml_path} must hold a mapping of settings")
+    data.update({k: v for k, v in values.items() if v is not None})
+    try:
+        return config_cls(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise LayerpruneError(f"invalid setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+@app.command()
+@user_errors
+def finetune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the healed model, heal.json and the loss curve."),
+    method: Optional[str] = typer.Option(None, help="partial | lora | qlora | full | cpt | distill (default partial)."),
+    data: Optional[str] = typer.Option(None, help="dolly | a Dolly/Alpaca .json/.jsonl file | a hub dataset id; cpt: c4 | wikitext2 | a text file."),
+    fields: Optional[str] = typer.Option(None, help="Field mapping for other formats, e.g. instruction=question,context=,response=answer."),
+    template: str = typer.Option("auto", help="Prompt format: auto (chat template if any) | chat | alpaca."),
+    max_samples: Optional[int] = typer.Option(None, help="Use at most N examples (quick runs)."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file with HealConfig settings; options override it."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 1e-5, the seed's; 1e-4 suits small models)."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs (default 2)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Micro-batch per device (default 8)."),
+    effective_batch_size: Optional[int] = typer.Option(None, help="Examples per optimizer step (default 64)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (default 100)."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per example (default 1024)."),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Pack examples into full sequences."),
+    train_last_layers: Optional[int] = typer.Option(None, help="partial: train the last K layers (default 3)."),
+    train_layers: Optional[str] = typer.Option(None, help="partial: ORIGINAL indices of the layers to train."),
+    train_lm_head: Optional[bool] = typer.Option(None, "--train-lm-head/--freeze-lm-head", help="partial: train lm_head."),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default 8)."),
+    teacher: Optional[str] = typer.Option(None, help="distill: the teacher (default: the model this one was pruned from)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: where supported)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps, for --resume."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default 0)."),
+    resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT.checkpoints."),
+    dtype: str = typer.Option("fp32", help="Weights dtype while training (bf16 autocast is separate)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Heal a pruned model by fine-tuning: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation."""
+    from layerprune.api import finetune_model
+    from layerprune.data.instructions import FieldMap
+    from layerprune.finetune import HealConfig
+    from layerprune.outputs import check_output_dir
+
+    heal_config = validated(
+        HealConfig,
+        {
+            "method": method, "learning_rate": lr, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+            "effective_batch_size": effective_batch_size, "warmup_steps": warmup_steps, "max_length": max_length,
+            "packing": packing, "train_last_layers": train_last_layers,
+            "train_layers": parse_indices(train_layers) if train_layers else None, "train_lm_head": train_lm_head,
+            "lora_r": lora_r, "teacher": teacher, "bf16": bf16, "gradient_checkpointing": gradient_checkpointing,
+            "save_steps": save_steps, "seed": seed,
+        },
+        config,
+    )
+    check_output_dir(out, overwrite)
+    result, path = finetune_model(
+        model, out=out, config=heal_config, data=data, max_samples=max_samples,
+        fields=FieldMap.parse(fields) if fields else None, template=template, dtype=dtype, resume=resume,
+        overwrite=overwrite,
+    )
+    table = Table(title=f"layerprune finetune ({result.method})", show_header=False)
+    table.add_row("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
+                  f"({100 * result.trainable_params / result.total_params:.1f}%)")
+    table.add_row("optimizer steps", str(result.steps))
+    table.add_row("tokens seen (with loss)", f"{result.tokens_seen:,}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
+    console.print(table)
+    console.print(f"healed model saved to [bold]{path}[/] (with heal.json, loss.csv, loss.png)")
+
+
+@app.command()
 def metrics() -> None:
     """List the importance metrics."""
     from layerprune.importance import get_metric, available_metrics
@@ -179,6 +361,10 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+# Commands that live in their own modules register themselves on `app` when imported.
+from layerprune import cli_bench, cli_eval  # noqa: E402,F401
 
 
 def main() -> None:  # console-script entry point

@@ -34,11 +34,15 @@ class LayerScores:
         return [layer for _, layer in sorted(zip(self.values, self.layers), key=lambda t: (t[0], -t[1]))]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """A dict for JSON; NaN (e.g. an invalid block start) becomes null, as strict JSON has no NaN."""
+        data = asdict(self)
+        data["values"] = [None if v != v else v for v in self.values]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerScores":
-        return cls(**data)
+        values = [float("nan") if v is None else v for v in data["values"]]
+        return cls(**{**data, "values": values})
 
     def to_csv(self) -> str:
         buffer = io.StringIO()

@@ -22,26 +22,28 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """safetensors + config + generation config + tokenizer + layerprune.json, written atomically.
-
-    The folder reloads with `AutoModelForCausalLM.from_pretrained(out)` and no custom code.
-    """
+def write_model_files(model, tokenizer, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """safetensors + config + generation config + tokenizer + layerprune.json into an existing folder."""
     record = provenance(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    write_json(
+        Path(folder) / "layerprune.json",
+        {
+            "source": record.get("source"),
+            "original_num_layers": record["original_num_layers"],
+            "kept_layers": record["kept_layers"],
+            "dropped_layers": record["dropped_layers"],
+            "history": record.get("history", []),
+            **(extra or {}),
+            "versions": package_versions(),
+        },
+    )
+
+
+def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write the model folder atomically; it reloads with `AutoModelForCausalLM.from_pretrained(out)`."""
     with atomic_output_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json(
-            Path(tmp) / "layerprune.json",
-            {
-                "source": record.get("source"),
-                "original_num_layers": record["original_num_layers"],
-                "kept_layers": record["kept_layers"],
-                "dropped_layers": record["dropped_layers"],
-                "history": record.get("history", []),
-                **(extra or {}),
-                "versions": package_versions(),
-            },
-        )
+        write_model_files(model, tokenizer, tmp, extra)
     return Path(out)

@@ -1,0 +1,1 @@
+"""Placeholder until its work item lands."""

@@ -1,0 +1,1 @@
+"""Human views of result files: markdown tables and matplotlib plots."""

@@ -1,0 +1,181 @@
+"""Healing: each method lowers the loss and saves a stock model; partial trains exactly what it says."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerprune import get_anatomy, remove_layers, save_model
+from layerprune.data.instructions import IGNORE_INDEX, Example, pack, tokenize_examples
+from layerprune.finetune import HealConfig, heal, trainable_parameters
+from layerprune.finetune.methods import Partial, HealContext, disable_cpu_repacking
+from layerprune.finetune.trainer import PadCollator, distillation_loss
+from tiny_models import tiny_input, tiny_model, tiny_tokenizer
+
+WORDS = ["cat", "dog", "sun", "sky", "red", "big", "owl", "map"]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    tokenizer = tiny_tokenizer()
+    examples = [Example(f"say {w}", "", f"{w} {w} {w}") for w in WORDS * 2]
+    return tokenize_examples(examples, tokenizer, max_length=64)
+
+
+def fast_config(method, **overrides):
+    values = dict(method=method, learning_rate=1e-2, max_steps=8, batch_size=8, effective_batch_size=8,
+                  warmup_steps=0, bf16=False, logging_steps=1)
+    return HealConfig(**{**values, **overrides})
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", ["partial", "lora", "full", "cpt", "distill", "qlora"])
+def test_each_method_lowers_the_loss_and_saves_a_stock_model(method, rows, tmp_path):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    model = remove_layers(tiny_model("llama"), [2])
+    teacher = tiny_model("llama", seed=7) if method == "distill" else None
+    # Low-rank adapters start at zero and the tiny head is frozen for them: give them a larger scale and more steps.
+    extra = dict(lora_alpha=64, lora_dropout=0.0, max_steps=12) if method in ("lora", "qlora") else {}
+    result = heal(model, rows, fast_config(method, **extra), tokenizer=tiny_tokenizer(), teacher=teacher,
+                  work_dir=tmp_path / "work")
+    losses = [c["loss"] for c in result.loss_curve]
+    assert len(losses) == result.steps and sum(losses[-3:]) / 3 < 0.96 * sum(losses[:2]) / 2, losses
+    assert type(result.model).__name__ == "LlamaForCausalLM"
+    ids = tiny_input()
+    expected = logits(result.model, ids)
+    save_model(result.model, None, tmp_path / "healed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
+    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+    assert reloaded.config.layerprune["dropped_layers"] == [2]
+
+
+def test_partial_trains_exactly_lm_head_and_the_chosen_layers():
+    model = tiny_model("gemma2")  # tied embeddings
+    ids = tiny_input()
+    before = logits(model, ids)
+    context = HealContext()
+    Partial.prepare(model, HealConfig(train_last_layers=2), context)
+    anatomy = get_anatomy(model)
+    assert context.notes["untied_embeddings"] and not anatomy.tied_embeddings
+    torch.testing.assert_close(logits(model, ids), before)
+    expected = anatomy.lm_head.weight.numel() + sum(p.numel() for b in list(anatomy.layers)[-2:] for p in b.parameters())
+    assert trainable_parameters(model)[0] == expected
+    assert not anatomy.embeddings.weight.requires_grad
+    assert context.notes["trained_layers"] == [3, 4]
+
+
+def test_partial_with_explicit_original_layers():
+    model = remove_layers(tiny_model("llama"), [0])
+    context = HealContext()
+    Partial.prepare(model, HealConfig(train_layers=[2], train_lm_head=False), context)
+    anatomy = get_anatomy(model)
+    assert trainable_parameters(model)[0] == sum(p.numel() for p in anatomy.layers[1].parameters())
+
+
+def test_partial_prefix_builds_no_autograd_graph(rows):
+    model = tiny_model("llama")
+    Partial.prepare(model, HealConfig(train_last_layers=1), HealContext())
+    seen = []
+    get_anatomy(model).layers[0].register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    batch = PadCollator(0)(rows[:2])
+    model(**batch).loss.backward()
+    assert seen == [False]
+
+
+def test_merged_lora_gives_the_logits_of_the_peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("qwen3")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = tiny_input()
+    expected = logits(peft_model, ids)
+    merged = peft_model.merge_and_unload()
+    assert type(merged).__name__ == "Qwen3ForCausalLM"
+    assert not torch.allclose(expected, logits(tiny_model("qwen3"), ids), atol=1e-3)
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_gradients_are_unchanged_by_an_eval_forward(rows, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from layerprune.finetune.methods import QLora
+
+    batch = PadCollator(0)(rows[:4])
+
+    def lora_grads(eval_first):
+        torch.manual_seed(0)
+        model = QLora.prepare(tiny_model("llama", hidden_size=64, intermediate_size=128),
+                              fast_config("qlora", bf16=False), HealContext())
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(**batch)
+        model.train()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    clean, after_eval = lora_grads(False), lora_grads(True)
+    assert clean.keys() == after_eval.keys() and clean
+    for name in clean:
+        torch.testing.assert_close(after_eval[name], clean[name], rtol=1e-4, atol=1e-6)
+
+
+def test_disable_cpu_repacking_touches_every_4bit_layer():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(8, 8), bnb.nn.Linear4bit(8, 8))
+    assert disable_cpu_repacking(model) == 2
+    assert all(m.support_avx512bf16_for_cpu is False for m in model)
+
+
+def test_labels_mask_the_prompt():
+    tokenizer = tiny_tokenizer()
+    [row] = tokenize_examples([Example("add", "1 and 2", "3")], tokenizer, max_length=128)
+    labelled = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "3<|im_end|>\n"
+    prompt = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX])
+    assert prompt == "<|im_start|>user\nadd\n\n1 and 2<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_alpaca_template_masks_the_prompt_and_ends_with_eos():
+    tokenizer = tiny_tokenizer(chat_template=False)
+    [row] = tokenize_examples([Example("add", "", "3")], tokenizer, max_length=512)
+    labelled = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "3</s>"
+    assert "### Response:\n" in tokenizer.decode(row["input_ids"])
+
+
+def test_examples_without_room_for_a_response_are_dropped():
+    tokenizer = tiny_tokenizer()
+    rows = tokenize_examples([Example("x" * 50, "", "y"), Example("a", "", "b")], tokenizer, max_length=40)
+    assert len(rows) == 1
+
+
+def test_packing_keeps_every_token_and_label():
+    packed = pack([{"input_ids": [1] * 5, "labels": [1] * 5}] * 5, max_length=12)
+    assert [len(p["input_ids"]) for p in packed] == [10, 10, 5]
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    logits_a = torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[:, :3] = IGNORE_INDEX
+    assert distillation_loss(logits_a, logits_a, labels, 2.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits_a, torch.randn(2, 6, 11), labels, 2.0, 1.0).item() > 0.01
+
+
+def test_bad_heal_configs_are_refused():
+    with pytest.raises(ValueError):
+        HealConfig(method="magic")
+    with pytest.raises(ValueError):
+        HealConfig(learning_rate=-1)
+    with pytest.raises(ValueError):
+        HealConfig(lora_rank=8)  # typo: extra fields are forbidden
