@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +197,8 @@ def finetune_model(
     work_dir = Path(f"{Path(out)}.checkpoints")
     result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=teacher, work_dir=work_dir,
                   resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result, Path(out)  # under accelerate/torchrun only the main process writes
     record = {"heal": {**result.summary(), "config": config.model_dump(), "data": data_info}}
     history = list(result.model.config.layerprune.get("history", []))
     history.append({"healed": config.method, "data": data_info["source"]})

@@ -104,35 +104,47 @@ def prune(
     sample: list[str] = typer.Option([], help="Prompt to generate from before and after pruning (repeatable)."),
     max_new_tokens: int = typer.Option(40, help="Tokens per generation sample."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    no_load: bool = typer.Option(
+        False, "--no-load", help="Prune the safetensors checkpoint on disk, tensor by tensor, without loading the "
+        "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
+    ),
 ) -> None:
     """Remove decoder layers and save a stock transformers checkpoint."""
     from layerprune.api import prune_model
+    from layerprune.models.checkpoint import on_disk_folder, prune_checkpoint
     from layerprune.outputs import check_output_dir
 
     given = [x is not None for x in (drop, num_layers, ratio)]
     if sum(given) != 1:
         raise LayerpruneError("give exactly one of --drop, --num-layers or --ratio")
     check_output_dir(out, overwrite)
-    result = prune_model(
-        model,
-        out=out,
-        drop=parse_indices(drop) if drop is not None else None,
-        num_layers=num_layers,
-        ratio=ratio,
-        metric=metric,
-        metric_params={"seed": seed} if metric == "random" else {},
-        protect_first=protect_first,
-        protect_last=protect_last,
-        calib=calib,
-        n_samples=n_samples,
-        seq_len=seq_len,
-        calib_seed=seed,
-        dtype=dtype,
-        device_map=device_map,
-        prompts=sample,
-        max_new_tokens=max_new_tokens,
-        overwrite=overwrite,
+    folder = on_disk_folder(
+        model, no_load=no_load, drop_given=drop is not None, say=lambda line: console.print(line, highlight=False),
+        model_options={"--sample": bool(sample), "--dtype": dtype != "auto", "--device-map": device_map is not None},
     )
+    if folder is not None:
+        result = prune_checkpoint(folder, parse_indices(drop), out, overwrite=overwrite, source=model)
+    else:
+        result = prune_model(
+            model,
+            out=out,
+            drop=parse_indices(drop) if drop is not None else None,
+            num_layers=num_layers,
+            ratio=ratio,
+            metric=metric,
+            metric_params={"seed": seed} if metric == "random" else {},
+            protect_first=protect_first,
+            protect_last=protect_last,
+            calib=calib,
+            n_samples=n_samples,
+            seq_len=seq_len,
+            calib_seed=seed,
+            dtype=dtype,
+            device_map=device_map,
+            prompts=sample,
+            max_new_tokens=max_new_tokens,
+            overwrite=overwrite,
+        )
     table = Table(title="layerprune prune")
     table.add_column("")
     table.add_column("before", justify="right")
@@ -167,6 +179,10 @@ def score(
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    streaming: bool = typer.Option(
+        False, "--streaming", help="Read one layer at a time from the checkpoint, for models bigger than memory "
+        "(block-influence, relative-magnitude, angular, magnitude-l1/-l2 and the order baselines).",
+    ),
 ) -> None:
     """Score every layer with one or more importance metrics; write files and plots."""
     from rich.progress import Progress
@@ -185,7 +201,15 @@ def score(
     sample_counts = [int(x) for x in parse_indices(n_samples)]
     sources = [c.strip() for c in calib.split(",") if c.strip()]
     check_output_dir(out, overwrite)
-    loaded = load_model(model, dtype=dtype, device_map=device_map)
+    if streaming:
+        from layerprune.importance.streaming import load_skeleton, stream_scores
+
+        if device_map is not None or len(sample_counts) > 1 or seeds > 1 or len(sources) > 1:
+            raise LayerpruneError("--streaming scores one calibration setting on the CPU: --device-map and the "
+                                  "stability study (several --n-samples, --seeds or --calib) need the loaded model")
+        loaded = load_skeleton(model, dtype=dtype, metrics=names)  # weights stay on disk
+    else:
+        loaded = load_model(model, dtype=dtype, device_map=device_map)
     n_layers = len(kept_layers(loaded.model))
     n_drop = default_n_drop(n_layers, num_layers, ratio)
     requests = metric_requests(names, n_layers, seed=seed, block_size=block_size)
@@ -197,7 +221,10 @@ def score(
             loaded.tokenizer, sources[0], n_samples=sample_counts[0], seq_len=seq_len, seed=seed, field=calib_field
         )
     console.print(f"scoring {n_layers} layers with {', '.join(names)}" + (f" on {calibration.description}" if calibration else ""))
-    all_scores = compute_many(loaded.model, requests, calibration)
+    if streaming:
+        all_scores = stream_scores(loaded.path, calibration, requests, dtype=dtype)
+    else:
+        all_scores = compute_many(loaded.model, requests, calibration)
     selections = select_for_each(all_scores, n_drop)
     study = None
     if len(sample_counts) > 1 or seeds > 1 or len(sources) > 1:
@@ -329,6 +356,25 @@ def finetune(
     table.add_row("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
     console.print(table)
     console.print(f"healed model saved to [bold]{path}[/] (with heal.json, loss.csv, loss.png)")
+
+
+@app.command()
+@user_errors
+def run(
+    config: str = typer.Argument(..., help="Run YAML (see examples/)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (overrides the YAML's out)."),
+) -> None:
+    """Run score -> select -> prune -> heal -> eval -> bench -> report from one YAML; reruns resume."""
+    from layerprune.config import load_run_config
+    from layerprune.pipeline import run_pipeline
+
+    run_config = load_run_config(config, {"out": out} if out else None)
+    console.print(f"run folder: [bold]{run_config.out}[/]")
+    summary = run_pipeline(run_config, log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
+    from pathlib import Path
+
+    console.print(Path(run_config.out, "report.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(f"done in {summary['wall_time_s']:.0f} s; final model: [bold]{summary['final_model']}[/]")
 
 
 @app.command()

@@ -1,1 +1,112 @@
-"""Placeholder until its work item lands."""
+"""`layerprune bench`: parameters, MACs, memory, latency and throughput of a model, or two side by side."""
+
+from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from layerprune.cli import MODEL_HELP, app, console, user_errors
+from layerprune.errors import LayerpruneError
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; anything else is a user error naming the option."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(re.fullmatch(r"-?\d+", p) for p in parts):
+        raise LayerpruneError(f"could not read {option} from {text!r}; write whole numbers like 1,4,16")
+    return [int(p) for p in parts]
+
+
+def _resolve_device(device: str | None) -> str:
+    """Default to the GPU when there is one; refuse a device this machine lacks before loading."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise LayerpruneError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise LayerpruneError(f"device {device!r} is not available on this machine")
+    return device
+
+
+def _bench_one(ref: str, config, dtype: str, device: str) -> dict:
+    """Load one model, benchmark it, and free it before the next one loads."""
+    import torch
+
+    from layerprune.benchmark import benchmark
+    from layerprune.models.loading import load_model
+
+    loaded = load_model(ref, dtype=dtype, device=device)
+    try:
+        return benchmark(loaded.model, loaded.tokenizer, config, name=ref, log=lambda m: console.print(f"  {m}", highlight=False))
+    finally:
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _print_table(base: dict, other: dict | None, comparison: dict | None) -> None:
+    from layerprune.benchmark import table_rows
+
+    header, rows = table_rows(base, other, comparison)
+    table = Table(title="layerprune bench")
+    table.add_column(header[0])
+    for name in header[1:]:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command("bench")
+@user_errors
+def bench(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    compare: Optional[str] = typer.Option(None, "--compare", help="A second model (e.g. the pruned one) to measure and compare."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for bench.json, bench.md and bench.png."),
+    seq_len: int = typer.Option(64, help="Tokens of the input whose MACs, memory and prefill latency are measured."),
+    batch_sizes: str = typer.Option("1,4", help="Generation batch sizes M, comma separated."),
+    new_tokens: str = typer.Option("128", help="Generated lengths L (forced, greedy), comma separated."),
+    warmup: int = typer.Option(10, help="Warm-up runs before each timing."),
+    runs: int = typer.Option(20, help="Timed runs (mean and std are reported)."),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:1 ... (default: cuda when available)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Measure parameters, MACs, memory, prefill latency and generation speed; with --compare, the speedups."""
+    from layerprune.benchmark import BenchConfig, write_outputs
+    from layerprune.outputs import atomic_output_dir, check_output_dir
+
+    config = BenchConfig(
+        seq_len=seq_len,
+        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        new_tokens=parse_int_list(new_tokens, "--new-tokens"),
+        warmup=warmup,
+        runs=runs,
+    ).validate()
+    device = _resolve_device(device)
+    check_output_dir(out, overwrite)
+    refs = [model] + ([compare] if compare else [])
+    results = []
+    for ref in refs:
+        console.print(f"benchmarking [bold]{ref}[/] on {device}", highlight=False)
+        results.append(_bench_one(ref, config, dtype, device))
+    base, other = results[0], (results[1] if compare else None)
+    with atomic_output_dir(out, overwrite) as tmp:
+        comparison = write_outputs(Path(tmp), base, other)
+    _print_table(base, other, comparison)
+    if comparison is not None:
+        console.print(
+            f"ideal speedup from MACs: {comparison['ideal_speedup']:.3f}x "
+            f"(layers {base['layers']} -> {other['layers']}: {comparison['layer_ratio']:.3f}x)"
+        )
+    console.print(f"wrote bench.json, bench.md, bench.png to [bold]{out}[/]")

@@ -1,1 +1,103 @@
-"""Placeholder until its work item lands."""
+"""`layerprune eval` and `layerprune eval-compare`: thin typer commands over layerprune.evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from layerprune.cli import MODEL_HELP, app, console, user_errors
+from layerprune.errors import LayerpruneError
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for eval.json, eval.md, samples.json."),
+    tasks: str = typer.Option(
+        "paper",
+        help="Zero-shot tasks, comma separated: piqa, hellaswag, openbookqa, arc_easy, arc_challenge, mmlu, cmmlu, "
+        "winogrande; 'paper' = all 8; a task .yaml (lm-eval format) or a multiple-choice .jsonl file; 'none'.",
+    ),
+    ppl: str = typer.Option("wikitext2,ptb", help="Perplexity texts: wikitext2, ptb, a .txt/.jsonl file; 'none'."),
+    ppl_field: str = typer.Option("text", help="Text field of a .jsonl perplexity file."),
+    seq_len: int = typer.Option(128, help="Perplexity window length in tokens (LLM-Pruner uses 128)."),
+    stride: Optional[int] = typer.Option(
+        None, help="Sliding windows: score only the last STRIDE new tokens of each window."
+    ),
+    bos: str = typer.Option("auto", help="BOS per perplexity window: auto | always | never | first (once, at start)."),
+    ppl_windows: Optional[int] = typer.Option(None, help="Only the first N perplexity windows (quick checks)."),
+    limit: Optional[int] = typer.Option(None, help="First N documents of each (sub)task (lm-eval --limit)."),
+    batch_size: int = typer.Option(8, help="Batch size for perplexity windows and lm-eval requests."),
+    avg_metric: str = typer.Option("acc", help="Metric averaged into Avg Acc: acc | acc_norm."),
+    data_source: str = typer.Option(
+        "bundled", help="bundled (offline copies) | hub (lm-eval's stock tasks and hub datasets)."
+    ),
+    samples: bool = typer.Option(True, "--samples/--no-samples", help="Save greedy generation samples (samples.json)."),
+    max_new_tokens: int = typer.Option(40, help="Tokens per generation sample."),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+    device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Perplexity (WikiText-2, PTB) and zero-shot accuracy (lm-evaluation-harness) of a model."""
+    from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
+    from layerprune.evaluation.run import plan_eval, run_eval, write_eval
+    from layerprune.models.loading import load_model
+    from layerprune.outputs import check_output_dir
+
+    check_output_dir(out, overwrite)
+    plan = plan_eval(
+        tasks=tasks, ppl=ppl, ppl_field=ppl_field, seq_len=seq_len, stride=stride, bos=bos, ppl_windows=ppl_windows,
+        limit=limit, batch_size=batch_size, avg_metric=avg_metric, samples=samples, max_new_tokens=max_new_tokens,
+        data_source=data_source,
+    )
+    loaded = load_model(model, dtype=dtype, device_map=device_map)
+    result = run_eval(loaded, plan)
+    write_eval(out, result, plan, overwrite=overwrite)
+    record = result.record
+    if record["tasks"]:
+        table = Table(title=f"zero-shot ({'all documents' if limit is None else f'first {limit} per (sub)task'})")
+        for column in ("task", "acc", "acc_norm", "n"):
+            table.add_column(column, justify="left" if column == "task" else "right")
+        for name, s in record["tasks"].items():
+            acc, acc_norm = plus_minus(s["acc"], s["acc_stderr"]), plus_minus(s["acc_norm"], s["acc_norm_stderr"])
+            table.add_row(task_title(name), acc, acc_norm, str(s["n"]))
+        avg = record["average"]
+        table.add_row(f"Avg Acc ({avg['metric']})", f"{avg['value']:.4f}" if avg["value"] is not None else "-", "", "")
+        console.print(table)
+    for name, r in record["perplexity"].items():
+        console.print(f"{name} perplexity: [bold]{r['ppl']:.4g}[/] ({r['tokens']:,} tokens; {ppl_protocol(r)})")
+    console.print(f"wall time {record['wall_time_s']['total']:.0f} s; wrote eval.json, eval.md"
+                  f"{', samples.json' if result.samples is not None else ''} to [bold]{out}[/]")
+
+
+@app.command("eval-compare")
+@user_errors
+def eval_compare(
+    a: str = typer.Argument(..., help="An eval output folder (or its eval.json): the reference."),
+    b: str = typer.Argument(..., help="Another eval output folder: deltas are B - A."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Also write the comparison as markdown to this file."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+) -> None:
+    """Two evaluations side by side, with deltas (B - A)."""
+    from layerprune.evaluation.results import (
+        compare_markdown, compare_rows, format_row, load_eval, protocol_differences,
+    )
+
+    if out is not None and Path(out).exists() and not overwrite:
+        raise LayerpruneError(f"{out} already exists; pass --overwrite to replace it")
+    ra, rb = load_eval(a), load_eval(b)
+    table = Table(title=f"A = {a}   B = {b}")
+    for column in ("metric", "A", "B", "B - A"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in compare_rows(ra, rb):
+        table.add_row(*format_row(row))
+    console.print(table)
+    for note in protocol_differences(ra, rb):
+        console.print(f"[yellow]not directly comparable:[/] {note}", highlight=False)
+    if out is not None:
+        Path(out).write_text(compare_markdown(ra, rb, a, b), encoding="utf-8")
+        console.print(f"wrote {out}")

@@ -51,6 +51,11 @@ def supported_model_types() -> list[str]:
     return sorted(_FAMILIES)
 
 
+def family_spec(model_type: str | None) -> FamilySpec | None:
+    """The registered spec of a model_type, or None (only a loaded model can then be discovered)."""
+    return _FAMILIES.get(model_type)
+
+
 def _remap_window_threshold(config, kept: list[int]) -> None:
     """Qwen2/Qwen3: layers >= max_window_layers may use sliding windows.
 

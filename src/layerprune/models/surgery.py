@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
-from layerprune.models.anatomy import Anatomy, get_anatomy
+from layerprune.models.anatomy import Anatomy, FamilySpec, get_anatomy
 
 
 def provenance(model: nn.Module) -> dict:
@@ -26,8 +26,15 @@ def provenance(model: nn.Module) -> dict:
     record = getattr(model.config, "layerprune", None)
     if isinstance(record, dict) and "kept_layers" in record:
         return record
-    n = get_anatomy(model).num_layers
-    return {"original_num_layers": n, "kept_layers": list(range(n)), "dropped_layers": []}
+    return config_provenance(model.config, get_anatomy(model).num_layers)
+
+
+def config_provenance(config, num_layers: int) -> dict:
+    """`provenance` from a config alone (checkpoints on disk): its record, or a fresh one for num_layers."""
+    record = getattr(config, "layerprune", None)
+    if isinstance(record, dict) and "kept_layers" in record:
+        return record
+    return {"original_num_layers": num_layers, "kept_layers": list(range(num_layers)), "dropped_layers": []}
 
 
 def kept_layers(model: nn.Module) -> list[int]:
@@ -37,8 +44,12 @@ def kept_layers(model: nn.Module) -> list[int]:
 
 def validate_drop(model: nn.Module, drop: Iterable[int]) -> list[int]:
     """Check a list of ORIGINAL layer indices to drop; returns it sorted. Raises LayerpruneError."""
+    return check_drop(provenance(model), drop)
+
+
+def check_drop(record: dict, drop: Iterable[int]) -> list[int]:
+    """`validate_drop` against a provenance record (see `config_provenance`)."""
     drop = list(drop)
-    record = provenance(model)
     original_n = record["original_num_layers"]
     kept = record["kept_layers"]
     duplicates = sorted({i for i in drop if drop.count(i) > 1})
@@ -66,16 +77,25 @@ def remove_layers(model: nn.Module, drop: Iterable[int], *, how: dict | None = N
     """
     drop = validate_drop(model, drop)
     anatomy = get_anatomy(model)
-    record = provenance(model)
+    keep_positions, new_record = pruned_provenance(provenance(model), drop, how)
+
+    # Modules share the config object, so rewriting it in place updates the live model too.
+    rewrite_config(model.config, keep_positions, anatomy.spec)
+    _rebuild_layer_list(anatomy, keep_positions)
+    _remap_device_map(model, anatomy.layers_path, keep_positions)
+    model.config.layerprune = new_record
+    return model
+
+
+def pruned_provenance(record: dict, drop: list[int], how: dict | None = None) -> tuple[list[int], dict]:
+    """(positions of the current layers that stay, the record after dropping these ORIGINAL indices).
+
+    `drop` must already be checked (`check_drop`). Pure: the checkpoint path uses it too.
+    """
     kept_before = record["kept_layers"]
     keep_positions = [pos for pos, orig in enumerate(kept_before) if orig not in drop]
-
-    _rebuild_layer_list(anatomy, keep_positions)
-    _rewrite_config(anatomy, keep_positions)
-    _remap_device_map(model, anatomy.layers_path, keep_positions)
-
     history = list(record.get("history", []))
-    history.append({"dropped": drop, **(how or {})})
+    history.append({"dropped": list(drop), **(how or {})})
     new_record = {
         "original_num_layers": record["original_num_layers"],
         "kept_layers": [kept_before[p] for p in keep_positions],
@@ -84,8 +104,7 @@ def remove_layers(model: nn.Module, drop: Iterable[int], *, how: dict | None = N
     }
     if "source" in record:
         new_record["source"] = record["source"]
-    model.config.layerprune = new_record
-    return model
+    return keep_positions, new_record
 
 
 def _rebuild_layer_list(anatomy: Anatomy, keep_positions: list[int]) -> None:
@@ -98,24 +117,32 @@ def _rebuild_layer_list(anatomy: Anatomy, keep_positions: list[int]) -> None:
     anatomy.set_layers(new)
 
 
-def _rewrite_config(anatomy: Anatomy, keep_positions: list[int]) -> None:
-    # Modules share the config object, so rewriting it in place updates the live model too.
-    configs = {id(c): c for c in (anatomy.config, anatomy.text_config)}.values()
-    n_before = anatomy.text_config.num_hidden_layers
-    if getattr(anatomy.text_config, "scale_attn_by_inverse_layer_idx", False):
+def rewrite_config(config, keep_positions: list[int], spec: FamilySpec | None = None) -> None:
+    """Make a config describe the model that keeps the layers at these positions, in place.
+
+    Trims every per-layer list, applies the family's config rewrites (see anatomy) and sets
+    `num_hidden_layers`; the text config of a nested (multimodal) config is rewritten too.
+    Needs no model, so it serves in-memory surgery and checkpoint pruning alike. `spec` None
+    (a generically discovered family) trims `layer_types` only. Raises before changing anything.
+    """
+    text_config = config.get_text_config()
+    if getattr(text_config, "scale_attn_by_inverse_layer_idx", False):
         raise LayerpruneError(
             "this GPT-2 config scales attention by 1/layer_idx, so renumbered layers would compute differently; "
             "layer removal is not supported for scale_attn_by_inverse_layer_idx=True"
         )
-    for config in configs:
-        for key in anatomy.per_layer_lists:
-            value = getattr(config, key, None)
+    per_layer_lists = spec.per_layer_lists if spec else ("layer_types",)
+    rewrites = spec.config_rewrites if spec else ()
+    n_before = text_config.num_hidden_layers
+    for cfg in {id(c): c for c in (config, text_config)}.values():
+        for key in per_layer_lists:
+            value = getattr(cfg, key, None)
             if isinstance(value, (list, tuple)) and len(value) == n_before:
-                setattr(config, key, [value[p] for p in keep_positions])
-        for rewrite in anatomy.config_rewrites:
-            if hasattr(config, "num_hidden_layers"):
-                rewrite(config, keep_positions)
-    anatomy.text_config.num_hidden_layers = len(keep_positions)
+                setattr(cfg, key, [value[p] for p in keep_positions])
+        for rewrite in rewrites:
+            if hasattr(cfg, "num_hidden_layers"):
+                rewrite(cfg, keep_positions)
+    text_config.num_hidden_layers = len(keep_positions)
 
 
 def _remap_device_map(model: nn.Module, layers_path: str, keep_positions: list[int]) -> None:

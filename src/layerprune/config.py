@@ -1,0 +1,150 @@
+"""A run, as one YAML file: pydantic models validated before any model loads.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every error names
+the offending key. See examples/*.yaml.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from layerprune.errors import LayerpruneError
+from layerprune.finetune.config import HealConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(_Strict):
+    source: str = Field("c4", description="c4 | wikitext2 | ptb | a .txt/.jsonl file | a hub dataset id")
+    field: str = "text"
+    n_samples: int = Field(10, ge=1)
+    seq_len: int = Field(128, ge=2)
+    seed: int = 0
+
+
+class PruneConfig(_Strict):
+    metric: str | list[str] = Field("block-influence", description="One metric, or several with select: auto.")
+    select: Literal["metric", "auto"] = Field(
+        "metric", description="metric: drop what the metric ranks lowest; auto: try every metric's drop-set "
+        "and keep the one with the lowest validation loss before healing."
+    )
+    drop: list[int] | None = Field(None, description="Explicit ORIGINAL indices (no scoring).")
+    num_layers: int | None = Field(None, ge=1)
+    ratio: float | None = Field(None, gt=0, lt=1)
+    protect_first: int = Field(0, ge=0)
+    protect_last: int = Field(0, ge=0)
+    strategy: Literal["one-shot", "iterative"] = "one-shot"
+    schedule: str | None = Field(None, description="Iterative schedule 'step:total' or the paper's '1:step:total'.")
+    metric_params: dict[str, dict] = Field(default_factory=dict, description="Per-metric parameters.")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metrics(cls, value):
+        from layerprune.importance import get_metric
+
+        for name in [value] if isinstance(value, str) else value:
+            try:
+                get_metric(name)
+            except LayerpruneError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneConfig":
+        given = [x is not None for x in (self.drop, self.num_layers, self.ratio)]
+        if self.schedule is None and sum(given) != 1:
+            raise ValueError("give exactly one of drop, num_layers or ratio")
+        if self.strategy == "iterative" and self.schedule is None:
+            raise ValueError("an iterative strategy needs a schedule such as '1:1:8'")
+        if self.schedule is not None:
+            self.parsed_schedule()
+        if self.select == "metric" and isinstance(self.metric, list) and len(self.metric) != 1:
+            raise ValueError("several metrics need select: auto")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    def parsed_schedule(self) -> tuple[int, int]:
+        """(layers per round, total layers) from 'step:total' or the paper's '1:step:total'."""
+        parts = (self.schedule or "").split(":")
+        if not all(re.fullmatch(r"\d+", p) for p in parts) or len(parts) not in (2, 3):
+            raise ValueError(f"schedule {self.schedule!r} must look like 1:1:8 or 2:8")
+        step, total = int(parts[-2]), int(parts[-1])
+        if step < 1 or total < 1 or total % step:
+            raise ValueError(f"schedule {self.schedule!r}: total must be a positive multiple of the step")
+        return step, total
+
+
+class HealStage(HealConfig):
+    data: str | None = Field(None, description="dolly | file | hub id; cpt: c4 | wikitext2 | text file.")
+    max_samples: int | None = Field(None, ge=1)
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    fields: str | None = Field(None, description="Field mapping: instruction=...,context=...,response=...")
+
+
+class EvalStage(_Strict):
+    tasks: str = Field("", description="Task names, 'paper', or paths (see layerprune eval).")
+    ppl: str = "wikitext2"
+    seq_len: int = Field(128, ge=2)
+    ppl_windows: int | None = Field(None, ge=1, description="First N windows only (quick runs).")
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    samples: bool = True
+    original: bool = Field(True, description="Also evaluate the unpruned model.")
+    before_healing: bool = Field(True, description="Also evaluate the pruned model before healing.")
+
+
+class BenchStage(_Strict):
+    seq_len: int = Field(64, ge=1)
+    batch_sizes: list[int] = [1]
+    new_tokens: list[int] = [32]
+    warmup: int = Field(2, ge=0)
+    runs: int = Field(5, ge=1)
+
+
+class RunConfig(_Strict):
+    model: str
+    out: str | None = Field(None, description="Run folder (default runs/<config file name>).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
+    seed: int = 0
+    calibration: CalibrationConfig = CalibrationConfig()
+    prune: PruneConfig
+    heal: list[HealStage] = Field(default_factory=list, description="Healing stages, run in order.")
+    eval: EvalStage | None = None
+    bench: BenchStage | None = None
+
+    @field_validator("heal", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, dict) else value
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read and validate a run YAML; one LayerpruneError naming the key on any problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise LayerpruneError(f"run config not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise LayerpruneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LayerpruneError(f"{path} must hold a mapping of settings")
+    data.update(overrides or {})
+    data.setdefault("out", str(Path("runs") / path.stem))
+    try:
+        return RunConfig(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        raise LayerpruneError(f"{path}: {where}: {message}") from None

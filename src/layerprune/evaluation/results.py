@@ -1,0 +1,159 @@
+"""eval.json -> markdown, and two evaluations side by side with deltas."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerprune.errors import LayerpruneError
+
+
+def plus_minus(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
+
+
+def task_title(name: str) -> str:
+    from layerprune.evaluation.tasks import BUNDLED_TASKS
+
+    return BUNDLED_TASKS[name].title if name in BUNDLED_TASKS else name
+
+
+def _model_line(model: dict) -> str:
+    dropped = ",".join(map(str, model.get("dropped_layers") or [])) or "none"
+    return (f"{model['architecture']}, {model['layers']} layers (original {model['original_layers']}; "
+            f"dropped {dropped}), {model['parameters']:,} parameters, {model['dtype']}")
+
+
+def ppl_protocol(result: dict) -> str:
+    windows = f"{result['seq_len']}-token " + (
+        "non-overlapping windows" if result["stride"] is None else f"windows, stride {result['stride']}"
+    )
+    bos = result["bos_used"] + (" (auto)" if result["bos"] == "auto" else "")
+    return f"{windows}, BOS {bos}" + (f", first {result['max_windows']} windows" if result.get("max_windows") else "")
+
+
+def eval_markdown(record: dict) -> str:
+    lines = [f"# Evaluation: {record['model']['ref']}", "", _model_line(record["model"]), ""]
+    if record.get("tasks"):
+        proto = record["protocol"]["tasks"]
+        limit = f", first {proto['limit']} documents per (sub)task" if proto.get("limit") else ""
+        lines += [f"## Zero-shot accuracy ({proto['harness']}, {proto['num_fewshot']}-shot{limit})", "",
+                  "| task | acc | acc_norm | n |", "|---|---|---|---|"]
+        for name, s in record["tasks"].items():
+            lines.append(f"| {task_title(name)} | {plus_minus(s['acc'], s['acc_stderr'])} | "
+                         f"{plus_minus(s['acc_norm'], s['acc_norm_stderr'])} | {s['n']} |")
+        avg = record["average"]
+        value = f"{avg['value']:.4f}" if avg["value"] is not None else "-"
+        lines += [f"| **Avg Acc** ({avg['metric']}, {avg['tasks']} tasks) | {value} | | |", ""]
+        categories = {n: s["categories_acc"] for n, s in record["tasks"].items() if s.get("categories_acc")}
+        for name, cats in categories.items():
+            lines.append(f"{task_title(name)} by category (acc): " + ", ".join(
+                f"{c} {v:.4f}" for c, v in cats.items() if v is not None))
+        if categories:
+            lines.append("")
+    if record.get("perplexity"):
+        lines += ["## Perplexity", "", "| text | ppl | scored tokens | windows | protocol |", "|---|---|---|---|---|"]
+        for name, r in record["perplexity"].items():
+            lines.append(f"| {name} | {r['ppl']:.4g} | {r['tokens']:,} | {r['windows']:,} | {ppl_protocol(r)} |")
+        lines.append("")
+    walls = record.get("wall_time_s", {})
+    if walls:
+        lines += ["Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()), ""]
+    lines += ["Files: eval.json (everything above + protocol, data sha256, package versions), "
+              "lm_eval_results.json (every subtask), samples.json (greedy generations).", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ comparison
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    label: str
+    a: float | None
+    b: float | None
+    lower_is_better: bool = False
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.a is None or self.b is None else self.b - self.a
+
+
+def load_eval(folder: str | Path) -> dict:
+    path = Path(folder)
+    path = path / "eval.json" if path.is_dir() else path
+    if not path.is_file():
+        raise LayerpruneError(f"no eval.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LayerpruneError(f"{path} is not valid JSON ({err.msg})") from None
+
+
+def compare_rows(a: dict, b: dict) -> list[CompareRow]:
+    rows: list[CompareRow] = []
+    tasks = list(dict.fromkeys([*a.get("tasks", {}), *b.get("tasks", {})]))
+    for metric in ("acc", "acc_norm"):
+        for name in tasks:
+            va, vb = (r.get("tasks", {}).get(name, {}).get(metric) for r in (a, b))
+            if va is not None or vb is not None:
+                rows.append(CompareRow(f"{task_title(name)} {metric}", va, vb))
+    if a.get("average") or b.get("average"):
+        metric = (a.get("average") or b.get("average"))["metric"]
+        rows.append(CompareRow(f"Avg Acc ({metric})", (a.get("average") or {}).get("value"),
+                               (b.get("average") or {}).get("value")))
+    for name in dict.fromkeys([*a.get("perplexity", {}), *b.get("perplexity", {})]):
+        va, vb = (r.get("perplexity", {}).get(name, {}).get("ppl") for r in (a, b))
+        rows.append(CompareRow(f"{name} ppl", va, vb, lower_is_better=True))
+    return rows
+
+
+def protocol_differences(a: dict, b: dict) -> list[str]:
+    """Settings that make two results not directly comparable."""
+    notes = []
+    pa, pb = a.get("protocol", {}), b.get("protocol", {})
+    for key in ("data_source", "avg_metric"):
+        if pa.get(key) != pb.get(key):
+            notes.append(f"{key}: {pa.get(key)} vs {pb.get(key)}")
+    ta, tb = pa.get("tasks") or {}, pb.get("tasks") or {}
+    if ta and tb and ta.get("limit") != tb.get("limit"):
+        notes.append(f"task limit: {ta.get('limit')} vs {tb.get('limit')}")
+    for name in set(a.get("perplexity", {})) & set(b.get("perplexity", {})):
+        ra, rb = a["perplexity"][name], b["perplexity"][name]
+        if ppl_protocol(ra) != ppl_protocol(rb):
+            notes.append(f"{name}: {ppl_protocol(ra)} vs {ppl_protocol(rb)}")
+    for path in set(a.get("data", {})) & set(b.get("data", {})):
+        if a["data"][path] != b["data"][path]:
+            notes.append(f"{path}: different data (sha256)")
+    return notes
+
+
+def _fmt(value: float | None, ppl: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if ppl else f"{value:.4f}"
+
+
+def format_row(row: CompareRow) -> tuple[str, str, str, str]:
+    ppl = row.lower_is_better
+    delta = row.delta
+    if delta is None:
+        text = "-"
+    elif ppl and row.a:
+        text = f"{delta:+.4g} ({100 * delta / row.a:+.1f}%)"
+    else:
+        text = f"{delta:+.4f}"
+    return row.label, _fmt(row.a, ppl), _fmt(row.b, ppl), text
+
+
+def compare_markdown(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    lines = [f"A = {name_a}: {_model_line(a['model'])}", f"B = {name_b}: {_model_line(b['model'])}", "",
+             "| metric | A | B | B - A |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(format_row(r)) + " |" for r in compare_rows(a, b)]
+    notes = protocol_differences(a, b)
+    if notes:
+        lines += ["", "Not directly comparable: " + "; ".join(notes)]
+    return "\n".join(lines) + "\n"

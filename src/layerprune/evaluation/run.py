@@ -1,0 +1,209 @@
+"""One evaluation run: plan (checked before any model loads) -> scores -> eval.json, eval.md, samples.json.
+
+The plan is the whole protocol; eval.json records it with the data files' sha256, the model's layer
+provenance, package versions and wall times, so every number in a report traces back to its inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from layerprune.errors import LayerpruneError
+from layerprune.evaluation.harness import AVG_METRICS
+from layerprune.evaluation.perplexity import BOS_MODES, PplText
+from layerprune.evaluation.tasks import DATA_SOURCES, TaskEntry
+
+
+@dataclass
+class EvalPlan:
+    tasks: list[TaskEntry] = field(default_factory=list)
+    ppl: list[PplText] = field(default_factory=list)
+    seq_len: int = 128
+    stride: int | None = None
+    bos: str = "auto"
+    ppl_windows: int | None = None  # first N windows only (smoke runs); None = the whole text
+    limit: int | None = None  # documents per (sub)task, lm-eval's --limit
+    batch_size: int = 8
+    avg_metric: str = "acc"
+    samples: bool = True
+    max_new_tokens: int = 40
+    data_source: str = "bundled"
+
+
+def plan_eval(
+    *,
+    tasks: str = "",
+    ppl: str = "",
+    ppl_field: str = "text",
+    seq_len: int = 128,
+    stride: int | None = None,
+    bos: str = "auto",
+    ppl_windows: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    avg_metric: str = "acc",
+    samples: bool = True,
+    max_new_tokens: int = 40,
+    data_source: str = "bundled",
+) -> EvalPlan:
+    """Check every input (task names and files, texts, numbers) and read the texts; raises LayerpruneError."""
+    from layerprune.evaluation.perplexity import load_ppl_text
+    from layerprune.evaluation.tasks import resolve_tasks
+
+    if data_source not in DATA_SOURCES:
+        raise LayerpruneError(f"unknown --data-source {data_source!r}; choose bundled or hub")
+    if avg_metric not in AVG_METRICS:
+        raise LayerpruneError(f"unknown --avg-metric {avg_metric!r}; choose acc or acc_norm")
+    if bos not in BOS_MODES:
+        raise LayerpruneError(f"unknown --bos {bos!r}; choose one of {', '.join(BOS_MODES)}")
+    for name, value, low in (("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--limit", limit, 1),
+                             ("--ppl-windows", ppl_windows, 1), ("--stride", stride, 1)):
+        if value is not None and value < low:
+            raise LayerpruneError(f"{name} must be at least {low}, got {value}")
+    if stride is not None and stride > seq_len:
+        raise LayerpruneError(f"--stride ({stride}) cannot exceed --seq-len ({seq_len})")
+    if tasks and tasks.strip().lower() != "none":
+        _require_lm_eval()
+    entries = resolve_tasks(tasks, data_source) if tasks else []
+    texts = []
+    for source in (s.strip() for s in ppl.split(",")):
+        if source and source.lower() != "none":
+            texts.append(load_ppl_text(source, field=ppl_field, data_source=data_source))
+    if not entries and not texts:
+        raise LayerpruneError("nothing to evaluate: give --tasks and/or --ppl")
+    return EvalPlan(entries, texts, seq_len, stride, bos, ppl_windows, limit, batch_size, avg_metric, samples,
+                    max_new_tokens, data_source)
+
+
+@dataclass
+class EvalResult:
+    record: dict  # eval.json
+    samples: list[dict] | None  # samples.json
+    lm_eval_raw: dict | None  # lm_eval_results.json: lm-eval's own results (all subtasks, groups, versions)
+
+
+def _require_lm_eval() -> None:
+    try:
+        import datasets  # noqa: F401
+        import lm_eval  # noqa: F401
+    except ImportError as err:
+        raise LayerpruneError(
+            f"zero-shot tasks need lm-evaluation-harness: pip install lm_eval==0.4.13 datasets ({err})"
+        ) from None
+
+
+def run_eval(loaded, plan: EvalPlan) -> EvalResult:
+    """Score a loaded model: perplexities, lm-eval tasks, generation samples."""
+    from layerprune.evaluation.generation import generate_samples
+    from layerprune.evaluation.harness import evaluate_tasks
+    from layerprune.evaluation.perplexity import perplexity, resolve_bos
+
+    if loaded.tokenizer is None:
+        raise LayerpruneError(f"{loaded.ref} has no tokenizer, so it cannot be evaluated on text")
+    resolve_bos(loaded.tokenizer, plan.bos)  # fail before minutes of work
+    started = time.perf_counter()
+    walls: dict[str, float] = {}
+    record: dict = {"model": model_record(loaded), "perplexity": {}, "tasks": {}}
+    for text in plan.ppl:
+        t0 = time.perf_counter()
+        result = perplexity(loaded.model, loaded.tokenizer, text.text, seq_len=plan.seq_len, stride=plan.stride,
+                            bos=plan.bos, batch_size=plan.batch_size, max_windows=plan.ppl_windows,
+                            desc=f"perplexity {text.name}")
+        walls[f"ppl:{text.name}"] = round(time.perf_counter() - t0, 2)
+        record["perplexity"][text.name] = {**result, "text": text.description, "data": text.data}
+    if plan.tasks:
+        t0 = time.perf_counter()
+        harness = evaluate_tasks(loaded.model, loaded.tokenizer, plan.tasks, limit=plan.limit,
+                                 batch_size=plan.batch_size, avg_metric=plan.avg_metric)
+        walls["tasks"] = round(time.perf_counter() - t0, 2)
+        record["tasks"] = harness["tasks"]
+        record["average"] = harness["average"]
+        tasks_protocol, raw = harness["protocol"], harness["raw"]
+    else:
+        tasks_protocol, raw = None, None
+    samples = None
+    if plan.samples:
+        t0 = time.perf_counter()
+        samples = generate_samples(loaded.model, loaded.tokenizer, max_new_tokens=plan.max_new_tokens)
+        walls["samples"] = round(time.perf_counter() - t0, 2)
+    walls["total"] = round(time.perf_counter() - started, 2)
+    record["protocol"] = {
+        "data_source": plan.data_source,
+        "perplexity": {"seq_len": plan.seq_len, "stride": plan.stride, "bos": plan.bos,
+                       "max_windows": plan.ppl_windows, "batch_size": plan.batch_size} if plan.ppl else None,
+        "tasks": tasks_protocol,
+        "avg_metric": plan.avg_metric,
+        "samples": {"greedy": True, "max_new_tokens": plan.max_new_tokens} if plan.samples else None,
+    }
+    record["data"] = _data_files(record)
+    record["package_versions"] = _versions()
+    record["wall_time_s"] = walls
+    record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return EvalResult(record, samples, raw)
+
+
+def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite: bool = False) -> Path:
+    """eval.json, eval.md, lm_eval_results.json, samples.json and generated task YAMLs, atomically in `out`."""
+    from layerprune.evaluation.results import eval_markdown
+    from layerprune.outputs import atomic_output_dir, write_json
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_json(tmp / "eval.json", result.record)
+        (tmp / "eval.md").write_text(eval_markdown(result.record), encoding="utf-8")
+        if result.lm_eval_raw is not None:
+            write_json(tmp / "lm_eval_results.json", result.lm_eval_raw)
+        if result.samples is not None:
+            write_json(tmp / "samples.json", result.samples)
+        for entry in plan.tasks:
+            if entry.generated_yaml:  # keep the YAML that scored a JSONL file: reusable with stock lm_eval
+                (tmp / "tasks").mkdir(exist_ok=True)
+                (tmp / "tasks" / f"{entry.lm_eval_name}.yaml").write_text(entry.generated_yaml, encoding="utf-8")
+    return Path(out)
+
+
+def model_record(loaded) -> dict:
+    from layerprune.models.anatomy import count_parameters, model_dtype
+    from layerprune.models.surgery import provenance
+
+    record = provenance(loaded.model)
+    params = count_parameters(loaded.model)
+    return {
+        "ref": loaded.ref,
+        "path": loaded.path,
+        "architecture": type(loaded.model).__name__,
+        "layers": len(record["kept_layers"]),
+        "original_layers": record["original_num_layers"],
+        "dropped_layers": list(record.get("dropped_layers", [])),
+        "source": record.get("source"),
+        "parameters": params["total"],
+        "non_embedding_parameters": params["non_embedding"],
+        "dtype": str(model_dtype(loaded.model)).replace("torch.", ""),
+    }
+
+
+def _data_files(record: dict) -> dict:
+    """{file: sha256} of every data file that produced a number."""
+    files = {}
+    for section in ("perplexity", "tasks"):
+        for item in record.get(section, {}).values():
+            data = item.get("data", {})
+            if "file" in data:
+                files[data["file"]] = data["sha256"]
+    return files
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from layerprune.models.saving import package_versions
+
+    found = package_versions()
+    for name in ("lm_eval", "datasets", "tokenizers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,193 @@
+"""Zero-shot task registry: user names -> bundled lm-eval task YAMLs (offline) or stock hub tasks.
+
+The bundled task YAMLs live in resources/tasks/ (task names prefixed `lp_`). They copy lm-eval's
+stock prompts and metrics and only swap the data: `custom_dataset: !function
+layerprune.evaluation.tasks.load_bundled` reads the gzip copies in resources/data/tasks/ (see its
+MANIFEST.md). So the folder also works with the stock `lm_eval --include_path` CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from layerprune.errors import LayerpruneError
+
+
+@dataclass(frozen=True)
+class BundledTask:
+    name: str  # what users type: piqa
+    local_task: str  # lm-eval task/group name in resources/tasks: lp_piqa
+    hub_task: str  # lm-eval's stock task/group name (data from the hub): piqa
+    data_file: str  # under resources/data/tasks/
+    split: str  # the split the bundled file holds (the one the stock task scores)
+    title: str  # column header in tables
+    non_commercial: bool = False
+
+
+BUNDLED_TASKS: dict[str, BundledTask] = {
+    t.name: t
+    for t in [
+        BundledTask("piqa", "lp_piqa", "piqa", "piqa.jsonl.gz", "validation", "PIQA"),
+        BundledTask("hellaswag", "lp_hellaswag", "hellaswag", "hellaswag.jsonl.gz", "validation", "HellaSwag"),
+        BundledTask("openbookqa", "lp_openbookqa", "openbookqa", "openbookqa.jsonl.gz", "test", "OpenbookQA"),
+        BundledTask("arc_easy", "lp_arc_easy", "arc_easy", "arc_easy.jsonl.gz", "test", "ARC-e"),
+        BundledTask("arc_challenge", "lp_arc_challenge", "arc_challenge", "arc_challenge.jsonl.gz", "test", "ARC-c"),
+        BundledTask("mmlu", "lp_mmlu", "mmlu", "mmlu.jsonl.gz", "test", "MMLU"),
+        BundledTask("cmmlu", "lp_cmmlu", "cmmlu", "cmmlu.jsonl.gz", "test", "CMMLU", non_commercial=True),
+        BundledTask("winogrande", "lp_winogrande", "winogrande", "winogrande.jsonl.gz", "validation", "WinoGrande"),
+    ]
+}
+# The main seed's Table 1 columns, in its order (section 3.2: 8 zero-shot tasks via lm-eval).
+PAPER_TASKS: tuple[str, ...] = (
+    "piqa", "hellaswag", "openbookqa", "arc_easy", "arc_challenge", "mmlu", "cmmlu", "winogrande",
+)
+DATA_SOURCES = ("bundled", "hub")
+
+
+def tasks_dir() -> Path:
+    """resources/tasks: the lm-eval include_path of the bundled tasks."""
+    return Path(str(files("layerprune").joinpath("resources", "tasks")))
+
+
+def task_data_path(data_file: str) -> Path:
+    return Path(str(files("layerprune").joinpath("resources", "data", "tasks", data_file)))
+
+
+@functools.lru_cache(maxsize=16)
+def read_task_rows(data_file: str) -> tuple[dict, ...]:
+    """All rows of a bundled task file (cached: MMLU's 57 subtasks share one file)."""
+    with gzip.open(task_data_path(data_file), "rt", encoding="utf-8") as f:
+        return tuple(json.loads(line) for line in f if line.strip())
+
+
+@functools.lru_cache(maxsize=64)
+def sha256_uncompressed(path: str) -> str:
+    """sha256 of a file's content, gunzipped first for .gz (the MANIFEST.md convention)."""
+    digest = hashlib.sha256()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cmmlu_upstream_row(row: dict) -> dict:
+    # The stock CMMLU template reads the upstream CSV columns; give it exactly those.
+    a, b, c, d = row["choices"]
+    return {"Question": row["question"], "A": a, "B": b, "C": c, "D": d, "Answer": "ABCD"[row["answer"]]}
+
+
+_ROW_ADAPTERS = {"cmmlu.jsonl.gz": _cmmlu_upstream_row}
+
+
+def load_bundled(task_file: str, split: str = "test", subject: str | None = None, **_metadata: Any):
+    """lm-eval `custom_dataset` hook: a DatasetDict {split: rows} from a bundled task file.
+
+    lm-eval also passes the task's metadata (version, config_source) as keyword arguments; they are ignored.
+    """
+    import datasets
+
+    data_file = task_file if task_file.endswith(".jsonl.gz") else f"{task_file}.jsonl.gz"
+    rows = read_task_rows(data_file)
+    if subject is not None:
+        rows = tuple(r for r in rows if r.get("subject") == subject)
+        if not rows:
+            raise ValueError(f"no rows with subject {subject!r} in bundled {data_file}")
+    adapt = _ROW_ADAPTERS.get(data_file)
+    records = [adapt(r) for r in rows] if adapt else [dict(r) for r in rows]
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(records)})
+
+
+def expand_task_names(text: str) -> list[str]:
+    """'paper' / comma list -> entries (bundled names and paths), duplicates removed, order kept."""
+    entries: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part or part.lower() == "none":
+            continue
+        for name in PAPER_TASKS if part == "paper" else [part]:
+            if name not in entries:
+                entries.append(name)
+    return entries
+
+
+def lm_eval_task_name(name: str, data_source: str) -> str:
+    if data_source not in DATA_SOURCES:
+        raise LayerpruneError(f"unknown --data-source {data_source!r}; choose bundled or hub")
+    task = BUNDLED_TASKS[name]
+    return task.local_task if data_source == "bundled" else task.hub_task
+
+
+def bundled_data_record(name: str) -> dict:
+    """Which file a bundled task scores, with its sha256 (uncompressed, as in MANIFEST.md)."""
+    task = BUNDLED_TASKS[name]
+    path = task_data_path(task.data_file)
+    return {
+        "file": f"resources/data/tasks/{task.data_file}",
+        "split": task.split,
+        "sha256": sha256_uncompressed(str(path)),
+        **({"licence_note": "CC BY-NC-SA 4.0, non-commercial use only"} if task.non_commercial else {}),
+    }
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One requested task, resolved and checked before any model loads."""
+
+    name: str  # key in eval.json: a bundled name, a YAML's task/group name, or the JSONL task name
+    lm_eval_name: str  # the task/group name lm-eval runs
+    kind: str  # "bundled" | "hub" | "yaml" | "jsonl"
+    data: dict  # what data it scores: file + sha256, or the hub task
+    include_dir: str | None = None  # a folder lm-eval must index (user YAMLs)
+    generated_yaml: str | None = None  # the task YAML layerprune wrote (JSONL tasks)
+    title: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.title or self.name
+
+
+def resolve_tasks(text: str, data_source: str = "bundled") -> list[TaskEntry]:
+    """`piqa,hellaswag` / `paper` / paths to .yaml or .jsonl files -> checked TaskEntry list."""
+    from layerprune.evaluation import custom
+
+    lm_eval_task_name("piqa", data_source)  # checks data_source
+    entries: list[TaskEntry] = []
+    for item in expand_task_names(text):
+        if item in BUNDLED_TASKS:
+            task = BUNDLED_TASKS[item]
+            data = bundled_data_record(item) if data_source == "bundled" else {"hub_task": task.hub_task}
+            entries.append(TaskEntry(item, lm_eval_task_name(item, data_source), data_source, data, title=task.title))
+            continue
+        path = Path(item).expanduser()
+        if not custom.looks_like_path(item):
+            known = ", ".join(BUNDLED_TASKS)
+            raise LayerpruneError(
+                f"unknown task {item!r}; choose from {known}, 'paper', or a path to a task .yaml or .jsonl file"
+            )
+        if not path.is_file():
+            raise LayerpruneError(f"task file not found: {item}")
+        digest = sha256_uncompressed(str(path))
+        if item.endswith(custom.YAML_SUFFIXES):
+            name = custom.check_task_yaml(path)
+            data = {"file": str(path.resolve()), "sha256": digest}
+            entries.append(TaskEntry(name, name, "yaml", data, include_dir=str(path.resolve().parent)))
+        elif item.endswith(custom.JSONL_SUFFIXES):
+            items = custom.read_mc_items(path)
+            name = custom.custom_task_name(path)
+            data = {"file": str(path.resolve()), "sha256": digest, "items": len(items)}
+            yaml_text = custom.custom_task_yaml(path, name, digest)
+            entries.append(TaskEntry(name, name, "jsonl", data, generated_yaml=yaml_text))
+        else:
+            raise LayerpruneError(f"task file {item} must be an lm-eval task .yaml or a multiple-choice .jsonl")
+    names = [e.lm_eval_name for e in entries]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise LayerpruneError(f"the same task is requested twice: {', '.join(twice)}")
+    return entries

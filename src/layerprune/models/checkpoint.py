@@ -1,0 +1,556 @@
+"""Prune a safetensors checkpoint on disk, tensor by tensor, without ever loading the model.
+
+For models bigger than the machine's memory, and for speed: pruning by explicit indices only
+renames tensors, so there is no need to build the model. Plan, then execute (mergekit's habit):
+
+- `read_checkpoint(folder)`: every tensor's name, dtype, shape and byte range, from the
+  safetensors headers alone (`model.safetensors` or shards + `model.safetensors.index.json`);
+- `find_layers_prefix(names, layers_path)`: how this checkpoint spells the decoder's block list
+  ("model.layers", or e.g. "h" for GPT-2 files saved without the "transformer." wrapper);
+- `plan_renames(names, prefix, keep_positions)`: old name -> new name, or None for a dropped
+  layer's tensor. Pure;
+- `plan_shards(tensors, max_shard_size)`: which output file each kept tensor goes to. Pure;
+- `prune_checkpoint(...)`: executes the plans into an atomic output folder.
+
+Executing copies each kept tensor's byte range from its source shard into its output shard,
+one tensor at a time, through the kernel (`os.copy_file_range`) or a bounded buffer: no tensor is
+decoded, so every dtype passes bit-exact and memory stays flat whatever the model's size. The
+config is rewritten by the same function as in-memory surgery (`surgery.rewrite_config`), with
+the same provenance record, so both paths give the same folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from layerprune.errors import LayerpruneError
+from layerprune.models.anatomy import family_spec, supported_model_types
+from layerprune.models.surgery import check_drop, config_provenance, pruned_provenance, rewrite_config
+from layerprune.outputs import atomic_output_dir, check_output_dir, write_json
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files copied as they are next to the weights (tokenizer, generation settings, chat templates, licence).
+COPIED_FILES = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "*.model", "*.tiktoken", "generation_config.json", "chat_template.json", "chat_template.jinja",
+    "additional_chat_templates", "LICENSE*", "NOTICE*", "USE_POLICY*",
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_COPY_CHUNK = 64 << 20
+# Automatic switch of `layerprune prune`: weights bigger than this share of available memory.
+MEMORY_FRACTION = 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: headers only
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a checkpoint, located by its byte range in a safetensors file."""
+
+    name: str
+    file: str  # file name inside the checkpoint folder
+    dtype: str  # safetensors dtype code ("BF16", "F32", ...)
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(the JSON header of a .safetensors file, offset of its data section)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise LayerpruneError(f"{path} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(size))
+        except (ValueError, UnicodeDecodeError, MemoryError, OverflowError):
+            raise LayerpruneError(f"{path} is not a safetensors file (unreadable header)") from None
+    return header, 8 + size
+
+
+def weight_files(folder: str | os.PathLike) -> list[str]:
+    """The safetensors files holding a checkpoint's weights; one clear error for other layouts."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise LayerpruneError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise LayerpruneError(f"{index} names shard(s) that are not in {folder}: {', '.join(missing)}")
+        return files
+    if (folder / SINGLE_NAME).is_file():
+        return [SINGLE_NAME]
+    shards = sorted(p.name for p in folder.glob("model*.safetensors"))
+    if shards:
+        return shards
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise LayerpruneError(
+            f"{folder} stores its weights as pickle files ({', '.join(pickles[:3])}); pruning a checkpoint on disk "
+            "reads safetensors only: convert to safetensors first (load it once and save_pretrained it), "
+            "or prune it without --no-load"
+        )
+    if any(folder.glob("*.gguf")):
+        raise LayerpruneError(f"{folder} holds a GGUF file, not safetensors; prune it without --no-load")
+    raise LayerpruneError(f"{folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME} + shards)")
+
+
+def read_checkpoint(folder: str | os.PathLike) -> list[TensorEntry]:
+    """Every tensor of the checkpoint, in file order then byte order (reading only the headers)."""
+    folder = Path(folder)
+    entries: list[TensorEntry] = []
+    seen: dict[str, str] = {}
+    for file in weight_files(folder):
+        header, data_start = read_safetensors_header(folder / file)
+        tensors = [(name, info) for name, info in header.items() if name != "__metadata__"]
+        for name, info in sorted(tensors, key=lambda item: item[1]["data_offsets"][0]):
+            if name in seen:
+                raise LayerpruneError(f"tensor {name} is stored twice: in {seen[name]} and {file}")
+            seen[name] = file
+            begin, end = info["data_offsets"]
+            start, nbytes = data_start + begin, end - begin
+            entries.append(TensorEntry(name, file, info["dtype"], tuple(info["shape"]), start, nbytes))
+    return entries
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Size of a folder's safetensors weights (0 when it has none)."""
+    folder = Path(folder)
+    try:
+        return sum((folder / name).stat().st_size for name in weight_files(folder))
+    except LayerpruneError:
+        return 0
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (psutil where there is no /proc); None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def too_big_to_load(folder: str | os.PathLike, fraction: float = MEMORY_FRACTION) -> tuple[int, int] | None:
+    """(weights bytes, available bytes) when a checkpoint's weights exceed `fraction` of available memory."""
+    available = available_memory_bytes()
+    size = checkpoint_bytes(folder)
+    if available is None or size <= fraction * available:
+        return None
+    return size, available
+
+
+# ---------------------------------------------------------------------------------------------
+# `layerprune prune`: load the model, or prune on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def on_disk_folder(
+    ref: str | os.PathLike, *, no_load: bool, drop_given: bool, model_options: dict[str, bool], say=print
+) -> Path | None:
+    """Where `layerprune prune` prunes on disk: the model's folder, or None to load the model.
+
+    no_load: only explicit --drop indices are possible (choosing layers with a metric needs the
+    loaded model), and none of `model_options` ({flag: given}) that need it. Without no_load, a
+    local folder whose weights exceed MEMORY_FRACTION of available memory is pruned on disk when
+    it can be, and `say` tells the user either way.
+    """
+    from layerprune.models.loading import model_folder, resolve_model_ref
+
+    needs_model = [flag for flag, given in model_options.items() if given]
+    resolved = resolve_model_ref(ref)
+    if no_load:
+        if not drop_given:
+            raise LayerpruneError(
+                "--no-load prunes the layers given by --drop only: --num-layers/--ratio choose them with a metric, "
+                "and data-driven metrics need the loaded model (score a big model with `layerprune score --streaming`, "
+                "then pass the chosen indices to --drop)"
+            )
+        if needs_model:
+            raise LayerpruneError(
+                f"--no-load copies the stored tensors as they are; {', '.join(needs_model)} need the loaded model"
+            )
+        if resolved.kind == "hub":
+            raise LayerpruneError(f"--no-load prunes a local checkpoint; {ref} is a hub id (download it first)")
+        return Path(model_folder(ref))
+    if resolved.kind != "folder" or (big := too_big_to_load(resolved.location)) is None:
+        return None
+    sizes = (
+        f"the weights ({big[0] / 1e9:.1f} GB) exceed {MEMORY_FRACTION:.0%} of available memory ({big[1] / 1e9:.1f} GB)"
+    )
+    if drop_given and not needs_model and _has_family_spec(Path(resolved.location)):
+        say(f"{sizes}: pruning the checkpoint on disk without loading it (as --no-load)")
+        return Path(resolved.location)
+    say(f"note: {sizes}; loading may fail. Without loading: `layerprune score --streaming`, then prune with --drop")
+    return None
+
+
+def _has_family_spec(folder: Path) -> bool:
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return family_spec(model_type) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_index(name: str, layers_prefix: str) -> tuple[int, str] | None:
+    """(layer index, rest of the name) when `name` is "<layers_prefix>.<index>.<rest>", else None."""
+    head = layers_prefix + "."
+    if not name.startswith(head):
+        return None
+    index, dot, rest = name[len(head):].partition(".")
+    if not (dot and index.isdigit()):
+        return None
+    return int(index), rest
+
+
+def find_layers_prefix(names: Iterable[str], layers_path: str) -> str:
+    """How the checkpoint names the block list: `layers_path` itself or its longest dotted suffix found.
+
+    Checkpoints saved from the bare decoder (or by older code) lack the *ForCausalLM wrapper prefix:
+    GPT-2's `h.0.attn...` for `transformer.h`, a base Llama's `layers.0...` for `model.layers`.
+    """
+    names = list(names)
+    parts = layers_path.split(".")
+    candidates = [".".join(parts[k:]) for k in range(len(parts))]  # longest first
+    found = [c for c in candidates if any(layer_index(n, c) is not None for n in names)]
+    if not found:
+        raise LayerpruneError(f"no decoder layer tensor ('{layers_path}.<i>.*') in this checkpoint")
+    if len(found) > 1:
+        raise LayerpruneError(
+            f"this checkpoint names its decoder layers in more than one way ({', '.join(f + '.<i>' for f in found)})"
+        )
+    return found[0]
+
+
+def plan_renames(
+    tensor_names: Iterable[str], layers_prefix: str, keep_positions: list[int]
+) -> dict[str, str | None]:
+    """{old name: new name, or None when the tensor belongs to a dropped layer}.
+
+    keep_positions: the stored indices (positions in this checkpoint, not original indices) of the
+    layers that stay, in order; position keep_positions[k] becomes layer k. Tensors outside the
+    layer list (embeddings, final norm, lm_head) keep their name.
+    """
+    new_index = {old: new for new, old in enumerate(keep_positions)}
+    if len(new_index) != len(keep_positions):
+        raise ValueError(f"keep_positions has duplicates: {keep_positions}")
+    plan: dict[str, str | None] = {}
+    for name in tensor_names:
+        located = layer_index(name, layers_prefix)
+        if located is None:
+            plan[name] = name
+        else:
+            index, rest = located
+            plan[name] = f"{layers_prefix}.{new_index[index]}.{rest}" if index in new_index else None
+    return plan
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str  # name in the output
+    source: TensorEntry
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
+    """Greedy split in the given order: a shard is closed before it would pass max_shard_size bytes.
+
+    A tensor bigger than max_shard_size gets a shard of its own (as in transformers).
+    """
+    shards: list[list[OutputTensor]] = []
+    current: list[OutputTensor] = []
+    size = 0
+    for tensor in tensors:
+        if current and size + tensor.source.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += tensor.source.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(n_shards: int) -> list[str]:
+    if n_shards == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+
+
+def parse_size(size: int | str) -> int:
+    """500000000, "500MB", "5GB", "20KB" -> bytes (decimal units, as transformers reads them)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            value = convert_file_size_to_int(size)
+        except ValueError:
+            raise LayerpruneError(f"could not read the shard size {size!r}; write it like 500MB or 5GB") from None
+    if value < 1:
+        raise LayerpruneError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing
+# ---------------------------------------------------------------------------------------------
+
+
+def _copy_range(src, dst, offset: int, nbytes: int) -> None:
+    """Append src[offset : offset + nbytes] to the unbuffered dst, in the kernel when it can."""
+    done = 0
+    copy_file_range = getattr(os, "copy_file_range", None)
+    if copy_file_range is not None:
+        try:
+            while done < nbytes:
+                n = copy_file_range(src.fileno(), dst.fileno(), min(nbytes - done, 1 << 30), offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass  # a filesystem without support: go on with a bounded buffer
+    src.seek(offset + done)
+    while done < nbytes:
+        chunk = src.read(min(_COPY_CHUNK, nbytes - done))
+        if not chunk:
+            raise LayerpruneError(f"{src.name} is truncated: tensor data ends early")
+        _write_all(dst, chunk)
+        done += len(chunk)
+
+
+def _write_all(dst, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[dst.write(view):]
+
+
+def write_shard(folder: Path, path: Path, tensors: list[OutputTensor], metadata: dict) -> None:
+    """One safetensors file: a header planned from the sources' dtypes/shapes, then each tensor's bytes."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for tensor in tensors:
+        source = tensor.source
+        header[tensor.name] = {
+            "dtype": source.dtype, "shape": list(source.shape), "data_offsets": [offset, offset + source.nbytes],
+        }
+        offset += source.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    handles: dict[str, object] = {}
+    try:
+        with open(path, "wb", buffering=0) as out:  # unbuffered: kernel copies append at the fd's position
+            _write_all(out, struct.pack("<Q", len(raw)) + raw)
+            for tensor in tensors:
+                file = tensor.source.file
+                if file not in handles:
+                    handles[file] = open(folder / file, "rb")
+                _copy_range(handles[file], out, tensor.source.start, tensor.source.nbytes)
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+@dataclass
+class CheckpointPruneResult:
+    """What `prune_checkpoint` did (fields shared with api.PruneResult, so the CLI prints either)."""
+
+    out: Path
+    dropped: list[int]
+    chosen_by: str
+    layers_before: int
+    layers_after: int
+    params_before: int  # values stored in the checkpoint (tied weights are stored once)
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    shards: int
+    samples_before: list[dict] = field(default_factory=list)
+    samples_after: list[dict] = field(default_factory=list)
+
+
+def _read_config(folder: Path):
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise LayerpruneError(f"{folder} is not a model folder: it has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise LayerpruneError(f"could not read the model config of {folder}: {str(err).splitlines()[0]}") from err
+    spec = family_spec(config.model_type)
+    if spec is None:
+        raise LayerpruneError(
+            f"no layout known for model_type {config.model_type!r}, so its checkpoint can't be pruned on disk "
+            f"(supported: {', '.join(supported_model_types())}); prune it without --no-load"
+        )
+    return config, spec
+
+
+def _check_layer_indices(names: list[str], prefix: str, n_layers: int) -> None:
+    found = {located[0] for name in names if (located := layer_index(name, prefix)) is not None}
+    if found != set(range(n_layers)):
+        extra = sorted(found - set(range(n_layers)))
+        missing = sorted(set(range(n_layers)) - found)
+        raise LayerpruneError(
+            f"the checkpoint's layer tensors don't match its config ({n_layers} layers): "
+            + (f"unexpected layer indices {extra}" if extra else f"no tensor for layers {missing}")
+        )
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.name in ("config.json", "layerprune.json", INDEX_NAME) or path.suffix == ".safetensors":
+            continue
+        if not any(fnmatch.fnmatch(path.name, pattern) for pattern in COPIED_FILES):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, dst / path.name)
+        else:
+            shutil.copy2(path, dst / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def prune_checkpoint(
+    src_dir: str | os.PathLike,
+    drop: list[int],
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+    how: dict | None = None,
+    source: str | None = None,
+) -> CheckpointPruneResult:
+    """Write a copy of the checkpoint in `src_dir` without the layers of ORIGINAL indices `drop`.
+
+    The output is what loading, `remove_layers` and `save_model` would write: the kept layers'
+    tensors renumbered, every other tensor as it was, the config rewritten with its `layerprune`
+    provenance (composing with an earlier prune), `layerprune.json`, and the tokenizer /
+    generation / chat-template files. Only headers and one tensor's byte range at a time are
+    read. max_shard_size (bytes or "500MB"; default: the largest source file) bounds each output
+    file; one file `model.safetensors` is written when everything fits, else shards + index.
+    `how` is recorded in the provenance history ({"chosen_by": "explicit"} by default); `source`
+    names the original model when the config does not yet record one (default: src_dir).
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise LayerpruneError(f"model folder not found: {src}")
+    check_output_dir(out_dir, overwrite)
+    config, spec = _read_config(src)
+    entries = read_checkpoint(src)
+    names = [entry.name for entry in entries]
+    n_layers = config.get_text_config().num_hidden_layers
+    record = config_provenance(config, n_layers)
+    if len(record["kept_layers"]) != n_layers:
+        raise LayerpruneError(
+            f"{src}/config.json is inconsistent: its layerprune record keeps {len(record['kept_layers'])} layers "
+            f"but num_hidden_layers is {n_layers}"
+        )
+    if "source" not in record:
+        record = {**record, "source": source or str(src_dir)}  # as load_model records it
+    drop = check_drop(record, drop)
+    how = {"chosen_by": "explicit", **(how or {})}
+    keep_positions, new_record = pruned_provenance(record, drop, how)
+    prefix = find_layers_prefix(names, spec.layers)
+    _check_layer_indices(names, prefix, n_layers)
+    renames = plan_renames(names, prefix, keep_positions)
+    rewrite_config(config, keep_positions, spec)
+    config.layerprune = new_record
+
+    kept = [OutputTensor(renames[e.name], e) for e in entries if renames[e.name] is not None]
+    limit = parse_size(max_shard_size) if max_shard_size is not None else max(
+        (src / f).stat().st_size for f in weight_files(src)
+    )
+    shards = plan_shards(kept, limit)
+    files = shard_file_names(len(shards))
+    metadata = _source_metadata(src, entries)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        for file, shard in zip(files, shards):
+            write_shard(src, tmp / file, shard, metadata)
+        if len(shards) > 1:
+            write_json(tmp / INDEX_NAME, {
+                "metadata": {
+                    "total_size": sum(t.source.nbytes for t in kept),
+                    "total_parameters": sum(t.source.numel for t in kept),
+                },
+                "weight_map": {t.name: file for file, shard in zip(files, shards) for t in shard},
+            })
+        config.save_pretrained(tmp)
+        copied = _copy_side_files(src, tmp)
+        write_json(tmp / "layerprune.json", _record_file(new_record, src, entries, kept, copied))
+    return CheckpointPruneResult(
+        out=Path(out_dir),
+        dropped=drop,
+        chosen_by=how["chosen_by"],
+        layers_before=n_layers,
+        layers_after=len(keep_positions),
+        params_before=sum(e.numel for e in entries),
+        params_after=sum(t.source.numel for t in kept),
+        bytes_before=sum(e.nbytes for e in entries),
+        bytes_after=sum(t.source.nbytes for t in kept),
+        shards=len(shards),
+    )
+
+
+def _source_metadata(src: Path, entries: list[TensorEntry]) -> dict:
+    """The `__metadata__` of the output files: the first source file's, which says format "pt"."""
+    first = entries[0].file if entries else weight_files(src)[0]
+    metadata = read_safetensors_header(src / first)[0].get("__metadata__") or {}
+    return {str(k): str(v) for k, v in {"format": "pt", **metadata}.items()}
+
+
+def _record_file(record: dict, src: Path, entries, kept, copied: list[str]) -> dict:
+    from layerprune.models.saving import package_versions
+
+    return {
+        "source": record.get("source"),
+        "original_num_layers": record["original_num_layers"],
+        "kept_layers": record["kept_layers"],
+        "dropped_layers": record["dropped_layers"],
+        "history": record.get("history", []),
+        "pruned_on_disk": {
+            "from": str(src),
+            "tensors_kept": len(kept),
+            "tensors_dropped": len(entries) - len(kept),
+            "copied_files": copied,
+        },
+        "versions": package_versions(),
+    }
+

@@ -1,0 +1,73 @@
+"""report.md of a run folder, built only from the files the stages wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROWS = (("original", "eval-original"), ("pruned, before healing", "eval-pruned"), ("final", "eval-final"))
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
+    """(markdown, summary dict) from selection.json, eval-*/eval.json, healed-*/heal.json, bench/bench.json."""
+    run_dir = Path(run_dir)
+    lines = [f"# layerprune run: {run_dir.name}", ""]
+    summary: dict = {"run": str(run_dir), "final_model": final_ref}
+    selection = _load(run_dir / "selection.json")
+    if selection:
+        lines += [f"Dropped original layers **{', '.join(map(str, selection['dropped']))}** "
+                  f"(chosen by {selection['chosen_by']}).", ""]
+        summary["dropped"] = selection["dropped"]
+        if selection.get("candidates"):
+            lines += ["Candidates compared before healing (validation loss on held-out calibration text):", "",
+                      "| metric | would drop | validation loss |", "|---|---|---|"]
+            for name, c in sorted(selection["candidates"].items(), key=lambda kv: kv[1]["validation_loss"]):
+                lines.append(f"| {name} | {','.join(map(str, c['dropped']))} | {c['validation_loss']:.4f} |")
+            lines.append("")
+    rounds = sorted((run_dir / "rounds").glob("round-*/done.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if rounds:
+        lines += ["Iterative rounds: " + "; ".join(
+            f"{p.parent.name}: {','.join(map(str, _load(p)['dropped']))}" for p in rounds), ""]
+        summary["rounds"] = [_load(p)["dropped"] for p in rounds]
+    evals = {label: _load(run_dir / folder / "eval.json") for label, folder in ROWS}
+    evals = {label: e for label, e in evals.items() if e}
+    if evals:
+        texts = sorted({t for e in evals.values() for t in e.get("perplexity", {})})
+        tasks = sorted({t for e in evals.values() for t in e.get("tasks", {})})
+        header = ["model", "layers", "parameters", *(f"{t} ppl" for t in texts), *tasks]
+        if tasks:
+            header.append("Avg Acc")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        summary["eval"] = {}
+        for label, e in evals.items():
+            m = e["model"]
+            cells = [label, str(m["layers"]), f"{m['parameters']:,}"]
+            cells += [f"{e['perplexity'][t]['ppl']:.4g}" if t in e.get("perplexity", {}) else "-" for t in texts]
+            cells += [f"{e['tasks'][t]['acc']:.4f}" if t in e.get("tasks", {}) else "-" for t in tasks]
+            if tasks:
+                avg = (e.get("average") or {}).get("value")
+                cells.append(f"{avg:.4f}" if avg is not None else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+            summary["eval"][label] = {"ppl": {t: e["perplexity"][t]["ppl"] for t in e.get("perplexity", {})},
+                                      "avg_acc": (e.get("average") or {}).get("value"), "layers": m["layers"],
+                                      "parameters": m["parameters"]}
+        lines.append("")
+    heals = sorted(run_dir.glob("healed-*/heal.json"))
+    if heals:
+        lines += ["| healing stage | method | data | steps | trainable params | time (s) | final loss |",
+                  "|---|---|---|---|---|---|---|"]
+        for path in heals:
+            h = _load(path)
+            lines.append(f"| {path.parent.name} | {h['method']} | {h['data']['source']} | {h['steps']} | "
+                         f"{h['trainable_params']:,} | {h['seconds']:.0f} | {h['final_loss']:.4f} |")
+        lines.append("")
+    bench_md = run_dir / "bench" / "bench.md"
+    if bench_md.exists():
+        lines += ["## Efficiency (original vs final)", "", bench_md.read_text(), ""]
+    lines += ["Files: config.yaml, versions.json, scores.json, selection.json, pruned/, healed-*/ (model, heal.json, "
+              "loss.csv/png), eval-*/ (eval.json, eval.md, samples.json), bench/ (bench.json/md/png), run.json.", ""]
+    return "\n".join(lines), summary

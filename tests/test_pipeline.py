@@ -1,0 +1,119 @@
+"""A run from one YAML on a tiny model: every stage leaves its file, reruns resume, errors name the key."""
+
+import json
+
+import pytest
+import yaml
+
+from layerprune import LayerpruneError, save_model
+from layerprune.config import load_run_config
+from layerprune.pipeline import run_pipeline
+from tiny_models import N_LAYERS, tiny_model, tiny_tokenizer
+
+TEXT = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl") for v in ("sun", "sky", "sea")) * 20
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(TEXT)
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for w in ("cat", "dog", "owl", "sun") * 4:
+            f.write(json.dumps({"instruction": f"say {w}", "context": "", "response": f"{w} {w}"}) + "\n")
+    return tmp_path
+
+
+def write_config(tmp_path, **overrides):
+    config = {
+        "model": str(tmp_path / "tiny"),
+        "out": str(tmp_path / "run"),
+        "calibration": {"source": str(tmp_path / "text.txt"), "n_samples": 4, "seq_len": 32},
+        "prune": {"metric": ["block-influence", "reverse-order"], "select": "auto", "num_layers": 2},
+        "heal": [{"method": "partial", "data": str(tmp_path / "sft.jsonl"), "max_steps": 3, "batch_size": 4,
+                  "effective_batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-3, "max_length": 64,
+                  "bf16": False}],
+        "eval": {"ppl": str(tmp_path / "text.txt"), "seq_len": 32, "ppl_windows": 4, "samples": False},
+        "bench": {"batch_sizes": [1], "new_tokens": [4], "warmup": 0, "runs": 1, "seq_len": 8},
+    }
+    config.update(overrides)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_one_shot_run_writes_every_stage_and_resumes(workspace):
+    config = load_run_config(write_config(workspace))
+    summary = run_pipeline(config, log=lambda m: None)
+    run = workspace / "run"
+    for name in ("config.yaml", "versions.json", "scores.json", "selection.json", "pruned/config.json",
+                 "healed-1/heal.json", "healed-1/loss.csv", "eval-original/eval.json", "eval-pruned/eval.json",
+                 "eval-final/eval.json", "bench/bench.json", "report.md", "run.json"):
+        assert (run / name).exists(), name
+    selection = json.loads((run / "selection.json").read_text())
+    assert set(selection["candidates"]) == {"block-influence", "reverse-order"}
+    losses = {n: c["validation_loss"] for n, c in selection["candidates"].items()}
+    assert selection["chosen_by"] == f"auto:{min(losses, key=losses.get)}"
+    assert summary["eval"]["final"]["layers"] == N_LAYERS - 2
+    assert "validation loss" in (run / "report.md").read_text()
+
+    # A rerun finds every stage done and changes nothing.
+    stamp = (run / "healed-1" / "model.safetensors").stat().st_mtime_ns
+    run_pipeline(config, log=lambda m: None)
+    assert (run / "healed-1" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_iterative_schedule_drops_one_layer_per_round_in_original_indices(workspace):
+    path = write_config(workspace, prune={"metric": "reverse-order", "strategy": "iterative", "schedule": "1:1:2"},
+                        eval=None, bench=None)
+    summary = run_pipeline(load_run_config(path), log=lambda m: None)
+    # reverse-order re-scored on the shrunken model drops the current last layer each round
+    assert summary["rounds"] == [[N_LAYERS - 1], [N_LAYERS - 2]]
+    final = json.loads((workspace / "run" / "rounds" / "round-2" / "healed-1" / "layerprune.json").read_text())
+    assert final["dropped_layers"] == [N_LAYERS - 2, N_LAYERS - 1]
+
+
+def test_interrupted_iterative_run_resumes_from_its_last_round(workspace, monkeypatch):
+    path = write_config(workspace, prune={"metric": "reverse-order", "strategy": "iterative", "schedule": "1:1:2"},
+                        heal=[], eval=None, bench=None)
+    import layerprune.pipeline as pipeline
+
+    original_choose = pipeline.Run.choose
+    calls = []
+
+    def failing_choose(self, loaded, n_drop, scores_name="scores.json"):
+        calls.append(scores_name)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return original_choose(self, loaded, n_drop, scores_name)
+
+    monkeypatch.setattr(pipeline.Run, "choose", failing_choose)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_pipeline(load_run_config(path), log=lambda m: None)
+    assert (workspace / "run" / "rounds" / "round-1" / "done.json").exists()
+    summary = run_pipeline(load_run_config(path), log=lambda m: None)
+    assert calls == ["rounds/round-1/scores.json", "rounds/round-2/scores.json", "rounds/round-2/scores.json"]
+    assert summary["rounds"] == [[N_LAYERS - 1], [N_LAYERS - 2]]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"prune": {"metric": "nonsense", "num_layers": 2}}, "prune.metric: unknown metric 'nonsense'"),
+        ({"prune": {"metric": "reverse-order", "num_layers": -1}}, "prune.num_layers"),
+        ({"prune": {"metric": "reverse-order"}}, "exactly one of drop, num_layers or ratio"),
+        ({"prune": {"metric": "reverse-order", "strategy": "iterative", "schedule": "1:3:8"}}, "multiple of the step"),
+        ({"heal": [{"method": "partial", "learning_rate": 0}]}, "heal.0.learning_rate"),
+        ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_config_errors_name_the_key(workspace, overrides, message):
+    with pytest.raises(LayerpruneError, match=message.replace("(", r"\(")):
+        load_run_config(write_config(workspace, **overrides))
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper", "llama-3.1-8b"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    config = load_run_config(Path(__file__).parent.parent / "examples" / f"{name}.yaml")
+    assert config.prune and config.heal
