@@ -267,28 +267,11 @@ def _print_scores(all_scores, selections) -> None:
 
 def validated(config_cls, values: dict, yaml_path: str | None = None):
     """A pydantic config from a YAML file overlaid with the options given on the command line."""
-    import yaml
-    from pydantic import ValidationError
+    from layerprune.config import build_config, read_yaml_mapping
 
-    data: dict = {}
-    if yaml_path:
-        from pathlib import Path
-
-        try:
-            data = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        except FileNotFoundError:
-            raise LayerpruneError(f"config file not found: {yaml_path}") from None
-        except yaml.YAMLError as err:
-            raise LayerpruneError(f"{yaml_path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise LayerpruneError(f"{yaml_path} must hold a mapping of settings")
+    data = read_yaml_mapping(yaml_path) if yaml_path else {}
     data.update({k: v for k, v in values.items() if v is not None})
-    try:
-        return config_cls(**data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise LayerpruneError(f"invalid setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+    return build_config(config_cls, data, where_prefix="invalid setting ")
 
 
 @app.command()

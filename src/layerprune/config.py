@@ -128,23 +128,37 @@ class RunConfig(_Strict):
         return [value] if isinstance(value, dict) else value
 
 
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Read and validate a run YAML; one LayerpruneError naming the key on any problem."""
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping; one LayerpruneError otherwise."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise LayerpruneError(f"run config not found: {path}") from None
+        raise LayerpruneError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
         raise LayerpruneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise LayerpruneError(f"{path} must hold a mapping of settings")
-    data.update(overrides or {})
-    data.setdefault("out", str(Path("runs") / path.stem))
+    return data
+
+
+def build_config(config_cls, data: dict, where_prefix: str = ""):
+    """Validate settings into a pydantic config; the error names the offending key and the value given."""
     try:
-        return RunConfig(**data)
+        return config_cls(**data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "config"
         message = first["msg"].removeprefix("Value error, ")
-        raise LayerpruneError(f"{path}: {where}: {message}") from None
+        given = f" (got {first['input']!r})" if first.get("type") != "missing" and not isinstance(
+            first.get("input"), dict) else ""
+        raise LayerpruneError(f"{where_prefix}{where}: {message}{given}") from None
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read and validate a run YAML; one LayerpruneError naming the key on any problem."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    data.update(overrides or {})
+    data.setdefault("out", str(Path("runs") / path.stem))
+    return build_config(RunConfig, data, where_prefix=f"{path}: ")
