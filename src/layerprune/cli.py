@@ -394,6 +394,7 @@ def _quiet_libraries() -> None:
 
 # Commands that live in their own modules register themselves on `app` when imported.
 from layerprune import cli_bench, cli_eval  # noqa: E402,F401
+from layerprune import cli_export  # noqa: E402,F401
 
 
 def main() -> None:  # console-script entry point
@@ -401,4 +402,7 @@ def main() -> None:  # console-script entry point
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module, on whose `app` the other command modules registered.
+    from layerprune.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,240 @@
+"""Export a (pruned) model to GGUF for llama.cpp, with llama.cpp's own converter.
+
+Why llama.cpp's converter (`convert_hf_to_gguf.py`) and not a PyPI converter package:
+GGUF is defined by llama.cpp, and its converter is the reference implementation that
+tracks every architecture, tokenizer pre-tokenizer hash and metadata key llama.cpp
+reads (including the Q/K row permutation of Llama attention). On PyPI, `gguf` (llama.cpp's
+own gguf-py) only reads and writes the container, with no HF->GGUF model logic; the
+standalone converters (`convert-hf-to-gguf` 0.1.1, `gguf-converter` 0.3.1, `fanfu`,
+`autogguf`) are small packages with few releases that wrap or re-implement some past
+snapshot of this script, so their output may lag what current llama.cpp expects.
+We therefore take the converter from one pinned sdist of `llama-cpp-python` on PyPI
+(it vendors the whole llama.cpp tree): fetched once with `pip download` into the cache,
+keeping only the converter files (convert_hf_to_gguf.py, conversion/, gguf-py/). The
+`gguf-py` from the same tree goes on PYTHONPATH, so the converter runs with the library it was written for.
+
+The converter runs in a subprocess; the output appears atomically (temp file + rename).
+q4_k_m needs llama.cpp's compiled `llama-quantize`, which is not built here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from layerprune.errors import LayerpruneError
+from layerprune.models.builtin import cache_dir
+
+# llama-cpp-python 0.3.36 is the newest release on PyPI when this was written; its vendored
+# llama.cpp converter writes llama.block_count etc. in the format current llama.cpp and
+# transformers' GGUF reader understand (checked: SmolLM2 round trip, same greedy argmax).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+_SDIST_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+_KEEP = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE")
+
+# --outtype values of convert_hf_to_gguf.py; q4_k_m goes through llama-quantize.
+CONVERTER_QUANTS = ("f16", "bf16", "f32", "q8_0")
+QUANTS = (*CONVERTER_QUANTS, "q4_k_m")
+
+# Config records of sub-layer removal (attention-only / MLP-only): llama.cpp has no way to express it.
+_SUBLAYER_KEYS = ("removed_sublayers", "removed_attention", "removed_mlp", "sublayers")
+
+
+def converter_dir() -> Path:
+    """Where the llama.cpp converter of the pinned llama-cpp-python sdist lives in the cache."""
+    return cache_dir() / "llama-cpp" / LLAMA_CPP_PYTHON_VERSION
+
+
+def ensure_converter(log: Callable[[str], None] | None = None) -> Path:
+    """Path of convert_hf_to_gguf.py, fetching the pinned sdist from PyPI on first use."""
+    root = converter_dir()
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file() and (root / "gguf-py" / "gguf" / "__init__.py").is_file():
+        return script
+    say = log or (lambda line: print(line, file=sys.stderr))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    requirement = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+    say(f"layerprune: fetching llama.cpp's GGUF converter from PyPI ({requirement} sdist, once) into {root}")
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        download = Path(tmp) / "download"
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+            "-d", str(download), requirement,
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = sorted(download.glob("llama_cpp_python-*.tar.gz"))
+        if result.returncode != 0 or not sdists:
+            raise LayerpruneError(
+                f"could not download {requirement} (llama.cpp's GGUF converter) from PyPI with pip: "
+                + _last_line(result.stderr or result.stdout)
+            )
+        staged = Path(tmp) / "converter"
+        with tarfile.open(sdists[0]) as archive:
+            members = []
+            for member in archive.getmembers():
+                if not member.name.startswith(_SDIST_PREFIX):
+                    continue
+                rel = member.name[len(_SDIST_PREFIX):]
+                if (member.isfile() or member.isdir()) and any(rel == k or rel.startswith(k) for k in _KEEP):
+                    member.name = rel
+                    members.append(member)
+            archive.extractall(staged, members, filter="data")
+        if not (staged / "convert_hf_to_gguf.py").is_file():
+            raise LayerpruneError(f"{sdists[0].name} does not hold llama.cpp's convert_hf_to_gguf.py")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    return script
+
+
+def _sentencepiece_path(log: Callable[[str], None] | None) -> Path | None:
+    """The converter imports sentencepiece for every Llama model; fetch its wheel into the cache if missing."""
+    if importlib.util.find_spec("sentencepiece") is not None:
+        return None
+    site = converter_dir() / f"site-py{sys.version_info.major}{sys.version_info.minor}"
+    if (site / "sentencepiece").is_dir():
+        return site
+    say = log or (lambda line: print(line, file=sys.stderr))
+    say(f"layerprune: fetching sentencepiece (needed by llama.cpp's converter) from PyPI into {site}")
+    site.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=site.parent) as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "-d", tmp, "sentencepiece>=0.2.0",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("sentencepiece-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise LayerpruneError(
+                "could not download sentencepiece (needed by llama.cpp's converter) from PyPI with pip: "
+                + _last_line(result.stderr or result.stdout)
+            )
+        staged = Path(tmp) / "site"
+        with zipfile.ZipFile(wheels[-1]) as archive:
+            archive.extractall(staged)
+        if site.exists():
+            shutil.rmtree(site)
+        os.replace(staged, site)
+    return site
+
+
+def find_llama_quantize() -> str | None:
+    """llama.cpp's compiled quantizer: $LLAMA_QUANTIZE, else `llama-quantize` on PATH."""
+    given = os.environ.get("LLAMA_QUANTIZE")
+    if given:
+        return given if Path(given).is_file() else None
+    return shutil.which("llama-quantize")
+
+
+def check_exportable(folder: str | os.PathLike) -> dict:
+    """Refuse, with one line, a model folder that GGUF cannot represent; returns its config."""
+    config_file = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise LayerpruneError(f"could not read {config_file}: {err}") from err
+    record = config.get("layerprune")
+    if isinstance(record, dict):
+        found = [key for key in _SUBLAYER_KEYS if record.get(key)]
+        if found:
+            raise LayerpruneError(
+                f"{folder} has attention-only/MLP-only removals ({found[0]}); GGUF and llama.cpp need whole "
+                "decoder layers, so this model cannot be exported"
+            )
+    return config
+
+
+def export_gguf(
+    model: str | os.PathLike,
+    out_file: str | os.PathLike,
+    quant: str = "f16",
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write `model` (any layerprune model reference) as a GGUF file for llama.cpp.
+
+    quant: f16 (default), bf16, f32, q8_0 (all written by llama.cpp's converter) or
+    q4_k_m (needs llama.cpp's `llama-quantize`). The GGUF carries the tokenizer and chat
+    template from the model folder. Refuses an existing `out_file` unless overwrite.
+    """
+    from layerprune.models.loading import model_folder, resolve_model_ref
+
+    quant = quant.lower()
+    if quant not in QUANTS:
+        raise LayerpruneError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    out = Path(out_file)
+    if out.suffix != ".gguf":
+        raise LayerpruneError(f"output {out} must be a .gguf file")
+    if out.is_dir():
+        raise LayerpruneError(f"output {out} is a folder; pass a .gguf file path")
+    if out.exists() and not overwrite:
+        raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
+    quantize = None
+    if quant == "q4_k_m":
+        quantize = find_llama_quantize()
+        if quantize is None:
+            raise LayerpruneError(
+                "q4_k_m needs llama.cpp's compiled llama-quantize, which was not found: build llama.cpp "
+                "(cmake -B build && cmake --build build --target llama-quantize) and put it on PATH or set "
+                "LLAMA_QUANTIZE, or export --quant f16 and run `llama-quantize model.gguf out.gguf Q4_K_M`"
+            )
+    if resolve_model_ref(model).kind == "hub":
+        raise LayerpruneError(f"{model} is a hub id; export needs a local model folder, .gguf file or built-in alias")
+    folder = model_folder(model)
+    check_exportable(folder)
+
+    script = ensure_converter(log)
+    paths = [str(script.parent / "gguf-py")]
+    sentencepiece = _sentencepiece_path(log)
+    if sentencepiece is not None:
+        paths.append(str(sentencepiece))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    staged_f16 = tmp.with_name(tmp.name + ".f16") if quantize else None
+    try:
+        outtype = "f16" if quantize else quant
+        cmd = [sys.executable, str(script), str(folder), "--outfile", str(staged_f16 or tmp), "--outtype", outtype]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent)
+        if result.returncode != 0:
+            raise LayerpruneError(f"llama.cpp's converter could not export {model}: {_converter_error(result)}")
+        if quantize:
+            result = subprocess.run([quantize, str(staged_f16), str(tmp), "Q4_K_M"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise LayerpruneError(f"llama-quantize failed: {_last_line(result.stderr or result.stdout)}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions of a normal one
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if staged_f16 is not None:
+            staged_f16.unlink(missing_ok=True)
+    return out
+
+
+def _converter_error(result: subprocess.CompletedProcess) -> str:
+    line = _last_line(result.stderr or result.stdout)
+    if "pre-tokenizer was not recognized" in line:
+        line += " (llama.cpp does not support this model's tokenizer)"
+    return line
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
