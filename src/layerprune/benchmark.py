@@ -707,10 +707,13 @@ def plot_latency(results: list[dict], path: str | Path) -> Path:
             ax_lat.errorbar(sizes, [g["mean_s"] for g in runs], yerr=[g["std_s"] for g in runs], marker="o",
                             capsize=3, label=label)
             ax_thr.plot(sizes, [g["throughput_tok_s"] for g in runs], marker="o", label=label)
+    sizes_seen = sorted({g["batch_size"] for r in results for g in r["generation"]})
     for ax, ylabel in ((ax_lat, "latency (s)"), (ax_thr, "throughput (tokens/s)")):
         ax.set_xlabel("batch size M")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes_seen, [str(s) for s in sizes_seen])  # 1, 4, 16 rather than 2^k
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"generation on {results[0]['device']} ({results[0]['dtype']})")
