@@ -173,7 +173,7 @@ def score(
     seq_len: int = typer.Option(128, help="Tokens per calibration sample."),
     seed: int = typer.Option(0, help="Seed of calibration sampling and the random metric."),
     seeds: int = typer.Option(1, help="Stability study: number of calibration seeds per setting."),
-    block_size: int = typer.Option(1, help="Angular distance block size m (its table covers every m)."),
+    block_size: Optional[int] = typer.Option(None, help="Angular distance block size m (default: the number of layers to drop; its table covers every m)."),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Layers each metric would drop (default 25%)."),
     ratio: Optional[float] = typer.Option(None, help="Fraction each metric would drop."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
@@ -212,6 +212,7 @@ def score(
         loaded = load_model(model, dtype=dtype, device_map=device_map)
     n_layers = len(kept_layers(loaded.model))
     n_drop = default_n_drop(n_layers, num_layers, ratio)
+    block_size = block_size or n_drop
     requests = metric_requests(names, n_layers, seed=seed, block_size=block_size)
     calibration = None
     if any(get_metric(n).needs_calibration for n in names):
