@@ -14,6 +14,7 @@ from layerprune.models.anatomy import count_parameters
 from layerprune.models.saving import save_model
 from layerprune.models.surgery import remove_layers
 from tiny_models import FAMILY_CONFIGS, N_LAYERS, VOCAB, tiny_model
+from cli_asserts import assert_one_line_error
 
 runner = CliRunner()
 CFG = FAMILY_CONFIGS["llama"]
@@ -130,12 +131,6 @@ def test_compare_computes_gains_and_share_of_the_ideal():
 # ----------------------------------------------------------------------------- CLI
 
 
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert fragment in result.stderr, result.stderr
-    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from layerprune.cli import app, parse_indices
 from layerprune.models.saving import save_model
 from tiny_models import N_LAYERS, tiny_config, tiny_model
+from cli_asserts import assert_one_line_error
 
 runner = CliRunner()
 
@@ -26,12 +27,6 @@ def run(*args):
     return result
 
 
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert fragment in result.stderr, result.stderr
-    assert "Traceback" not in result.output
 
 
 def test_prune_writes_a_reloadable_model(tiny_dir, tmp_path):

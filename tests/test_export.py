@@ -18,6 +18,7 @@ from layerprune.export import ensure_converter, export_gguf
 from layerprune.models.saving import save_model
 from layerprune.models.surgery import remove_layers
 from tiny_models import CHAT_TEMPLATE, tiny_model, tiny_tokenizer
+from cli_asserts import assert_one_line_error
 
 gguf = pytest.importorskip("gguf")
 runner = CliRunner()
@@ -157,12 +158,6 @@ def test_q8_0_export(converter, pruned_dir, tmp_path):
     assert field(reader, "llama.block_count") == 5 - len(DROP)
 
 
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert fragment in result.stderr, result.stderr
-    assert "Traceback" not in result.output
 
 
 def test_cli_exports_and_refuses_an_existing_output(converter, pruned_dir, tmp_path):

@@ -239,6 +239,11 @@ def activation_metrics(model, calibration, requests: dict[str, dict]) -> dict[st
         want_rel="relative-magnitude" in requests,
         want_last="angular" in requests,
     )
+    return finish_activation_metrics(acc, n, requests)
+
+
+def finish_activation_metrics(acc: "_Accumulator", n: int, requests: dict[str, dict]) -> dict[str, object]:
+    """The requested metrics from accumulated statistics (shared with the streaming path)."""
     results: dict[str, object] = {}
     if "block-influence" in requests:
         results["block-influence"] = [1.0 - c for c in _means(acc.cos_sum, acc.tokens)]

@@ -37,9 +37,8 @@ from layerprune.importance.activations import (
     _Accumulator,
     _block_sizes,
     _check_params,
-    _finish_angular,
     _forward_kwargs,
-    _means,
+    finish_activation_metrics,
     hidden_of,
     layer_input,
 )
@@ -108,13 +107,7 @@ def stream_scores(
             finally:
                 weights.unload(loaded)
 
-    results: dict[str, object] = {}
-    if "block-influence" in acts:
-        results["block-influence"] = [1.0 - c for c in _means(acc.cos_sum, acc.tokens)]
-    if "relative-magnitude" in acts:
-        results["relative-magnitude"] = _means(acc.rel_sum, acc.tokens)
-    if "angular" in acts:
-        results["angular"] = _finish_angular(acc, n, acts["angular"])
+    results: dict[str, object] = finish_activation_metrics(acc, n, acts) if acc is not None else {}
     results.update(sums)
     scores = {}
     for name, params in requests.items():
