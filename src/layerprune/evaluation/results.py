@@ -143,7 +143,7 @@ def format_row(row: CompareRow) -> tuple[str, str, str, str]:
     if delta is None:
         text = "-"
     elif ppl and row.a:
-        text = f"{delta:+.4g} ({100 * delta / row.a:+.1f}%)"
+        text = f"{delta:+.4g} (x{row.b / row.a:.3g})"  # perplexities multiply; a ratio reads better than %
     else:
         text = f"{delta:+.4f}"
     return row.label, _fmt(row.a, ppl), _fmt(row.b, ppl), text
