@@ -42,6 +42,13 @@ class CalibrationData:
         for start in range(0, self.num_samples, batch_size):
             yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
 
+    def nonempty_batches(self, batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Like batches(), without all-padding rows (they have no token to measure); empty batches are skipped."""
+        for ids, mask in self.batches(batch_size):
+            keep = mask.sum(dim=1) > 0
+            if bool(keep.any()):
+                yield ids[keep], mask[keep]
+
     def subset(self, indices: list[int]) -> "CalibrationData":
         return CalibrationData(
             self.input_ids[indices], self.attention_mask[indices], {**self.description, "subset": list(indices)}

@@ -167,11 +167,7 @@ def run_pass(model, calibration, *, batch_size: int, want_cos: bool, want_rel: b
     model.eval()
     try:
         with torch.no_grad():
-            for ids, mask in calibration.batches(batch_size):
-                keep = mask.sum(dim=1) > 0  # an all-padding row has no token to measure
-                if not bool(keep.any()):
-                    continue
-                ids, mask = ids[keep], mask[keep]
+            for ids, mask in calibration.nonempty_batches(batch_size):
                 acc.mask = mask
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra)
     finally:

@@ -341,11 +341,7 @@ def _layer_inputs(model: nn.Module, weights: _CheckpointWeights, calibration, ba
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
         with torch.no_grad():
-            for ids, mask in calibration.batches(batch_size):
-                keep = mask.sum(dim=1) > 0  # an all-padding row has no token to measure
-                if not bool(keep.any()):
-                    continue
-                ids, mask = ids[keep], mask[keep]
+            for ids, mask in calibration.nonempty_batches(batch_size):
                 current.clear()
                 current["calls"] = []
                 try:
