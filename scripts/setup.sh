@@ -9,5 +9,6 @@ if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" -e '.[test]'
+# LAYERPRUNE_EXTRAS=llamacpp (CI sets it) also builds llama.cpp's Python bindings for `layerprune generate`.
+.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" -e ".[test${LAYERPRUNE_EXTRAS:+,$LAYERPRUNE_EXTRAS}]"
 echo "layerprune installed in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

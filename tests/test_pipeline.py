@@ -100,7 +100,7 @@ def test_interrupted_iterative_run_resumes_from_its_last_round(workspace, monkey
     [
         ({"prune": {"metric": "nonsense", "num_layers": 2}}, "prune.metric: unknown metric 'nonsense'"),
         ({"prune": {"metric": "reverse-order", "num_layers": -1}}, "prune.num_layers"),
-        ({"prune": {"metric": "reverse-order"}}, "exactly one of drop, num_layers or ratio"),
+        ({"prune": {"metric": "reverse-order"}}, "exactly one of drop, num_layers, ratio, target_params or target_latency"),
         ({"prune": {"metric": "reverse-order", "strategy": "iterative", "schedule": "1:3:8"}}, "multiple of the step"),
         ({"heal": [{"method": "partial", "learning_rate": 0}]}, "heal.0.learning_rate"),
         ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
@@ -117,3 +117,51 @@ def test_example_configs_are_valid(name):
 
     config = load_run_config(Path(__file__).parent.parent / "examples" / f"{name}.yaml")
     assert config.prune and config.heal
+
+
+def test_run_killed_during_healing_resumes_to_the_same_weights(workspace, monkeypatch):
+    """An injected failure at optimizer step 3 (checkpoints every step), then a rerun: it resumes from the
+    last checkpoint, and the healed weights equal those of an uninterrupted run with the same seed."""
+    import torch
+    from safetensors.torch import load_file
+
+    heal = [{"method": "partial", "data": str(workspace / "sft.jsonl"), "max_steps": 4, "save_steps": 1,
+             "batch_size": 4, "effective_batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-2,
+             "max_length": 64, "bf16": False, "train_last_layers": 1}]
+    prune = {"metric": "reverse-order", "num_layers": 2}
+    clean = write_config(workspace, prune=prune, heal=heal, eval=None, bench=None, out=str(workspace / "clean"))
+    run_pipeline(load_run_config(clean), log=lambda m: None)
+
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def failing_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return step(self, *args, **kwargs)
+
+    killed = write_config(workspace, prune=prune, heal=heal, eval=None, bench=None, out=str(workspace / "killed"))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", failing_step)
+        with pytest.raises(RuntimeError, match="injected"):
+            run_pipeline(load_run_config(killed), log=lambda m: None)
+    assert not (workspace / "killed" / "healed-1").exists()
+    assert (workspace / "killed" / ".healed-1.checkpoints" / "checkpoint-2").is_dir()
+    resumed_steps = []
+
+    def counting_step(self, *args, **kwargs):
+        resumed_steps.append(1)
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", counting_step)
+        run_pipeline(load_run_config(killed), log=lambda m: None)
+    assert len(resumed_steps) == 2  # steps 3 and 4 only: it resumed, it did not start over
+    a = load_file(workspace / "clean" / "healed-1" / "model.safetensors")
+    b = load_file(workspace / "killed" / "healed-1" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    pruned = load_file(workspace / "clean" / "pruned" / "model.safetensors")
+    assert not torch.equal(pruned["lm_head.weight"], a["lm_head.weight"])  # healing changed something

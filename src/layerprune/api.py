@@ -11,9 +11,10 @@ from layerprune.importance import compute_scores, get_metric
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.loading import load_model
 from layerprune.models.saving import save_model, write_model_files
-from layerprune.models.surgery import kept_layers, remove_layers, validate_drop
+from layerprune.models.sublayer import remove_units
+from layerprune.models.surgery import kept_layers, validate_drop
 from layerprune.outputs import check_output_dir
-from layerprune.selection import count_to_drop, select_layers
+from layerprune.selection import count_to_drop
 
 
 @dataclass
@@ -27,6 +28,12 @@ class PruneResult:
     params_after: int
     samples_before: list[dict] = field(default_factory=list)
     samples_after: list[dict] = field(default_factory=list)
+    how: dict = field(default_factory=dict)  # the selection record (budgets keep their measured numbers here)
+    granularity: str = "block"  # what went from each dropped layer: the whole block, its attention or its MLP
+
+
+# The metric that chooses what to remove when none is named, per granularity (`prune --granularity`).
+DEFAULT_METRICS = {"block": "reverse-order", "attention": "attention-influence", "mlp": "mlp-influence"}
 
 
 def choose_layers(
@@ -35,28 +42,114 @@ def choose_layers(
     drop: list[int] | None = None,
     num_layers: int | None = None,
     ratio: float | None = None,
-    metric: str = "reverse-order",
+    metric: str | None = None,
+    metric_params: dict | None = None,
+    calibration=None,
+    protect_first: int = 0,
+    protect_last: int = 0,
+    target_params: int | str | None = None,
+    target_latency: float | None = None,
+    latency_mode: str = "decode",
+    granularity: str = "block",
+) -> tuple[list[int], dict]:
+    """The ORIGINAL indices to drop and a record of how they were chosen.
+
+    granularity "attention" / "mlp": the layers whose attention / MLP alone goes (see `choose_sublayers`).
+    """
+    from layerprune.budgets import Budget, select_with_budget
+
+    _check_granularity(granularity, metric, drop, target_params is not None or target_latency is not None)
+    if granularity != "block":
+        return choose_sublayers(
+            model, granularity, drop=drop, num_layers=num_layers, ratio=ratio, metric=metric,
+            metric_params=metric_params, calibration=calibration, protect_first=protect_first,
+            protect_last=protect_last,
+        )
+    metric = metric or DEFAULT_METRICS["block"]
+    if drop is not None:
+        return validate_drop(model, drop), {"chosen_by": "explicit"}
+    budget = Budget(num_layers=num_layers, ratio=ratio, target_params=target_params, target_latency=target_latency,
+                    latency_mode=latency_mode)
+    params = dict(metric_params or {})
+    n_layers = len(kept_layers(model))
+    if metric == "angular" and "block_size" not in params:
+        # Angular distance scores contiguous blocks: the block is as long as the cut. A target's cut is not
+        # known yet, so score every block size and let the budget pick.
+        if budget.is_target:
+            params.update(block_size=1, max_block_size=n_layers)
+        else:
+            params["block_size"] = count_to_drop(n_layers, num_layers=num_layers, ratio=ratio)
+            budget = Budget(num_layers=params["block_size"])
+    scores = compute_scores(model, metric, calibration, **params)
+    selection = select_with_budget(model, scores, budget, protect_first=protect_first, protect_last=protect_last)
+    how = {"chosen_by": metric, "metric_params": scores.params, **selection.constraints}
+    if scores.calibration:
+        how["calibration"] = scores.calibration
+    return selection.dropped, how
+
+
+def choose_sublayers(
+    model,
+    kind: str,
+    *,
+    drop: list[int] | None = None,
+    num_layers: int | None = None,
+    ratio: float | None = None,
+    metric: str | None = None,
     metric_params: dict | None = None,
     calibration=None,
     protect_first: int = 0,
     protect_last: int = 0,
 ) -> tuple[list[int], dict]:
-    """The ORIGINAL indices to drop and a record of how they were chosen."""
+    """The ORIGINAL layers whose attention (kind "attention") or MLP ("mlp") alone to remove, and how.
+
+    Candidates are the layers that still have both branches; num_layers/ratio count branches of those.
+    protect_first/protect_last count the first/last layers of the current model, as for whole layers.
+    """
+    from layerprune.importance.base import LayerScores
+    from layerprune.importance.registry import check_granularity
+    from layerprune.models.sublayer import check_sublayers, removable_layers
+    from layerprune.models.surgery import provenance
+    from layerprune.selection import select_layers
+
+    record = provenance(model)
     if drop is not None:
-        return validate_drop(model, drop), {"chosen_by": "explicit"}
-    params = dict(metric_params or {})
-    if metric == "angular" and "block_size" not in params:
-        # Angular distance scores contiguous blocks: the block is as long as the cut.
-        params["block_size"] = count_to_drop(len(kept_layers(model)), num_layers=num_layers, ratio=ratio)
-        num_layers, ratio = params["block_size"], None
-    scores = compute_scores(model, metric, calibration, **params)
-    selection = select_layers(
-        scores, num_layers=num_layers, ratio=ratio, protect_first=protect_first, protect_last=protect_last
-    )
-    how = {"chosen_by": metric, "metric_params": scores.params, **selection.constraints}
+        return check_sublayers(record, kind, drop), {"chosen_by": "explicit", "granularity": kind}
+    metric = metric or DEFAULT_METRICS[kind]
+    check_granularity(metric, kind)
+    candidates = removable_layers(record, kind)
+    k = count_to_drop(len(candidates), num_layers=num_layers, ratio=ratio)
+    kept = record["kept_layers"]
+    protected = set(kept[:protect_first]) | set(kept[len(kept) - protect_last:] if protect_last else [])
+    scores = compute_scores(model, metric, calibration, **(metric_params or {}))
+    pairs = [(layer, v) for layer, v in zip(scores.layers, scores.values)
+             if layer in candidates and layer not in protected]
+    if k > len(pairs):
+        raise LayerpruneError(f"cannot remove {k} {kind} branches: only {len(pairs)} layers are candidates")
+    eligible = LayerScores(scores.metric, [p[0] for p in pairs], [p[1] for p in pairs], scores.params)
+    dropped = sorted(eligible.ranking()[:k])
+    check_sublayers(record, kind, dropped)
+    how = {"chosen_by": metric, "granularity": kind, "metric_params": scores.params, "num_layers": k,
+           "protect_first": protect_first, "protect_last": protect_last}
     if scores.calibration:
         how["calibration"] = scores.calibration
-    return selection.dropped, how
+    return dropped, how
+
+
+def _check_granularity(granularity: str, metric: str | None, drop, budget_given: bool) -> None:
+    """Refuse, before any model loads, what a granularity cannot do."""
+    from layerprune.importance.registry import check_granularity
+    from layerprune.models.sublayer import GRANULARITIES
+
+    if granularity not in GRANULARITIES:
+        raise LayerpruneError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    if drop is not None:
+        return
+    if granularity != "block" and budget_given:
+        raise LayerpruneError(
+            f"parameter/latency targets choose whole layers; with granularity {granularity!r} give a number or ratio"
+        )
+    check_granularity(metric or DEFAULT_METRICS[granularity], granularity)
 
 
 def prune_model(
@@ -66,7 +159,7 @@ def prune_model(
     drop: list[int] | None = None,
     num_layers: int | None = None,
     ratio: float | None = None,
-    metric: str = "reverse-order",
+    metric: str | None = None,
     metric_params: dict | None = None,
     protect_first: int = 0,
     protect_last: int = 0,
@@ -79,11 +172,29 @@ def prune_model(
     prompts: list[str] | None = None,
     max_new_tokens: int = 40,
     overwrite: bool = False,
+    target_params: int | str | None = None,
+    target_latency: float | None = None,
+    latency_mode: str = "decode",
+    granularity: str = "block",
 ) -> PruneResult:
-    """Load, choose layers, remove them, save; optionally generate samples before and after."""
+    """Load, choose layers, remove them, save; optionally generate samples before and after.
+
+    granularity: "block" removes whole layers; "attention" / "mlp" remove only that branch of each chosen
+    layer (such a model reloads through `layerprune.load_model` only, see models/sublayer.py). metric
+    None: reverse-order for blocks, attention-influence / mlp-influence for branches.
+    """
     check_output_dir(out, overwrite)
-    if drop is None and num_layers is None and ratio is None:
-        raise LayerpruneError("say what to drop: drop=[...], num_layers=N or ratio=R")
+    _check_granularity(granularity, metric, drop, target_params is not None or target_latency is not None)
+    metric = metric or DEFAULT_METRICS[granularity]
+    if drop is None and num_layers is None and ratio is None and target_params is None and target_latency is None:
+        raise LayerpruneError(
+            "say what to drop: drop=[...], num_layers=N, ratio=R, target_params=P or target_latency=L")
+    if drop is None:
+        from layerprune.budgets import Budget
+
+        # A bad budget fails before the model loads.
+        Budget(num_layers=num_layers, ratio=ratio, target_params=target_params, target_latency=target_latency,
+               latency_mode=latency_mode)
     if drop is None:
         get_metric(metric)  # unknown names fail before the model loads
     loaded = load_model(model_ref, dtype=dtype, device_map=device_map)
@@ -105,9 +216,13 @@ def prune_model(
         calibration=calibration,
         protect_first=protect_first,
         protect_last=protect_last,
+        target_params=target_params,
+        target_latency=target_latency,
+        latency_mode=latency_mode,
+        granularity=granularity,
     )
     samples_before = _samples(loaded, prompts, max_new_tokens)
-    remove_layers(model, dropped, how=how)
+    remove_units(model, dropped, granularity, how=how)
     samples_after = _samples(loaded, prompts, max_new_tokens)
     after = count_parameters(model)
     save_model(model, loaded.tokenizer, out, overwrite=overwrite)
@@ -121,6 +236,8 @@ def prune_model(
         params_after=after["total"],
         samples_before=samples_before,
         samples_after=samples_after,
+        how=how,
+        granularity=granularity,
     )
 
 

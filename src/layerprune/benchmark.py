@@ -13,15 +13,18 @@ How each figure is measured (and its limits):
   LLM-Pruner count). torch registers SDPA formulas for the CUDA kernels only, so the CPU kernel is
   mapped to the same formula here. Kernels outside torch (flash-attn 2) are not seen. Element-wise
   work (norms, activations, softmax, RoPE) is not counted. MoE models count the experts that ran.
-- Memory: weight bytes are exact (parameters at their dtype, tied weights once). Peaks are the CUDA
-  max allocated bytes on GPU; on CPU they are the process's peak resident memory (VmHWM, reset
-  through /proc/self/clear_refs after handing freed heap back with malloc_trim), falling back to
-  sampling RSS in a thread. The CPU "increase" is a lower bound: the allocator reuses memory it holds.
+  bitsandbytes 4/8-bit linears run custom kernels: their MACs come from forward hooks (rows x in x out).
+- Memory: weight bytes are exact (parameters at their dtype, tied weights once; bitsandbytes weights
+  as packed bytes plus their scales). Peaks are the CUDA max allocated bytes on GPU; on CPU they are
+  the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs after handing freed
+  heap back with malloc_trim), falling back to sampling RSS in a thread. The CPU "increase" is a lower
+  bound: the allocator reuses memory it holds.
 - Latency: wall clock with CUDA synchronised before and after each timed call; mean, std, median.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -37,6 +40,7 @@ from torch import nn
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype, parameter_bytes
+from layerprune.models.quantize import is_bnb_linear, quantization_record
 
 PROMPT_TOKENS = 12  # Shortened LLaMA: "12 input tokens"
 Log = Callable[[str], None]
@@ -177,21 +181,55 @@ def _flop_counter():
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def _summarize_flops(model: nn.Module, counts: dict, batch_size: int) -> dict:
+@contextlib.contextmanager
+def _packed_linear_macs(model: nn.Module):
+    """{module name: MACs} of bitsandbytes Linear4bit/8bitLt calls: their custom kernels are invisible to
+    FlopCounterMode, so their MACs (rows x in x out, as for nn.Linear) are counted from forward hooks."""
+    macs: dict[str, int] = {}
+
+    def hook(name):
+        def count(module, inputs, output):
+            rows = inputs[0].numel() // module.in_features
+            macs[name] = macs.get(name, 0) + rows * module.in_features * module.out_features
+        return count
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if is_bnb_linear(m)]
+    try:
+        yield macs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _unseen_macs(model: nn.Module, packed: dict[str, int], counts: dict) -> dict[str, int]:
+    # Paths that dequantize and then call a torch matmul (bnb on GPU, several tokens) are seen: count the rest.
+    root = type(model).__name__
+    return {n: max(0, m - sum(counts.get(f"{root}.{n}", {}).values()) // 2) for n, m in packed.items()}
+
+
+def _summarize_flops(model: nn.Module, counts: dict, batch_size: int, unseen: dict[str, int] | None = None) -> dict:
     anatomy = get_anatomy(model)
     root = type(model).__name__
     attention_ops = _attention_ops()
     glob = counts.get("Global", {})
-    flops = sum(glob.values())
+    unseen = unseen or {}
+    flops = sum(glob.values()) + 2 * sum(unseen.values())
     attention = sum(v for op, v in glob.items() if op in attention_ops)
-    per_layer = [sum(counts.get(f"{root}.{anatomy.layers_path}.{i}", {}).values()) // 2 for i in range(anatomy.num_layers)]
+    per_layer = [
+        sum(counts.get(f"{root}.{anatomy.layers_path}.{i}", {}).values()) // 2
+        + sum(m for n, m in unseen.items() if n.startswith(f"{anatomy.layers_path}.{i}."))
+        for i in range(anatomy.num_layers)
+    ]
+    by_op = {str(op): v // 2 for op, v in glob.items()}
+    if unseen:
+        by_op["bitsandbytes linear (hooks)"] = sum(unseen.values())
     return {
         "macs": flops // 2,
         "flops": flops,
         "attention_macs": attention // 2,
         "per_layer_macs": per_layer,
         "batch_size": batch_size,
-        "by_op": {str(op): v // 2 for op, v in glob.items()},
+        "by_op": by_op,
     }
 
 
@@ -203,9 +241,10 @@ def count_macs(model: nn.Module, seq_len: int = 64, batch_size: int = 1, input_i
         input_ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, seq_len))
     input_ids = input_ids.to(model_device(model))
     counter = _flop_counter()
-    with counter:
+    with _packed_linear_macs(model) as packed, counter:
         model(input_ids=input_ids, use_cache=False)
-    result = _summarize_flops(model, counter.get_flop_counts(), input_ids.shape[0])
+    counts = counter.get_flop_counts()
+    result = _summarize_flops(model, counts, input_ids.shape[0], _unseen_macs(model, packed, counts))
     return {"seq_len": input_ids.shape[1], **result, "counted_with": "torch.utils.flop_counter.FlopCounterMode"}
 
 
@@ -218,9 +257,10 @@ def decode_macs(model: nn.Module, context: int, input_ids: torch.Tensor | None =
     input_ids = input_ids[:, : context + 1].to(model_device(model))
     cache = model(input_ids=input_ids[:, :context], use_cache=True).past_key_values
     counter = _flop_counter()
-    with counter:
+    with _packed_linear_macs(model) as packed, counter:
         model(input_ids=input_ids[:, context:], past_key_values=cache, use_cache=True)
-    return sum(counter.get_flop_counts().get("Global", {}).values()) // 2
+    counts = counter.get_flop_counts()
+    return sum(counts.get("Global", {}).values()) // 2 + sum(_unseen_macs(model, packed, counts).values())
 
 
 # ----------------------------------------------------------------------------- memory
@@ -444,6 +484,7 @@ def _environment(model: nn.Module) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "quantization": quantization_record(model),  # None unless loaded with --load-in 4bit|8bit
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -671,6 +712,11 @@ def _method_notes(base: dict, other: dict | None) -> list[str]:
             f"- device {base['device']}, dtype {base['dtype']}, torch {base['torch']}, {base['torch_threads']} "
             f"threads; inputs: {base['inputs']}."
         )
+    for result in [base] + ([other] if other is not None else []):
+        quant = result.get("quantization")
+        if quant:
+            notes.append(f"- {result['model']}: {quant['quantized_linears']} linear layers quantized by bitsandbytes "
+                         f"{quant['load_in']} ({quant['quant_type']}); weight memory counts the packed bytes.")
     cfg = base.get("config", {})
     if cfg:
         notes.append(

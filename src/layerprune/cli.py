@@ -78,6 +78,9 @@ def info(
     table.add_row("layers", f"{anatomy.num_layers} (original {record['original_num_layers']})")
     if record["dropped_layers"]:
         table.add_row("dropped (original indices)", ",".join(map(str, record["dropped_layers"])))
+    for kind, layers in (record.get("removed_sublayers") or {}).items():
+        if layers:
+            table.add_row(f"{kind} removed (original indices)", ",".join(map(str, layers)))
     table.add_row("parameters", f"{params['total']:,} ({params['non_embedding']:,} non-embedding)")
     table.add_row("tied embeddings", str(anatomy.tied_embeddings))
     table.add_row("dtype", str(model_dtype(loaded.model)).replace("torch.", ""))
@@ -92,7 +95,11 @@ def prune(
     drop: Optional[str] = typer.Option(None, help="Original layer indices to drop, e.g. 21,22,23 or 22-29."),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Number of layers to drop, chosen by --metric."),
     ratio: Optional[float] = typer.Option(None, help="Fraction of layers to drop (e.g. 0.25), chosen by --metric."),
-    metric: str = typer.Option("reverse-order", help="Importance metric that chooses the layers (see `layerprune metrics`)."),
+    target_params: Optional[str] = typer.Option(None, help="Drop the fewest layers (in --metric's order) that leave at most this many parameters: 100M, 1.5B, 350k."),
+    target_latency: Optional[float] = typer.Option(None, help="Drop the fewest layers that bring the measured latency to this ratio of the original's (e.g. 0.75)."),
+    latency_mode: str = typer.Option("decode", help="Latency that --target-latency measures: decode (one token with a KV cache) | prefill."),
+    metric: Optional[str] = typer.Option(None, help="Importance metric that chooses the layers (see `layerprune metrics`; default reverse-order, or attention-influence / mlp-influence with --granularity attention / mlp)."),
+    granularity: str = typer.Option("block", help="block: remove whole layers | attention / mlp: remove only the attention / the MLP of the chosen layers (such a model reloads through layerprune only)."),
     seed: int = typer.Option(0, help="Seed for the random metric."),
     protect_first: int = typer.Option(0, help="Never drop the first K layers."),
     protect_last: int = typer.Option(0, help="Never drop the last K layers."),
@@ -109,18 +116,19 @@ def prune(
         "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
     ),
 ) -> None:
-    """Remove decoder layers and save a stock transformers checkpoint."""
+    """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
     from layerprune.api import prune_model
     from layerprune.models.checkpoint import on_disk_folder, prune_checkpoint
     from layerprune.outputs import check_output_dir
 
-    given = [x is not None for x in (drop, num_layers, ratio)]
+    given = [x is not None for x in (drop, num_layers, ratio, target_params, target_latency)]
     if sum(given) != 1:
-        raise LayerpruneError("give exactly one of --drop, --num-layers or --ratio")
+        raise LayerpruneError("give exactly one of --drop, --num-layers, --ratio, --target-params or --target-latency")
     check_output_dir(out, overwrite)
     folder = on_disk_folder(
         model, no_load=no_load, drop_given=drop is not None, say=lambda line: console.print(line, highlight=False),
-        model_options={"--sample": bool(sample), "--dtype": dtype != "auto", "--device-map": device_map is not None},
+        model_options={"--sample": bool(sample), "--dtype": dtype != "auto", "--device-map": device_map is not None,
+                       "--granularity": granularity != "block"},
     )
     if folder is not None:
         result = prune_checkpoint(folder, parse_indices(drop), out, overwrite=overwrite, source=model)
@@ -144,6 +152,10 @@ def prune(
             prompts=sample,
             max_new_tokens=max_new_tokens,
             overwrite=overwrite,
+            target_params=target_params,
+            target_latency=target_latency,
+            latency_mode=latency_mode,
+            granularity=granularity,
         )
     table = Table(title="layerprune prune")
     table.add_column("")
@@ -153,12 +165,19 @@ def prune(
     pct = 100 * (1 - result.params_after / result.params_before)
     table.add_row("parameters", f"{result.params_before:,}", f"{result.params_after:,} (-{pct:.1f}%)")
     console.print(table)
-    console.print(f"dropped original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
+    what = {"attention": "removed the attention of", "mlp": "removed the MLP of"}.get(
+        getattr(result, "granularity", "block"), "dropped")
+    console.print(f"{what} original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
+    if "estimated_latency_ratio" in getattr(result, "how", {}):
+        console.print(f"estimated {result.how['latency']['mode']} latency: {result.how['estimated_latency_ratio']:.3f} "
+                      f"of the original's (target {result.how['target_latency']})")
     for before, after in zip(result.samples_before, result.samples_after):
         console.print(f"\n[bold]prompt:[/] {before['prompt']}", highlight=False)
         console.print(f"  [cyan]original:[/] {before['completion']!r}", highlight=False)
         console.print(f"  [magenta]pruned:[/]   {after['completion']!r}", highlight=False)
-    console.print(f"\npruned model saved to [bold]{result.out}[/] (reload: AutoModelForCausalLM.from_pretrained)")
+    reload = ("layerprune.load_model only: stock transformers cannot describe a layer without attention or MLP"
+              if getattr(result, "granularity", "block") != "block" else "AutoModelForCausalLM.from_pretrained")
+    console.print(f"\npruned model saved to [bold]{result.out}[/] (reload: {reload})")
 
 
 @app.command()
@@ -348,10 +367,17 @@ def run(
     config: str = typer.Argument(..., help="Run YAML (see examples/)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (overrides the YAML's out)."),
 ) -> None:
-    """Run score -> select -> prune -> heal -> eval -> bench -> report from one YAML; reruns resume."""
-    from layerprune.config import load_run_config
-    from layerprune.pipeline import run_pipeline
+    """Run score -> select -> prune -> heal -> eval -> bench -> report from one YAML; reruns resume.
 
+    A YAML with a `grid:` of lists is a study: one run per combination, sharing work, ending in
+    study.md/.csv/.html and plots."""
+    from layerprune.config import load_run_config, read_yaml_mapping
+    from layerprune.pipeline import run_pipeline
+    from layerprune.study import is_study, load_study
+
+    if is_study(read_yaml_mapping(config)):
+        _run_study(load_study(config, {"out": out} if out else None))
+        return
     run_config = load_run_config(config, {"out": out} if out else None)
     console.print(f"run folder: [bold]{run_config.out}[/]")
     summary = run_pipeline(run_config, log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
@@ -359,6 +385,16 @@ def run(
 
     console.print(Path(run_config.out, "report.md").read_text(), highlight=False, soft_wrap=True)
     console.print(f"done in {summary['wall_time_s']:.0f} s; final model: [bold]{summary['final_model']}[/]")
+
+
+def _run_study(study) -> None:
+    from pathlib import Path
+
+    console.print(f"study folder: [bold]{study.out}[/] ({len(study.settings)} settings)")
+    record = study.execute(log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
+    console.print(Path(study.out, "study.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(f"done in {record['wall_time_s']:.0f} s; tables: study.md, study.csv, study.html; "
+                  f"plots in {Path(study.out, 'plots')}")
 
 
 @app.command()
@@ -396,6 +432,7 @@ def _quiet_libraries() -> None:
 # Commands that live in their own modules register themselves on `app` when imported.
 from layerprune import cli_bench, cli_eval  # noqa: E402,F401
 from layerprune import cli_export  # noqa: E402,F401
+from layerprune import cli_report  # noqa: E402,F401
 
 
 def main() -> None:  # console-script entry point

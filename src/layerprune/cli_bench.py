@@ -37,16 +37,18 @@ def _resolve_device(device: str | None) -> str:
     return device
 
 
-def _bench_one(ref: str, config, dtype: str, device: str) -> dict:
+def _bench_one(ref: str, config, dtype: str, device: str, load_in: str | None = None) -> dict:
     """Load one model, benchmark it, and free it before the next one loads."""
     import torch
 
     from layerprune.benchmark import benchmark
     from layerprune.models.loading import load_model
 
-    loaded = load_model(ref, dtype=dtype, device=device)
+    loaded = load_model(ref, dtype=dtype, device=device, load_in=load_in)
+    name = f"{ref} ({load_in})" if load_in else ref  # the same folder may be measured twice: full and quantized
     try:
-        return benchmark(loaded.model, loaded.tokenizer, config, name=ref, log=lambda m: console.print(f"  {m}", highlight=False))
+        return benchmark(loaded.model, loaded.tokenizer, config, name=name,
+                         log=lambda m: console.print(f"  {m}", highlight=False))
     finally:
         del loaded
         gc.collect()
@@ -80,10 +82,17 @@ def bench(
     runs: int = typer.Option(20, help="Timed runs (mean and std are reported)."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:1 ... (default: cuda when available)."),
+    load_in: Optional[str] = typer.Option(
+        None, help="Quantize the linear layers while loading (bitsandbytes): 4bit (NF4) | 8bit (LLM.int8)."
+    ),
+    compare_load_in: Optional[str] = typer.Option(
+        None, help="--load-in for the --compare model (default: as --load-in; 'none' = full precision)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Measure parameters, MACs, memory, prefill latency and generation speed; with --compare, the speedups."""
     from layerprune.benchmark import BenchConfig, write_outputs
+    from layerprune.models.quantize import check_load_in
     from layerprune.outputs import atomic_output_dir, check_output_dir
 
     config = BenchConfig(
@@ -94,12 +103,14 @@ def bench(
         runs=runs,
     ).validate()
     device = _resolve_device(device)
+    load_in = check_load_in(load_in)
+    compare_load_in = load_in if compare_load_in is None else check_load_in(compare_load_in)
     check_output_dir(out, overwrite)
-    refs = [model] + ([compare] if compare else [])
+    refs = [(model, load_in)] + ([(compare, compare_load_in)] if compare else [])
     results = []
-    for ref in refs:
-        console.print(f"benchmarking [bold]{ref}[/] on {device}", highlight=False)
-        results.append(_bench_one(ref, config, dtype, device))
+    for ref, quant in refs:
+        console.print(f"benchmarking [bold]{ref}[/]{f' ({quant})' if quant else ''} on {device}", highlight=False)
+        results.append(_bench_one(ref, config, dtype, device, quant))
     base, other = results[0], (results[1] if compare else None)
     with atomic_output_dir(out, overwrite) as tmp:
         comparison = write_outputs(Path(tmp), base, other)

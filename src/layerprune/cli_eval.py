@@ -20,7 +20,8 @@ def eval_command(
     tasks: str = typer.Option(
         "paper",
         help="Zero-shot tasks, comma separated: piqa, hellaswag, openbookqa, arc_easy, arc_challenge, mmlu, cmmlu, "
-        "winogrande; 'paper' = all 8; a task .yaml (lm-eval format) or a multiple-choice .jsonl file; 'none'.",
+        "winogrande; 'paper' = all 8; a task .yaml (lm-eval format) or a multiple-choice .jsonl file; 'none'. "
+        "humaneval = HumanEval pass@1 (opt-in: EXECUTES model-generated code in limited subprocesses).",
     ),
     ppl: str = typer.Option("wikitext2,ptb", help="Perplexity texts: wikitext2, ptb, a .txt/.jsonl file; 'none'."),
     ppl_field: str = typer.Option("text", help="Text field of a .jsonl perplexity file."),
@@ -30,7 +31,9 @@ def eval_command(
     ),
     bos: str = typer.Option("auto", help="BOS per perplexity window: auto | always | never | first (once, at start)."),
     ppl_windows: Optional[int] = typer.Option(None, help="Only the first N perplexity windows (quick checks)."),
-    limit: Optional[int] = typer.Option(None, help="First N documents of each (sub)task (lm-eval --limit)."),
+    limit: Optional[int] = typer.Option(
+        None, help="First N documents of each (sub)task (lm-eval --limit); first N HumanEval problems."
+    ),
     batch_size: int = typer.Option(8, help="Batch size for perplexity windows and lm-eval requests."),
     avg_metric: str = typer.Option("acc", help="Metric averaged into Avg Acc: acc | acc_norm."),
     data_source: str = typer.Option(
@@ -38,40 +41,55 @@ def eval_command(
     ),
     samples: bool = typer.Option(True, "--samples/--no-samples", help="Save greedy generation samples (samples.json)."),
     max_new_tokens: int = typer.Option(40, help="Tokens per generation sample."),
+    humaneval_max_new_tokens: int = typer.Option(256, help="HumanEval: most tokens per completion."),
+    humaneval_timeout: float = typer.Option(10.0, help="HumanEval: seconds each program may run."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
+    load_in: Optional[str] = typer.Option(
+        None, help="Quantize the linear layers while loading (bitsandbytes): 4bit (NF4) | 8bit (LLM.int8)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
-    """Perplexity (WikiText-2, PTB) and zero-shot accuracy (lm-evaluation-harness) of a model."""
+    """Perplexity (WikiText-2, PTB), zero-shot accuracy (lm-evaluation-harness) and opt-in HumanEval of a model."""
     from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
     from layerprune.evaluation.run import plan_eval, run_eval, write_eval
     from layerprune.models.loading import load_model
+    from layerprune.models.quantize import check_load_in
     from layerprune.outputs import check_output_dir
 
     check_output_dir(out, overwrite)
+    load_in = check_load_in(load_in)  # before the plan reads any data
     plan = plan_eval(
         tasks=tasks, ppl=ppl, ppl_field=ppl_field, seq_len=seq_len, stride=stride, bos=bos, ppl_windows=ppl_windows,
         limit=limit, batch_size=batch_size, avg_metric=avg_metric, samples=samples, max_new_tokens=max_new_tokens,
-        data_source=data_source,
+        data_source=data_source, humaneval_max_new_tokens=humaneval_max_new_tokens,
+        humaneval_timeout=humaneval_timeout,
     )
-    loaded = load_model(model, dtype=dtype, device_map=device_map)
+    loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in)
     result = run_eval(loaded, plan)
     write_eval(out, result, plan, overwrite=overwrite)
     record = result.record
-    if record["tasks"]:
+    if record.get("average"):
         table = Table(title=f"zero-shot ({'all documents' if limit is None else f'first {limit} per (sub)task'})")
         for column in ("task", "acc", "acc_norm", "n"):
             table.add_column(column, justify="left" if column == "task" else "right")
         for name, s in record["tasks"].items():
+            if "acc" not in s:
+                continue  # HumanEval: printed below
             acc, acc_norm = plus_minus(s["acc"], s["acc_stderr"]), plus_minus(s["acc_norm"], s["acc_norm_stderr"])
             table.add_row(task_title(name), acc, acc_norm, str(s["n"]))
         avg = record["average"]
         table.add_row(f"Avg Acc ({avg['metric']})", f"{avg['value']:.4f}" if avg["value"] is not None else "-", "", "")
         console.print(table)
+    if "humaneval" in record["tasks"]:
+        he = record["tasks"]["humaneval"]
+        console.print(f"HumanEval pass@1: [bold]{he['pass@1']:.4f}[/] ({he['passed']}/{he['n']} problems passed, "
+                      f"{he['timed_out']} timed out; completions in humaneval.jsonl)")
     for name, r in record["perplexity"].items():
         console.print(f"{name} perplexity: [bold]{r['ppl']:.4g}[/] ({r['tokens']:,} tokens; {ppl_protocol(r)})")
     console.print(f"wall time {record['wall_time_s']['total']:.0f} s; wrote eval.json, eval.md"
-                  f"{', samples.json' if result.samples is not None else ''} to [bold]{out}[/]")
+                  f"{', samples.json' if result.samples is not None else ''}"
+                  f"{', humaneval.jsonl' if result.humaneval is not None else ''} to [bold]{out}[/]")
 
 
 @app.command("eval-compare")

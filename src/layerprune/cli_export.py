@@ -30,3 +30,49 @@ def export_command(
     written = export_gguf(model, out, quant, overwrite=overwrite, log=lambda line: console.print(line, highlight=False))
     size_mb = written.stat().st_size / 2**20
     console.print(f"wrote [bold]{written}[/] ({size_mb:.1f} MiB); run it with llama.cpp: llama-cli -m {written}")
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    model: str = typer.Argument(..., help="A .gguf file (run by llama.cpp) or any model reference (transformers)."),
+    prompt: str = typer.Argument(..., help="The prompt."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate (greedy)."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+    threads: int = typer.Option(0, "--threads", min=0, help="llama.cpp threads (0: all cores)."),
+    dtype: str = typer.Option("auto", "--dtype", help="transformers only: auto | bf16 | fp16 | fp32."),
+) -> None:
+    """Greedy generation from a GGUF file with llama.cpp (needs layerprune[llamacpp]) or from a model folder."""
+    if model.endswith(".gguf"):
+        from layerprune.llamacpp import greedy_tokens, open_gguf, prompt_tokens
+
+        if not Path(model).is_file():
+            raise LayerpruneError(f"GGUF file not found: {model}")
+        llm = open_gguf(model, threads=threads or None)
+        result = greedy_tokens(llm, prompt_tokens(llm, prompt, chat), max_new_tokens)
+        text, backend = result.text, "llama.cpp"
+        n, seconds = len(result.tokens), result.seconds
+    else:
+        import time
+
+        import torch
+
+        from layerprune.evaluation.generation import build_inputs
+        from layerprune.models.loading import load_model
+
+        loaded = load_model(model, dtype=dtype)
+        if loaded.tokenizer is None:
+            raise LayerpruneError(f"{model} has no tokenizer")
+        tokenizer = loaded.tokenizer
+        inputs = build_inputs(tokenizer, prompt) if chat else dict(tokenizer(prompt, return_tensors="pt"))
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                        else tokenizer.eos_token_id)
+        seconds = time.perf_counter() - start  # includes the prompt's forward, unlike the llama.cpp figure
+        new = out[0, inputs["input_ids"].shape[1]:]
+        text, backend, n = tokenizer.decode(new, skip_special_tokens=True), "transformers", len(new)
+    console.print(text, highlight=False, soft_wrap=True)
+    console.print(f"[dim]{n} tokens, {n / seconds if seconds else float('nan'):.1f} tokens/s ({backend}, greedy)[/]",
+                  highlight=False)

@@ -30,7 +30,14 @@ class CalibrationConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    metric: str | list[str] = Field("block-influence", description="One metric, or several with select: auto.")
+    metric: str | list[str] | None = Field(
+        None, description="One metric, or several with select: auto. Default: block-influence, or "
+        "attention-influence / mlp-influence with granularity attention / mlp."
+    )
+    granularity: Literal["block", "attention", "mlp"] = Field(
+        "block", description="block: remove whole layers; attention / mlp: remove only that branch of the chosen "
+        "layers (the model then reloads through layerprune only)."
+    )
     select: Literal["metric", "auto"] = Field(
         "metric", description="metric: drop what the metric ranks lowest; auto: try every metric's drop-set "
         "and keep the one with the lowest validation loss before healing."
@@ -38,6 +45,14 @@ class PruneConfig(_Strict):
     drop: list[int] | None = Field(None, description="Explicit ORIGINAL indices (no scoring).")
     num_layers: int | None = Field(None, ge=1)
     ratio: float | None = Field(None, gt=0, lt=1)
+    target_params: str | int | None = Field(
+        None, description="Drop the fewest layers that leave at most this many parameters: 100M, 1.5B, 350k or an int."
+    )
+    target_latency: float | None = Field(
+        None, gt=0, lt=1,
+        description="Drop the fewest layers that bring the measured latency to this ratio of the original's.",
+    )
+    latency_mode: Literal["decode", "prefill"] = Field("decode", description="The latency target_latency measures.")
     protect_first: int = Field(0, ge=0)
     protect_last: int = Field(0, ge=0)
     strategy: Literal["one-shot", "iterative"] = "one-shot"
@@ -49,6 +64,8 @@ class PruneConfig(_Strict):
     def _known_metrics(cls, value):
         from layerprune.importance import get_metric
 
+        if value is None:
+            return value
         for name in [value] if isinstance(value, str) else value:
             try:
                 get_metric(name)
@@ -56,18 +73,72 @@ class PruneConfig(_Strict):
                 raise ValueError(str(err)) from None
         return value
 
+    @field_validator("target_params")
+    @classmethod
+    def _readable_count(cls, value):
+        from layerprune.budgets import parse_param_count
+
+        if value is not None:
+            try:
+                parse_param_count(value)
+            except LayerpruneError as err:
+                raise ValueError(str(err)) from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
-        given = [x is not None for x in (self.drop, self.num_layers, self.ratio)]
+        self._check_granularity()
+        budgets = (self.num_layers, self.ratio, self.target_params, self.target_latency)
+        given = [x is not None for x in (self.drop, *budgets)]
         if self.schedule is None and sum(given) != 1:
-            raise ValueError("give exactly one of drop, num_layers or ratio")
+            raise ValueError("give exactly one of drop, num_layers, ratio, target_params or target_latency")
+        if self.schedule is not None and (self.target_params is not None or self.target_latency is not None):
+            raise ValueError("an iterative schedule fixes the layer count; target_params and target_latency need "
+                             "strategy one-shot")
         if self.strategy == "iterative" and self.schedule is None:
             raise ValueError("an iterative strategy needs a schedule such as '1:1:8'")
         if self.schedule is not None:
-            self.parsed_schedule()
+            _, total = self.parsed_schedule()
+            if self.strategy == "iterative" and self.num_layers is not None and self.num_layers != total:
+                raise ValueError(f"schedule {self.schedule!r} removes {total} layers but num_layers is "
+                                 f"{self.num_layers}")
         if self.select == "metric" and isinstance(self.metric, list) and len(self.metric) != 1:
             raise ValueError("several metrics need select: auto")
         return self
+
+    def budget(self):
+        """The budgets.Budget of this prune (None for an explicit drop list or an iterative schedule)."""
+        from layerprune.budgets import Budget
+
+        if self.drop is not None or self.schedule is not None:
+            return None
+        return Budget(num_layers=self.num_layers, ratio=self.ratio, target_params=self.target_params,
+                      target_latency=self.target_latency, latency_mode=self.latency_mode)
+
+    def _check_granularity(self) -> None:
+        """Fill the default metric of the granularity; refuse what attention-only/MLP-only removal can't do."""
+        from layerprune.importance.registry import check_granularity
+
+        if self.metric is None:
+            self.metric = {"block": "block-influence"}.get(self.granularity, f"{self.granularity}-influence")
+        if self.drop is None:
+            for name in self.metrics:
+                try:
+                    check_granularity(name, self.granularity)
+                except LayerpruneError as err:
+                    raise ValueError(str(err)) from None
+        if self.granularity == "block":
+            return
+        unsupported = {
+            "strategy: iterative": self.strategy == "iterative" or self.schedule is not None,
+            "select: auto": self.select == "auto",
+            "target_params": getattr(self, "target_params", None) is not None,
+            "target_latency": getattr(self, "target_latency", None) is not None,
+        }
+        for what, given in unsupported.items():
+            if given:
+                raise ValueError(f"granularity {self.granularity!r} supports one-shot pruning by a metric or a drop "
+                                 f"list; {what} removes whole layers")
 
     @property
     def metrics(self) -> list[str]:

@@ -164,7 +164,7 @@ def export_gguf(
     """Write `model` (any layerprune model reference) as a GGUF file for llama.cpp.
 
     quant: f16 (default), bf16, f32, q8_0 (all written by llama.cpp's converter) or
-    q4_k_m (needs llama.cpp's `llama-quantize`). The GGUF carries the tokenizer and chat
+    q4_k_m (llama.cpp's quantizer: llama-cpp-python's, or a `llama-quantize` binary). The GGUF carries the tokenizer and chat
     template from the model folder. Refuses an existing `out_file` unless overwrite.
     """
     from layerprune.models.loading import model_folder, resolve_model_ref
@@ -181,12 +181,13 @@ def export_gguf(
         raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
     quantize = None
     if quant == "q4_k_m":
-        quantize = find_llama_quantize()
+        from layerprune.llamacpp import INSTALL_HINT, have_llama_cpp
+
+        quantize = find_llama_quantize() or ("llama_cpp" if have_llama_cpp() else None)
         if quantize is None:
             raise LayerpruneError(
-                "q4_k_m needs llama.cpp's compiled llama-quantize, which was not found: build llama.cpp "
-                "(cmake -B build && cmake --build build --target llama-quantize) and put it on PATH or set "
-                "LLAMA_QUANTIZE, or export --quant f16 and run `llama-quantize model.gguf out.gguf Q4_K_M`"
+                f"q4_k_m needs llama.cpp's quantizer: {INSTALL_HINT}, or put llama.cpp's llama-quantize on PATH "
+                "(or set LLAMA_QUANTIZE), or export --quant f16 and run `llama-quantize model.gguf out.gguf Q4_K_M`"
             )
     if resolve_model_ref(model).kind == "hub":
         raise LayerpruneError(f"{model} is a hub id; export needs a local model folder, .gguf file or built-in alias")
@@ -213,7 +214,11 @@ def export_gguf(
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent)
         if result.returncode != 0:
             raise LayerpruneError(f"llama.cpp's converter could not export {model}: {_converter_error(result)}")
-        if quantize:
+        if quantize == "llama_cpp":  # the library call behind llama-quantize, from llama-cpp-python
+            from layerprune.llamacpp import quantize_gguf
+
+            quantize_gguf(staged_f16, tmp, "Q4_K_M")
+        elif quantize:
             result = subprocess.run([quantize, str(staged_f16), str(tmp), "Q4_K_M"], capture_output=True, text=True)
             if result.returncode != 0:
                 raise LayerpruneError(f"llama-quantize failed: {_last_line(result.stderr or result.stdout)}")

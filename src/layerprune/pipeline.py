@@ -7,7 +7,9 @@ file next to it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import compute_many, get_metric
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions, save_model
+from layerprune.models.sublayer import remove_units
 from layerprune.models.surgery import bypass_layers, kept_layers, remove_layers
 from layerprune.outputs import write_json
 from layerprune.selection import count_to_drop, select_layers
@@ -32,14 +35,45 @@ def _read(path: Path):
 
 
 class Run:
-    def __init__(self, config: RunConfig, log: Log = print):
+    """One run folder. With `shared_dir` (a study), work that several settings have in common (scores,
+    the pruned model, the original's evaluation) is done once there and linked into each run folder."""
+
+    def __init__(self, config: RunConfig, log: Log = print, shared_dir: str | Path | None = None):
         self.config = config
         self.dir = Path(config.out)
         self.log = log
+        self.shared_dir = Path(shared_dir) if shared_dir is not None else None
 
     # ------------------------------------------------------------------ helpers
     def path(self, name: str) -> Path:
         return self.dir / name
+
+    def shared_path(self, name: str, key: dict) -> Path:
+        """Where output `name` is made: in the run folder, or in the study's shared folder under a name
+        that hashes everything the output depends on (`key`), so equal work is found and reused."""
+        if self.shared_dir is None:
+            return self.path(name)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return self.shared_dir / f"{Path(name).name}-{digest}"
+
+    def expose(self, name: str, target: Path) -> None:
+        """Link shared output into the run folder (relative link, so the study folder can move)."""
+        link = self.path(name)
+        if target == link or link.is_symlink() or link.exists() or not target.exists():
+            return
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(target, link.parent))
+
+    def _key(self, *parts: str) -> dict:
+        c = self.config
+        key = {"model": c.model, "dtype": c.dtype, "seed": c.seed}
+        if "calibration" in parts:
+            key["calibration"] = c.calibration.model_dump(mode="json")
+        if "prune" in parts:
+            key["prune"] = c.prune.model_dump(mode="json")
+        if "eval" in parts and c.eval is not None:
+            key["eval"] = c.eval.model_dump(mode="json", exclude={"original", "before_healing"})
+        return key
 
     def load(self, ref: str, tokenizer_from: LoadedModel | None = None) -> LoadedModel:
         loaded = load_model(ref, dtype=self.config.dtype)
@@ -63,13 +97,14 @@ class Run:
         original = self.load(self.config.model)
         torch.manual_seed(self.config.seed)
         if self.config.eval and self.config.eval.original:
-            self.evaluate("eval-original", original)
+            self.evaluate("eval-original", original, key=self._key("eval"))
         if self.config.prune.strategy == "iterative":
             final_ref = self.iterative(original)
         else:
             self.one_shot(original)
             if self.config.eval and self.config.eval.before_healing and self.config.heal:
-                self.evaluate("eval-pruned", self.load(str(self.path("pruned")), original))
+                self.evaluate("eval-pruned", self.load(str(self.path("pruned")), original),
+                              key=self._key("calibration", "prune", "eval"))
             final_ref = self.heal_chain(str(self.path("pruned")), original)
         final = self.load(final_ref, original)
         if self.config.eval:
@@ -82,26 +117,35 @@ class Run:
         return summary
 
     def one_shot(self, original: LoadedModel) -> None:
-        if self.path("pruned").is_dir():
+        where = self.shared_path("prune", self._key("calibration", "prune"))
+        selection, pruned_dir = self.path("selection.json"), self.path("pruned")
+        if where != self.path("prune"):  # a study: selection and pruned model live in the shared folder
+            selection, pruned_dir = where / "selection.json", where / "pruned"
+        if pruned_dir.is_dir():
             self.log("pruned model exists: skipping score/select/prune")
-            return
-        model = original.model
-        selection = self.path("selection.json")
-        if not selection.exists():
-            write_json(selection, self.choose(original, self.n_drop(model)))
-        record = _read(selection)
-        pruned = self.load(self.config.model)
-        remove_layers(pruned.model, record["dropped"], how={"chosen_by": record["chosen_by"]})
-        save_model(pruned.model, pruned.tokenizer, self.path("pruned"), extra={"selection": record})
-        self.log(f"pruned original layers {record['dropped']} ({record['chosen_by']})")
+        else:
+            if not selection.exists():
+                write_json(selection, self.choose(original, self.n_drop(original.model)))
+            record = _read(selection)
+            pruned = self.load(self.config.model)
+            granularity = self.config.prune.granularity  # block, or attention/MLP only (models/sublayer.py)
+            remove_units(pruned.model, record["dropped"], granularity, how={"chosen_by": record["chosen_by"]})
+            save_model(pruned.model, pruned.tokenizer, pruned_dir, extra={"selection": record})
+            what = "pruned" if granularity == "block" else f"removed the {granularity} of"
+            self.log(f"{what} original layers {record['dropped']} ({record['chosen_by']})")
+        self.expose("selection.json", selection)
+        self.expose("pruned", pruned_dir)
 
-    def n_drop(self, model) -> int:
+    def n_drop(self, model) -> int | None:
+        """Layers to drop; None when a parameter or latency budget decides it per candidate."""
         prune = self.config.prune
         if prune.drop is not None:
             return len(prune.drop)
+        if prune.target_params is not None or prune.target_latency is not None:
+            return None
         return count_to_drop(len(kept_layers(model)), num_layers=prune.num_layers, ratio=prune.ratio)
 
-    def choose(self, loaded: LoadedModel, n_drop: int, scores_name: str = "scores.json") -> dict:
+    def choose(self, loaded: LoadedModel, n_drop: int | None, scores_name: str = "scores.json") -> dict:
         """Score (once per metric, cached in scores.json) and select; select: auto compares candidates."""
         from layerprune.importance import LayerScores
         from layerprune.scoring import metric_requests
@@ -112,31 +156,61 @@ class Run:
         model = loaded.model
         scores_path = self.path(scores_name)
         n_layers = len(kept_layers(model))
-        requests = metric_requests(prune.metrics, n_layers, seed=self.config.seed, block_size=n_drop)
+        # with a budget the count is not known yet: block metrics score every block size from 1 up
+        requests = metric_requests(prune.metrics, n_layers, seed=self.config.seed, block_size=n_drop or 1)
         for name, params in prune.metric_params.items():
             requests.setdefault(name, {}).update(params)
         if scores_path.exists():
             cached = {n: LayerScores.from_json(s) for n, s in _read(scores_path).items()}
         else:
-            calibration = None
-            if any(get_metric(n).needs_calibration for n in prune.metrics):
-                calibration = self.calibration(loaded.tokenizer)
-            cached = compute_many(model, requests, calibration)
+            cached = self.scores(loaded, requests, share=scores_name == "scores.json")
             write_json(scores_path, {n: s.to_json() for n, s in cached.items()})
-        candidates = {}
+        candidates, constraints = {}, {}
+        budget = prune.budget() if n_drop is None else None
+        costs = None
+        if budget is not None and budget.target_latency is not None:
+            from layerprune.budgets import measure_layer_costs
+
+            costs = measure_layer_costs(model, mode=budget.latency_mode, seed=self.config.seed)
         for name, scores in cached.items():
-            k = int(scores.params["block_size"]) if scores.params.get("block_size") else n_drop
-            candidates[name] = select_layers(scores, num_layers=k, protect_first=prune.protect_first,
-                                             protect_last=prune.protect_last).dropped
+            protect = dict(protect_first=prune.protect_first, protect_last=prune.protect_last)
+            if budget is not None:
+                from layerprune.budgets import select_with_budget
+
+                selection = select_with_budget(model, scores, budget, latency_costs=costs, **protect)
+                constraints[name] = selection.constraints
+            else:
+                k = int(scores.params["block_size"]) if scores.params.get("block_size") else n_drop
+                selection = select_layers(scores, num_layers=k, **protect)
+            candidates[name] = selection.dropped
         if prune.select == "metric":
             name = prune.metrics[0]
-            return {"dropped": candidates[name], "chosen_by": name}
+            return {"dropped": candidates[name], "chosen_by": name, **_constraints(constraints, name)}
         validation = self.calibration(loaded.tokenizer, seed_offset=1000)
         losses = {name: validation_loss(model, validation, drop) for name, drop in candidates.items()}
         best = min(losses, key=lambda n: (losses[n], n))
         self.log("validation loss of each candidate: " + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
-        return {"dropped": candidates[best], "chosen_by": f"auto:{best}",
+        return {"dropped": candidates[best], "chosen_by": f"auto:{best}", **_constraints(constraints, best),
                 "candidates": {n: {"dropped": candidates[n], "validation_loss": losses[n]} for n in candidates}}
+
+    def scores(self, loaded: LoadedModel, requests: dict[str, dict], share: bool) -> dict:
+        """Scores of each requested metric; in a study, each metric's scores are computed once and shared."""
+        from layerprune.importance import LayerScores
+
+        paths = {name: self.shared_path(f"scores-{name}.json", {**self._key("calibration"), "metric": name,
+                                                                "params": params})
+                 for name, params in requests.items()} if share and self.shared_dir else {}
+        found = {n: LayerScores.from_json(_read(p)) for n, p in paths.items() if p.exists()}
+        missing = {n: params for n, params in requests.items() if n not in found}
+        if missing:
+            calibration = None
+            if any(get_metric(n).needs_calibration for n in missing):
+                calibration = self.calibration(loaded.tokenizer)
+            for name, scores in compute_many(loaded.model, missing, calibration).items():
+                found[name] = scores
+                if name in paths:
+                    write_json(paths[name], scores.to_json())
+        return {name: found[name] for name in requests}
 
     def heal_chain(self, ref: str, tokenizer_from: LoadedModel, prefix: str = "healed") -> str:
         """Run each heal stage in order on the previous stage's output; returns the final model folder."""
@@ -202,11 +276,12 @@ class Run:
             write_json(round_dir / "done.json", {"model": ref, "dropped": record["dropped"]})
         return ref
 
-    def evaluate(self, name: str, loaded: LoadedModel) -> dict:
+    def evaluate(self, name: str, loaded: LoadedModel, key: dict | None = None) -> dict:
         from layerprune.evaluation.run import plan_eval, run_eval, write_eval
 
-        out = self.path(name)
+        out = self.shared_path(name, key) if key is not None else self.path(name)
         if (out / "eval.json").exists():
+            self.expose(name, out)
             return _read(out / "eval.json")
         e = self.config.eval
         plan = plan_eval(tasks=e.tasks, ppl=e.ppl, seq_len=e.seq_len, ppl_windows=e.ppl_windows, limit=e.limit,
@@ -214,6 +289,7 @@ class Run:
         self.log(f"evaluating {name}")
         result = run_eval(loaded, plan)
         write_eval(out, result, plan)
+        self.expose(name, out)
         return result.record
 
     def benchmark(self, original: LoadedModel, final: LoadedModel) -> None:
@@ -232,10 +308,9 @@ class Run:
         write_outputs(out, base, other)
 
     def report(self, final_ref: str) -> dict:
-        from layerprune.report.run_report import run_report
+        from layerprune.report.rebuild import write_run_report
 
-        text, summary = run_report(self.dir, final_ref)
-        (self.dir / "report.md").write_text(text)
+        summary, _ = write_run_report(self.dir, final_ref)
         return summary
 
 
@@ -258,11 +333,15 @@ def validation_loss(model, calibration, drop: list[int]) -> float:
     return total / count
 
 
+def _constraints(constraints: dict, name: str) -> dict:
+    return {"constraints": constraints[name]} if name in constraints else {}
+
+
 def _yaml(data: dict) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def run_pipeline(config: RunConfig, log: Log = print) -> dict:
-    return Run(config, log).execute()
+def run_pipeline(config: RunConfig, log: Log = print, shared_dir: str | Path | None = None) -> dict:
+    return Run(config, log, shared_dir).execute()

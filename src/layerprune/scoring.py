@@ -15,8 +15,11 @@ from layerprune.selection import Selection, count_to_drop, select_layers
 
 
 def parse_metrics(text: str) -> list[str]:
-    """'all' or a comma list; unknown names fail here, before any model loads."""
-    names = available_metrics() if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    """'all' (every whole-layer metric) or a comma list; unknown names fail here, before any model loads."""
+    if text.strip() == "all":
+        names = [n for n in available_metrics() if "block" in get_metric(n).granularities]
+    else:
+        names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise LayerpruneError("no metric given")
     for name in names:

@@ -66,13 +66,21 @@ def select_layers(
 
 
 def _select_block(scores: LayerScores, k: int, protected: set[int], protect_first: int, protect_last: int) -> Selection:
-    """Block metrics (angular): values[i] scores the block of `block_size` layers starting at i; drop the lowest."""
+    """Block metrics (angular): values[i] scores the block of `block_size` layers starting at i; drop the lowest.
+
+    Another block size k is served from the metric's table of every size (extra["distances"]), so a budget can
+    try several counts from one scoring pass.
+    """
     m = int(scores.params["block_size"])
+    values = scores.values
     if k != m:
-        raise LayerpruneError(f"{scores.metric} scored blocks of {m} layers but {k} layers are to be dropped")
+        table = scores.extra.get("distances") or {}
+        if str(k) not in table:
+            raise LayerpruneError(f"{scores.metric} scored blocks of {m} layers but {k} layers are to be dropped")
+        m, values = k, table[str(k)]
     starts = [
         (value, start)
-        for start, value in enumerate(scores.values)
+        for start, value in enumerate(values)
         if value == value and start + m <= len(scores.layers)  # NaN marks an invalid start
         and not protected & set(scores.layers[start : start + m])
     ]

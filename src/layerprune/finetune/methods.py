@@ -17,6 +17,7 @@ from torch import nn
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.quantize import disable_cpu_repacking
 from layerprune.models.surgery import kept_layers, untie_embeddings
 
 
@@ -163,21 +164,6 @@ class Lora:
         merged = model.merge_and_unload()
         merged.requires_grad_(True)
         return merged
-
-
-def disable_cpu_repacking(model: nn.Module) -> int:
-    """bitsandbytes repacks 4-bit CPU weights on a no-grad forward, after which LoRA gradients are wrong.
-
-    Turning the bf16 fast path off keeps the packed layout stable. Returns the layers touched.
-    """
-    import bitsandbytes as bnb
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 @register_method("qlora")

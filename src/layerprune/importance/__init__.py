@@ -1,6 +1,6 @@
 """Layer importance metrics. Importing this package registers every built-in metric."""
 
-from layerprune.importance import activations, order, perplexity, weights  # noqa: F401  (register metrics)
+from layerprune.importance import activations, branches, order, perplexity, weights  # noqa: F401  (register metrics)
 from layerprune.importance.base import LayerScores
 from layerprune.importance.registry import (
     available_metrics,

@@ -8,6 +8,9 @@ Metrics that come from the same forward pass (e.g. block-influence, relative-mag
 angular) declare a `group`; `compute_many` then runs the group's pass once for all of them.
 A group function has the signature:
     group_fn(model, calibration, requests: dict[metric name, params]) -> dict[metric name, list | (list, extra)]
+
+A metric scores whole layers unless it declares other `granularities` ("block", "attention", "mlp"):
+the unit that `prune --granularity` removes must be the unit the metric scored.
 """
 
 from __future__ import annotations
@@ -30,17 +33,25 @@ class MetricSpec:
     needs_calibration: bool
     description: str
     group: str | None = None
+    granularities: tuple[str, ...] = ("block",)
 
 
 _METRICS: dict[str, MetricSpec] = {}
 _GROUPS: dict[str, GroupFn] = {}
 
 
-def register_metric(name: str, *, needs_calibration: bool, description: str, group: str | None = None):
+def register_metric(
+    name: str,
+    *,
+    needs_calibration: bool,
+    description: str,
+    group: str | None = None,
+    granularities: tuple[str, ...] = ("block",),
+):
     def decorate(fn: MetricFn) -> MetricFn:
         if name in _METRICS:
             raise ValueError(f"metric {name!r} is already registered")
-        _METRICS[name] = MetricSpec(name, fn, needs_calibration, description, group)
+        _METRICS[name] = MetricSpec(name, fn, needs_calibration, description, group, tuple(granularities))
         return fn
 
     return decorate
@@ -66,6 +77,18 @@ def get_metric(name: str) -> MetricSpec:
     if name not in _METRICS:
         raise LayerpruneError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
     return _METRICS[name]
+
+
+def check_granularity(name: str, granularity: str) -> None:
+    """Refuse a metric that does not score the unit being removed (whole layers, attentions or MLPs)."""
+    spec = get_metric(name)
+    if granularity not in spec.granularities:
+        fitting = [m for m in available_metrics() if granularity in _METRICS[m].granularities]
+        scores = {"block": "whole layers", "attention": "attention branches", "mlp": "MLP branches"}
+        raise LayerpruneError(
+            f"metric {name!r} scores {' and '.join(scores.get(g, g) for g in spec.granularities)}, not "
+            f"{scores.get(granularity, granularity)}; with granularity {granularity!r} use one of: {', '.join(fitting)}"
+        )
 
 
 def _to_scores(model, metric: str, result, params: dict, calibration) -> LayerScores:

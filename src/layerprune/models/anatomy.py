@@ -31,9 +31,14 @@ class FamilySpec:
     per_layer_lists: tuple[str, ...] = ("layer_types",)
     # Extra rewrites for configs that encode per-layer structure otherwise.
     config_rewrites: tuple[ConfigRewrite, ...] = ()
-    # Sub-module names inside one block, for later sub-layer work.
+    # Sub-module names inside one block (attention-only / MLP-only removal, models/sublayer.py).
     attention: str = "self_attn"
     mlp: str = "mlp"
+    # The norms that serve only the attention / only the MLP branch, pre-norm first (the MLP's pre-norm
+    # receives the residual stream between the two branches). None: a block of this family cannot lose
+    # one branch alone (its branches are not two sequential pre-norm residual branches).
+    attention_norms: tuple[str, ...] | None = None
+    mlp_norms: tuple[str, ...] | None = None
 
 
 _FAMILIES: dict[str, FamilySpec] = {}
@@ -84,17 +89,29 @@ def _remap_moe_layout(config, kept: list[int]) -> None:
 
 
 _LLAMA_LIKE = dict(layers="model.layers", final_norm="model.norm")
+# Llama's `post_attention_layernorm` is the MLP's pre-norm; Gemma 2/3 also norm each branch's output.
+_LLAMA_BRANCHES = dict(attention_norms=("input_layernorm",), mlp_norms=("post_attention_layernorm",))
+_GEMMA_BRANCHES = dict(
+    attention_norms=("input_layernorm", "post_attention_layernorm"),
+    mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+)
 
-register_family(FamilySpec("llama", **_LLAMA_LIKE), ["llama"])
-register_family(FamilySpec("mistral", **_LLAMA_LIKE), ["mistral"])
-register_family(FamilySpec("qwen2", **_LLAMA_LIKE, config_rewrites=(_remap_window_threshold,)), ["qwen2"])
-register_family(FamilySpec("qwen3", **_LLAMA_LIKE, config_rewrites=(_remap_window_threshold,)), ["qwen3"])
-register_family(FamilySpec("gemma2", **_LLAMA_LIKE), ["gemma2"])
-register_family(FamilySpec("gemma3", **_LLAMA_LIKE), ["gemma3_text"])
-register_family(FamilySpec("phi3", **_LLAMA_LIKE), ["phi3"])
-register_family(FamilySpec("mixtral", **_LLAMA_LIKE, mlp="mlp"), ["mixtral"])
+register_family(FamilySpec("llama", **_LLAMA_LIKE, **_LLAMA_BRANCHES), ["llama"])
+register_family(FamilySpec("mistral", **_LLAMA_LIKE, **_LLAMA_BRANCHES), ["mistral"])
 register_family(
-    FamilySpec("qwen-moe", **_LLAMA_LIKE, config_rewrites=(_remap_window_threshold, _remap_moe_layout)),
+    FamilySpec("qwen2", **_LLAMA_LIKE, **_LLAMA_BRANCHES, config_rewrites=(_remap_window_threshold,)), ["qwen2"]
+)
+register_family(
+    FamilySpec("qwen3", **_LLAMA_LIKE, **_LLAMA_BRANCHES, config_rewrites=(_remap_window_threshold,)), ["qwen3"]
+)
+register_family(FamilySpec("gemma2", **_LLAMA_LIKE, **_GEMMA_BRANCHES), ["gemma2"])
+register_family(FamilySpec("gemma3", **_LLAMA_LIKE, **_GEMMA_BRANCHES), ["gemma3_text"])
+register_family(FamilySpec("phi3", **_LLAMA_LIKE, **_LLAMA_BRANCHES), ["phi3"])
+register_family(FamilySpec("mixtral", **_LLAMA_LIKE, **_LLAMA_BRANCHES, mlp="mlp"), ["mixtral"])
+register_family(
+    FamilySpec(
+        "qwen-moe", **_LLAMA_LIKE, **_LLAMA_BRANCHES, config_rewrites=(_remap_window_threshold, _remap_moe_layout)
+    ),
     ["qwen2_moe", "qwen3_moe"],
 )
 register_family(FamilySpec("gpt2", layers="transformer.h", final_norm="transformer.ln_f", attention="attn"), ["gpt2"])
@@ -219,34 +236,42 @@ def _discover(model: nn.Module, model_type: str | None) -> Anatomy:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Unique parameters (tied weights counted once), split into embedding and the rest."""
+    """Unique parameters (tied weights counted once), split into embedding and the rest.
+
+    Packed 4-bit weights (bitsandbytes) count the parameters they stand for, not their bytes.
+    """
+    from layerprune.models.quantize import logical_numel as numel
+
     anatomy = get_anatomy(model)
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            total += numel(p)
     embedding_ids = {id(p) for p in anatomy.embeddings.parameters()}
     head = anatomy.lm_head
     if head is not None:
         embedding_ids |= {id(p) for p in head.parameters()}
-    embedding = sum(p.numel() for p in model.parameters() if id(p) in embedding_ids)
+    embedding = sum(numel(p) for p in model.parameters() if id(p) in embedding_ids)
     # Models with learned position embeddings (GPT-2, OPT) count those as embeddings too.
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and module is not anatomy.embeddings:
-            embedding += sum(p.numel() for p in module.parameters() if id(p) not in embedding_ids)
-    per_layer = [sum(p.numel() for p in block.parameters()) for block in anatomy.layers]
+            embedding += sum(numel(p) for p in module.parameters() if id(p) not in embedding_ids)
+    per_layer = [sum(numel(p) for p in block.parameters()) for block in anatomy.layers]
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "per_layer": per_layer}
 
 
 def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters as stored: packed quantized weights plus their scales."""
+    from layerprune.models.quantize import stored_bytes
+
     seen: set[int] = set()
     size = 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            size += p.numel() * p.element_size()
+            size += stored_bytes(p)
     return size
 
 

@@ -87,7 +87,14 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
 
 def weight_files(folder: str | os.PathLike) -> list[str]:
     """The safetensors files holding a checkpoint's weights; one clear error for other layouts."""
+    from layerprune.models.sublayer import WEIGHTS_NAME as SUBLAYER_WEIGHTS
+
     folder = Path(folder)
+    if (folder / SUBLAYER_WEIGHTS).is_file():
+        raise LayerpruneError(
+            f"{folder} has attention-only/MLP-only removals, whose weights only layerprune's loader reads; "
+            "load the model instead (no --no-load / --streaming)"
+        )
     index = folder / INDEX_NAME
     if index.is_file():
         try:

@@ -95,26 +95,45 @@ def load_model(
     device: str | None = None,
     device_map: str | dict | None = None,
     load_tokenizer: bool = True,
+    load_in: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from any reference.
 
     dtype: auto (as stored) | bf16 | fp16 | fp32. device_map ("auto" or a dict) uses
-    accelerate's big-model loading to spread a model over devices and CPU.
+    accelerate's big-model loading to spread a model over devices and CPU. load_in: None | 4bit
+    (NF4, computing in `dtype`, bf16 for auto) | 8bit (LLM.int8), quantized by bitsandbytes.
     """
     from transformers import AutoModelForCausalLM
 
+    from layerprune.models.quantize import bnb_config, check_load_in, compute_dtype_for, prepare_for_inference
+
     torch_dtype = _parse_dtype(dtype)
+    load_in = check_load_in(load_in)
     folder = model_folder(ref)
     _check_causal_lm(folder)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if load_in is not None:
+        kwargs["quantization_config"] = bnb_config(load_in, compute_dtype_for(torch_dtype, device))
+        # bitsandbytes weights can't be moved after loading: place them while loading.
+        device_map = device_map if device_map is not None else {"": device or "cpu"}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except OSError as err:
-        raise LayerpruneError(f"could not load {ref}: {_first_line(err)}") from err
-    if device is not None and device_map is None:
+    from layerprune.models.sublayer import is_sublayer_folder, load_sublayer_model
+
+    if is_sublayer_folder(folder):
+        # Layers without attention or MLP: stock from_pretrained can't build them; layerprune rebuilds them.
+        if kwargs.get("quantization_config") is not None:
+            raise LayerpruneError(f"{ref} has attention-only/MLP-only removals; it cannot be loaded quantized")
+        model = load_sublayer_model(folder, dtype=torch_dtype, device_map=device_map)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        except OSError as err:
+            raise LayerpruneError(f"could not load {ref}: {_first_line(err)}") from err
+    if device is not None and "device_map" not in kwargs:
         model.to(device)
+    if load_in is not None:
+        prepare_for_inference(model, load_in)
     model.eval()
     record = getattr(model.config, "layerprune", None)
     if not isinstance(record, dict) or "source" not in record:

@@ -24,8 +24,13 @@ def package_versions() -> dict[str, str]:
 
 def write_model_files(model, tokenizer, folder: str | os.PathLike, extra: dict | None = None) -> None:
     """safetensors + config + generation config + tokenizer + layerprune.json into an existing folder."""
+    from layerprune.models.sublayer import has_removed_sublayers, write_sublayer_model
+
     record = provenance(model)
-    model.save_pretrained(folder, safe_serialization=True)
+    if has_removed_sublayers(model.config):
+        write_sublayer_model(model, folder)  # layers without attention/MLP: a layerprune-only folder
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     write_json(
@@ -35,6 +40,7 @@ def write_model_files(model, tokenizer, folder: str | os.PathLike, extra: dict |
             "original_num_layers": record["original_num_layers"],
             "kept_layers": record["kept_layers"],
             "dropped_layers": record["dropped_layers"],
+            **({"removed_sublayers": record["removed_sublayers"]} if record.get("removed_sublayers") else {}),
             "history": record.get("history", []),
             **(extra or {}),
             "versions": package_versions(),
@@ -43,7 +49,8 @@ def write_model_files(model, tokenizer, folder: str | os.PathLike, extra: dict |
 
 
 def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write the model folder atomically; it reloads with `AutoModelForCausalLM.from_pretrained(out)`."""
+    """Write the model folder atomically; it reloads with `AutoModelForCausalLM.from_pretrained(out)`
+    (a model with attention-only/MLP-only removals reloads with `layerprune.load_model(out)` only)."""
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(model, tokenizer, tmp, extra)
     return Path(out)

@@ -104,6 +104,10 @@ def pruned_provenance(record: dict, drop: list[int], how: dict | None = None) ->
     }
     if "source" in record:
         new_record["source"] = record["source"]
+    # Attention-only/MLP-only removals (models/sublayer.py) of the layers that stay are still true.
+    removed = {k: [i for i in v if i not in drop] for k, v in (record.get("removed_sublayers") or {}).items()}
+    if any(removed.values()):
+        new_record["removed_sublayers"] = removed
     return keep_positions, new_record
 
 

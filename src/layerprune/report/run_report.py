@@ -12,6 +12,14 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _granularity(run_dir: Path) -> str:
+    import yaml
+
+    config = run_dir / "config.yaml"
+    data = yaml.safe_load(config.read_text()) if config.exists() else None
+    return ((data or {}).get("prune") or {}).get("granularity") or "block"
+
+
 def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     """(markdown, summary dict) from selection.json, eval-*/eval.json, healed-*/heal.json, bench/bench.json."""
     run_dir = Path(run_dir)
@@ -19,7 +27,9 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     summary: dict = {"run": str(run_dir), "final_model": final_ref}
     selection = _load(run_dir / "selection.json")
     if selection:
-        lines += [f"Dropped original layers **{', '.join(map(str, selection['dropped']))}** "
+        what = {"attention": "Removed the attention of", "mlp": "Removed the MLP of"}.get(
+            _granularity(run_dir), "Dropped")
+        lines += [f"{what} original layers **{', '.join(map(str, selection['dropped']))}** "
                   f"(chosen by {selection['chosen_by']}).", ""]
         summary["dropped"] = selection["dropped"]
         if selection.get("candidates"):
@@ -38,7 +48,8 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     if evals:
         texts = sorted({t for e in evals.values() for t in e.get("perplexity", {})})
         tasks = sorted({t for e in evals.values() for t in e.get("tasks", {})})
-        header = ["model", "layers", "parameters", *(f"{t} ppl" for t in texts), *tasks]
+        header = ["model", "layers", "parameters", *(f"{t} ppl" for t in texts),
+                  *("HumanEval pass@1" if t == "humaneval" else t for t in tasks)]
         if tasks:
             header.append("Avg Acc")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -47,7 +58,8 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
             m = e["model"]
             cells = [label, str(m["layers"]), f"{m['parameters']:,}"]
             cells += [f"{e['perplexity'][t]['ppl']:.4g}" if t in e.get("perplexity", {}) else "-" for t in texts]
-            cells += [f"{e['tasks'][t]['acc']:.4f}" if t in e.get("tasks", {}) else "-" for t in tasks]
+            cells += [f"{e['tasks'][t].get('acc', e['tasks'][t].get('pass@1')):.4f}" if t in e.get("tasks", {})
+                      else "-" for t in tasks]
             if tasks:
                 avg = (e.get("average") or {}).get("value")
                 cells.append(f"{avg:.4f}" if avg is not None else "-")

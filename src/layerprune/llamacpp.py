@@ -1,0 +1,113 @@
+"""Running GGUF exports in llama.cpp through its Python bindings (`pip install 'layerprune[llamacpp]'`).
+
+Used by `layerprune generate FILE.gguf` and the composition study; also quantizes GGUF files
+(q4_k_m etc.) with llama.cpp's own quantizer when no `llama-quantize` binary is around.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerprune.errors import LayerpruneError
+
+INSTALL_HINT = "pip install 'layerprune[llamacpp]' (builds llama.cpp from source: ~7 min on 2 cores)"
+
+
+def require_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LayerpruneError(f"running a GGUF file needs llama.cpp's Python bindings: {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+def have_llama_cpp() -> bool:
+    try:
+        require_llama_cpp()
+    except LayerpruneError:
+        return False
+    return True
+
+
+def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, kind: str = "Q4_K_M") -> None:
+    """llama.cpp's quantizer (the library call behind `llama-quantize`) on an f16/f32 GGUF file."""
+    llama_cpp = require_llama_cpp()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
+    if ftype is None:
+        raise LayerpruneError(f"llama.cpp does not know the quantization {kind!r}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if status != 0:
+        raise LayerpruneError(f"llama.cpp could not quantize {source} to {kind} (status {status})")
+
+
+def open_gguf(path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = None):
+    llama_cpp = require_llama_cpp()
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".gguf":
+        raise LayerpruneError(f"{path} is not a .gguf file")
+    threads = threads or os.cpu_count() or 1
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                               seed=0)
+    except (ValueError, RuntimeError) as err:
+        raise LayerpruneError(f"llama.cpp could not load {path}: {err}") from None
+
+
+@dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    seconds: float  # decode time of the new tokens (prompt processing excluded)
+    prefill_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def greedy_tokens(llm, prompt_tokens: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> Generation:
+    """Greedy continuation of the given token ids (no sampling, no repetition penalty) with timings."""
+    if not prompt_tokens:
+        raise LayerpruneError("the prompt has no tokens")
+    if len(prompt_tokens) + max_new_tokens > llm.n_ctx():
+        raise LayerpruneError(f"prompt + new tokens ({len(prompt_tokens) + max_new_tokens}) exceed llama.cpp's "
+                              f"context of {llm.n_ctx()}")
+    eos = llm.token_eos()
+    out: list[int] = []
+    start = time.perf_counter()
+    first = None
+    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if first is None:
+            first = time.perf_counter()
+        if stop_at_eos and token == eos:
+            break
+        out.append(token)
+        if len(out) >= max_new_tokens:
+            break
+    end = time.perf_counter()
+    first = first or end
+    text = llm.detokenize(out).decode("utf-8", errors="replace")
+    return Generation(list(prompt_tokens), out, text, seconds=end - first, prefill_seconds=first - start)
+
+
+def prompt_tokens(llm, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt; with chat, wrapped in the chat template the GGUF file carries."""
+    if chat:
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise LayerpruneError("this GGUF file has no chat template; pass --no-chat")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+            bos_token=llm.detokenize([llm.token_bos()]).decode(errors="replace"),
+            eos_token=llm.detokenize([llm.token_eos()]).decode(errors="replace"))
+        return llm.tokenize(text.encode(), add_bos=False, special=True)
+    return llm.tokenize(prompt.encode(), add_bos=True, special=False)

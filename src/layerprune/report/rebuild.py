@@ -1,0 +1,128 @@
+"""Rebuild a run folder's report.md and plots from its files alone (`layerprune report RUN_DIR`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from layerprune.errors import LayerpruneError
+from layerprune.importance.base import LayerScores
+from layerprune.report import study_plots
+from layerprune.report.plots import plot_angular_heatmap, plot_scores
+from layerprune.report.run_report import run_report
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _round_number(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _scores(path: Path) -> dict[str, LayerScores]:
+    """A run's scores.json ({name: scores}) or the score command's ({"scores": {name: scores}, ...})."""
+    data = _load(path) or {}
+    data = data.get("scores", data) if isinstance(data.get("scores"), dict) else data
+    return {name: LayerScores.from_json(s) for name, s in data.items()}
+
+
+def _candidate_drops(selection: dict | None) -> dict[str, list[int]]:
+    """Each metric's drop-set of a selection.json (select: auto keeps them all)."""
+    if not selection:
+        return {}
+    drops = {name: c["dropped"] for name, c in (selection.get("candidates") or {}).items()}
+    chosen = str(selection.get("chosen_by", "")).removeprefix("auto:")
+    drops.setdefault(chosen, selection["dropped"])
+    return drops
+
+
+def _score_plots(folder: Path, selection: dict | None) -> list[Path]:
+    all_scores = _scores(folder / "scores.json")
+    if not all_scores:
+        return []
+    made = [plot_scores(all_scores, folder / "scores.png", _candidate_drops(selection))]
+    if "angular" in all_scores:
+        heatmap = plot_angular_heatmap(all_scores["angular"], folder / "angular.png")
+        made += [heatmap] if heatmap else []
+    return made
+
+
+def _original_layers(run_dir: Path, fallback: list[int]) -> int:
+    """Layer count of the unpruned model: from a pruned model's provenance, else the scores, else the drops."""
+    for record in [run_dir / "pruned" / "layerprune.json",
+                   *sorted((run_dir / "rounds").glob("round-*/pruned/layerprune.json"))]:
+        data = _load(record)
+        if data and data.get("original_num_layers"):
+            return int(data["original_num_layers"])
+    for scores_path in [run_dir / "scores.json", run_dir / "rounds" / "round-1" / "scores.json"]:
+        scores = _scores(scores_path) if scores_path.exists() else {}
+        if scores:
+            return len(next(iter(scores.values())).layers)
+    return max(fallback, default=0) + 1
+
+
+def _layer_map_rows(run_dir: Path, selection: dict | None) -> dict[str, list[int]]:
+    """One-shot: every candidate and the chosen drop-set; iterative: each round and all rounds together."""
+    rows: dict[str, list[int]] = {}
+    rounds = sorted((run_dir / "rounds").glob("round-*/selection.json"), key=lambda p: _round_number(p.parent))
+    if rounds:
+        for path in rounds:
+            rows[path.parent.name] = _load(path)["dropped"]
+        rows["all rounds"] = sorted({i for dropped in rows.values() for i in dropped})
+    elif selection:
+        rows = {f"candidate: {name}": c["dropped"] for name, c in (selection.get("candidates") or {}).items()}
+        rows[f"dropped ({selection['chosen_by']})"] = selection["dropped"]
+    return rows
+
+
+def _loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    paths = sorted(run_dir.glob("healed-*/loss.csv")) + sorted(
+        run_dir.glob("rounds/round-*/healed-*/loss.csv"), key=lambda p: _round_number(p.parent.parent))
+    return {str(p.parent.relative_to(run_dir)): study_plots.read_loss_csv(p) for p in paths}
+
+
+def write_run_report(run_dir: str | Path, final_ref: str | None = None) -> tuple[dict, list[Path]]:
+    """Write report.md (run_report's tables plus the plots) and the plots; returns (summary, files written).
+
+    Plots: scores.png and angular.png from scores.json (and each round's), loss_curves.png from the heal
+    stages' loss.csv, layer_map.png from the selections.
+    """
+    run_dir = Path(run_dir)
+    if final_ref is None:
+        final_ref = (_load(run_dir / "run.json") or {}).get("final_model")
+    selection = _load(run_dir / "selection.json")
+    made = _score_plots(run_dir, selection)
+    for round_dir in sorted((run_dir / "rounds").glob("round-*"), key=_round_number):
+        made += _score_plots(round_dir, _load(round_dir / "selection.json"))
+    curves = {name: points for name, points in _loss_curves(run_dir).items() if points}
+    if curves:
+        made.append(study_plots.plot_loss_curves(curves, run_dir / "loss_curves.png"))
+    rows = _layer_map_rows(run_dir, selection)
+    if rows:
+        n_layers = _original_layers(run_dir, [i for drop in rows.values() for i in drop])
+        made.append(study_plots.plot_layer_map(rows, n_layers, run_dir / "layer_map.png"))
+    text, summary = run_report(run_dir, final_ref)
+    images = [p for p in made if p.parent == run_dir]
+    if images:
+        text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
+    (run_dir / "report.md").write_text(text)
+    return summary, [run_dir / "report.md", *made]
+
+
+def rebuild_report(folder: str | Path) -> list[Path]:
+    """`layerprune report DIR`: a study folder (study.json) or a run folder (config.yaml); returns the files written."""
+    folder = Path(folder)
+    if (folder / "study.json").is_file():
+        try:
+            from layerprune.study import rebuild_study_report
+        except ImportError:
+            raise LayerpruneError(f"{folder} is a study folder, but this layerprune cannot rebuild study "
+                                  "reports") from None
+        result = rebuild_study_report(folder)
+        return [Path(p) for p in (result or {}).get("plots", [])]
+    if (folder / "config.yaml").is_file():
+        return write_run_report(folder)[1]
+    if not folder.exists():
+        raise LayerpruneError(f"{folder} does not exist")
+    raise LayerpruneError(f"{folder} is neither a run folder (config.yaml) nor a study folder (study.json)")

@@ -1,0 +1,78 @@
+"""The GGUF export runs in llama.cpp and continues a prompt exactly as transformers does (greedy).
+
+Needs llama-cpp-python (`pip install 'layerprune[llamacpp]'`; CI installs it). Without it these tests
+skip and say so.
+"""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from layerprune.cli import app
+from layerprune.export import export_gguf
+from layerprune.models.saving import save_model
+from layerprune.models.surgery import remove_layers
+from cli_asserts import assert_one_line_error
+from test_export import DROP, SHAPES, converter, llama2_tokenizer  # noqa: F401  (fixture)
+from tiny_models import tiny_model
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed: pip install 'layerprune[llamacpp]' (CI installs it)")
+runner = CliRunner()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """n argmax steps over the whole sequence (no EOS stop, no cache: nothing but the model's logits)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_llama_cpp_continues_a_tiny_pruned_model_like_transformers(converter, tmp_path):
+    from layerprune.llamacpp import greedy_tokens, open_gguf
+
+    tokenizer = llama2_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=None, **SHAPES)
+    remove_layers(model, DROP)
+    save_model(model, tokenizer, tmp_path / "pruned")
+    gguf_file = export_gguf(tmp_path / "pruned", tmp_path / "pruned-f32.gguf", "f32")  # f32: no rounding at all
+    llm = open_gguf(gguf_file, n_ctx=128, threads=1)
+    ids = tokenizer("hello world, the cat").input_ids
+    ours = greedy_tokens(llm, ids, 16, stop_at_eos=False)
+    assert ours.tokens == hf_greedy(model.eval(), ids, 16)
+    assert ours.tokens_per_second > 0
+
+
+def test_generate_cli_errors(tmp_path):
+    result = runner.invoke(app, ["generate", str(tmp_path / "missing.gguf"), "hi"])
+    assert_one_line_error(result, "not found")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    result = runner.invoke(app, ["generate", str(tmp_path / "bad.gguf"), "hi"])
+    assert_one_line_error(result, "llama.cpp could not load")
+
+
+@pytest.mark.slow
+def test_llama_cpp_matches_transformers_on_pruned_smollm2_f16(converter, tmp_path):
+    """The issue's check: the f16 export of SmolLM2 minus 8 layers, 16 greedy tokens, llama.cpp == transformers."""
+    from layerprune.llamacpp import greedy_tokens, open_gguf
+    from layerprune.models.loading import load_model
+
+    loaded = load_model("smollm2-135m", dtype="fp32")
+    remove_layers(loaded.model, [12, 13, 14, 15, 16, 17, 25, 26])
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "pruned")
+    gguf_file = export_gguf(tmp_path / "pruned", tmp_path / "pruned-f16.gguf", "f16")
+    # transformers on the same f16-rounded weights (computed in fp32), which is what llama.cpp runs
+    for p in loaded.model.parameters():
+        p.data = p.data.half().float()
+    llm = open_gguf(gguf_file, n_ctx=256, threads=2)
+    prompt = "The capital of France is"
+    ids = loaded.tokenizer(prompt).input_ids
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids  # same tokenizer in the GGUF
+    ours = greedy_tokens(llm, ids, 16, stop_at_eos=False)
+    assert ours.tokens == hf_greedy(loaded.model.eval(), ids, 16)
+
+    result = runner.invoke(app, ["generate", str(gguf_file), "What is 2+2?", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output

@@ -1,0 +1,93 @@
+"""Study grids on a tiny model: expansion, shared work, the paper table and its plots."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from layerprune import LayerpruneError
+from layerprune.study import Study, load_study, setting_name
+from test_pipeline import workspace, write_config  # noqa: F401  (fixture + config writer)
+
+
+def study_yaml(workspace, **grid_and_overrides):
+    path = write_config(workspace, bench=None)
+    data = yaml.safe_load(path.read_text())
+    data["prune"] = {"metric": "block-influence", "num_layers": 2}
+    data["out"] = str(workspace / "study")
+    data.update(grid_and_overrides)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_grid_expands_with_aliases_and_dotted_keys(workspace):
+    path = study_yaml(workspace, grid={"metric": ["block-influence", "reverse-order"],
+                                       "strategy": ["one-shot", "1:1:2"], "heal.0.learning_rate": [0.01]})
+    study = load_study(path)
+    assert len(study.settings) == 4
+    configs = {s["name"]: s["config"] for s in study.settings}
+    iterative = configs["metric-reverse-order__strategy-1-1-2__learning_rate-0.01"]
+    assert iterative.prune.strategy == "iterative" and iterative.prune.schedule == "1:1:2"
+    assert iterative.prune.metric == "reverse-order" and iterative.heal[0].learning_rate == 0.01
+    assert iterative.out.endswith("settings/metric-reverse-order__strategy-1-1-2__learning_rate-0.01")
+    assert configs["metric-block-influence__strategy-one-shot__learning_rate-0.01"].prune.strategy == "one-shot"
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"metric": ["block-influence", "nonsense"]}, "setting metric-nonsense: prune.metric: unknown metric 'nonsense'"),
+    ({"metric": "block-influence"}, "grid.metric must be a non-empty list"),
+    ({"heal.3.method": ["lora"]}, "grid key 'heal.3.method': there is no item 3"),
+    ({"num_layers": [2, -1]}, "setting num_layers--1: prune.num_layers"),
+])
+def test_bad_grids_fail_before_anything_runs(workspace, grid, message):
+    with pytest.raises(LayerpruneError, match=message):
+        load_study(study_yaml(workspace, grid=grid))
+    assert not (workspace / "study").exists()
+
+
+def test_two_by_two_grid_shares_work_and_writes_table_and_plots(workspace):
+    study = load_study(study_yaml(workspace, grid={"metric": ["block-influence", "reverse-order"],
+                                                   "heal_method": ["partial", "lora"]}))
+    record = study.execute(log=lambda m: None)
+    out = workspace / "study"
+    with open(out / "study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["setting"] for r in rows][0] == "original"
+    assert len(rows) == 1 + 4 and {r["metric"] for r in rows[1:]} == {"block-influence", "reverse-order"}
+    ppl_column = next(c for c in rows[0] if c.endswith(" ppl"))
+    assert all(float(r[ppl_column]) > 0 for r in rows)
+    assert all(r["status"] == "done" and r["layers"] == "3" for r in rows[1:])
+    reverse = [r for r in rows[1:] if r["metric"] == "reverse-order"]
+    assert {r["dropped"] for r in reverse} == {"3 4"}
+    md = (out / "study.md").read_text().splitlines()
+    assert len(md) == 2 + 5 and "Avg Acc" not in md[0]
+    assert "<table>" in (out / "study.html").read_text()
+    for name in ("layer_map.png", "loss_curves.png"):
+        assert (out / "plots" / name).stat().st_size > 1000, name
+    # shared work: one score file per metric, one pruned model per selection, one eval of the original
+    shared = sorted(p.name.rsplit("-", 1)[0] for p in (out / "shared").iterdir())
+    assert shared == ["eval-original", "eval-pruned", "eval-pruned", "prune", "prune",
+                      "scores-block-influence.json", "scores-reverse-order.json"]
+    setting = out / "settings" / setting_name({"metric": "reverse-order", "heal_method": "lora"})
+    assert (setting / "pruned").is_symlink() and (setting / "pruned" / "config.json").exists()
+    assert json.loads((setting / "healed-1" / "heal.json").read_text())["method"] == "lora"
+    assert len(record["rows"]) == 5
+
+    # rerun: everything is found, nothing is recomputed
+    stamp = (setting / "healed-1" / "model.safetensors").stat().st_mtime_ns
+    Study(yaml.safe_load((workspace / "run.yaml").read_text()), source=str(workspace / "run.yaml")).execute(
+        log=lambda m: None)
+    assert (setting / "healed-1" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_cli_run_dispatches_a_study(workspace):
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+
+    path = study_yaml(workspace, grid={"metric": ["reverse-order"], "heal_method": ["none"]},
+                      eval={"ppl": str(workspace / "text.txt"), "seq_len": 32, "ppl_windows": 2, "samples": False})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "study.md" in result.output and (workspace / "study" / "study.csv").exists()
