@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from layerprune.cli import app
+from layerprune.errors import LayerpruneError
 from layerprune.export import export_gguf
 from layerprune.models.saving import save_model
 from layerprune.models.surgery import remove_layers
@@ -43,6 +44,39 @@ def test_llama_cpp_continues_a_tiny_pruned_model_like_transformers(converter, tm
     ours = greedy_tokens(llm, ids, 16, stop_at_eos=False)
     assert ours.tokens == hf_greedy(model.eval(), ids, 16)
     assert ours.tokens_per_second > 0
+
+
+def test_llama_cpp_perplexity_of_the_same_windows_equals_transformers(converter, tmp_path):
+    """perplexity_windows on the f32 export == evaluation.perplexity on the model (same token windows)."""
+    from layerprune.evaluation.perplexity import perplexity, window_inputs
+    from layerprune.llamacpp import open_gguf, perplexity_windows
+
+    tokenizer = llama2_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=None, **SHAPES)
+    remove_layers(model, DROP)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30)  # confident logits: per-token losses from ~0.2 to ~45, not ~log(vocab)
+    save_model(model, tokenizer, tmp_path / "pruned")
+    gguf_file = export_gguf(tmp_path / "pruned", tmp_path / "pruned-f32.gguf", "f32")
+    text = "The cat sat on the mat. A quick brown fox jumps over the lazy dog, twice! " * 3
+    # llama2-style tokenizer: BOS before every window ("always"), so every text token is scored
+    planned = window_inputs(tokenizer, text, seq_len=24, max_windows=5)
+    assert planned.bos_used == "always" and len(planned.inputs) == 5
+    expected = perplexity(model.eval(), tokenizer, text, seq_len=24, max_windows=5, progress=False)
+
+    llm = open_gguf(gguf_file, n_ctx=64, threads=1, logits_all=True)
+    ours = perplexity_windows(llm, planned.inputs, planned.score_from)
+    assert ours["tokens"] == expected["tokens"] == 5 * 24
+    assert ours["nll"] == pytest.approx(expected["nll"], rel=1e-4)
+    swapped = [w[:1] + w[2:] + w[1:2] for w in planned.inputs]  # same tokens, other order: other loss
+    assert perplexity_windows(llm, swapped, planned.score_from)["nll"] != pytest.approx(ours["nll"], rel=1e-3)
+    # windows evaluated from an empty cache: the order of the windows does not matter
+    again = perplexity_windows(llm, planned.inputs[::-1], planned.score_from[::-1])
+    assert again["nll"] == pytest.approx(ours["nll"], rel=1e-6)
+
+    without_all = open_gguf(gguf_file, n_ctx=64, threads=1)
+    with pytest.raises(LayerpruneError, match="logits_all"):
+        perplexity_windows(without_all, planned.inputs)
 
 
 def test_generate_cli_errors(tmp_path):

@@ -119,6 +119,17 @@ def test_example_configs_are_valid(name):
     assert config.prune and config.heal
 
 
+@pytest.mark.parametrize("name, settings", [("paper-table1", 7), ("paper-table2", 3), ("paper-table5", 12),
+                                            ("smollm2-table5", 6)])
+def test_example_studies_are_valid(name, settings):
+    from pathlib import Path
+
+    from layerprune.study import load_study
+
+    study = load_study(Path(__file__).parent.parent / "examples" / f"{name}.yaml")
+    assert len(study.settings) == settings
+
+
 def test_run_killed_during_healing_resumes_to_the_same_weights(workspace, monkeypatch):
     """An injected failure at optimizer step 3 (checkpoints every step), then a rerun: it resumes from the
     last checkpoint, and the healed weights equal those of an uninterrupted run with the same seed."""
@@ -165,3 +176,13 @@ def test_run_killed_during_healing_resumes_to_the_same_weights(workspace, monkey
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     pruned = load_file(workspace / "clean" / "pruned" / "model.safetensors")
     assert not torch.equal(pruned["lm_head.weight"], a["lm_head.weight"])  # healing changed something
+
+
+def test_set_overrides_reach_nested_keys_and_bad_ones_name_themselves(workspace):
+    path = write_config(workspace)
+    config = load_run_config(path, sets=["heal.0.learning_rate=1e-4", "prune.num_layers=1", "eval=null"])
+    assert config.heal[0].learning_rate == 1e-4 and config.prune.num_layers == 1 and config.eval is None
+    with pytest.raises(LayerpruneError, match="write it as key=value"):
+        load_run_config(path, sets=["heal.0.learning_rate"])
+    with pytest.raises(LayerpruneError, match="heal.0.learning_rate"):
+        load_run_config(path, sets=["heal.0.learning_rate=fast"])

@@ -37,7 +37,7 @@ def test_grid_expands_with_aliases_and_dotted_keys(workspace):
 @pytest.mark.parametrize("grid, message", [
     ({"metric": ["block-influence", "nonsense"]}, "setting metric-nonsense: prune.metric: unknown metric 'nonsense'"),
     ({"metric": "block-influence"}, "grid.metric must be a non-empty list"),
-    ({"heal.3.method": ["lora"]}, "grid key 'heal.3.method': there is no item 3"),
+    ({"heal.3.method": ["lora"]}, "key 'heal.3.method': there is no item 3"),
     ({"num_layers": [2, -1]}, "setting num_layers--1: prune.num_layers"),
 ])
 def test_bad_grids_fail_before_anything_runs(workspace, grid, message):
@@ -74,6 +74,17 @@ def test_two_by_two_grid_shares_work_and_writes_table_and_plots(workspace):
     assert json.loads((setting / "healed-1" / "heal.json").read_text())["method"] == "lora"
     assert len(record["rows"]) == 5
 
+    # `layerprune report` rebuilds the table and plots from the files alone
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+
+    for path in (out / "study.md", out / "study.csv", out / "plots" / "layer_map.png"):
+        path.unlink()
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "study.csv").read_text().count("\n") == 1 + 5 and (out / "plots" / "layer_map.png").exists()
+
     # rerun: everything is found, nothing is recomputed
     stamp = (setting / "healed-1" / "model.safetensors").stat().st_mtime_ns
     Study(yaml.safe_load((workspace / "run.yaml").read_text()), source=str(workspace / "run.yaml")).execute(
@@ -91,3 +102,16 @@ def test_cli_run_dispatches_a_study(workspace):
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     assert "study.md" in result.output and (workspace / "study" / "study.csv").exists()
+
+
+def test_grid_over_layer_counts_plots_perplexity_against_layers_removed(workspace):
+    study = load_study(study_yaml(workspace, heal=[], grid={"metric": ["block-influence", "reverse-order"],
+                                                            "num_layers": [1, 2]}))
+    record = study.execute(log=lambda m: None)
+    out = workspace / "study"
+    assert (out / "plots" / "ppl_vs_removed.png").stat().st_size > 1000
+    removed = sorted(len(r["dropped"]) for r in record["rows"][1:])
+    assert removed == [1, 1, 2, 2]
+    # one pruned model per (metric, count), each metric scored once
+    assert len(list((out / "shared").glob("prune-*"))) == 4
+    assert len(list((out / "shared").glob("scores-*"))) == 2

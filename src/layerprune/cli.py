@@ -366,6 +366,8 @@ def finetune(
 def run(
     config: str = typer.Argument(..., help="Run YAML (see examples/)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (overrides the YAML's out)."),
+    sets: Optional[list[str]] = typer.Option(
+        None, "--set", help="Override a setting: --set model=smollm2-135m --set heal.0.learning_rate=1e-4 (repeatable)."),
 ) -> None:
     """Run score -> select -> prune -> heal -> eval -> bench -> report from one YAML; reruns resume.
 
@@ -376,9 +378,9 @@ def run(
     from layerprune.study import is_study, load_study
 
     if is_study(read_yaml_mapping(config)):
-        _run_study(load_study(config, {"out": out} if out else None))
+        _run_study(load_study(config, {"out": out} if out else None, sets))
         return
-    run_config = load_run_config(config, {"out": out} if out else None)
+    run_config = load_run_config(config, {"out": out} if out else None, sets)
     console.print(f"run folder: [bold]{run_config.out}[/]")
     summary = run_pipeline(run_config, log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
     from pathlib import Path

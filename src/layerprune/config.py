@@ -226,10 +226,49 @@ def build_config(config_cls, data: dict, where_prefix: str = ""):
         raise LayerpruneError(f"{where_prefix}{where}: {message}{given}") from None
 
 
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+def set_dotted(data: dict, dotted: str, value) -> None:
+    """Set `a.b.0.c` in nested dicts/lists; a missing dict level is created."""
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise LayerpruneError(f"key {dotted!r}: there is no item {part} in {'.'.join(parts[:i]) or 'config'}")
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        if part == "heal" and isinstance(node[part], dict):
+            node[part] = [node[part]]
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise LayerpruneError(f"key {dotted!r}: there is no item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_sets(data: dict, sets: list[str]) -> None:
+    """Command-line overrides `key.path=value` (value read as YAML: 1e-4, [a, b], null)."""
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise LayerpruneError(f"--set {item!r}: write it as key=value, e.g. heal.0.learning_rate=1e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        set_dotted(data, key.strip(), value)
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None, sets: list[str] | None = None) -> RunConfig:
     """Read and validate a run YAML; one LayerpruneError naming the key on any problem."""
     path = Path(path)
     data = read_yaml_mapping(path)
     data.update(overrides or {})
+    apply_sets(data, sets or [])
     data.setdefault("out", str(Path("runs") / path.stem))
     return build_config(RunConfig, data, where_prefix=f"{path}: ")

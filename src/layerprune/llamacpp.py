@@ -7,10 +7,12 @@ Used by `layerprune generate FILE.gguf` and the composition study; also quantize
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from layerprune.errors import LayerpruneError
 
@@ -46,7 +48,8 @@ def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, kind: st
         raise LayerpruneError(f"llama.cpp could not quantize {source} to {kind} (status {status})")
 
 
-def open_gguf(path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = None):
+def open_gguf(path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False):
+    """A llama.cpp model; logits_all keeps the logits of every position (what `perplexity_windows` needs)."""
     llama_cpp = require_llama_cpp()
     path = Path(path)
     if not path.is_file() or path.suffix != ".gguf":
@@ -54,7 +57,7 @@ def open_gguf(path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = 
     threads = threads or os.cpu_count() or 1
     try:
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                               seed=0)
+                               seed=0, logits_all=logits_all)
     except (ValueError, RuntimeError) as err:
         raise LayerpruneError(f"llama.cpp could not load {path}: {err}") from None
 
@@ -111,3 +114,41 @@ def prompt_tokens(llm, prompt: str, chat: bool) -> list[int]:
             eos_token=llm.detokenize([llm.token_eos()]).decode(errors="replace"))
         return llm.tokenize(text.encode(), add_bos=False, special=True)
     return llm.tokenize(prompt.encode(), add_bos=True, special=False)
+
+
+def perplexity_windows(llm, windows: Sequence[Sequence[int]], score_from: int | Sequence[int] = 1) -> dict:
+    """Perplexity of token windows under a GGUF model, from llama.cpp's logits.
+
+    Each window is evaluated from an empty KV cache; input position p (p >= score_from) is scored from the
+    logits at p - 1, as `layerprune.evaluation.perplexity` does. Pass the windows of its `window_inputs`
+    (`.inputs`, `.score_from`) so that llama.cpp scores the transformers tokenizer's ids. Log-probabilities
+    are taken in float64 from llama.cpp's float32 logits. `llm` must be opened with logits_all=True.
+    """
+    import numpy as np
+
+    if not getattr(llm, "_logits_all", True):
+        raise LayerpruneError("perplexity needs the logits of every position: open the GGUF with logits_all=True")
+    firsts = [score_from] * len(windows) if isinstance(score_from, int) else list(score_from)
+    if len(firsts) != len(windows):
+        raise LayerpruneError(f"{len(firsts)} score_from positions for {len(windows)} windows")
+    nll_sum, scored = 0.0, 0
+    for tokens, first in zip(windows, firsts):
+        tokens = [int(t) for t in tokens]
+        if len(tokens) > llm.n_ctx():
+            raise LayerpruneError(f"a window of {len(tokens)} tokens exceeds llama.cpp's context of {llm.n_ctx()}")
+        first = max(int(first), 1)
+        if first >= len(tokens):
+            continue
+        llm.reset()  # n_tokens = 0: eval() drops the whole KV cache before decoding
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[first - 1 : len(tokens) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        targets = np.asarray(tokens[first:])
+        nll_sum += float((log_z - logits[np.arange(len(targets)), targets]).sum())
+        scored += len(targets)
+    if not scored:
+        raise LayerpruneError("no token to score: every window is shorter than its score_from position")
+    nll = nll_sum / scored
+    return {"ppl": math.exp(nll) if nll < 700 else float("inf"), "nll": nll, "nll_sum": nll_sum, "tokens": scored,
+            "windows": len(windows), "nll_dtype": "float64"}

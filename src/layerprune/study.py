@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from layerprune.config import RunConfig, build_config, read_yaml_mapping
+from layerprune.config import RunConfig, apply_sets, build_config, read_yaml_mapping, set_dotted
 from layerprune.errors import LayerpruneError
 from layerprune.outputs import write_json
 
@@ -47,31 +47,6 @@ STUDY_KEYS = {"grid", "report"}
 REPORT_OPTIONS = {"similarity"}
 
 
-def _set_path(data: dict, dotted: str, value) -> None:
-    """Set `a.b.0.c` in nested dicts/lists; a missing dict level is created."""
-    parts = dotted.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise LayerpruneError(f"grid key {dotted!r}: there is no item {part} in {'.'.join(parts[:i]) or 'config'}")
-            node = node[int(part)]
-            continue
-        if part not in node or node[part] is None:
-            node[part] = [] if nxt.isdigit() else {}
-        if part == "heal" and isinstance(node[part], dict):
-            node[part] = [node[part]]
-        node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise LayerpruneError(f"grid key {dotted!r}: there is no item {last}")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
 def _apply(base: dict, axis: str, value) -> None:
     if axis == STRATEGY_AXIS:
         prune = base.setdefault("prune", {})
@@ -84,7 +59,7 @@ def _apply(base: dict, axis: str, value) -> None:
     if path == "heal.0.method" and value in ("none", None):
         base["heal"] = []
         return
-    _set_path(base, path, value)
+    set_dotted(base, path, value)
 
 
 def setting_name(values: dict) -> str:
@@ -174,9 +149,10 @@ def is_study(data: dict) -> bool:
     return "grid" in data
 
 
-def load_study(path: str | Path, overrides: dict | None = None) -> Study:
+def load_study(path: str | Path, overrides: dict | None = None, sets: list[str] | None = None) -> Study:
     data = read_yaml_mapping(path)
     data.update(overrides or {})
+    apply_sets(data, sets or [])
     return Study(data, source=str(path))
 
 

@@ -158,6 +158,42 @@ def resolve_bos(tokenizer, bos: str) -> str:
 # ------------------------------------------------------------------ scoring
 
 
+@dataclass(frozen=True)
+class WindowInputs:
+    """What `perplexity` feeds the model: one id list per window and its first scored input position."""
+
+    inputs: list[list[int]]  # BOS prefix (bos_used "always") + text token ids
+    score_from: list[int]  # input position p >= 1 is scored (predicted from inputs[:p]) when p >= score_from
+    bos_used: str
+    text_tokens: int  # tokens of the whole text (BOS not counted)
+
+
+def window_inputs(
+    tokenizer, text: str, *, seq_len: int = 128, stride: int | None = None, bos: str = "auto",
+    max_windows: int | None = None,
+) -> WindowInputs:
+    """The token windows of `text` under this module's protocol, for any backend that returns logits.
+
+    `perplexity` scores exactly these; llama.cpp's `layerprune.llamacpp.perplexity_windows` takes them too,
+    so both backends see the same token ids (the transformers tokenizer's).
+    """
+    bos_used = resolve_bos(tokenizer, bos)
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_used == "first":
+        ids = [bos_id] + ids
+    windows = plan_windows(len(ids), seq_len, stride)
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    if not windows:
+        raise LayerpruneError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    prefix = [bos_id] if bos_used == "always" else []
+    # Input position p holds text token (w.start + p - len(prefix)); score the tokens from w.score_from on.
+    inputs = [prefix + ids[w.start : w.end] for w in windows]
+    score_from = [max(w.score_from - w.start + len(prefix), 1) for w in windows]
+    return WindowInputs(inputs, score_from, bos_used, len(ids) - (1 if bos_used == "first" else 0))
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -175,35 +211,25 @@ def perplexity(
     """Perplexity of `text` over windows of `seq_len` tokens; returns ppl, nll, tokens, windows and the protocol."""
     from tqdm.auto import tqdm
 
-    bos_used = resolve_bos(tokenizer, bos)
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_used == "first":
-        ids = [bos_id] + ids
-    windows = plan_windows(len(ids), seq_len, stride)
-    if max_windows is not None:
-        windows = windows[:max_windows]
-    if not windows:
-        raise LayerpruneError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    prefix = [bos_id] if bos_used == "always" else []
+    planned = window_inputs(tokenizer, text, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows)
+    windows = list(zip(planned.inputs, planned.score_from))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     nll_sum, scored = 0.0, 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        inputs = [prefix + ids[w.start : w.end] for w in batch]
-        width = max(len(x) for x in inputs)
-        input_ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        # Input position p predicts text token (w.start + p + 1 - len(prefix)); keep only the scored ones.
+        width = max(len(x) for x, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        # The logits at input position p - 1 predict input position p; keep only the scored ones.
         rows, cols, targets = [], [], []
-        for b, (w, x) in enumerate(zip(batch, inputs)):
+        for b, (x, first) in enumerate(batch):
             input_ids[b, : len(x)] = torch.tensor(x)
             mask[b, : len(x)] = 1
-            for token in range(max(w.score_from, w.start + 1 - len(prefix)), w.end):
+            for p in range(first, len(x)):
                 rows.append(b)
-                cols.append(token - w.start + len(prefix) - 1)
-                targets.append(ids[token])
+                cols.append(p - 1)
+                targets.append(x[p])
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()
         labels = torch.tensor(targets, device=picked.device)
@@ -216,12 +242,12 @@ def perplexity(
         "nll_sum": nll_sum,
         "tokens": scored,
         "windows": len(windows),
-        "text_tokens": len(ids) - (1 if bos_used == "first" else 0),
+        "text_tokens": planned.text_tokens,
         "seq_len": seq_len,
         "stride": stride,
         "mode": "non-overlapping" if stride is None else "sliding",
         "bos": bos,
-        "bos_used": bos_used,
+        "bos_used": planned.bos_used,
         "max_windows": max_windows,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "nll_dtype": "float32",
