@@ -23,12 +23,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import peak_rss_mb, rss_mb, run_child  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 8192, 16, 16, 32000
 
@@ -109,22 +109,6 @@ def build_checkpoint(folder: Path, size_gb: float, shard_mb: float) -> Path:
     return folder
 
 
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(path: str, src: str, out: str, drop: list[int]) -> None:
     """One path in a fresh process; prints a JSON line with its time and memory."""
     # Each path imports what it needs before the clock starts: imports cost the same whatever the model's size.
@@ -157,19 +141,10 @@ def child(path: str, src: str, out: str, drop: list[int]) -> None:
                       "base_rss_mb": base_rss}))
 
 
-def run_child(path: str, src: Path, out: Path, drop: list[int]) -> dict:
+def run_path(path: str, src: Path, out: Path, drop: list[int]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # no write-back of an earlier run's files lands on this run's clock
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", path, str(src), str(out), ",".join(map(str, drop))],
-        capture_output=True, text=True, check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{path} path failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - start
-    return result
+    return run_child(__file__, path, str(src), str(out), ",".join(map(str, drop)))
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -230,7 +205,7 @@ def main() -> None:
     runs = {"disk": [], "memory": []}
     for _ in range(args.repeat):  # alternate, keep each path's fastest run
         for path in runs:
-            runs[path].append(run_child(path, src, work / f"out-{path}", drop))
+            runs[path].append(run_path(path, src, work / f"out-{path}", drop))
     disk, memory = (min(runs[path], key=lambda r: r["seconds"]) for path in ("disk", "memory"))
     identical = same_tensors(work / "out-disk", work / "out-memory")
     for r in (disk, memory):

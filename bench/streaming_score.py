@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoint_prune import build_checkpoint, peak_rss_mb, rss_mb  # noqa: E402
+from _common import peak_rss_mb, rss_mb, run_child  # noqa: E402
+from checkpoint_prune import build_checkpoint  # noqa: E402
 
 METRIC = "block-influence"
 
@@ -58,17 +58,8 @@ def child(path: str, src: str, n_samples: int, seq_len: int) -> None:
     }))
 
 
-def run_child(path: str, src: Path, n_samples: int, seq_len: int) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", path, str(src), str(n_samples), str(seq_len)],
-        capture_output=True, text=True, check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{path} path failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - start
-    return result
+def run_path(path: str, src: Path, n_samples: int, seq_len: int) -> dict:
+    return run_child(__file__, path, str(src), str(n_samples), str(seq_len))
 
 
 def main() -> None:
@@ -92,8 +83,8 @@ def main() -> None:
     n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     print(f"checkpoint: {src}: {n_layers} layers, {total / 1e9:.2f} GB bf16 in {len(files)} shards; "
           f"{METRIC} on {args.n_samples} x {args.seq_len} random tokens")
-    stream = run_child("stream", src, args.n_samples, args.seq_len)
-    memory = run_child("memory", src, args.n_samples, args.seq_len)
+    stream = run_path("stream", src, args.n_samples, args.seq_len)
+    memory = run_path("memory", src, args.n_samples, args.seq_len)
     for r in (stream, memory):
         label = "streamed (stream_scores)" if r["path"] == "stream" else "loaded (compute_many)"
         print(f"  {label:26s} {r['seconds']:6.1f} s wall, {r['cpu_seconds']:6.1f} s CPU   "

@@ -25,6 +25,7 @@ runner = CliRunner()
 
 SHAPES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 DROP = [1, 3]
+SMOLLM2_DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 
 
 @pytest.fixture(scope="module")
@@ -204,16 +205,21 @@ def test_cli_rejects_bad_format_and_q4_k_m_without_llama_quantize(pruned_dir, tm
     assert_one_line_error(result, "unknown GGUF quantization")
 
 
+def export_pruned_smollm2(tmp_path, gguf_file):
+    """SmolLM2-135M (fp32) minus SMOLLM2_DROP, saved in tmp_path/pruned, exported to f16 GGUF: (loaded, GGUF path)."""
+    from layerprune.models.loading import load_model
+
+    loaded = load_model("smollm2-135m", dtype="fp32")
+    remove_layers(loaded.model, SMOLLM2_DROP)
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "pruned")
+    return loaded, export_gguf(tmp_path / "pruned", gguf_file, "f16")
+
+
 @pytest.mark.slow
 def test_smollm2_pruned_export_round_trip(converter, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layerprune.models.loading import load_model
-
-    loaded = load_model("smollm2-135m", dtype="fp32")
-    remove_layers(loaded.model, [12, 13, 14, 15, 16, 17, 25, 26])
-    save_model(loaded.model, loaded.tokenizer, tmp_path / "pruned")
-    out = export_gguf(tmp_path / "pruned", tmp_path / "gguf" / "smollm2-pruned-f16.gguf", "f16")
+    loaded, out = export_pruned_smollm2(tmp_path, tmp_path / "gguf" / "smollm2-pruned-f16.gguf")
     reader = gguf.GGUFReader(out)
     assert field(reader, "llama.block_count") == 22
     assert "im_start" in field(reader, "tokenizer.chat_template")

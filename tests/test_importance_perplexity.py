@@ -230,3 +230,22 @@ def test_stand_in_keeps_the_block_output_form():
     assert list(stand_in.modules()) == [stand_in]
     with pytest.raises(AttributeError):
         _StandIn(None).attention_type
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "gpt2"])
+def test_drop_set_losses_equal_bypassed_forwards_and_skip_the_prefix(family):
+    """select: auto's cheap candidate losses equal a full forward with the layers bypassed."""
+    from layerprune.importance.perplexity import drop_set_losses
+    from layerprune.pipeline import validation_loss
+
+    model = tiny_model(family).eval()
+    calibration = _calibration()
+    drop_sets = {"tail": [3, 4], "middle": [1, 3], "single": [2]}
+    losses, forwards = drop_set_losses(model, calibration, drop_sets, batch_size=4)
+    for name, drop in drop_sets.items():
+        assert losses[name] == pytest.approx(validation_loss(model, calibration, drop), rel=1e-5), name
+    batches = math.ceil(calibration.num_samples / 4)
+    # per batch: one intact pass + each candidate's blocks after its first drop that it keeps
+    expected = batches * (N_LAYERS + sum(len([p for p in range(min(d), N_LAYERS) if p not in d])
+                                         for d in drop_sets.values()))
+    assert forwards == expected

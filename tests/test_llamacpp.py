@@ -14,7 +14,7 @@ from layerprune.export import export_gguf
 from layerprune.models.saving import save_model
 from layerprune.models.surgery import remove_layers
 from cli_asserts import assert_one_line_error
-from test_export import DROP, SHAPES, converter, llama2_tokenizer  # noqa: F401  (fixture)
+from test_export import DROP, SHAPES, converter, export_pruned_smollm2, llama2_tokenizer  # noqa: F401  (fixture)
 from tiny_models import tiny_model
 
 llama_cpp = pytest.importorskip(
@@ -91,12 +91,8 @@ def test_generate_cli_errors(tmp_path):
 def test_llama_cpp_matches_transformers_on_pruned_smollm2_f16(converter, tmp_path):
     """The issue's check: the f16 export of SmolLM2 minus 8 layers, 16 greedy tokens, llama.cpp == transformers."""
     from layerprune.llamacpp import greedy_tokens, open_gguf
-    from layerprune.models.loading import load_model
 
-    loaded = load_model("smollm2-135m", dtype="fp32")
-    remove_layers(loaded.model, [12, 13, 14, 15, 16, 17, 25, 26])
-    save_model(loaded.model, loaded.tokenizer, tmp_path / "pruned")
-    gguf_file = export_gguf(tmp_path / "pruned", tmp_path / "pruned-f16.gguf", "f16")
+    loaded, gguf_file = export_pruned_smollm2(tmp_path, tmp_path / "pruned-f16.gguf")
     # transformers on the same f16-rounded weights (computed in fp32), which is what llama.cpp runs
     for p in loaded.model.parameters():
         p.data = p.data.half().float()

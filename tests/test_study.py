@@ -106,7 +106,7 @@ def test_cli_run_dispatches_a_study(workspace):
 
 def test_grid_over_layer_counts_plots_perplexity_against_layers_removed(workspace):
     study = load_study(study_yaml(workspace, heal=[], grid={"metric": ["block-influence", "reverse-order"],
-                                                            "num_layers": [1, 2]}))
+                                                            "num_layers": [1, 2]}, report={"similarity": True}))
     record = study.execute(log=lambda m: None)
     out = workspace / "study"
     assert (out / "plots" / "ppl_vs_removed.png").stat().st_size > 1000
@@ -115,3 +115,9 @@ def test_grid_over_layer_counts_plots_perplexity_against_layers_removed(workspac
     # one pruned model per (metric, count), each metric scored once
     assert len(list((out / "shared").glob("prune-*"))) == 4
     assert len(list((out / "shared").glob("scores-*"))) == 2
+    # linear CKA of every setting's final model against the original (and each other)
+    similarity = json.loads((out / "similarity.json").read_text())
+    assert similarity["names"][0] == "original" and len(similarity["names"]) == 5
+    cka = similarity["cka"]
+    assert all(abs(cka[i][i] - 1) < 1e-6 for i in range(5)) and all(0 < cka[0][j] < 1 for j in range(1, 5))
+    assert (out / "plots" / "similarity.png").stat().st_size > 1000

@@ -88,17 +88,18 @@ def _cuda_devices(model: nn.Module) -> list[torch.device]:
     return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
 
 
-def _synchronize(model: nn.Module) -> None:
+def synchronize(model: nn.Module) -> None:
     """Wait for queued GPU work, or a timer measures only the kernel launches."""
     for device in _cuda_devices(model):
         torch.cuda.synchronize(device)
 
 
-def _timed(model: nn.Module, fn: Callable[[], object]) -> float:
-    _synchronize(model)
+def timed(model: nn.Module, fn: Callable[[], object]) -> float:
+    """Seconds fn() takes, its queued GPU work included."""
+    synchronize(model)
     start = time.perf_counter()
     fn()
-    _synchronize(model)
+    synchronize(model)
     return time.perf_counter() - start
 
 
@@ -352,7 +353,7 @@ def _cpu_peak(fn: Callable[[], object]) -> dict:
 
 def _cuda_peak(model: nn.Module, fn: Callable[[], object]) -> dict:
     devices = _cuda_devices(model)
-    _synchronize(model)
+    synchronize(model)
     gc.collect()
     before = 0
     for device in devices:
@@ -360,7 +361,7 @@ def _cuda_peak(model: nn.Module, fn: Callable[[], object]) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before += torch.cuda.memory_allocated(device)
     fn()
-    _synchronize(model)
+    synchronize(model)
     peak = sum(torch.cuda.max_memory_allocated(d) for d in devices)
     return {"peak_bytes": peak, "peak_increase_bytes": peak - before, "method": "CUDA max allocated"}
 
@@ -412,7 +413,7 @@ def prefill_latency(model: nn.Module, inputs: torch.Tensor, warmup: int = 10, ru
     samples = []
     for i in range(warmup + runs):
         row = inputs[i % inputs.shape[0]].unsqueeze(0)
-        seconds = _timed(model, lambda: model(input_ids=row, use_cache=False))
+        seconds = timed(model, lambda: model(input_ids=row, use_cache=False))
         if i >= warmup:
             samples.append(seconds)
     return {"batch_size": 1, "seq_len": inputs.shape[1], "warmup": warmup, **_stats(samples)}
@@ -443,7 +444,7 @@ def generation_latency(
     samples = []
     for i in range(warmup + runs):
         output: list[torch.Tensor] = []
-        seconds = _timed(model, lambda: output.append(_generate(model, prompts, new_tokens, pad)))
+        seconds = timed(model, lambda: output.append(_generate(model, prompts, new_tokens, pad)))
         produced = output[0].shape[1] - prompts.shape[1]
         if produced != new_tokens:
             raise LayerpruneError(f"generation produced {produced} tokens instead of the forced {new_tokens}")

@@ -209,7 +209,7 @@ def measure_layer_costs(
     with hooks inside the same forward as the total, so overhead_s = total - sum(layers) is the rest
     of the model (embeddings, norm, lm_head, masks).
     """
-    from layerprune.benchmark import _synchronize, model_device
+    from layerprune.benchmark import model_device, synchronize, timed
     from layerprune.models.anatomy import get_anatomy
 
     if mode not in LATENCY_MODES:
@@ -223,13 +223,13 @@ def measure_layer_costs(
 
     def before(pos):
         def hook(module, args):
-            _synchronize(model)
+            synchronize(model)
             started[pos] = time.perf_counter()
         return hook
 
     def after(pos):
         def hook(module, args, output):
-            _synchronize(model)
+            synchronize(model)
             samples[pos].append(time.perf_counter() - started[pos])
         return hook
 
@@ -247,14 +247,8 @@ def measure_layer_costs(
         forward()
     handles = [h for pos, layer in enumerate(layers) for h in (
         layer.register_forward_pre_hook(before(pos)), layer.register_forward_hook(after(pos)))]
-    totals = []
     try:
-        for _ in range(runs):
-            _synchronize(model)
-            start = time.perf_counter()
-            forward()
-            _synchronize(model)
-            totals.append(time.perf_counter() - start)
+        totals = [timed(model, forward) for _ in range(runs)]
     finally:
         for handle in handles:
             handle.remove()

@@ -16,7 +16,8 @@ def export_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     format: str = typer.Option("gguf", "--format", help="Output format (gguf)."),
     quant: str = typer.Option(
-        "f16", "--quant", help="f16, bf16, f32, q8_0, or q4_k_m (needs llama.cpp's llama-quantize)."
+        "f16", "--quant",
+        help="f16, bf16, f32, q8_0, or q4_k_m (needs layerprune[llamacpp] or llama.cpp's llama-quantize).",
     ),
     out: Path = typer.Option(..., "--out", help="The .gguf file to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),

@@ -14,7 +14,8 @@ keeping only the converter files (convert_hf_to_gguf.py, conversion/, gguf-py/).
 `gguf-py` from the same tree goes on PYTHONPATH, so the converter runs with the library it was written for.
 
 The converter runs in a subprocess; the output appears atomically (temp file + rename).
-q4_k_m needs llama.cpp's compiled `llama-quantize`, which is not built here.
+q4_k_m quantizes the f16 output with llama.cpp's quantizer: the library call from llama-cpp-python
+(`layerprune[llamacpp]`), or a compiled `llama-quantize` on PATH / $LLAMA_QUANTIZE.
 """
 
 from __future__ import annotations

@@ -186,8 +186,11 @@ class Run:
         if prune.select == "metric":
             name = prune.metrics[0]
             return {"dropped": candidates[name], "chosen_by": name, **_constraints(constraints, name)}
+        from layerprune.importance.perplexity import drop_set_losses
+
         validation = self.calibration(loaded.tokenizer, seed_offset=1000)
-        losses = {name: validation_loss(model, validation, drop) for name, drop in candidates.items()}
+        kept = kept_layers(model)
+        losses, _ = drop_set_losses(model, validation, {n: [kept.index(i) for i in d] for n, d in candidates.items()})
         best = min(losses, key=lambda n: (losses[n], n))
         self.log("validation loss of each candidate: " + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
         return {"dropped": candidates[best], "chosen_by": f"auto:{best}", **_constraints(constraints, best),

@@ -183,7 +183,8 @@ def study_rows(study_dir: Path) -> tuple[list[str], list[dict]]:
         rows.append(row)
     if original:
         rows.insert(0, {"setting": "original", **{a: "-" for a in index["axes"]}, "status": "reference",
-                        "dropped": [], "run_dir": None, **_eval_cells(original), "decode speedup": 1.0})
+                        "dropped": [], "run_dir": None, **_eval_cells(original),
+                        "decode speedup": 1.0 if any(r["decode speedup"] for r in rows) else None})
     return index["axes"], rows
 
 
@@ -292,7 +293,10 @@ def study_plots(study_dir: Path, axes: list[str], rows: list[dict], similarity: 
     metric_axis = "metric" if "metric" in axes else None
     by_removed = [dict(r, metric=r.get(metric_axis, "setting") if metric_axis else "setting",
                        layers_removed=len(r["dropped"])) for r in settings]
-    if len({r["layers_removed"] for r in by_removed}) > 1:
+    original = next((r for r in rows if r["run_dir"] is None), None)
+    if original:  # every line starts at the unpruned model (0 layers removed)
+        by_removed += [dict(original, metric=m, layers_removed=0) for m in {r["metric"] for r in by_removed}]
+    if len({r["layers_removed"] for r in by_removed if r["run_dir"]}) > 1:
         if any("Avg Acc" in r for r in by_removed):
             made.append(sp.plot_metric_vs_removed([r for r in by_removed if "Avg Acc" in r], "Avg Acc",
                                                   out / "acc_vs_removed.png"))

@@ -149,6 +149,13 @@ def _lora_config(config: HealConfig):
     )
 
 
+def _merge_adapters(peft_model):
+    """The stock model with the LoRA adapters merged into its weights, every weight trainable again."""
+    merged = peft_model.merge_and_unload()
+    merged.requires_grad_(True)
+    return merged
+
+
 @register_method("lora")
 class Lora:
     """peft LoRA (seed: r=8) on every linear projection of the blocks; merged at the end."""
@@ -161,9 +168,7 @@ class Lora:
 
     @staticmethod
     def finalize(model, config, context):
-        merged = model.merge_and_unload()
-        merged.requires_grad_(True)
-        return merged
+        return _merge_adapters(model)
 
 
 @register_method("qlora")
@@ -197,9 +202,7 @@ class QLora:
         adapters = get_peft_model_state_dict(model)
         full = get_peft_model(context.notes.pop("full_precision"), _lora_config(config))
         set_peft_model_state_dict(full, adapters)
-        merged = full.merge_and_unload()
-        merged.requires_grad_(True)
-        return merged
+        return _merge_adapters(full)
 
 
 def _wants_bf16(config: HealConfig) -> bool:

@@ -99,7 +99,7 @@ def distance_table(last_tokens: torch.Tensor, max_block_size: int) -> dict[str, 
 
 
 @dataclass
-class _Accumulator:
+class ActivationAccumulator:
     """Running per-layer statistics; each hook reduces its batch at once, nothing else is kept."""
 
     n_layers: int
@@ -137,43 +137,54 @@ class _Accumulator:
                 self.last_tokens[i + 1].append(y[rows, last].float().cpu())
 
 
-def _hook(acc: _Accumulator, i: int):
+def _hook(acc: ActivationAccumulator, i: int):
     def hook(module, args, kwargs, out):
         acc.observe(i, layer_input(args, kwargs), hidden_of(out))
 
     return hook
 
 
-def _forward_kwargs(model) -> dict:
+def last_logits_kwargs(model) -> dict:
     """Ask for the last position's logits only, when the model allows it (saves the [B, L, V] logits)."""
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-def _input_device(model) -> torch.device:
-    return get_anatomy(model).embeddings.weight.device
+def calibration_forward(model, calibration, batch_size: int, handles: list, before_batch) -> None:
+    """Every non-empty calibration batch through the model: eval mode, no gradients, last logits only.
 
-
-def run_pass(model, calibration, *, batch_size: int, want_cos: bool, want_rel: bool, want_last: bool) -> _Accumulator:
-    """One forward pass over the calibration set with a hook on every decoder layer."""
-    if batch_size < 1:
-        raise LayerpruneError(f"batch_size must be >= 1, got {batch_size}")
-    layers = get_anatomy(model).layers
-    acc = _Accumulator(len(layers), want_cos, want_rel, want_last)
-    handles = [layer.register_forward_hook(_hook(acc, i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = _input_device(model)
-    extra = _forward_kwargs(model)
+    The model's hooks (`handles`) do the measuring; `before_batch(mask)` runs before each batch's forward.
+    Afterwards, even on an error, the hooks are removed and the model's training mode is restored.
+    """
+    device = get_anatomy(model).embeddings.weight.device
+    extra = last_logits_kwargs(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for ids, mask in calibration.nonempty_batches(batch_size):
-                acc.mask = mask
+                before_batch(mask)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def run_pass(
+    model, calibration, *, batch_size: int, want_cos: bool, want_rel: bool, want_last: bool
+) -> ActivationAccumulator:
+    """One forward pass over the calibration set with a hook on every decoder layer."""
+    if batch_size < 1:
+        raise LayerpruneError(f"batch_size must be >= 1, got {batch_size}")
+    layers = get_anatomy(model).layers
+    acc = ActivationAccumulator(len(layers), want_cos, want_rel, want_last)
+    handles = [layer.register_forward_hook(_hook(acc, i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+    def set_mask(mask):
+        acc.mask = mask
+
+    calibration_forward(model, calibration, batch_size, handles, set_mask)
     return acc
 
 
@@ -202,7 +213,7 @@ def _block_sizes(n: int, params: dict) -> tuple[int, int]:
     return m, top
 
 
-def _finish_angular(acc: _Accumulator, n: int, params: dict) -> tuple[list[float], dict]:
+def _finish_angular(acc: ActivationAccumulator, n: int, params: dict) -> tuple[list[float], dict]:
     m, top = _block_sizes(n, params)
     last_tokens = torch.stack([torch.cat(chunks) for chunks in acc.last_tokens], dim=1)  # [N, n+1, H]
     table = distance_table(last_tokens, top)
@@ -215,18 +226,22 @@ def _means(sums: list, counts: list) -> list[float]:
     return [float(s) / float(c) for s, c in zip(sums, counts)]
 
 
-@register_group(GROUP)
-def activation_metrics(model, calibration, requests: dict[str, dict]) -> dict[str, object]:
-    """Compute every requested activation metric ({name: params}) from ONE forward pass.
-
-    The pass uses the smallest `batch_size` asked for (default 8): batching only changes memory.
+def check_requests(requests: dict[str, dict], n_layers: int) -> int:
+    """Refuse unknown metrics or parameters and bad angular block sizes before the (possibly long) pass;
+    return the pass's batch size: the smallest `batch_size` asked for (default 8), batching only changes memory.
     """
     _check_params(requests)
-    n = get_anatomy(model).num_layers
     if "angular" in requests:
-        _block_sizes(n, requests["angular"])  # fail before the (possibly long) pass
+        _block_sizes(n_layers, requests["angular"])
     sizes = [params.get("batch_size") for params in requests.values()]
-    batch_size = min((DEFAULT_BATCH_SIZE if size is None else size) for size in sizes)
+    return min((DEFAULT_BATCH_SIZE if size is None else size) for size in sizes)
+
+
+@register_group(GROUP)
+def activation_metrics(model, calibration, requests: dict[str, dict]) -> dict[str, object]:
+    """Compute every requested activation metric ({name: params}) from ONE forward pass (see check_requests)."""
+    n = get_anatomy(model).num_layers
+    batch_size = check_requests(requests, n)
     acc = run_pass(
         model,
         calibration,
@@ -238,7 +253,7 @@ def activation_metrics(model, calibration, requests: dict[str, dict]) -> dict[st
     return finish_activation_metrics(acc, n, requests)
 
 
-def finish_activation_metrics(acc: "_Accumulator", n: int, requests: dict[str, dict]) -> dict[str, object]:
+def finish_activation_metrics(acc: ActivationAccumulator, n: int, requests: dict[str, dict]) -> dict[str, object]:
     """The requested metrics from accumulated statistics (shared with the streaming path)."""
     results: dict[str, object] = {}
     if "block-influence" in requests:

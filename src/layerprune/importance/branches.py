@@ -19,8 +19,7 @@ import torch
 from layerprune.errors import LayerpruneError
 from layerprune.importance.activations import (
     DEFAULT_BATCH_SIZE,
-    _forward_kwargs,
-    _input_device,
+    calibration_forward,
     hidden_of,
     layer_input,
     token_cosines,
@@ -67,19 +66,7 @@ def run_branch_pass(model, calibration, *, batch_size: int = DEFAULT_BATCH_SIZE)
     for i, block in enumerate(layers):
         handles.append(getattr(block, spec.mlp_norms[0]).register_forward_pre_hook(capture_between(i)))
         handles.append(block.register_forward_hook(observe(i), with_kwargs=True))
-    device = _input_device(model)
-    extra = _forward_kwargs(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for ids, mask in calibration.nonempty_batches(batch_size):
-                state["mask"] = mask
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    calibration_forward(model, calibration, batch_size, handles, lambda mask: state.update(mask=mask))
     return {kind: [1.0 - float(s) / float(c) for s, c in zip(sums[kind], tokens)] for kind in _METRIC_OF}
 
 

@@ -328,3 +328,33 @@ def perplexity(
         "chunks": chunks,
     }
     return scores, extra
+
+
+# ---------------------------------------------------------------- whole drop-sets (select: auto)
+
+
+def drop_set_losses(model: nn.Module, calibration, drop_sets: dict[str, list[int]], batch_size: int = 4) -> tuple[
+        dict[str, float], int]:
+    """Mean next-token loss of the model with each drop-set of layer POSITIONS removed, and the number of
+    block forwards run. One intact pass per batch caches every block's input; a candidate whose first
+    dropped block is f then resumes from X_f, so blocks before f are never run again."""
+    anatomy = get_anatomy(model)
+    layers = anatomy.layers
+    nll = {name: 0.0 for name in drop_sets}
+    tokens = 0
+    with torch.no_grad(), _eval_mode(model), _counting(layers) as calls:
+        for ids, mask in calibration.batches(batch_size):
+            cap = _capture(model, layers, ids, mask, keep_inputs=True, store=None)
+            cap.logits = None
+            for name, drop in drop_sets.items():
+                first = min(drop)
+                stand_ins = {p: _StandIn(cap.tails[p], block=layers[p]) for p in [*range(first), *drop]}
+                stand_ins[first] = _StandIn(cap.tails[first], cap.inputs.get(first), block=layers[first])
+                with _swapped(anatomy, stand_ins):
+                    value, count = token_nll(_forward(model, ids, mask), ids, mask)
+                nll[name] += value
+            tokens += count
+            del cap
+    if tokens == 0:
+        raise LayerpruneError("validation data has no predicted tokens")
+    return {name: value / tokens for name, value in nll.items()}, calls[0]

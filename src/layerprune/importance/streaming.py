@@ -14,7 +14,7 @@ frequencies are real), then:
 
 Peak memory: one layer's weights + the embeddings during step 1 + the calibration activations
 (N x L x H). The statistics come from the same functions as the in-memory pass
-(`activations._Accumulator`, `weights.scored_parameters` and its norms), so the scores equal
+(`activations.ActivationAccumulator`, `weights.scored_parameters` and its norms), so the scores equal
 `compute_many` on the loaded model. Streamable: block-influence, relative-magnitude, angular,
 magnitude-l1, magnitude-l2, and the order baselines (which need only the layer count).
 Not streamed: perplexity and taylor (they need whole-model forwards or gradients).
@@ -33,13 +33,11 @@ from torch import nn
 
 from layerprune.errors import LayerpruneError
 from layerprune.importance.activations import (
-    DEFAULT_BATCH_SIZE,
-    _Accumulator,
-    _block_sizes,
-    _check_params,
-    _forward_kwargs,
+    ActivationAccumulator,
+    check_requests,
     finish_activation_metrics,
     hidden_of,
+    last_logits_kwargs,
     layer_input,
 )
 from layerprune.importance.base import LayerScores
@@ -87,13 +85,9 @@ def stream_scores(
             raise LayerpruneError(f"metric {name!r} got unknown parameter(s) {sorted(set(params) - {'include_norms'})}")
     acc = batches = None
     if acts:
-        _check_params(acts)
-        if "angular" in acts:
-            _block_sizes(n, acts["angular"])  # fail before any work
-        sizes = [params.get("batch_size") for params in acts.values()]
-        batch_size = min((DEFAULT_BATCH_SIZE if size is None else size) for size in sizes)
+        batch_size = check_requests(acts, n)  # fails before any work
         batches = _layer_inputs(model, weights, calibration, batch_size)
-        acc = _Accumulator(n, "block-influence" in acts, "relative-magnitude" in acts, "angular" in acts)
+        acc = ActivationAccumulator(n, "block-influence" in acts, "relative-magnitude" in acts, "angular" in acts)
     sums = {name: [] for name in norms}
     if acts or norms:
         for i, block in enumerate(anatomy.layers):
@@ -334,7 +328,7 @@ def _layer_inputs(model: nn.Module, weights: _CheckpointWeights, calibration, ba
 
     batches = []
     loaded = []
-    extra = _forward_kwargs(model)
+    extra = last_logits_kwargs(model)
     try:
         for name in outside:
             loaded += weights.read({name: _required(weights, name)})
@@ -365,7 +359,7 @@ def _required(weights: _CheckpointWeights, name: str) -> str:
     return stored
 
 
-def _run_layer(block: nn.Module, i: int, batches: list[dict], acc: _Accumulator) -> None:
+def _run_layer(block: nn.Module, i: int, batches: list[dict], acc: ActivationAccumulator) -> None:
     """Push every batch's hidden states through layer i; its output becomes the next layer's input."""
     with torch.no_grad():
         for batch in batches:
