@@ -15,12 +15,12 @@ COMMON=(--data dolly --max-samples "$N" --max-length 256 --lr 1e-4 --epochs 1 --
         --effective-batch-size 8 --warmup-steps 2)
 for method in partial lora qlora full cpt distill; do
   extra=()
-  [ "$method" = cpt ] && extra=(--data wikitext2)  # raw text; same number of sequences
+  [ "$method" = cpt ] && extra=(--data c4)  # raw text (bundled C4 validation); same number of sequences
   [ "$method" = distill ] && extra=(--teacher smollm2-135m)
   if [ ! -d "$OUT/$method" ]; then
     $LP finetune "$OUT/pruned" --method "$method" "${COMMON[@]}" "${extra[@]}" --out "$OUT/$method"
   fi
-  tasks=()
+  tasks=(--tasks none)
   case $method in partial|lora) tasks=("${TASKS[@]}");; esac
   [ -f "$OUT/eval-$method/eval.json" ] || $LP eval "$OUT/$method" "${EVAL[@]}" "${tasks[@]}" --out "$OUT/eval-$method"
 done

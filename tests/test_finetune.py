@@ -179,3 +179,15 @@ def test_bad_heal_configs_are_refused():
         HealConfig(learning_rate=-1)
     with pytest.raises(ValueError):
         HealConfig(lora_rank=8)  # typo: extra fields are forbidden
+
+
+@pytest.mark.parametrize("text", ["wikitext2", "ptb"])
+def test_continued_pretraining_refuses_the_bundled_evaluation_test_sets(text):
+    from layerprune import LayerpruneError
+    from layerprune.api import prepare_training_rows
+
+    with pytest.raises(LayerpruneError, match="TEST split"):
+        prepare_training_rows("cpt", tiny_tokenizer(), text, HealConfig(method="cpt", max_length=32))
+    rows, info = prepare_training_rows("cpt", tiny_tokenizer(), "c4", HealConfig(method="cpt", max_length=32),
+                                       max_samples=2)
+    assert len(rows) == 2 and info["source"] == "c4"

@@ -257,6 +257,10 @@ def _calibration(loaded, source: str, n_samples: int, seq_len: int, seed: int):
     return load_calibration(loaded.tokenizer, source, n_samples=n_samples, seq_len=seq_len, seed=seed)
 
 
+# Bundled texts that are evaluation test sets (see resources/data/MANIFEST.md): never training data.
+EVALUATION_ONLY_TEXTS = ("wikitext2", "ptb")
+
+
 def prepare_training_rows(method: str, tokenizer, data: str | None, config, *, max_samples=None, fields=None,
                           template: str = "auto", seed: int = 0) -> tuple[list[dict], dict]:
     """Tokenized training rows for a healing method and a description of the data."""
@@ -268,6 +272,10 @@ def prepare_training_rows(method: str, tokenizer, data: str | None, config, *, m
         raise LayerpruneError("healing needs the model's tokenizer")
     if get_method(method).raw_text:
         source = data or "c4"
+        if source in EVALUATION_ONLY_TEXTS:
+            raise LayerpruneError(
+                f"the bundled {source} is the TEST split that `layerprune eval` measures perplexity on; training "
+                "on it would make that perplexity meaningless. Use c4 (bundled) or a text file of your own")
         rows = tokenize_text(read_texts(source), tokenizer, max_length=config.max_length, max_samples=max_samples)
         return rows, {"source": source, "kind": "raw text", "blocks": len(rows), "block_tokens": config.max_length}
     source = data or "dolly"

@@ -300,7 +300,7 @@ def finetune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: str = typer.Option(..., "--out", "-o", help="Folder for the healed model, heal.json and the loss curve."),
     method: Optional[str] = typer.Option(None, help="partial | lora | qlora | full | cpt | distill (default partial)."),
-    data: Optional[str] = typer.Option(None, help="dolly | a Dolly/Alpaca .json/.jsonl file | a hub dataset id; cpt: c4 | wikitext2 | a text file."),
+    data: Optional[str] = typer.Option(None, help="dolly | a Dolly/Alpaca .json/.jsonl file | a hub dataset id; cpt: c4 | a text file (not wikitext2/ptb: they are the evaluation test sets)."),
     fields: Optional[str] = typer.Option(None, help="Field mapping for other formats, e.g. instruction=question,context=,response=answer."),
     template: str = typer.Option("auto", help="Prompt format: auto (chat template if any) | chat | alpaca."),
     max_samples: Optional[int] = typer.Option(None, help="Use at most N examples (quick runs)."),

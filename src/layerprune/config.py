@@ -156,7 +156,7 @@ class PruneConfig(_Strict):
 
 
 class HealStage(HealConfig):
-    data: str | None = Field(None, description="dolly | file | hub id; cpt: c4 | wikitext2 | text file.")
+    data: str | None = Field(None, description="dolly | file | hub id; cpt: c4 | a text file (not the wikitext2/ptb test sets).")
     max_samples: int | None = Field(None, ge=1)
     template: Literal["auto", "chat", "alpaca"] = "auto"
     fields: str | None = Field(None, description="Field mapping: instruction=...,context=...,response=...")
