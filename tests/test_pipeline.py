@@ -186,3 +186,16 @@ def test_set_overrides_reach_nested_keys_and_bad_ones_name_themselves(workspace)
         load_run_config(path, sets=["heal.0.learning_rate"])
     with pytest.raises(LayerpruneError, match="heal.0.learning_rate"):
         load_run_config(path, sets=["heal.0.learning_rate=fast"])
+
+
+def test_cli_run_prints_the_report_verbatim(workspace):
+    """report.md is printed as written (rich markup off: `![scores](scores.png)` must survive)."""
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+
+    path = write_config(workspace, heal=[], eval=None, bench=None)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "![scores](scores.png)" in result.output
+    assert (workspace / "run" / "report.md").read_text().strip() in result.output

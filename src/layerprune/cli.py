@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from layerprune.errors import LayerpruneError
@@ -172,9 +173,9 @@ def prune(
         console.print(f"estimated {result.how['latency']['mode']} latency: {result.how['estimated_latency_ratio']:.3f} "
                       f"of the original's (target {result.how['target_latency']})")
     for before, after in zip(result.samples_before, result.samples_after):
-        console.print(f"\n[bold]prompt:[/] {before['prompt']}", highlight=False)
-        console.print(f"  [cyan]original:[/] {before['completion']!r}", highlight=False)
-        console.print(f"  [magenta]pruned:[/]   {after['completion']!r}", highlight=False)
+        console.print(f"\n[bold]prompt:[/] {escape(before['prompt'])}", highlight=False)
+        console.print(f"  [cyan]original:[/] {escape(repr(before['completion']))}", highlight=False)
+        console.print(f"  [magenta]pruned:[/]   {escape(repr(after['completion']))}", highlight=False)
     reload = ("layerprune.load_model only: stock transformers cannot describe a layer without attention or MLP"
               if getattr(result, "granularity", "block") != "block" else "AutoModelForCausalLM.from_pretrained")
     console.print(f"\npruned model saved to [bold]{result.out}[/] (reload: {reload})")
@@ -385,7 +386,7 @@ def run(
     summary = run_pipeline(run_config, log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
     from pathlib import Path
 
-    console.print(Path(run_config.out, "report.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(Path(run_config.out, "report.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     console.print(f"done in {summary['wall_time_s']:.0f} s; final model: [bold]{summary['final_model']}[/]")
 
 
@@ -394,7 +395,7 @@ def _run_study(study) -> None:
 
     console.print(f"study folder: [bold]{study.out}[/] ({len(study.settings)} settings)")
     record = study.execute(log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
-    console.print(Path(study.out, "study.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(Path(study.out, "study.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     console.print(f"done in {record['wall_time_s']:.0f} s; tables: study.md, study.csv, study.html; "
                   f"plots in {Path(study.out, 'plots')}")
 

@@ -74,6 +74,6 @@ def generate_command(
         seconds = time.perf_counter() - start  # includes the prompt's forward, unlike the llama.cpp figure
         new = out[0, inputs["input_ids"].shape[1]:]
         text, backend, n = tokenizer.decode(new, skip_special_tokens=True), "transformers", len(new)
-    console.print(text, highlight=False, soft_wrap=True)
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
     console.print(f"[dim]{n} tokens, {n / seconds if seconds else float('nan'):.1f} tokens/s ({backend}, greedy)[/]",
                   highlight=False)
