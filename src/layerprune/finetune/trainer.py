@@ -174,6 +174,7 @@ def heal(
     start = time.perf_counter()
     checkpoint = _last_checkpoint(work_dir) if resume else None
     output = trainer.train(resume_from_checkpoint=checkpoint)
+    _close_process_group_at_exit()
     seconds = time.perf_counter() - start
     curve = [
         {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate")}
@@ -196,6 +197,20 @@ def heal(
         loss_curve=curve,
         notes={**{k: v for k, v in context.notes.items() if k != "full_precision"}, "gradient_accumulation": accumulation},
     )
+
+
+def _close_process_group_at_exit() -> None:
+    """Under `accelerate launch`, tear the process group down before the interpreter exits: left to
+    C++ static destructors, gloo's threads can abort a rank at exit ("terminate called without an
+    active exception") after training finished."""
+    import atexit
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not _close_process_group_at_exit.done:
+        _close_process_group_at_exit.done = True
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+
+
+_close_process_group_at_exit.done = False
 
 
 def _tokens_in_steps(rows, trainer, accumulation) -> int:
