@@ -26,7 +26,7 @@ DROP = [12, 13, 14, 15, 16, 17, 25, 26]  # block influence's choice on SmolLM2 (
 
 def make_step(model, batch):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # what heal() uses (adamw_torch_fused)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):

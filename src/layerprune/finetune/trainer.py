@@ -143,7 +143,7 @@ def heal(
         warmup_steps=config.warmup_steps,
         lr_scheduler_type=config.scheduler,
         weight_decay=config.weight_decay,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # one fused kernel: ~0.1 s less per step than foreach on 2 CPU cores (SmolLM2 partial)
         bf16=_wants_bf16(config) and config.method != "qlora",
         gradient_checkpointing=config.gradient_checkpointing,
         logging_steps=config.logging_steps,
