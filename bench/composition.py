@@ -37,13 +37,10 @@ Writes composition.json and composition.md into --out. Without llama-cpp-python 
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import hashlib
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -230,8 +227,7 @@ def ensure_gguf(which: str, folder: str, quant: str, cache: Path) -> Path:
         source = ensure_gguf(which, folder, "f16", cache)
         say(f"llama.cpp: quantizing {source.name} to Q4_K_M (llama.cpp's messages: {quantize_log(target).name})")
         tmp = target.with_name(f".{target.name}.tmp")
-        with open(quantize_log(target), "w") as log, fd_to(log, 2):  # one warning per tensor goes to fd 2
-            quantize_gguf(source, tmp, "Q4_K_M")
+        quantize_gguf(source, tmp, "Q4_K_M", log_file=quantize_log(target))
         os.replace(tmp, target)
         return target
     say(f"llama.cpp: exporting {which} ({folder}) to {quant} GGUF (about a minute for SmolLM2)")
@@ -245,32 +241,14 @@ def quantize_log(target: Path) -> Path:
     return target.with_name(target.stem + ".quantize.log")
 
 
-@contextlib.contextmanager
-def fd_to(file, fd: int):
-    """Point a file descriptor (C code writes to it directly) at `file` for a while."""
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    os.dup2(file.fileno(), fd)
-    try:
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-
-
 def quantize_fallbacks(target: Path) -> dict | None:
-    """What llama.cpp's quantizer said about tensors it could not store as asked (e.g. q4_K needs 256-column
-    blocks; SmolLM2's 576 columns are not a multiple of 256, so they fall back to q5_0 / q8_0)."""
+    """What llama.cpp's quantizer said about tensors it could not store as asked (its log, kept beside the file)."""
+    from layerprune.llamacpp import quantize_fallbacks as parse
+
     try:
-        text = quantize_log(target).read_text(errors="replace")
+        return parse(quantize_log(target).read_text(errors="replace"))
     except OSError:
         return None
-    summary = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", text)
-    kinds = collections.Counter(re.findall(r"falling back to\s+(\w+)", text))
-    if not summary:
-        return {"fallback_tensors": 0}
-    return {"fallback_tensors": int(summary.group(1)), "tensors": int(summary.group(2)), "fallback_types": dict(kinds),
-            "row_lengths": sorted({int(n) for n in re.findall(r"ncols\s+(\d+)", text)})}
 
 
 def tokenizer_check(llm, tokenizer, text: str, planned) -> dict:

@@ -106,3 +106,19 @@ def test_llama_cpp_matches_transformers_on_pruned_smollm2_f16(converter, tmp_pat
     result = runner.invoke(app, ["generate", str(gguf_file), "What is 2+2?", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output
+
+
+def test_quantizer_fallbacks_are_summarised_not_printed(converter, tmp_path, capfd):
+    """q4_K needs 256-value rows; a 64-wide tiny model falls back, and the CLI says so in one line."""
+    tokenizer = llama2_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=None, **SHAPES)
+    save_model(model, tokenizer, tmp_path / "m")
+    result = runner.invoke(app, ["export", str(tmp_path / "m"), "--quant", "q4_k_m", "--out", str(tmp_path / "q4.gguf")])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "tensors in other types" in said and "multiples of 256" in said
+    assert "llama_model_quantize" not in capfd.readouterr().err  # llama.cpp's per-tensor lines went to its log
+    from layerprune.llamacpp import greedy_tokens, open_gguf
+
+    assert len(greedy_tokens(open_gguf(tmp_path / "q4.gguf", n_ctx=64, threads=1), [1, 5, 6], 4,
+                             stop_at_eos=False).tokens) == 4

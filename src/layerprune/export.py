@@ -218,7 +218,12 @@ def export_gguf(
         if quantize == "llama_cpp":  # the library call behind llama-quantize, from llama-cpp-python
             from layerprune.llamacpp import quantize_gguf
 
-            quantize_gguf(staged_f16, tmp, "Q4_K_M")
+            fallbacks = quantize_gguf(staged_f16, tmp, "Q4_K_M")
+            if fallbacks["fallback_tensors"] and log is not None:
+                kinds = ", ".join(f"{n} x {k}" for k, n in fallbacks["fallback_types"].items())
+                log(f"llama.cpp stored {fallbacks['fallback_tensors']} of {fallbacks['tensors']} tensors in other "
+                    f"types ({kinds}): q4_K needs rows that are multiples of 256 values "
+                    f"(rows here: {', '.join(map(str, fallbacks['row_lengths']))})")
         elif quantize:
             result = subprocess.run([quantize, str(staged_f16), str(tmp), "Q4_K_M"], capture_output=True, text=True)
             if result.returncode != 0:

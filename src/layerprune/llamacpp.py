@@ -6,9 +6,14 @@ Used by `layerprune generate FILE.gguf` and the composition study; also quantize
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
 import math
 import os
+import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +40,51 @@ def have_llama_cpp() -> bool:
     return True
 
 
-def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, kind: str = "Q4_K_M") -> None:
-    """llama.cpp's quantizer (the library call behind `llama-quantize`) on an f16/f32 GGUF file."""
+def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, kind: str = "Q4_K_M",
+                  log_file: str | os.PathLike | None = None) -> dict:
+    """llama.cpp's quantizer (the library call behind `llama-quantize`) on an f16/f32 GGUF file.
+
+    llama.cpp writes a line per tensor; that goes to `log_file` (or a temp file), and
+    the returned summary says how many tensors could not be stored as asked (`fallback_tensors`: e.g.
+    q4_K needs rows that are multiples of 256 values; SmolLM2's 576 fall back to q5_0/q8_0)."""
     llama_cpp = require_llama_cpp()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
     if ftype is None:
         raise LayerpruneError(f"llama.cpp does not know the quantization {kind!r}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(log_file) if log_file else Path(tmp) / "quantize.log"
+        # llama-cpp-python forwards llama.cpp's log to Python's sys.stderr; C code may also write to fd 2
+        with open(log_path, "w") as log, _fd_to(log, 2), contextlib.redirect_stderr(log):
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+        text = log_path.read_text(errors="replace")
     if status != 0:
         raise LayerpruneError(f"llama.cpp could not quantize {source} to {kind} (status {status})")
+    return quantize_fallbacks(text)
+
+
+@contextlib.contextmanager
+def _fd_to(file, fd: int):
+    """Point a file descriptor that C code writes to directly at `file` for a while."""
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    os.dup2(file.fileno(), fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def quantize_fallbacks(log_text: str) -> dict:
+    """What llama.cpp's quantizer said about tensors it could not store in the asked type."""
+    summary = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log_text)
+    if not summary:
+        return {"fallback_tensors": 0}
+    kinds = collections.Counter(re.findall(r"falling back to\s+(\w+)", log_text))
+    return {"fallback_tensors": int(summary.group(1)), "tensors": int(summary.group(2)),
+            "fallback_types": dict(kinds), "row_lengths": sorted({int(n) for n in re.findall(r"ncols\s+(\d+)", log_text)})}
 
 
 def open_gguf(path: str | os.PathLike, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False):
