@@ -53,7 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from layerprune.benchmark import PROMPT_TOKENS, token_stream  # noqa: E402
+from layerprune.benchmark import PROMPT_TOKENS, generation_pad_id, token_stream  # noqa: E402
 from layerprune.errors import LayerpruneError  # noqa: E402
 from layerprune.evaluation.perplexity import load_ppl_text, perplexity, window_inputs  # noqa: E402
 from layerprune.models.anatomy import parameter_bytes  # noqa: E402
@@ -179,16 +179,6 @@ def gguf_runner(llm, prompt: list[int], new_tokens: int):
     return run
 
 
-def pad_id_of(model) -> int:
-    config = model.generation_config
-    for value in (config.pad_token_id, config.eos_token_id, 0):
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -209,7 +199,7 @@ def measure_transformers(refs: dict, tokenizer, text: str, args, prompt: torch.T
                    "safetensors_bytes": disk, "stored_dtype": stored, "quantization": quantization_record(model),
                    "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
         row = Setting("transformers", which, label, model.config.num_hidden_layers, ppl, size, source, details)
-        row.runner = hf_runner(model, prompt, args.new_tokens, pad_id_of(model))
+        row.runner = hf_runner(model, prompt, args.new_tokens, generation_pad_id(model))
         say(f"  ppl {ppl['ppl']:.3f}, {size / 1e6:.1f} MB")
         rows.append(row)
     return rows

@@ -392,7 +392,8 @@ def _generate(model: nn.Module, prompts: torch.Tensor, new_tokens: int, pad_toke
     )
 
 
-def _pad_id(model: nn.Module) -> int:
+def generation_pad_id(model: nn.Module) -> int:
+    """The pad id generate() should use: the generation config's pad, else its (first) EOS, else 0."""
     config = model.generation_config
     for value in (config.pad_token_id, config.eos_token_id, 0):
         if isinstance(value, list):
@@ -440,7 +441,7 @@ def generation_latency(
         raise LayerpruneError(f"{prompts.shape[0]} prompts given for a batch of {batch_size}")
     prompts = prompts[:batch_size].to(model_device(model))
     _check_length(model, prompts.shape[1] + new_tokens, f"{prompts.shape[1]} prompt + {new_tokens} new tokens")
-    pad = _pad_id(model)
+    pad = generation_pad_id(model)
     samples = []
     for i in range(warmup + runs):
         output: list[torch.Tensor] = []
@@ -543,7 +544,7 @@ def _memory(model: nn.Module, prefill_rows: torch.Tensor, prompts: torch.Tensor,
     forward = measure_memory(model, lambda: model(input_ids=row, use_cache=False))
     m, length = max(config.batch_sizes), max(config.new_tokens)
     batch = prompts[:m].to(device)
-    generation = measure_memory(model, lambda: _generate(model, batch, length, _pad_id(model)))
+    generation = measure_memory(model, lambda: _generate(model, batch, length, generation_pad_id(model)))
     return {
         **weight_memory(model),
         "method": forward["method"],
