@@ -18,14 +18,13 @@ from typing import Callable
 import torch
 
 from layerprune.config import RunConfig
-from layerprune.errors import LayerpruneError
 from layerprune.importance import compute_many, get_metric
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions, save_model
 from layerprune.models.sublayer import remove_units
-from layerprune.models.surgery import bypass_layers, kept_layers, remove_layers
+from layerprune.models.surgery import kept_layers, remove_layers
 from layerprune.outputs import write_json
-from layerprune.selection import count_to_drop, select_layers
+from layerprune.selection import count_to_drop
 
 Log = Callable[[str], None]
 
@@ -117,9 +116,9 @@ class Run:
         return summary
 
     def one_shot(self, original: LoadedModel) -> None:
-        where = self.shared_path("prune", self._key("calibration", "prune"))
         selection, pruned_dir = self.path("selection.json"), self.path("pruned")
-        if where != self.path("prune"):  # a study: selection and pruned model live in the shared folder
+        if self.shared_dir is not None:  # a study: selection and pruned model live in the shared folder
+            where = self.shared_path("prune", self._key("calibration", "prune"))
             selection, pruned_dir = where / "selection.json", where / "pruned"
         if pruned_dir.is_dir():
             self.log("pruned model exists: skipping score/select/prune")
@@ -165,24 +164,21 @@ class Run:
         else:
             cached = self.scores(loaded, requests, share=scores_name == "scores.json")
             write_json(scores_path, {n: s.to_json() for n, s in cached.items()})
-        candidates, constraints = {}, {}
-        budget = prune.budget() if n_drop is None else None
+        from layerprune.budgets import Budget, measure_layer_costs, select_with_budget
+
+        target = prune.budget() if n_drop is None else None  # a parameter or latency target
         costs = None
-        if budget is not None and budget.target_latency is not None:
-            from layerprune.budgets import measure_layer_costs
-
-            costs = measure_layer_costs(model, mode=budget.latency_mode, seed=self.config.seed)
+        if target is not None and target.target_latency is not None:
+            costs = measure_layer_costs(model, mode=target.latency_mode, seed=self.config.seed)
+        candidates, constraints = {}, {}
         for name, scores in cached.items():
-            protect = dict(protect_first=prune.protect_first, protect_last=prune.protect_last)
-            if budget is not None:
-                from layerprune.budgets import select_with_budget
-
-                selection = select_with_budget(model, scores, budget, latency_costs=costs, **protect)
-                constraints[name] = selection.constraints
-            else:
-                k = int(scores.params["block_size"]) if scores.params.get("block_size") else n_drop
-                selection = select_layers(scores, num_layers=k, **protect)
+            block = scores.params.get("block_size")  # a block metric drops exactly its block
+            budget = target or Budget(num_layers=int(block) if block else n_drop)
+            selection = select_with_budget(model, scores, budget, protect_first=prune.protect_first,
+                                           protect_last=prune.protect_last, latency_costs=costs)
             candidates[name] = selection.dropped
+            if target is not None:
+                constraints[name] = selection.constraints
         if prune.select == "metric":
             name = prune.metrics[0]
             return {"dropped": candidates[name], "chosen_by": name, **_constraints(constraints, name)}
@@ -315,25 +311,6 @@ class Run:
 
         summary, _ = write_run_report(self.dir, final_ref)
         return summary
-
-
-@torch.no_grad()
-def validation_loss(model, calibration, drop: list[int]) -> float:
-    """Mean next-token loss of the model with the ORIGINAL layers `drop` bypassed (nothing is copied)."""
-    positions = [kept_layers(model).index(i) for i in drop]
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with bypass_layers(model, positions):
-        for ids, mask in calibration.batches(4):
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
-            total += loss.item()
-            count += int((target != -100).sum())
-    if count == 0:
-        raise LayerpruneError("validation data has no tokens")
-    return total / count
 
 
 def _constraints(constraints: dict, name: str) -> dict:

@@ -327,8 +327,7 @@ def _similarity_plot(study_dir: Path, settings: list[dict], path: Path) -> Path:
             final[r["setting"]] = summary["final_model"]
     if not final:
         raise LayerpruneError("no finished setting to compare")
-    config = RunConfig.model_validate(__import__("yaml").safe_load(
-        (Path(settings[0]["run_dir"]) / "config.yaml").read_text()))
+    config = RunConfig.model_validate(read_yaml_mapping(Path(settings[0]["run_dir"]) / "config.yaml"))
     run = Run(config)
     first = run.load(config.model)
     calibration = run.calibration(first.tokenizer, seed_offset=2000)

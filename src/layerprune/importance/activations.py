@@ -188,14 +188,15 @@ def run_pass(
     return acc
 
 
-def _check_params(requests: dict[str, dict]) -> None:
+def check_known_params(requests: dict[str, dict], accepted: dict[str, set], group: str) -> None:
+    """One error for a metric outside `group` or a parameter the metric does not take."""
     for name, params in requests.items():
-        if name not in _PARAMS:
-            raise LayerpruneError(f"metric {name!r} is not part of the {GROUP!r} group")
-        unknown = set(params) - _PARAMS[name]
+        if name not in accepted:
+            raise LayerpruneError(f"metric {name!r} is not part of the {group!r} group")
+        unknown = set(params) - accepted[name]
         if unknown:
             raise LayerpruneError(
-                f"metric {name!r} got unknown parameter(s) {sorted(unknown)}; it accepts {sorted(_PARAMS[name])}"
+                f"metric {name!r} got unknown parameter(s) {sorted(unknown)}; it accepts {sorted(accepted[name])}"
             )
 
 
@@ -230,7 +231,7 @@ def check_requests(requests: dict[str, dict], n_layers: int) -> int:
     """Refuse unknown metrics or parameters and bad angular block sizes before the (possibly long) pass;
     return the pass's batch size: the smallest `batch_size` asked for (default 8), batching only changes memory.
     """
-    _check_params(requests)
+    check_known_params(requests, _PARAMS, GROUP)
     if "angular" in requests:
         _block_sizes(n_layers, requests["angular"])
     sizes = [params.get("batch_size") for params in requests.values()]

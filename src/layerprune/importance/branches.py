@@ -20,6 +20,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance.activations import (
     DEFAULT_BATCH_SIZE,
     calibration_forward,
+    check_known_params,
     hidden_of,
     layer_input,
     token_cosines,
@@ -73,12 +74,7 @@ def run_branch_pass(model, calibration, *, batch_size: int = DEFAULT_BATCH_SIZE)
 @register_group(GROUP)
 def branch_metrics(model, calibration, requests: dict[str, dict]) -> dict[str, object]:
     """Every requested branch metric from ONE pass (the smallest batch_size asked for)."""
-    for name, params in requests.items():
-        unknown = set(params) - {"batch_size"}
-        if unknown:
-            raise LayerpruneError(
-                f"metric {name!r} got unknown parameter(s) {sorted(unknown)}; it accepts ['batch_size']"
-            )
+    check_known_params(requests, {metric: {"batch_size"} for metric in _METRIC_OF.values()}, GROUP)
     batch_size = min(params.get("batch_size") or DEFAULT_BATCH_SIZE for params in requests.values())
     values = run_branch_pass(model, calibration, batch_size=batch_size)
     return {metric: values[kind] for kind, metric in _METRIC_OF.items() if metric in requests}
