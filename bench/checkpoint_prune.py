@@ -3,7 +3,7 @@
 Builds (once, cached in --workdir) a synthetic random Llama checkpoint written tensor by tensor
 with safetensors (no model is instantiated): bf16, about --size-gb in shards of about --shard-mb.
 Then prunes 25% of its layers both ways, each path in its own subprocess so that its peak RSS
-(VmHWM) is clean, and prints times, peak RSS, and the targets from issue 8:
+(VmHWM) is clean, and prints times, peak RSS, and the targets it is held to:
 
 - time(on disk) / time(load + prune + save) <= 0.1
 - peak RSS of the on-disk path <= 1.5 x the largest shard
@@ -197,7 +197,7 @@ def main() -> None:
     files = sorted(src.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in files)
     largest = max(p.stat().st_size for p in files)
-    drop = list(range(n_layers - n_layers // 4, n_layers))  # the last 25%, as in the main seed
+    drop = list(range(n_layers - n_layers // 4, n_layers))  # the last 25%, as in arXiv 2411.15558
     print(f"checkpoint: {src} ({time.perf_counter() - start:.0f} s to build or find)")
     print(f"  {n_layers} layers, {total / 1e9:.2f} GB bf16 in {len(files)} shards (largest {largest / 1e6:.0f} MB); "
           f"dropping {len(drop)} layers: {drop[0]}-{drop[-1]}")

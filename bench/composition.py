@@ -53,14 +53,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from layerprune.benchmark import PROMPT_TOKENS, generation_pad_id, token_stream  # noqa: E402
+from layerprune.benchmark.inputs import PROMPT_TOKENS, token_stream  # noqa: E402
 from layerprune.errors import LayerpruneError  # noqa: E402
 from layerprune.evaluation.perplexity import load_ppl_text, perplexity, window_inputs  # noqa: E402
 from layerprune.models.anatomy import parameter_bytes  # noqa: E402
 from layerprune.models.loading import load_model, model_folder  # noqa: E402
 from layerprune.models.quantize import quantization_record  # noqa: E402
+from layerprune.models.tokens import pad_token_id  # noqa: E402
 
-DROP = [12, 13, 14, 15, 16, 17, 25, 26]  # block influence's choice on SmolLM2 (FINDINGS.md)
+DROP = [12, 13, 14, 15, 16, 17, 25, 26]  # block influence's choice on SmolLM2 (docs/results.md)
 HF_SETTINGS = [  # (model, load_in, weights label)
     ("original", None, "fp32"),
     ("original", "8bit", "int8 (bnb LLM.int8)"),
@@ -199,7 +200,7 @@ def measure_transformers(refs: dict, tokenizer, text: str, args, prompt: torch.T
                    "safetensors_bytes": disk, "stored_dtype": stored, "quantization": quantization_record(model),
                    "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
         row = Setting("transformers", which, label, model.config.num_hidden_layers, ppl, size, source, details)
-        row.runner = hf_runner(model, prompt, args.new_tokens, generation_pad_id(model))
+        row.runner = hf_runner(model, prompt, args.new_tokens, pad_token_id(model.generation_config))
         say(f"  ppl {ppl['ppl']:.3f}, {size / 1e6:.1f} MB")
         rows.append(row)
     return rows

@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from layerprune.benchmark import measure_memory
+from layerprune.benchmark.memory import measure_memory
 from layerprune.finetune import HealConfig
 from layerprune.finetune.methods import HealContext, get_method, trainable_parameters
 from layerprune.models.loading import load_model
 from layerprune.models.surgery import remove_layers
 
-DROP = [12, 13, 14, 15, 16, 17, 25, 26]  # block influence's choice on SmolLM2 (FINDINGS.md)
+DROP = [12, 13, 14, 15, 16, 17, 25, 26]  # block influence's choice on SmolLM2 (docs/results.md)
 
 
 def make_step(model, batch):

@@ -25,11 +25,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from layerprune.benchmark import (  # noqa: E402
-    PROMPT_TOKENS, count_macs, decode_macs, generation_latency, model_device, token_stream,
-)
+from layerprune.benchmark.inputs import PROMPT_TOKENS, token_stream  # noqa: E402
+from layerprune.benchmark.latency import generation_latency  # noqa: E402
+from layerprune.benchmark.macs import count_macs, decode_macs  # noqa: E402
 from layerprune.models.loading import load_model  # noqa: E402
 from layerprune.models.surgery import remove_layers  # noqa: E402
+from layerprune.timing import model_device  # noqa: E402
 
 DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 

@@ -2,7 +2,7 @@
 
 Uses the synthetic random bf16 Llama checkpoint of bench/checkpoint_prune.py (built once, cached
 in --workdir). Each path runs in its own subprocess so its peak RSS (VmHWM) is clean. Prints
-time and peak RSS of both, and the targets from issue 8:
+time and peak RSS of both, and the targets it is held to:
 
 - peak RSS of the streaming path <= 25% of the model's size on disk
 - identical scores (largest relative difference; rtol 1e-5)

@@ -1,4 +1,4 @@
-"""benchmark.py and `layerprune bench`: exact MACs, layer-wise accounting, forced-length generation, speedups."""
+"""benchmark/ and `layerprune bench`: exact MACs, layer-wise accounting, forced-length generation, speedups."""
 
 import json
 
@@ -6,9 +6,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from layerprune.benchmark import (
-    BenchConfig, compare, count_macs, generation_latency, markdown, measure_memory, benchmark,
-)
+from layerprune.benchmark.compare import compare
+from layerprune.config import BenchConfig
+from layerprune.benchmark.latency import generation_latency
+from layerprune.benchmark.macs import count_macs
+from layerprune.benchmark.memory import measure_memory
+from layerprune.benchmark.render import markdown
+from layerprune.benchmark.run import benchmark
 from layerprune.cli import app
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.saving import save_model
@@ -136,12 +140,12 @@ def test_compare_computes_gains_and_share_of_the_ideal():
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--batch-sizes", "0"], "batch sizes must be at least 1"),
-        (["--batch-sizes", "1,0"], "batch sizes must be at least 1"),
-        (["--new-tokens", "0"], "new token counts must be at least 1"),
-        (["--warmup", "-1"], "--warmup must be 0 or more"),
-        (["--runs", "0"], "--runs must be at least 1"),
-        (["--seq-len", "0"], "--seq-len must be at least 1"),
+        (["--batch-sizes", "0"], "--batch-sizes: every value must be at least 1 (got [0])"),
+        (["--batch-sizes", "1,0"], "--batch-sizes: every value must be at least 1 (got [1, 0])"),
+        (["--new-tokens", "0"], "--new-tokens: every value must be at least 1"),
+        (["--warmup", "-1"], "--warmup: Input should be greater than or equal to 0"),
+        (["--runs", "0"], "--runs: Input should be greater than or equal to 1"),
+        (["--seq-len", "0"], "--seq-len: Input should be greater than or equal to 1"),
         (["--batch-sizes", "one"], "could not read --batch-sizes"),
         (["--device", "cuda:99"], "not available on this machine"),
         (["--device", "nonsense"], "unknown device"),

@@ -88,7 +88,8 @@ def test_angular_target_drops_one_contiguous_block_of_the_needed_size():
     calibration = CalibrationData(ids, torch.ones_like(ids))
     dropped, how = choose_layers(model, metric="angular", calibration=calibration, target_params=40_000)
     assert len(dropped) == 2 and dropped[1] == dropped[0] + 1
-    assert how["target_params"] == 40_000 and how["params_after"] == 54_624 - 2 * LLAMA_LAYER
+    constraints = how["constraints"]
+    assert constraints["target_params"] == 40_000 and constraints["params_after"] == 54_624 - 2 * LLAMA_LAYER
 
 
 COSTS = {"mode": "decode", "layer_s": [1.0, 2.0, 3.0, 4.0, 5.0], "overhead_s": 5.0, "total_s": 20.0}
@@ -132,7 +133,7 @@ def tiny_dir(tmp_path):
 
 
 def test_cli_prunes_to_a_parameter_target(tiny_dir, tmp_path):
-    result = runner.invoke(app, ["prune", str(tiny_dir), "--target-params", "40k", "--out", str(tmp_path / "out")])
+    result = runner.invoke(app, ["prune", str(tiny_dir), "--target-params", "40k", "--metric", "reverse-order", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "layerprune.json").read_text())
     assert record["dropped_layers"] == [3, 4]
@@ -144,6 +145,7 @@ def test_cli_prunes_to_a_latency_target(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(layerprune.budgets, "measure_layer_costs", lambda model, mode: {**COSTS, "mode": mode})
     result = runner.invoke(app, ["prune", str(tiny_dir), "--target-latency", "0.5", "--latency-mode", "prefill",
+                                 "--metric", "reverse-order",
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "estimated prefill latency: 0.400" in result.output
@@ -157,13 +159,14 @@ def test_cli_prunes_to_a_latency_target(tiny_dir, tmp_path, monkeypatch):
         (["--target-params", "lots"], "could not read a parameter count from 'lots'"),
         (["--ratio", "0.5", "--target-params", "40k"], "give exactly one of --drop, --num-layers, --ratio, "
                                                         "--target-params or --target-latency"),
-        (["--target-latency", "1.5"], "target_latency is a ratio between 0 and 1"),
-        (["--target-latency", "0.5", "--latency-mode", "warp"], "latency mode must be one of decode, prefill"),
+        (["--target-latency", "1.5"], "--target-latency: Input should be less than 1 (got 1.5)"),
+        (["--target-latency", "0.5", "--latency-mode", "warp"], "--latency-mode: Input should be 'decode' or 'prefill'"),
     ],
 )
 def test_cli_budget_errors(tiny_dir, tmp_path, args, fragment):
     out = tmp_path / "out"
-    assert_one_line_error(runner.invoke(app, ["prune", str(tiny_dir), *args, "--out", str(out)]), fragment)
+    assert_one_line_error(runner.invoke(app, ["prune", str(tiny_dir), *args, "--metric", "reverse-order",
+                                              "--out", str(out)]), fragment)
     assert not out.exists()
 
 

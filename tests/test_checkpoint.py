@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from layerprune import LayerpruneError, load_model, remove_layers, save_model
 from layerprune.cli import app
-from layerprune.models import checkpoint
+from layerprune.models import checkpoint, memory_policy
 from layerprune.models.checkpoint import (
     INDEX_NAME,
     OutputTensor,
@@ -351,7 +351,7 @@ def test_cli_no_load_refuses_what_needs_the_model(extra, fragment, tmp_path):
 
 def test_cli_switches_to_disk_when_the_weights_exceed_memory(tmp_path, monkeypatch):
     src = sharded(tmp_path / "src")
-    monkeypatch.setattr(checkpoint, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(memory_policy, "available_memory_bytes", lambda: 1000)
     result = run("prune", src, "--drop", "1,3", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "pruning the checkpoint on disk" in " ".join(result.output.split())
@@ -359,5 +359,5 @@ def test_cli_switches_to_disk_when_the_weights_exceed_memory(tmp_path, monkeypat
 
 
 def test_available_memory_is_read():
-    available = checkpoint.available_memory_bytes()
+    available = memory_policy.available_memory_bytes()
     assert available is None or available > 0

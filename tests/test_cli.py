@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from layerprune.cli import app, parse_indices
+from layerprune.cli import app
+from layerprune.cli.options import parse_indices
 from layerprune.models.saving import save_model
 from tiny_models import N_LAYERS, tiny_config, tiny_model
 from cli_asserts import assert_one_line_error
@@ -69,7 +70,7 @@ def test_existing_output_is_refused_and_kept(tiny_dir, tmp_path):
         (["--drop", "a,b"], "could not read layer indices"),
         (["--num-layers", str(N_LAYERS)], "at least one must stay"),
         (["--num-layers", "1", "--metric", "nonsense"], "unknown metric"),
-        (["--ratio", "1.5"], "ratio must be between"),
+        (["--ratio", "1.5"], "--ratio: Input should be less than 1 (got 1.5)"),
         ([], "exactly one of"),
         (["--drop", "1", "--num-layers", "1"], "exactly one of"),
         (["--drop", "1", "--dtype", "fp8"], "unknown dtype"),

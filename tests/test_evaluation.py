@@ -385,8 +385,8 @@ def _one_error_line(result, fragment):
         (["--tasks", "missing/quiz.jsonl"], "task file not found"),
         (["--tasks", "none", "--ppl", "wikitext3"], "unknown perplexity text"),
         (["--tasks", "none", "--ppl", "none"], "nothing to evaluate"),
-        (["--tasks", "piqa", "--avg-metric", "f1"], "unknown --avg-metric"),
-        (["--tasks", "piqa", "--bos", "sometimes"], "unknown --bos"),
+        (["--tasks", "piqa", "--avg-metric", "f1"], "--avg-metric: Input should be 'acc' or 'acc_norm' (got 'f1')"),
+        (["--tasks", "piqa", "--bos", "sometimes"], "--bos: Input should be"),
         (["--tasks", "piqa", "--stride", "300"], "cannot exceed --seq-len"),
     ],
 )

@@ -187,7 +187,7 @@ def test_continued_pretraining_refuses_the_bundled_evaluation_test_sets(text):
     from layerprune.api import prepare_training_rows
 
     with pytest.raises(LayerpruneError, match="TEST split"):
-        prepare_training_rows("cpt", tiny_tokenizer(), text, HealConfig(method="cpt", max_length=32))
-    rows, info = prepare_training_rows("cpt", tiny_tokenizer(), "c4", HealConfig(method="cpt", max_length=32),
-                                       max_samples=2)
+        prepare_training_rows(HealConfig(method="cpt", data=text, max_length=32), tiny_tokenizer())
+    rows, info = prepare_training_rows(HealConfig(method="cpt", data="c4", max_length=32, max_samples=2),
+                                       tiny_tokenizer())
     assert len(rows) == 2 and info["source"] == "c4"

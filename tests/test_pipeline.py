@@ -23,12 +23,16 @@ def workspace(tmp_path):
     return tmp_path
 
 
+def CALIBRATION(tmp_path):
+    return {"source": str(tmp_path / "text.txt"), "n_samples": 4, "seq_len": 32}
+
+
 def write_config(tmp_path, **overrides):
     config = {
         "model": str(tmp_path / "tiny"),
         "out": str(tmp_path / "run"),
-        "calibration": {"source": str(tmp_path / "text.txt"), "n_samples": 4, "seq_len": 32},
-        "prune": {"metric": ["block-influence", "reverse-order"], "select": "auto", "num_layers": 2},
+        "prune": {"metric": ["block-influence", "reverse-order"], "select": "auto", "num_layers": 2,
+                  "calibration": CALIBRATION(tmp_path)},
         "heal": [{"method": "partial", "data": str(tmp_path / "sft.jsonl"), "max_steps": 3, "batch_size": 4,
                   "effective_batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-3, "max_length": 64,
                   "bf16": False}],

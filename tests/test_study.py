@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from layerprune import LayerpruneError
+from layerprune.report.study_report import rebuild_study_report
 from layerprune.study import Study, load_study, setting_name
+from layerprune.study.similarity import similarity_stage
 from test_pipeline import workspace, write_config  # noqa: F401  (fixture + config writer)
 
 
@@ -121,3 +123,18 @@ def test_grid_over_layer_counts_plots_perplexity_against_layers_removed(workspac
     cka = similarity["cka"]
     assert all(abs(cka[i][i] - 1) < 1e-6 for i in range(5)) and all(0 < cka[0][j] < 1 for j in range(1, 5))
     assert (out / "plots" / "similarity.png").stat().st_size > 1000
+
+    # the report only reads similarity.json: rebuilt from files, the heatmap comes back unchanged in data
+    stamp = (out / "similarity.json").stat().st_mtime_ns
+    (out / "plots" / "similarity.png").unlink()
+    rebuild_study_report(out)
+    assert (out / "plots" / "similarity.png").stat().st_size > 1000
+    assert (out / "similarity.json").stat().st_mtime_ns == stamp
+
+
+def test_similarity_stage_is_skipped_when_it_compares_the_same_models(tmp_path):
+    path = tmp_path / "similarity.json"
+    path.write_text(json.dumps({"names": ["original", "a"], "cka": [[1.0, 0.5], [0.5, 1.0]]}))
+    logged = []
+    similarity_stage(path, config=None, final_models={"a": "settings/a/healed-1"}, log=logged.append)
+    assert logged == ["similarity.json exists: skipping"]

@@ -10,10 +10,11 @@ from layerprune import LayerpruneError
 from layerprune.cli import app
 from layerprune.data.calibration import CalibrationData
 from layerprune.finetune.trainer import write_loss_curve
-from layerprune.report.similarity import final_hidden_states, hidden_state_similarity, linear_cka
 from layerprune.report.study_plots import (
     plot_layer_map, plot_loss_curves, plot_metric_vs_removed, plot_similarity, read_loss_csv,
 )
+from layerprune.report.study_report import rebuild_study_report
+from layerprune.study.similarity import final_hidden_states, hidden_state_similarity, linear_cka
 from cli_asserts import assert_one_line_error
 from tiny_models import N_LAYERS, tiny_input, tiny_model
 
@@ -180,15 +181,30 @@ def test_report_of_an_iterative_run_built_from_files(tmp_path):
 
 
 def test_report_of_a_study_folder_is_delegated(tmp_path, monkeypatch):
-    import layerprune.study
+    import layerprune.report.rebuild
 
     (tmp_path / "study.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(layerprune.study, "rebuild_study_report",
+    monkeypatch.setattr(layerprune.report.rebuild, "rebuild_study_report",
                         lambda folder: calls.append(folder) or {"plots": [str(tmp_path / "plots" / "x.png")]})
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert calls == [tmp_path] and "x.png" in result.output
+
+
+def test_study_report_plots_the_similarity_json_without_loading_models(tmp_path):
+    import json
+
+    (tmp_path / "settings" / "metric-a").mkdir(parents=True)
+    (tmp_path / "study.json").write_text(json.dumps({
+        "source": "s.yaml", "axes": ["metric"], "report": {"similarity": True},
+        "settings": [{"name": "metric-a", "values": {"metric": "a"}, "dir": "settings/metric-a", "status": "done"}]}))
+    (tmp_path / "similarity.json").write_text(json.dumps({"names": ["original", "metric-a"],
+                                                          "cka": [[1.0, 0.8], [0.8, 1.0]]}))
+    record = rebuild_study_report(tmp_path)
+    heatmap = tmp_path / "plots" / "similarity.png"
+    assert record["plots"] == [str(heatmap)] and is_png(heatmap)
+    assert (tmp_path / "study.md").read_text().splitlines()[2].startswith("| metric-a | a |")
 
 
 def test_report_of_a_folder_that_is_neither(tmp_path):

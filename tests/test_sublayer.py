@@ -429,7 +429,7 @@ def test_cli_mlp_granularity_defaults_to_mlp_influence(tiny_dir, tmp_path):
     "args, message",
     [
         (["--granularity", "attention", "--num-layers", "1", "--metric", "angular"], "scores whole layers"),
-        (["--granularity", "heads", "--drop", "1"], "unknown granularity"),
+        (["--granularity", "heads", "--drop", "1"], "--granularity: Input should be 'block', 'attention' or 'mlp'"),
         (["--granularity", "attention", "--drop", "1", "--no-load"], "--granularity"),
         (["--granularity", "attention", "--drop", "0-4"], "at least one must stay"),
         (["--num-layers", "1", "--metric", "attention-influence"], "not whole layers"),
@@ -454,7 +454,7 @@ def test_prune_config_granularity_defaults_and_refusals():
     for data, message in [
         ({"granularity": "mlp", "num_layers": 1, "metric": "taylor"}, "scores whole layers"),
         ({"granularity": "attention", "num_layers": 1, "select": "auto", "metric": ["attention-influence"]},
-         "select: auto"),
+         "select auto removes whole layers"),
         ({"granularity": "attention", "schedule": "1:2", "strategy": "iterative"}, "iterative"),
         ({"num_layers": 1, "metric": "mlp-influence"}, "not whole layers"),
     ]:
@@ -467,8 +467,8 @@ def test_one_shot_run_removes_attention_only(tiny_dir, tmp_path):
     text.write_text("the dog sat on the mat and looked at the sky. " * 40)
     config = {
         "model": str(tiny_dir), "out": str(tmp_path / "run"),
-        "calibration": {"source": str(text), "n_samples": 2, "seq_len": 16},
-        "prune": {"granularity": "attention", "num_layers": 2},
+        "prune": {"granularity": "attention", "num_layers": 2,
+                  "calibration": {"source": str(text), "n_samples": 2, "seq_len": 16}},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     run_pipeline(load_run_config(tmp_path / "run.yaml"), log=lambda m: None)

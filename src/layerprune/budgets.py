@@ -21,6 +21,7 @@ from torch import nn
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
 from layerprune.selection import Selection, count_to_drop, select_layers
+from layerprune.timing import model_device, synchronize, timed
 
 BUDGET_KEYS = ("num_layers", "ratio", "target_params", "target_latency")
 LATENCY_MODES = ("decode", "prefill")
@@ -189,11 +190,6 @@ def select_with_budget(
     return select_layers(scores, num_layers=k, protect_first=protect_first, protect_last=protect_last)
 
 
-def resolve_drop_count(model: nn.Module, scores: LayerScores, budget: Budget, **kwargs) -> int:
-    """How many layers a budget drops (see select_with_budget)."""
-    return len(select_with_budget(model, scores, budget, **kwargs).dropped)
-
-
 # ----------------------------------------------------------------------------- latency measurement
 
 
@@ -209,7 +205,6 @@ def measure_layer_costs(
     with hooks inside the same forward as the total, so overhead_s = total - sum(layers) is the rest
     of the model (embeddings, norm, lm_head, masks).
     """
-    from layerprune.benchmark import model_device, synchronize, timed
     from layerprune.models.anatomy import get_anatomy
 
     if mode not in LATENCY_MODES:

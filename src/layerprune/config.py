@@ -1,7 +1,9 @@
-"""A run, as one YAML file: pydantic models validated before any model loads.
+"""One typed config per stage (prune, heal, eval, bench) and the run that chains them.
 
-Unknown keys are errors (a typo must not silently fall back to a default), and every error names
-the offending key. See examples/*.yaml.
+These pydantic models are the single source of settings and defaults: a YAML run's stages ARE these
+models, the Python API takes them (or their fields as keyword arguments), and every CLI option is
+generated from a field (cli/options.py). Unknown keys are errors (a typo must not silently fall back
+to a default), every error names the offending key, and all of it is checked before any model loads.
 """
 
 from __future__ import annotations
@@ -17,47 +19,78 @@ from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 
 
+# The one default of each loading setting, for every command, the API and YAML runs.
+DEFAULT_DTYPE = "auto"
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+# The metric that chooses what to remove when none is named, per granularity.
+DEFAULT_METRICS = {"block": "block-influence", "attention": "attention-influence", "mlp": "mlp-influence"}
+
+# Named pruning recipes: a preset fills every setting it names unless the setting is given explicitly.
+PRUNE_PRESETS: dict[str, dict] = {
+    "paper": {"metric": "reverse-order"},  # arXiv 2411.15558: remove the last layers
+}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class CalibrationConfig(_Strict):
-    source: str = Field("c4", description="c4 | wikitext2 | ptb | a .txt/.jsonl file | a hub dataset id")
-    field: str = "text"
-    n_samples: int = Field(10, ge=1)
-    seq_len: int = Field(128, ge=2)
-    seed: int = 0
+    source: str = Field("c4", description="Calibration text: c4 | wikitext2 | ptb | a .txt/.jsonl file | a hub "
+                        "dataset id.")
+    field: str = Field("text", description="Text field of a JSONL/hub calibration source.")
+    n_samples: int = Field(10, ge=1, description="Calibration samples.")
+    seq_len: int = Field(128, ge=2, description="Tokens per calibration sample.")
+    seed: int = Field(0, description="Seed of calibration sampling and of the random metric.")
 
 
 class PruneConfig(_Strict):
+    preset: str | None = Field(None, description="Named recipe whose settings fill what is not given: paper.")
     metric: str | list[str] | None = Field(
-        None, description="One metric, or several with select: auto. Default: block-influence, or "
-        "attention-influence / mlp-influence with granularity attention / mlp."
-    )
-    granularity: Literal["block", "attention", "mlp"] = Field(
-        "block", description="block: remove whole layers; attention / mlp: remove only that branch of the chosen "
-        "layers (the model then reloads through layerprune only)."
+        None, description="Importance metric (see `layerprune metrics`), or several with select auto. Default: "
+        "block-influence; attention-influence / mlp-influence with granularity attention / mlp."
     )
     select: Literal["metric", "auto"] = Field(
-        "metric", description="metric: drop what the metric ranks lowest; auto: try every metric's drop-set "
-        "and keep the one with the lowest validation loss before healing."
+        "metric", description="metric: drop what the metric ranks lowest | auto: compare every metric's drop-set "
+        "on held-out calibration text and keep the one with the lowest loss before healing."
     )
-    drop: list[int] | None = Field(None, description="Explicit ORIGINAL indices (no scoring).")
-    num_layers: int | None = Field(None, ge=1)
-    ratio: float | None = Field(None, gt=0, lt=1)
+    granularity: Literal["block", "attention", "mlp"] = Field(
+        "block", description="block: remove whole layers | attention / mlp: remove only that branch of the chosen "
+        "layers (the model then reloads through layerprune only)."
+    )
+    drop: list[int] | None = Field(None, description="ORIGINAL layer indices to drop (no scoring).")
+    num_layers: int | None = Field(None, ge=1, description="Number of layers to drop.")
+    ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of the layers to drop, e.g. 0.25.")
     target_params: str | int | None = Field(
-        None, description="Drop the fewest layers that leave at most this many parameters: 100M, 1.5B, 350k or an int."
+        None, description="Drop the fewest layers that leave at most this many parameters: 100M, 1.5B, 350k."
     )
     target_latency: float | None = Field(
         None, gt=0, lt=1,
         description="Drop the fewest layers that bring the measured latency to this ratio of the original's.",
     )
-    latency_mode: Literal["decode", "prefill"] = Field("decode", description="The latency target_latency measures.")
-    protect_first: int = Field(0, ge=0)
-    protect_last: int = Field(0, ge=0)
-    strategy: Literal["one-shot", "iterative"] = "one-shot"
-    schedule: str | None = Field(None, description="Iterative schedule 'step:total' or the paper's '1:step:total'.")
-    metric_params: dict[str, dict] = Field(default_factory=dict, description="Per-metric parameters.")
+    latency_mode: Literal["decode", "prefill"] = Field(
+        "decode", description="The latency target_latency measures: decode (one token with a KV cache) | prefill.")
+    protect_first: int = Field(0, ge=0, description="Never drop the first K layers.")
+    protect_last: int = Field(0, ge=0, description="Never drop the last K layers.")
+    strategy: Literal["one-shot", "iterative"] = Field(
+        "one-shot", description="one-shot | iterative (score, drop `step` layers, heal; repeat: needs schedule).")
+    schedule: str | None = Field(
+        None, description="Iterative schedule 'step:total' or the paper's '1:step:total', e.g. 1:4:8.")
+    metric_params: dict[str, dict] = Field(default_factory=dict, description="Parameters per metric.")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
+                                           description="Text that data-driven metrics and select auto read.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") is not None:
+            if data["preset"] not in PRUNE_PRESETS:
+                raise ValueError(f"unknown preset {data['preset']!r}; available: {', '.join(PRUNE_PRESETS)}")
+            data = {**PRUNE_PRESETS[data["preset"]], **{k: v for k, v in data.items() if v is not None}}
+        if isinstance(data, dict) and data.get("schedule") is not None and data.get("strategy") is None:
+            data = {**data, "strategy": "iterative"}  # a schedule means iterative pruning
+        return data
 
     @field_validator("metric")
     @classmethod
@@ -97,13 +130,25 @@ class PruneConfig(_Strict):
                              "strategy one-shot")
         if self.strategy == "iterative" and self.schedule is None:
             raise ValueError("an iterative strategy needs a schedule such as '1:1:8'")
+        if self.strategy == "one-shot" and self.schedule is not None:
+            raise ValueError("a schedule needs strategy iterative")
         if self.schedule is not None:
+            if self.drop is not None:
+                raise ValueError("an iterative schedule chooses the layers each round; drop gives them all at once")
             _, total = self.parsed_schedule()
-            if self.strategy == "iterative" and self.num_layers is not None and self.num_layers != total:
+            if self.ratio is not None:
+                raise ValueError(f"schedule {self.schedule!r} removes {total} layers; ratio cannot be given too")
+            if self.num_layers is not None and self.num_layers != total:  # a study may name both
                 raise ValueError(f"schedule {self.schedule!r} removes {total} layers but num_layers is "
                                  f"{self.num_layers}")
+        if self.drop is not None:
+            duplicates = sorted({i for i in self.drop if self.drop.count(i) > 1})
+            if duplicates:
+                raise ValueError(f"duplicate layer indices to drop: {duplicates}")
+            if min(self.drop, default=0) < 0:
+                raise ValueError(f"layer indices must be >= 0, got {min(self.drop)}")
         if self.select == "metric" and isinstance(self.metric, list) and len(self.metric) != 1:
-            raise ValueError("several metrics need select: auto")
+            raise ValueError("several metrics need select auto")
         return self
 
     def budget(self):
@@ -120,7 +165,7 @@ class PruneConfig(_Strict):
         from layerprune.importance.registry import check_granularity
 
         if self.metric is None:
-            self.metric = {"block": "block-influence"}.get(self.granularity, f"{self.granularity}-influence")
+            self.metric = DEFAULT_METRICS[self.granularity]
         if self.drop is None:
             for name in self.metrics:
                 try:
@@ -130,10 +175,10 @@ class PruneConfig(_Strict):
         if self.granularity == "block":
             return
         unsupported = {
-            "strategy: iterative": self.strategy == "iterative" or self.schedule is not None,
-            "select: auto": self.select == "auto",
-            "target_params": getattr(self, "target_params", None) is not None,
-            "target_latency": getattr(self, "target_latency", None) is not None,
+            "strategy iterative": self.strategy == "iterative" or self.schedule is not None,
+            "select auto": self.select == "auto",
+            "target_params": self.target_params is not None,
+            "target_latency": self.target_latency is not None,
         }
         for what, given in unsupported.items():
             if given:
@@ -155,43 +200,72 @@ class PruneConfig(_Strict):
         return step, total
 
 
-class HealStage(HealConfig):
-    data: str | None = Field(None, description="dolly | file | hub id; cpt: c4 | a text file (not the wikitext2/ptb test sets).")
-    max_samples: int | None = Field(None, ge=1)
-    template: Literal["auto", "chat", "alpaca"] = "auto"
-    fields: str | None = Field(None, description="Field mapping: instruction=...,context=...,response=...")
+class EvalConfig(_Strict):
+    tasks: str = Field(
+        "", description="Zero-shot tasks, comma separated: piqa, hellaswag, openbookqa, arc_easy, arc_challenge, mmlu, "
+        "cmmlu, winogrande; 'paper' = all 8 (hours on a CPU); a task .yaml (lm-eval format) or a multiple-choice "
+        ".jsonl file; humaneval (opt-in: EXECUTES model-generated code in limited subprocesses). Empty: none.")
+    ppl: str = Field("wikitext2", description="Perplexity texts, comma separated: wikitext2, ptb, a .txt/.jsonl "
+                     "file; 'none'.")
+    ppl_field: str = Field("text", description="Text field of a .jsonl perplexity file.")
+    seq_len: int = Field(128, ge=2, description="Perplexity window length in tokens (LLM-Pruner uses 128).")
+    stride: int | None = Field(None, ge=1, description="Sliding windows: score only the last STRIDE new tokens of "
+                               "each window.")
+    bos: Literal["auto", "always", "never", "first"] = Field(
+        "auto", description="BOS per perplexity window: auto | always | never | first (once, at the start).")
+    ppl_windows: int | None = Field(None, ge=1, description="Only the first N perplexity windows (quick checks).")
+    limit: int | None = Field(None, ge=1, description="First N documents of each (sub)task; first N HumanEval "
+                              "problems.")
+    batch_size: int = Field(8, ge=1, description="Batch size of perplexity windows and lm-eval requests.")
+    avg_metric: Literal["acc", "acc_norm"] = Field("acc", description="Metric averaged into Avg Acc.")
+    data_source: Literal["bundled", "hub"] = Field(
+        "bundled", description="bundled (offline copies) | hub (lm-eval's stock tasks and hub datasets).")
+    samples: bool = Field(True, description="Save greedy generation samples (samples.json).")
+    max_new_tokens: int = Field(40, ge=1, description="Tokens per generation sample.")
+    humaneval_max_new_tokens: int = Field(256, ge=1, description="HumanEval: most tokens per completion.")
+    humaneval_timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="HumanEval: seconds each program "
+                                     "may run.")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> "EvalConfig":
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride ({self.stride}) cannot exceed seq_len ({self.seq_len})")
+        return self
 
 
-class EvalStage(_Strict):
-    tasks: str = Field("", description="Task names, 'paper', or paths (see layerprune eval).")
-    ppl: str = "wikitext2"
-    seq_len: int = Field(128, ge=2)
-    ppl_windows: int | None = Field(None, ge=1, description="First N windows only (quick runs).")
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    samples: bool = True
+class EvalStage(EvalConfig):
+    """The eval stage of a run: the evaluation settings, and which models of the run to evaluate."""
+
     original: bool = Field(True, description="Also evaluate the unpruned model.")
     before_healing: bool = Field(True, description="Also evaluate the pruned model before healing.")
 
 
-class BenchStage(_Strict):
-    seq_len: int = Field(64, ge=1)
-    batch_sizes: list[int] = [1]
-    new_tokens: list[int] = [32]
-    warmup: int = Field(2, ge=0)
-    runs: int = Field(5, ge=1)
+class BenchConfig(_Strict):
+    seq_len: int = Field(64, ge=1, description="Prefill length in tokens (MACs and prefill latency).")
+    batch_sizes: list[int] = Field([1], min_length=1, description="Batch sizes to time.")
+    new_tokens: list[int] = Field([32], min_length=1, description="Tokens to generate per timed generation.")
+    warmup: int = Field(3, ge=0, description="Untimed warm-up runs.")
+    runs: int = Field(10, ge=1, description="Timed runs (mean and std are reported).")
+    prompt_tokens: int = Field(12, ge=1, description="Prompt length of the generation runs (Shortened LLaMA: 12).")
+    seed: int = Field(0, description="Seed of the random prompts.")
+
+    @field_validator("batch_sizes", "new_tokens")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if min(value) < 1:
+            raise ValueError("every value must be at least 1")
+        return value
 
 
 class RunConfig(_Strict):
     model: str
     out: str | None = Field(None, description="Run folder (default runs/<config file name>).")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
+    dtype: Dtype = Field(DEFAULT_DTYPE, description="Weights dtype for scoring, pruning, evaluation and benchmark.")
     seed: int = 0
-    calibration: CalibrationConfig = CalibrationConfig()
     prune: PruneConfig
-    heal: list[HealStage] = Field(default_factory=list, description="Healing stages, run in order.")
+    heal: list[HealConfig] = Field(default_factory=list, description="Healing stages, run in order.")
     eval: EvalStage | None = None
-    bench: BenchStage | None = None
+    bench: BenchConfig | None = None
 
     @field_validator("heal", mode="before")
     @classmethod
@@ -213,17 +287,34 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return data
 
 
-def build_config(config_cls, data: dict, where_prefix: str = ""):
-    """Validate settings into a pydantic config; the error names the offending key and the value given."""
+def build_config(config_cls, data: dict, where_prefix: str = "", key_name=None):
+    """Validate settings into a pydantic config; the error names the offending key and the value given.
+
+    key_name(loc) renders the key (the CLI names its option); default: the dotted path."""
     try:
         return config_cls(**data)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
+        loc = first["loc"]
+        where = (key_name(loc) if key_name and loc else ".".join(str(part) for part in loc)) or "config"
         message = first["msg"].removeprefix("Value error, ")
+        if not loc and key_name:  # a rule across fields: name each field as the caller spells it (CLI options)
+            for name in config_cls.model_fields:
+                message = re.sub(rf"(?<![\w-]){name}\b", key_name((name,)), message)
+            raise LayerpruneError(f"{where_prefix}{message}") from None
         given = f" (got {first['input']!r})" if first.get("type") != "missing" and not isinstance(
             first.get("input"), dict) else ""
         raise LayerpruneError(f"{where_prefix}{where}: {message}{given}") from None
+
+
+def as_config(config_cls, config=None, **fields):
+    """A stage config from a config object, a dict, or keyword fields (given fields override the object's;
+    None means "not given"). One LayerpruneError naming the key on a bad value."""
+    if isinstance(config, config_cls) and not fields:
+        return config
+    data = config.model_dump(exclude_unset=True) if isinstance(config, config_cls) else dict(config or {})
+    data.update({k: v for k, v in fields.items() if v is not None})
+    return build_config(config_cls, data)
 
 
 def set_dotted(data: dict, dotted: str, value) -> None:

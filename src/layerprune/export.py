@@ -21,7 +21,6 @@ q4_k_m quantizes the f16 output with llama.cpp's quantizer: the library call fro
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ from typing import Callable
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.builtin import cache_dir
+from layerprune.outputs import read_json
+from layerprune.pypi import last_line, pip_download
 
 # llama-cpp-python 0.3.36 is the newest release on PyPI when this was written; its vendored
 # llama.cpp converter writes llama.block_count etc. in the format current llama.cpp and
@@ -66,18 +67,11 @@ def ensure_converter(log: Callable[[str], None] | None = None) -> Path:
     requirement = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
     say(f"layerprune: fetching llama.cpp's GGUF converter from PyPI ({requirement} sdist, once) into {root}")
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        download = Path(tmp) / "download"
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-            "-d", str(download), requirement,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        what = f"{requirement} (llama.cpp's GGUF converter)"
+        download = pip_download([requirement], Path(tmp) / "download", what=what, sdist=True)
         sdists = sorted(download.glob("llama_cpp_python-*.tar.gz"))
-        if result.returncode != 0 or not sdists:
-            raise LayerpruneError(
-                f"could not download {requirement} (llama.cpp's GGUF converter) from PyPI with pip: "
-                + _last_line(result.stderr or result.stdout)
-            )
+        if not sdists:
+            raise LayerpruneError(f"pip downloaded no sdist of {requirement} into {download}")
         staged = Path(tmp) / "converter"
         with tarfile.open(sdists[0]) as archive:
             members = []
@@ -108,17 +102,10 @@ def _sentencepiece_path(log: Callable[[str], None] | None) -> Path | None:
     say(f"layerprune: fetching sentencepiece (needed by llama.cpp's converter) from PyPI into {site}")
     site.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=site.parent) as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "-d", tmp, "sentencepiece>=0.2.0",
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        pip_download(["sentencepiece>=0.2.0"], tmp, what="sentencepiece (needed by llama.cpp's converter)")
         wheels = sorted(Path(tmp).glob("sentencepiece-*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise LayerpruneError(
-                "could not download sentencepiece (needed by llama.cpp's converter) from PyPI with pip: "
-                + _last_line(result.stderr or result.stdout)
-            )
+        if not wheels:
+            raise LayerpruneError(f"pip downloaded no sentencepiece wheel into {tmp}")
         staged = Path(tmp) / "site"
         with zipfile.ZipFile(wheels[-1]) as archive:
             archive.extractall(staged)
@@ -138,11 +125,7 @@ def find_llama_quantize() -> str | None:
 
 def check_exportable(folder: str | os.PathLike) -> dict:
     """Refuse, with one line, a model folder that GGUF cannot represent; returns its config."""
-    config_file = Path(folder) / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise LayerpruneError(f"could not read {config_file}: {err}") from err
+    config = read_json(Path(folder) / "config.json")
     record = config.get("layerprune")
     if isinstance(record, dict):
         found = [key for key in _SUBLAYER_KEYS if record.get(key)]
@@ -227,7 +210,7 @@ def export_gguf(
         elif quantize:
             result = subprocess.run([quantize, str(staged_f16), str(tmp), "Q4_K_M"], capture_output=True, text=True)
             if result.returncode != 0:
-                raise LayerpruneError(f"llama-quantize failed: {_last_line(result.stderr or result.stdout)}")
+                raise LayerpruneError(f"llama-quantize failed: {last_line(result.stderr or result.stdout)}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions of a normal one
@@ -240,12 +223,7 @@ def export_gguf(
 
 
 def _converter_error(result: subprocess.CompletedProcess) -> str:
-    line = _last_line(result.stderr or result.stdout)
+    line = last_line(result.stderr or result.stdout)
     if "pre-tokenizer was not recognized" in line:
         line += " (llama.cpp does not support this model's tokenizer)"
     return line
-
-
-def _last_line(text: str | None) -> str:
-    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"

@@ -1,4 +1,4 @@
-"""Outputs appear atomically and never silently replace what a user had."""
+"""Outputs appear atomically and never silently replace what a user had; JSON files are read back in one way."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from layerprune.errors import LayerpruneError
 
@@ -56,3 +56,23 @@ def write_json(path: str | os.PathLike, data) -> Path:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def read_json(path: str | os.PathLike, *, missing_ok: bool = False) -> Any:
+    """Parse a JSON file. A missing file gives None with missing_ok; otherwise it raises, like an unreadable,
+    non-UTF-8 or invalid file, one LayerpruneError that names the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise LayerpruneError(f"{path} does not exist") from None
+    except UnicodeDecodeError:
+        raise LayerpruneError(f"{path} is not UTF-8 text, so not a JSON file") from None
+    except OSError as err:
+        raise LayerpruneError(f"could not read {path}: {err.strerror or err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LayerpruneError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None

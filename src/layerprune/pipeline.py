@@ -22,15 +22,10 @@ from layerprune.importance import compute_many, get_metric
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions, save_model
 from layerprune.models.sublayer import remove_units
-from layerprune.models.surgery import kept_layers, remove_layers
-from layerprune.outputs import write_json
-from layerprune.selection import count_to_drop
+from layerprune.outputs import read_json, write_json
+from layerprune.strategies import history_entry
 
 Log = Callable[[str], None]
-
-
-def _read(path: Path):
-    return json.loads(path.read_text())
 
 
 class Run:
@@ -67,7 +62,7 @@ class Run:
         c = self.config
         key = {"model": c.model, "dtype": c.dtype, "seed": c.seed}
         if "calibration" in parts:
-            key["calibration"] = c.calibration.model_dump(mode="json")
+            key["calibration"] = c.prune.calibration.model_dump(mode="json")
         if "prune" in parts:
             key["prune"] = c.prune.model_dump(mode="json")
         if "eval" in parts and c.eval is not None:
@@ -83,7 +78,7 @@ class Run:
     def calibration(self, tokenizer, seed_offset: int = 0):
         from layerprune.data.calibration import load_calibration
 
-        c = self.config.calibration
+        c = self.config.prune.calibration
         return load_calibration(tokenizer, c.source, n_samples=c.n_samples, seq_len=c.seq_len,
                                 seed=c.seed + seed_offset, field=c.field)
 
@@ -124,73 +119,33 @@ class Run:
             self.log("pruned model exists: skipping score/select/prune")
         else:
             if not selection.exists():
-                write_json(selection, self.choose(original, self.n_drop(original.model)))
-            record = _read(selection)
+                write_json(selection, self.choose(original))
+            record = read_json(selection)
             pruned = self.load(self.config.model)
             granularity = self.config.prune.granularity  # block, or attention/MLP only (models/sublayer.py)
-            remove_units(pruned.model, record["dropped"], granularity, how={"chosen_by": record["chosen_by"]})
+            remove_units(pruned.model, record["dropped"], granularity, how=history_entry(record))
             save_model(pruned.model, pruned.tokenizer, pruned_dir, extra={"selection": record})
             what = "pruned" if granularity == "block" else f"removed the {granularity} of"
             self.log(f"{what} original layers {record['dropped']} ({record['chosen_by']})")
         self.expose("selection.json", selection)
         self.expose("pruned", pruned_dir)
 
-    def n_drop(self, model) -> int | None:
-        """Layers to drop; None when a parameter or latency budget decides it per candidate."""
-        prune = self.config.prune
-        if prune.drop is not None:
-            return len(prune.drop)
-        if prune.target_params is not None or prune.target_latency is not None:
-            return None
-        return count_to_drop(len(kept_layers(model)), num_layers=prune.num_layers, ratio=prune.ratio)
-
-    def choose(self, loaded: LoadedModel, n_drop: int | None, scores_name: str = "scores.json") -> dict:
-        """Score (once per metric, cached in scores.json) and select; select: auto compares candidates."""
+    def choose(self, loaded: LoadedModel, n_drop: int | None = None, scores_name: str = "scores.json") -> dict:
+        """The selection record (strategies.choose), with every metric's scores cached in `scores_name`."""
         from layerprune.importance import LayerScores
-        from layerprune.scoring import metric_requests
+        from layerprune.strategies import VALIDATION_SEED_OFFSET, choose
 
-        prune = self.config.prune
-        if prune.drop is not None:
-            return {"dropped": sorted(prune.drop), "chosen_by": "explicit"}
-        model = loaded.model
         scores_path = self.path(scores_name)
-        n_layers = len(kept_layers(model))
-        # with a budget the count is not known yet: block metrics score every block size from 1 up
-        requests = metric_requests(prune.metrics, n_layers, seed=self.config.seed, block_size=n_drop or 1)
-        for name, params in prune.metric_params.items():
-            requests.setdefault(name, {}).update(params)
-        if scores_path.exists():
-            cached = {n: LayerScores.from_json(s) for n, s in _read(scores_path).items()}
-        else:
-            cached = self.scores(loaded, requests, share=scores_name == "scores.json")
-            write_json(scores_path, {n: s.to_json() for n, s in cached.items()})
-        from layerprune.budgets import Budget, measure_layer_costs, select_with_budget
 
-        target = prune.budget() if n_drop is None else None  # a parameter or latency target
-        costs = None
-        if target is not None and target.target_latency is not None:
-            costs = measure_layer_costs(model, mode=target.latency_mode, seed=self.config.seed)
-        candidates, constraints = {}, {}
-        for name, scores in cached.items():
-            block = scores.params.get("block_size")  # a block metric drops exactly its block
-            budget = target or Budget(num_layers=int(block) if block else n_drop)
-            selection = select_with_budget(model, scores, budget, protect_first=prune.protect_first,
-                                           protect_last=prune.protect_last, latency_costs=costs)
-            candidates[name] = selection.dropped
-            if target is not None:
-                constraints[name] = selection.constraints
-        if prune.select == "metric":
-            name = prune.metrics[0]
-            return {"dropped": candidates[name], "chosen_by": name, **_constraints(constraints, name)}
-        from layerprune.importance.perplexity import drop_set_losses
+        def cached_scores(requests: dict[str, dict]) -> dict:
+            if scores_path.exists():
+                return {n: LayerScores.from_json(s) for n, s in read_json(scores_path).items()}
+            scores = self.scores(loaded, requests, share=scores_name == "scores.json")
+            write_json(scores_path, {n: s.to_json() for n, s in scores.items()})
+            return scores
 
-        validation = self.calibration(loaded.tokenizer, seed_offset=1000)
-        kept = kept_layers(model)
-        losses, _ = drop_set_losses(model, validation, {n: [kept.index(i) for i in d] for n, d in candidates.items()})
-        best = min(losses, key=lambda n: (losses[n], n))
-        self.log("validation loss of each candidate: " + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
-        return {"dropped": candidates[best], "chosen_by": f"auto:{best}", **_constraints(constraints, best),
-                "candidates": {n: {"dropped": candidates[n], "validation_loss": losses[n]} for n in candidates}}
+        return choose(loaded.model, self.config.prune, score=cached_scores, n_drop=n_drop, log=self.log,
+                      validation=lambda: self.calibration(loaded.tokenizer, seed_offset=VALIDATION_SEED_OFFSET))
 
     def scores(self, loaded: LoadedModel, requests: dict[str, dict], share: bool) -> dict:
         """Scores of each requested metric; in a study, each metric's scores are computed once and shared."""
@@ -199,7 +154,7 @@ class Run:
         paths = {name: self.shared_path(f"scores-{name}.json", {**self._key("calibration"), "metric": name,
                                                                 "params": params})
                  for name, params in requests.items()} if share and self.shared_dir else {}
-        found = {n: LayerScores.from_json(_read(p)) for n, p in paths.items() if p.exists()}
+        found = {n: LayerScores.from_json(read_json(p)) for n, p in paths.items() if p.exists()}
         missing = {n: params for n, params in requests.items() if n not in found}
         if missing:
             calibration = None
@@ -213,12 +168,7 @@ class Run:
 
     def heal_chain(self, ref: str, tokenizer_from: LoadedModel, prefix: str = "healed") -> str:
         """Run each heal stage in order on the previous stage's output; returns the final model folder."""
-        from layerprune.api import prepare_training_rows
-        from layerprune.data.instructions import FieldMap
-        from layerprune.finetune import HealConfig, heal
-        from layerprune.finetune.trainer import write_loss_curve
-        from layerprune.models.saving import write_model_files
-        from layerprune.outputs import atomic_output_dir
+        from layerprune.api import heal_loaded, write_healed
 
         for number, stage in enumerate(self.config.heal, 1):
             out = self.path(f"{prefix}-{number}")
@@ -226,50 +176,41 @@ class Run:
                 self.log(f"{out.name} exists: skipping")
                 ref = str(out)
                 continue
-            loaded = self.load(ref, tokenizer_from)
-            heal_config = HealConfig(**stage.model_dump(include=set(HealConfig.model_fields)))
-            rows, data_info = prepare_training_rows(
-                stage.method, loaded.tokenizer, stage.data, heal_config, max_samples=stage.max_samples,
-                fields=FieldMap.parse(stage.fields) if stage.fields else None, template=stage.template,
-                seed=heal_config.seed,
-            )
-            teacher = None
-            if stage.method == "distill":
-                teacher = load_model(stage.teacher or self.config.model, dtype=self.config.dtype,
-                                     load_tokenizer=False).model
-            self.log(f"healing with {stage.method} on {data_info['source']} ({len(rows)} sequences)")
+            loaded = load_model(ref, dtype=stage.train_dtype)
+            if loaded.tokenizer is None:
+                loaded.tokenizer = tokenizer_from.tokenizer
+            self.log(f"healing with {stage.method} ({out.name})")
             work = self.path(f".{out.name}.checkpoints")
-            result = heal(loaded.model, rows, heal_config, tokenizer=loaded.tokenizer, teacher=teacher,
-                          work_dir=work, resume=work.exists())
-            record = {**result.summary(), "config": heal_config.model_dump(), "data": data_info}
-            with atomic_output_dir(out) as tmp:
-                write_model_files(result.model, loaded.tokenizer, tmp, extra={"heal": record})
-                write_json(tmp / "heal.json", record)
-                write_loss_curve(result.loss_curve, tmp)
+            result, record = heal_loaded(loaded, stage, default_teacher=self.config.model, work_dir=work,
+                                         resume=work.exists())
+            if int(os.environ.get("RANK", "0")) != 0:
+                return str(out)  # under accelerate/torchrun only the main process writes
+            write_healed(result, record, loaded.tokenizer, out)
             shutil.rmtree(work, ignore_errors=True)
             ref = str(out)
         return ref
 
     def iterative(self, original: LoadedModel) -> str:
         """Score -> drop `step` layers -> heal, until `total` are gone; each round is a folder."""
-        step, total = self.config.prune.parsed_schedule()
-        ref = self.config.model
-        rounds = total // step
-        for r in range(1, rounds + 1):
+        from layerprune.strategies import iterative_rounds
+
+        steps = iterative_rounds(self.config.prune)
+        ref, rounds = self.config.model, len(steps)
+        for r, step in enumerate(steps, 1):
             round_dir = self.path(f"rounds/round-{r}")
             if (round_dir / "done.json").exists():
-                ref = _read(round_dir / "done.json")["model"]
+                ref = read_json(round_dir / "done.json")["model"]
                 continue
             round_dir.mkdir(parents=True, exist_ok=True)
             current = self.load(ref, original)
             selection = round_dir / "selection.json"
             if not selection.exists():
                 write_json(selection, self.choose(current, step, scores_name=f"rounds/round-{r}/scores.json"))
-            record = _read(selection)
+            record = read_json(selection)
             pruned_dir = round_dir / "pruned"
             if not pruned_dir.is_dir():
-                remove_layers(current.model, record["dropped"], how={"chosen_by": record["chosen_by"], "round": r})
-                save_model(current.model, current.tokenizer, pruned_dir)
+                remove_units(current.model, record["dropped"], "block", how={**history_entry(record), "round": r})
+                save_model(current.model, current.tokenizer, pruned_dir, extra={"selection": record})
             self.log(f"round {r}/{rounds}: dropped original layers {record['dropped']}")
             ref = self.heal_chain(str(pruned_dir), original, prefix=f"rounds/round-{r}/healed")
             write_json(round_dir / "done.json", {"model": ref, "dropped": record["dropped"]})
@@ -281,10 +222,8 @@ class Run:
         out = self.shared_path(name, key) if key is not None else self.path(name)
         if (out / "eval.json").exists():
             self.expose(name, out)
-            return _read(out / "eval.json")
-        e = self.config.eval
-        plan = plan_eval(tasks=e.tasks, ppl=e.ppl, seq_len=e.seq_len, ppl_windows=e.ppl_windows, limit=e.limit,
-                         batch_size=e.batch_size, samples=e.samples)
+            return read_json(out / "eval.json")
+        plan = plan_eval(self.config.eval)
         self.log(f"evaluating {name}")
         result = run_eval(loaded, plan)
         write_eval(out, result, plan)
@@ -292,14 +231,12 @@ class Run:
         return result.record
 
     def benchmark(self, original: LoadedModel, final: LoadedModel) -> None:
-        from layerprune.benchmark import BenchConfig, benchmark, write_outputs
+        from layerprune.benchmark import benchmark, write_outputs
 
         out = self.path("bench")
         if (out / "bench.json").exists():
             return
-        b = self.config.bench
-        config = BenchConfig(seq_len=b.seq_len, batch_sizes=b.batch_sizes, new_tokens=b.new_tokens,
-                             warmup=b.warmup, runs=b.runs).validate()
+        config = self.config.bench
         self.log("benchmarking original vs final")
         base = benchmark(original.model, original.tokenizer, config, name="original")
         other = benchmark(final.model, final.tokenizer, config, name="final")
@@ -311,10 +248,6 @@ class Run:
 
         summary, _ = write_run_report(self.dir, final_ref)
         return summary
-
-
-def _constraints(constraints: dict, name: str) -> dict:
-    return {"constraints": constraints[name]} if name in constraints else {}
 
 
 def _yaml(data: dict) -> str:

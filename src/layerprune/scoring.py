@@ -113,7 +113,8 @@ def stability_study(
     block_size: int = 1,
     progress=None,
 ) -> dict:
-    """How much the selected layers depend on the calibration set (main seed Table 6).
+    """How much the selected layers depend on the calibration set (Table 6 of arXiv 2411.15558, Reassessing
+    Layer Pruning).
 
     For every (source, n_samples, seed) setting, score with each data-driven metric and select
     `n_drop` layers; report each setting's selection and its mean Jaccard overlap with the others.

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from layerprune.errors import LayerpruneError
+from layerprune.models.tokens import pad_token_id
 
 
 @dataclass
@@ -48,11 +49,6 @@ class CalibrationData:
             keep = mask.sum(dim=1) > 0
             if bool(keep.any()):
                 yield ids[keep], mask[keep]
-
-    def subset(self, indices: list[int]) -> "CalibrationData":
-        return CalibrationData(
-            self.input_ids[indices], self.attention_mask[indices], {**self.description, "subset": list(indices)}
-        )
 
 
 def _bos_prefix(tokenizer) -> list[int]:
@@ -111,8 +107,7 @@ def calibration_from_texts(
             raise LayerpruneError(f"calibration source {source!r} has {len(rows)} documents, {n_samples} needed")
     else:
         raise LayerpruneError(f"unknown calibration mode {mode!r}; use concat or document")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    ids = torch.full((len(rows), seq_len), pad_token_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for r, row in enumerate(rows):
         ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)

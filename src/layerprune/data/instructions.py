@@ -3,7 +3,8 @@
 Sources: the bundled Dolly-15k (`dolly`), Alpaca-format files (`instruction`/`input`/`output`, as
 alpaca-cleaned ships them: a JSON list or JSONL), any JSONL or hub dataset with a field mapping.
 Prompt formats: the tokenizer's chat template (`chat`), or the Stanford Alpaca prompt (`alpaca`,
-what the main seed trained with). Raw text for continued pretraining comes from `data.sources`.
+what Reassessing Layer Pruning, arXiv 2411.15558, trained with). Raw text for continued pretraining
+comes from `data.sources`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -127,7 +128,7 @@ def _read_records(source: str) -> list[dict]:
 
             return list(datasets.load_dataset(source, split="train"))
         except Exception as err:  # datasets raises many types; the user needs one line
-            raise LayerpruneError(f"could not load hub dataset {source!r}: {str(err).splitlines()[0]}") from err
+            raise LayerpruneError(f"could not load hub dataset {source!r}: {first_line(err)}") from err
     raise LayerpruneError(f"instruction data not found: {source} (use dolly, a .json/.jsonl file or a hub dataset id)")
 
 

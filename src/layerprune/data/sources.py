@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _read_hub(dataset_id: str, field: str) -> list[str]:
     try:
         data = datasets.load_dataset(dataset_id, split="train")
     except Exception as err:  # datasets raises many types; the user needs one line
-        raise LayerpruneError(f"could not load hub dataset {dataset_id!r}: {str(err).splitlines()[0]}") from err
+        raise LayerpruneError(f"could not load hub dataset {dataset_id!r}: {first_line(err)}") from err
     if field not in data.column_names:
         raise LayerpruneError(f"hub dataset {dataset_id!r} has no field {field!r} (fields: {data.column_names})")
     return [str(t) for t in data[field]]

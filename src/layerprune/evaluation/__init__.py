@@ -7,4 +7,5 @@ harness.py     lm_eval.simple_evaluate on the in-memory model (HFLM), numbers pi
 generation.py  greedy generation samples
 run.py         a whole evaluation: plan (checked up front) -> eval.json / eval.md / samples.json
 results.py     markdown tables and side-by-side comparison of two eval.json files
+checksums.py   sha256 of the data files an evaluation scored (uncompressed for .gz)
 """

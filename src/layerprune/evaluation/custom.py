@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
 
 YAML_SUFFIXES = (".yaml", ".yml")
 JSONL_SUFFIXES = (".jsonl",)
@@ -54,8 +54,7 @@ def check_task_yaml(path: Path) -> str:
     try:
         config = load_yaml(path, resolve_func=False)
     except Exception as err:  # yaml/include errors come in many types; the user needs one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LayerpruneError(f"{path} is not a readable lm-eval task YAML: {first}") from None
+        raise LayerpruneError(f"{path} is not a readable lm-eval task YAML: {first_line(err)}") from None
     name = config.get("task") if "group" not in config else config.get("group")
     if not isinstance(name, str) or not name:
         raise LayerpruneError(f"{path} defines no lm-eval task: it needs a `task: <name>` (or `group: <name>`) key")

@@ -1,8 +1,10 @@
-"""Greedy generation samples from a fixed prompt set (the main seed's Table E)."""
+"""Greedy generation samples from a fixed prompt set (Table E of Reassessing Layer Pruning, arXiv 2411.15558)."""
 
 from __future__ import annotations
 
 import torch
+
+from layerprune.models.tokens import pad_token_id
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -32,7 +34,7 @@ def generate_samples(model, tokenizer, prompts: list[str] | None = None, max_new
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=pad_token_id(tokenizer),
         )
         completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         samples.append({"prompt": prompt, "completion": completion.strip()})

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
 from layerprune.evaluation.tasks import TaskEntry, tasks_dir
 
 # lm-eval's defaults (simple_evaluate), written out so that eval.json records them.
@@ -64,7 +64,8 @@ def evaluate_tasks(
 
 
 def average(tasks: dict[str, dict], metric: str) -> dict:
-    """The seed's "Avg Acc": plain mean over tasks of `metric` (acc when a task has no acc_norm)."""
+    """The "Avg Acc" of Reassessing Layer Pruning (arXiv 2411.15558): plain mean over tasks of `metric`
+    (acc when a task has no acc_norm)."""
     used = {name: (metric if scores.get(metric) is not None else "acc") for name, scores in tasks.items()}
     values = [tasks[name][m] for name, m in used.items() if tasks[name].get(m) is not None]
     return {
@@ -102,7 +103,7 @@ def _load_tasks(manager, entries: list[TaskEntry]) -> list:
         try:
             loaded = manager.load([entry.lm_eval_name])
         except Exception as err:  # datasets/hub/yaml errors come in many types; the user needs one line
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = first_line(err)
             hint = " (hub tasks need a machine that reaches the Hugging Face hub)" if entry.kind == "hub" else ""
             raise LayerpruneError(f"could not load task {entry.name!r} ({entry.lm_eval_name}){hint}: {text}") from err
         name = entry.lm_eval_name

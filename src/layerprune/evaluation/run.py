@@ -13,9 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation.harness import AVG_METRICS
-from layerprune.evaluation.perplexity import BOS_MODES, PplText
-from layerprune.evaluation.tasks import DATA_SOURCES, TaskEntry
+from layerprune.evaluation.perplexity import PplText
+from layerprune.evaluation.tasks import TaskEntry
 
 
 @dataclass
@@ -44,55 +43,26 @@ class EvalPlan:
         return any(t.kind == "humaneval" for t in self.tasks)
 
 
-def plan_eval(
-    *,
-    tasks: str = "",
-    ppl: str = "",
-    ppl_field: str = "text",
-    seq_len: int = 128,
-    stride: int | None = None,
-    bos: str = "auto",
-    ppl_windows: int | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    avg_metric: str = "acc",
-    samples: bool = True,
-    max_new_tokens: int = 40,
-    data_source: str = "bundled",
-    humaneval_max_new_tokens: int = 256,
-    humaneval_timeout: float = 10.0,
-) -> EvalPlan:
-    """Check every input (task names and files, texts, numbers) and read the texts; raises LayerpruneError."""
+def plan_eval(config=None, **fields) -> EvalPlan:
+    """Check every input (an EvalConfig, or its fields as keywords: task names and files, texts, numbers)
+    and read the texts; raises LayerpruneError before any model loads."""
+    from layerprune.config import EvalConfig, as_config
     from layerprune.evaluation.perplexity import load_ppl_text
     from layerprune.evaluation.tasks import expand_task_names, resolve_tasks
 
-    if data_source not in DATA_SOURCES:
-        raise LayerpruneError(f"unknown --data-source {data_source!r}; choose bundled or hub")
-    if avg_metric not in AVG_METRICS:
-        raise LayerpruneError(f"unknown --avg-metric {avg_metric!r}; choose acc or acc_norm")
-    if bos not in BOS_MODES:
-        raise LayerpruneError(f"unknown --bos {bos!r}; choose one of {', '.join(BOS_MODES)}")
-    for name, value, low in (("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--limit", limit, 1),
-                             ("--ppl-windows", ppl_windows, 1), ("--stride", stride, 1),
-                             ("--humaneval-max-new-tokens", humaneval_max_new_tokens, 1)):
-        if value is not None and value < low:
-            raise LayerpruneError(f"{name} must be at least {low}, got {value}")
-    if stride is not None and stride > seq_len:
-        raise LayerpruneError(f"--stride ({stride}) cannot exceed --seq-len ({seq_len})")
-    if humaneval_timeout <= 0:
-        raise LayerpruneError(f"--humaneval-timeout must be positive, got {humaneval_timeout}")
-    if any(name != "humaneval" for name in expand_task_names(tasks)):
+    c = as_config(EvalConfig, config, **fields)
+    if any(name != "humaneval" for name in expand_task_names(c.tasks)):
         _require_lm_eval()
-    entries = resolve_tasks(tasks, data_source) if tasks else []
+    entries = resolve_tasks(c.tasks, c.data_source) if c.tasks else []
     texts = []
-    for source in (s.strip() for s in ppl.split(",")):
+    for source in (s.strip() for s in c.ppl.split(",")):
         if source and source.lower() != "none":
-            texts.append(load_ppl_text(source, field=ppl_field, data_source=data_source))
+            texts.append(load_ppl_text(source, field=c.ppl_field, data_source=c.data_source))
     if not entries and not texts:
-        raise LayerpruneError("nothing to evaluate: give --tasks and/or --ppl")
-    return EvalPlan(entries, texts, seq_len, stride, bos, ppl_windows, limit, batch_size, avg_metric, samples,
-                    max_new_tokens, data_source, humaneval_max_new_tokens=humaneval_max_new_tokens,
-                    humaneval_timeout=humaneval_timeout)
+        raise LayerpruneError("nothing to evaluate: give tasks and/or ppl")
+    return EvalPlan(entries, texts, c.seq_len, c.stride, c.bos, c.ppl_windows, c.limit, c.batch_size, c.avg_metric,
+                    c.samples, c.max_new_tokens, c.data_source, humaneval_max_new_tokens=c.humaneval_max_new_tokens,
+                    humaneval_timeout=c.humaneval_timeout)
 
 
 @dataclass

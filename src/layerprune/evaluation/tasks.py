@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 from dataclasses import dataclass
 from importlib.resources import files
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.errors import LayerpruneError
+from layerprune.evaluation.checksums import sha256_uncompressed
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ BUNDLED_TASKS: dict[str, BundledTask] = {
         BundledTask("winogrande", "lp_winogrande", "winogrande", "winogrande.jsonl.gz", "validation", "WinoGrande"),
     ]
 }
-# The main seed's Table 1 columns, in its order (section 3.2: 8 zero-shot tasks via lm-eval).
+# Table 1 columns of Reassessing Layer Pruning (arXiv 2411.15558), in its order
+# (section 3.2: 8 zero-shot tasks via lm-eval).
 PAPER_TASKS: tuple[str, ...] = (
     "piqa", "hellaswag", "openbookqa", "arc_easy", "arc_challenge", "mmlu", "cmmlu", "winogrande",
 )
@@ -65,17 +66,6 @@ def read_task_rows(data_file: str) -> tuple[dict, ...]:
     """All rows of a bundled task file (cached: MMLU's 57 subtasks share one file)."""
     with gzip.open(task_data_path(data_file), "rt", encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f if line.strip())
-
-
-@functools.lru_cache(maxsize=64)
-def sha256_uncompressed(path: str) -> str:
-    """sha256 of a file's content, gunzipped first for .gz (the MANIFEST.md convention)."""
-    digest = hashlib.sha256()
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cmmlu_upstream_row(row: dict) -> dict:
@@ -146,11 +136,6 @@ class TaskEntry:
     data: dict  # what data it scores: file + sha256, or the hub task
     include_dir: str | None = None  # a folder lm-eval must index (user YAMLs)
     generated_yaml: str | None = None  # the task YAML layerprune wrote (JSONL tasks)
-    title: str | None = None
-
-    @property
-    def display(self) -> str:
-        return self.title or self.name
 
 
 def resolve_tasks(text: str, data_source: str = "bundled") -> list[TaskEntry]:
@@ -163,12 +148,12 @@ def resolve_tasks(text: str, data_source: str = "bundled") -> list[TaskEntry]:
         if item == "humaneval":  # code generation, executed: opt-in only, never part of 'paper'
             from layerprune.evaluation.humaneval import data_record
 
-            entries.append(TaskEntry(item, item, "humaneval", data_record(), title="HumanEval"))
+            entries.append(TaskEntry(item, item, "humaneval", data_record()))
             continue
         if item in BUNDLED_TASKS:
             task = BUNDLED_TASKS[item]
             data = bundled_data_record(item) if data_source == "bundled" else {"hub_task": task.hub_task}
-            entries.append(TaskEntry(item, lm_eval_task_name(item, data_source), data_source, data, title=task.title))
+            entries.append(TaskEntry(item, lm_eval_task_name(item, data_source), data_source, data))
             continue
         path = Path(item).expanduser()
         if not custom.looks_like_path(item):

@@ -1,53 +1,118 @@
-"""The settings of one healing run, validated before any model loads.
+"""The settings of one healing stage, validated before any model loads.
 
-Defaults are the main seed's (reassessing-layer-pruning.txt section 4.2): AdamW, lr 1e-5 with 100
-warmup steps, effective batch 64, 2 epochs, LoRA r=8, partial = lm_head + last 3 layers. They were
-found on 7-8B models; on SmolLM2-135M lr 1e-4 heals far better (FINDINGS.md), which is what the
-quickstart uses.
+The defaults are the recipe measured best on the embedded SmolLM2-135M-Instruct with 25% of its layers
+removed (docs/results.md): LoRA r=8 on every linear projection, lr 1e-4, one epoch, batch 8, 256-token
+examples of Dolly-15k, merged back into the weights. The recipe of "Reassessing Layer Pruning in LLMs"
+(arXiv 2411.15558, found on 7-8B models: partial-layer, lr 1e-5, 2 epochs, effective batch 64) is the
+preset `paper`; on a 135M model it leaves the pruned model unusable.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["partial", "lora", "qlora", "full", "cpt", "distill"]
+# Named recipes: a preset fills every setting it names unless the setting is given explicitly.
+HEAL_PRESETS: dict[str, dict] = {
+    "paper": {  # arXiv 2411.15558 section 4.2: lm_head + last 3 layers, AdamW lr 1e-5, 2 epochs, batch 64
+        "method": "partial", "learning_rate": 1e-5, "epochs": 2.0, "batch_size": 8, "effective_batch_size": 64,
+        "warmup_steps": 100, "max_length": 1024, "train_last_layers": 3, "train_lm_head": True,
+    },
+}
 
 
 class HealConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Method = Field("partial", description="partial | lora | qlora | full | cpt | distill")
-    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(2.0, gt=0, description="Passes over the data (ignored when max_steps > 0).")
+    preset: str | None = Field(None, description="Named recipe whose settings fill what is not given: paper.")
+    method: str = Field("lora", description="Healing method: partial | lora | qlora | full | cpt | distill.")
+    # data
+    data: str | None = Field(
+        None, description="Training data: dolly | a Dolly/Alpaca .json/.jsonl file | a hub dataset id; cpt: c4 | a "
+        "text file (never the wikitext2/ptb test sets). Default: dolly, or c4 for cpt.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most N examples.")
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="Prompt format: auto (the chat template if the tokenizer has one) | chat | alpaca.")
+    fields: str | None = Field(
+        None, description="Field mapping for other formats, e.g. instruction=question,context=,response=answer.")
+    # optimisation
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     batch_size: int = Field(8, ge=1, description="Micro-batch per device.")
-    effective_batch_size: int = Field(64, ge=1, description="Examples per optimizer step, via gradient accumulation.")
-    warmup_steps: int = Field(100, ge=0)
-    scheduler: str = Field("linear", description="transformers lr scheduler type.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_length: int = Field(1024, ge=8, description="Tokens per example (seed: 1024 for Dolly, 512 for MMLU).")
+    effective_batch_size: int = Field(8, ge=1, description="Examples per optimizer step, via gradient accumulation.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    scheduler: str = Field("linear", description="Learning-rate schedule (a transformers scheduler type).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are cut.")
     packing: bool = Field(False, description="Pack several examples into one sequence.")
     # partial-layer fine-tuning
     train_last_layers: int = Field(3, ge=0, description="partial: train the last K remaining layers.")
-    train_layers: list[int] | None = Field(None, description="partial: ORIGINAL indices of layers to train instead.")
-    train_lm_head: bool = Field(True, description="partial: train lm_head (unties tied embeddings).")
+    train_layers: list[int] | None = Field(None, description="partial: ORIGINAL indices of the layers to train.")
+    train_lm_head: bool = Field(True, description="partial: also train lm_head (unties tied embeddings).")
     # LoRA / QLoRA
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     lora_target: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names, or all-linear.")
     # distillation
-    teacher: str | None = Field(None, description="distill: teacher model ref (default: the model it was pruned from).")
-    distill_temperature: float = Field(2.0, gt=0)
-    distill_alpha: float = Field(1.0, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the CE loss.")
+    teacher: str | None = Field(None, description="distill: the teacher (default: the model it was pruned from).")
+    distill_temperature: float = Field(2.0, gt=0, description="distill: softmax temperature.")
+    distill_alpha: float = Field(1.0, ge=0, le=1, description="distill: weight of the KL term (1 - alpha: CE).")
     # runtime
-    bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast (auto: on where the hardware supports it).")
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N steps (for --resume).")
+    train_dtype: Literal["fp32", "auto"] = Field(
+        "fp32", description="Weights while training: fp32 master weights (compute still uses bf16 autocast) | auto "
+        "(the checkpoint's dtype).")
+    bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast (auto: where the hardware supports it).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    seed: int = Field(0, description="Seed of data order, dropout and adapter initialisation.")
+    logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
+    save_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N steps (for resuming).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") is not None:
+            if data["preset"] not in HEAL_PRESETS:
+                raise ValueError(f"unknown preset {data['preset']!r}; available: {', '.join(HEAL_PRESETS)}")
+            data = {**HEAL_PRESETS[data["preset"]], **{k: v for k, v in data.items() if v is not None}}
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        from layerprune.errors import LayerpruneError
+        from layerprune.finetune.methods import get_method
+
+        try:
+            get_method(value)
+        except LayerpruneError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers import SchedulerType
+
+        known = [s.value for s in SchedulerType]
+        if value not in known:
+            raise ValueError(f"unknown scheduler {value!r}; choose one of {', '.join(known)}")
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _readable_fields(cls, value):
+        if value is not None:
+            from layerprune.data.instructions import FieldMap
+            from layerprune.errors import LayerpruneError
+
+            try:
+                FieldMap.parse(value)
+            except LayerpruneError as err:
+                raise ValueError(str(err)) from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "HealConfig":
@@ -56,3 +121,9 @@ class HealConfig(BaseModel):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use epochs) or >= 1")
         return self
+
+    def field_map(self):
+        """The parsed `fields` mapping (None: the format is detected)."""
+        from layerprune.data.instructions import FieldMap
+
+        return FieldMap.parse(self.fields) if self.fields else None

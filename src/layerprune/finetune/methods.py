@@ -2,7 +2,8 @@
 
 Each method is `prepare(model, config, context) -> trainable model` and
 `finalize(trained, config, context) -> stock transformers model`; register new ones with
-`@register_method`.
+`@register_method`. `config` is a layerprune.finetune.HealConfig (not imported here: the config checks
+method names against this registry).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
-from layerprune.finetune.config import HealConfig
 from layerprune.models.anatomy import get_anatomy
-from layerprune.models.quantize import disable_cpu_repacking
+from layerprune.models.quantize import bnb_config, disable_cpu_repacking
 from layerprune.models.surgery import kept_layers, untie_embeddings
 
 
@@ -69,7 +69,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def layers_to_train(model: nn.Module, config: HealConfig) -> list[int]:
+def layers_to_train(model: nn.Module, config) -> list[int]:
     """Positions of the layers partial fine-tuning trains (from original indices or the last K)."""
     kept = kept_layers(model)
     if config.train_layers is not None:
@@ -85,14 +85,15 @@ def layers_to_train(model: nn.Module, config: HealConfig) -> list[int]:
 
 @register_method("partial")
 class Partial:
-    """lm_head + the last K layers (main seed, Insight #2); the frozen prefix builds no autograd graph.
+    """lm_head + the last K layers (Reassessing Layer Pruning, arXiv 2411.15558, Insight #2); the frozen
+    prefix builds no autograd graph.
 
     A tied lm_head is untied first: training it would otherwise train the input embeddings and
     backpropagate through every layer. The untied copy costs vocab x hidden parameters on disk.
     """
 
     @staticmethod
-    def prepare(model, config: HealConfig, context: HealContext):
+    def prepare(model, config, context: HealContext):
         positions = layers_to_train(model, config)
         if config.train_lm_head and untie_embeddings(model):
             context.notes["untied_embeddings"] = True
@@ -137,7 +138,7 @@ class Distill(Full):
     """Full-weight training against the unpruned teacher's logits (KL, optionally + CE), as Minitron does."""
 
 
-def _lora_config(config: HealConfig):
+def _lora_config(config):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -158,7 +159,7 @@ def _merge_adapters(peft_model):
 
 @register_method("lora")
 class Lora:
-    """peft LoRA (seed: r=8) on every linear projection of the blocks; merged at the end."""
+    """peft LoRA (r=8 as in arXiv 2411.15558) on every linear projection of the blocks; merged at the end."""
 
     @staticmethod
     def prepare(model, config, context):
@@ -178,7 +179,7 @@ class QLora:
     @staticmethod
     def prepare(model, config, context):
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
 
         compute_dtype = torch.bfloat16 if _wants_bf16(config) else torch.float32
         context.notes["full_precision"] = model
@@ -186,9 +187,7 @@ class QLora:
             model.save_pretrained(tmp)
             quantized = AutoModelForCausalLM.from_pretrained(
                 tmp,
-                quantization_config=BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
-                ),
+                quantization_config=bnb_config("4bit", compute_dtype),
                 device_map={"": next(model.parameters()).device},
             )
         disable_cpu_repacking(quantized)
@@ -205,7 +204,7 @@ class QLora:
         return _merge_adapters(full)
 
 
-def _wants_bf16(config: HealConfig) -> bool:
+def _wants_bf16(config) -> bool:
     if config.bf16 == "auto":
         return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
     return bool(config.bf16)

@@ -16,6 +16,7 @@ from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.methods import HealContext, _wants_bf16, get_method, trainable_parameters
+from layerprune.models.tokens import pad_token_id
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -157,14 +158,11 @@ def heal(
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
     trainer = _trainer_class()(
         model=trainable_model,
         args=args,
         train_dataset=TokenizedDataset(rows),
-        data_collator=PadCollator(pad_id),
+        data_collator=PadCollator(pad_token_id(tokenizer)),
         teacher=teacher,
         temperature=config.distill_temperature,
         alpha=config.distill_alpha,
@@ -237,9 +235,9 @@ def write_loss_curve(curve: list[dict], out_dir: Path) -> list[Path]:
         writer.writerows(curve)
     paths = [out_dir / "loss.csv"]
     if curve:
-        from layerprune.report.plots import _pyplot
+        from layerprune.plotting import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
         ax.set_xlabel("optimizer step")

@@ -1,12 +1,12 @@
 """Metrics computed from the hidden states around each decoder layer, all in one forward pass.
 
-- `block-influence` (BI): ShortGPT (Men et al., 2024, seeds/shortgpt.txt):
+- `block-influence` (BI): ShortGPT (Men et al., 2024, arXiv 2403.03853):
   BI_i = 1 - E_{x,t}[cos(X_i,t, X_{i+1,t})], the mean taken over every real token.
 - `relative-magnitude`: the ShortGPT baseline (Samragh et al.): E_{x,t}[‖f(x)‖ / ‖x + f(x)‖],
   f(x) = layer output - layer input.
-- `angular`: Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers" (2024), as
-  used in seeds/pruning-impact-on-finetuning.txt (eq. 1): d(x_i, x_{i+m}) = arccos(cos(x_i,T, x_{i+m},T)) / π on
-  the last real token T of each sample, averaged over samples.
+- `angular`: Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers" (2024, arXiv
+  2403.17887), as written in "The impact of LLM pruning for fine-tuning" (Stanford CS224N, eq. 1):
+  d(x_i, x_{i+m}) = arccos(cos(x_i,T, x_{i+m},T)) / π on the last real token T of each sample, averaged over samples.
 
 X_i is the input of layer i, X_{i+1} its output (= the next layer's input). Hidden states are
 taken with forward hooks on the decoder blocks, never from `output_hidden_states`, whose last

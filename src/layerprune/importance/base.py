@@ -5,12 +5,7 @@ Convention: higher score = more important = kept. Indices are ORIGINAL layer ind
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 
 @dataclass
@@ -43,13 +38,3 @@ class LayerScores:
     def from_json(cls, data: dict) -> "LayerScores":
         values = [float("nan") if v is None else v for v in data["values"]]
         return cls(**{**data, "values": values})
-
-    def to_csv(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["layer", self.metric])
-        writer.writerows(zip(self.layers, self.values))
-        return buffer.getvalue()
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Data-free baselines that score layers by position (ShortGPT, main seed)."""
+"""Data-free baselines that score layers by position (ShortGPT, arXiv 2403.03853; arXiv 2411.15558)."""
 
 from __future__ import annotations
 

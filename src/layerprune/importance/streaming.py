@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
 from layerprune.importance.activations import (
     ActivationAccumulator,
     check_requests,
@@ -45,6 +45,7 @@ from layerprune.importance.registry import _to_scores, compute_scores, get_metri
 from layerprune.importance.weights import frobenius_norms_sum, l1_norm, scored_parameters
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import TensorEntry, find_layers_prefix, read_checkpoint
+from layerprune.models.dtypes import parse_dtype, stored_dtype
 
 ACTIVATION_METRICS = ("block-influence", "relative-magnitude", "angular")
 WEIGHT_NORMS = {"magnitude-l1": l1_norm, "magnitude-l2": frobenius_norms_sum}
@@ -128,13 +129,13 @@ def check_streamable(metrics) -> None:
 def load_skeleton(ref: str | os.PathLike, *, dtype: str | torch.dtype = "auto", metrics=None):
     """A LoadedModel whose weights stay on disk (meta device) + its tokenizer: what `score --streaming` needs
     to know the layers and encode calibration text. `metrics` are checked first."""
-    from layerprune.models.loading import LoadedModel
+    from layerprune.models.loading import LoadedModel, folder_tokenizer
 
     if metrics is not None:
         check_streamable(metrics)
     folder = _local_folder(ref)
     model = _skeleton(folder, dtype, {e.name: e for e in read_checkpoint(folder)})
-    return LoadedModel(model=model, tokenizer=_tokenizer(folder), ref=str(ref), path=str(folder))
+    return LoadedModel(model=model, tokenizer=folder_tokenizer(folder), ref=str(ref), path=str(folder))
 
 
 def _local_folder(ref: str | os.PathLike) -> Path:
@@ -146,15 +147,6 @@ def _local_folder(ref: str | os.PathLike) -> Path:
     return Path(model_folder(ref))
 
 
-def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # The skeleton and its weights
 # ---------------------------------------------------------------------------------------------
@@ -163,37 +155,29 @@ def _tokenizer(folder: Path):
 def _skeleton(folder: Path, dtype, entries: dict[str, TensorEntry]) -> nn.Module:
     """The model with parameters on the meta device and real buffers (rotary frequencies, ...)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as err:
-        raise LayerpruneError(f"could not read the model config of {folder}: {str(err).splitlines()[0]}") from err
+    from layerprune.models.model_config import read_model_config
+
+    config = read_model_config(folder)
     torch_dtype = _resolve_dtype(config, dtype, entries)
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     except ValueError as err:
         raise LayerpruneError(
-            f"unsupported architecture {config.model_type!r} in {folder}: {str(err).splitlines()[0]}"
+            f"unsupported architecture {config.model_type!r} in {folder}: {first_line(err)}"
         ) from err
     return model.eval()
 
 
 def _resolve_dtype(config, dtype, entries: dict[str, TensorEntry]) -> torch.dtype:
     """dtype "auto" as from_pretrained reads it: the config's dtype, else the first stored float tensor's."""
-    from layerprune.models.loading import DTYPES
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    dtype = parse_dtype(dtype)
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise LayerpruneError(f"unknown dtype {dtype!r}; choose one of auto, bf16, fp16, fp32")
-        return DTYPES[dtype]
-    stored = getattr(config, "dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    if isinstance(stored, torch.dtype):
+        return dtype
+    stored = stored_dtype(config)
+    if stored is not None:
         return stored
     for entry in entries.values():
         if entry.dtype in _SAFETENSORS_FLOATS:

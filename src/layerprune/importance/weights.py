@@ -1,7 +1,7 @@
 """Metrics computed from a layer's weights: magnitude (data-free) and first-order Taylor.
 
-Both come from Shortened LLaMA (Kim et al., 2024, seeds/shortened-llama.txt, section 3.1), as
-used by the main seed (seeds/reassessing-layer-pruning.txt, section 3.1):
+Both come from Shortened LLaMA (Kim et al., 2024, arXiv 2402.02834, section 3.1), as used by
+"Reassessing Layer Pruning in LLMs: New Insights and Methods" (arXiv 2411.15558, section 3.1):
 
 - magnitude-l1 / magnitude-l2: I_n = Σ_k ‖W^{k,n}‖_p over the weight matrices k of block n.
 - taylor: I_n = Σ_k Σ_ij |∂L(D)/∂W^{k,n}_ij · W^{k,n}_ij|, L(D) the LM loss on the calibration set.
@@ -9,7 +9,7 @@ used by the main seed (seeds/reassessing-layer-pruning.txt, section 3.1):
 Which weights: the paper defines both over "the linear weight matrix W^{k,n} ... k the type of
 operation (e.g. a query projection or an up projection)", so by default only the block's weight
 matrices are scored: parameters with ndim >= 2 (linear / Conv1D weights, MoE routers, stacked
-expert weights). Biases are never scored. The authors' code (and the main seed's) additionally sums
+expert weights). Biases are never scored. The authors' code (and that of arXiv 2411.15558) additionally sums
 the 1-D norm scales (`input_layernorm.weight`, ...): pass `include_norms=True` to do the same.
 Aggregation is a plain sum over entries and over matrices (the paper reports "sum" as the best of
 sum/mean/product/max). Taylor+ is Taylor plus a selection rule (keep the first four and last two

@@ -26,7 +26,6 @@ class FamilySpec:
 
     name: str
     layers: str
-    final_norm: str | None
     # Config attributes whose value is a list with one entry per layer.
     per_layer_lists: tuple[str, ...] = ("layer_types",)
     # Extra rewrites for configs that encode per-layer structure otherwise.
@@ -88,7 +87,7 @@ def _remap_moe_layout(config, kept: list[int]) -> None:
     config.mlp_only_layers = [new for new, old in enumerate(kept) if not is_sparse(old)]
 
 
-_LLAMA_LIKE = dict(layers="model.layers", final_norm="model.norm")
+_LLAMA_LIKE = dict(layers="model.layers")
 # Llama's `post_attention_layernorm` is the MLP's pre-norm; Gemma 2/3 also norm each branch's output.
 _LLAMA_BRANCHES = dict(attention_norms=("input_layernorm",), mlp_norms=("post_attention_layernorm",))
 _GEMMA_BRANCHES = dict(
@@ -114,15 +113,9 @@ register_family(
     ),
     ["qwen2_moe", "qwen3_moe"],
 )
-register_family(FamilySpec("gpt2", layers="transformer.h", final_norm="transformer.ln_f", attention="attn"), ["gpt2"])
-register_family(
-    FamilySpec("gpt-neox", layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", attention="attention"),
-    ["gpt_neox"],
-)
-register_family(
-    FamilySpec("opt", layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm", mlp="fc1"),
-    ["opt"],
-)
+register_family(FamilySpec("gpt2", layers="transformer.h", attention="attn"), ["gpt2"])
+register_family(FamilySpec("gpt-neox", layers="gpt_neox.layers", attention="attention"), ["gpt_neox"])
+register_family(FamilySpec("opt", layers="model.decoder.layers", mlp="fc1"), ["opt"])
 
 
 def _get_path(root: nn.Module, path: str):
@@ -141,12 +134,7 @@ class Anatomy:
     model: nn.Module
     family: str
     layers_path: str
-    final_norm_path: str | None
     spec: FamilySpec | None = field(default=None, repr=False)
-
-    @property
-    def config(self):
-        return self.model.config
 
     @property
     def text_config(self):
@@ -175,18 +163,6 @@ class Anatomy:
         return self.model.get_output_embeddings()
 
     @property
-    def final_norm(self) -> nn.Module | None:
-        return _get_path(self.model, self.final_norm_path) if self.final_norm_path else None
-
-    @property
-    def per_layer_lists(self) -> tuple[str, ...]:
-        return self.spec.per_layer_lists if self.spec else ("layer_types",)
-
-    @property
-    def config_rewrites(self) -> tuple[ConfigRewrite, ...]:
-        return self.spec.config_rewrites if self.spec else ()
-
-    @property
     def tied_embeddings(self) -> bool:
         head = self.lm_head
         return head is not None and head.weight is self.embeddings.weight
@@ -202,7 +178,7 @@ def get_anatomy(model: nn.Module) -> Anatomy:
                 f"{type(model).__name__} (model_type {model_type!r}) has no decoder layer list at "
                 f"'{spec.layers}'; load it with AutoModelForCausalLM"
             )
-        return Anatomy(model, spec.name, spec.layers, spec.final_norm, spec)
+        return Anatomy(model, spec.name, spec.layers, spec)
     return _discover(model, model_type)
 
 
@@ -224,15 +200,7 @@ def _discover(model: nn.Module, model_type: str | None) -> Anatomy:
             f"unsupported architecture {model_type!r} ({type(model).__name__}): could not find its decoder "
             f"layers unambiguously (candidates: {found}). Supported model types: {', '.join(supported_model_types())}"
         )
-    layers_path = candidates[0]
-    norm_path = None
-    parent_path = layers_path.rpartition(".")[0]
-    for name in ("norm", "final_layer_norm", "ln_f", "final_norm"):
-        path = f"{parent_path}.{name}" if parent_path else name
-        if isinstance(_get_path(model, path), nn.Module):
-            norm_path = path
-            break
-    return Anatomy(model, f"generic:{model_type}", layers_path, norm_path, None)
+    return Anatomy(model, f"generic:{model_type}", candidates[0], None)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

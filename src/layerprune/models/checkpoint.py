@@ -33,8 +33,9 @@ from typing import Iterable
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import family_spec, supported_model_types
+from layerprune.models.saving import RECORD_FILE, write_record_file
 from layerprune.models.surgery import check_drop, config_provenance, pruned_provenance, rewrite_config
-from layerprune.outputs import atomic_output_dir, check_output_dir, write_json
+from layerprune.outputs import atomic_output_dir, check_output_dir, read_json, write_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -46,8 +47,6 @@ COPIED_FILES = (
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _COPY_CHUNK = 64 << 20
-# Automatic switch of `layerprune prune`: weights bigger than this share of available memory.
-MEMORY_FRACTION = 0.8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +97,8 @@ def weight_files(folder: str | os.PathLike) -> list[str]:
     index = folder / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
+            weight_map = read_json(index)["weight_map"]
+        except (KeyError, TypeError):
             raise LayerpruneError(f"{index} is not a valid safetensors index (no weight_map)") from None
         files = sorted(set(weight_map.values()))
         missing = [name for name in files if not (folder / name).is_file()]
@@ -139,94 +138,6 @@ def read_checkpoint(folder: str | os.PathLike) -> list[TensorEntry]:
             start, nbytes = data_start + begin, end - begin
             entries.append(TensorEntry(name, file, info["dtype"], tuple(info["shape"]), start, nbytes))
     return entries
-
-
-def checkpoint_bytes(folder: str | os.PathLike) -> int:
-    """Size of a folder's safetensors weights (0 when it has none)."""
-    folder = Path(folder)
-    try:
-        return sum((folder / name).stat().st_size for name in weight_files(folder))
-    except LayerpruneError:
-        return 0
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (psutil where there is no /proc); None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
-
-
-def too_big_to_load(folder: str | os.PathLike, fraction: float = MEMORY_FRACTION) -> tuple[int, int] | None:
-    """(weights bytes, available bytes) when a checkpoint's weights exceed `fraction` of available memory."""
-    available = available_memory_bytes()
-    size = checkpoint_bytes(folder)
-    if available is None or size <= fraction * available:
-        return None
-    return size, available
-
-
-# ---------------------------------------------------------------------------------------------
-# `layerprune prune`: load the model, or prune on disk
-# ---------------------------------------------------------------------------------------------
-
-
-def on_disk_folder(
-    ref: str | os.PathLike, *, no_load: bool, drop_given: bool, model_options: dict[str, bool], say=print
-) -> Path | None:
-    """Where `layerprune prune` prunes on disk: the model's folder, or None to load the model.
-
-    no_load: only explicit --drop indices are possible (choosing layers with a metric needs the
-    loaded model), and none of `model_options` ({flag: given}) that need it. Without no_load, a
-    local folder whose weights exceed MEMORY_FRACTION of available memory is pruned on disk when
-    it can be, and `say` tells the user either way.
-    """
-    from layerprune.models.loading import model_folder, resolve_model_ref
-
-    needs_model = [flag for flag, given in model_options.items() if given]
-    resolved = resolve_model_ref(ref)
-    if no_load:
-        if not drop_given:
-            raise LayerpruneError(
-                "--no-load prunes the layers given by --drop only: --num-layers/--ratio choose them with a metric, "
-                "and data-driven metrics need the loaded model (score a big model with `layerprune score --streaming`, "
-                "then pass the chosen indices to --drop)"
-            )
-        if needs_model:
-            raise LayerpruneError(
-                f"--no-load copies the stored tensors as they are; {', '.join(needs_model)} need the loaded model"
-            )
-        if resolved.kind == "hub":
-            raise LayerpruneError(f"--no-load prunes a local checkpoint; {ref} is a hub id (download it first)")
-        return Path(model_folder(ref))
-    if resolved.kind != "folder" or (big := too_big_to_load(resolved.location)) is None:
-        return None
-    sizes = (
-        f"the weights ({big[0] / 1e9:.1f} GB) exceed {MEMORY_FRACTION:.0%} of available memory ({big[1] / 1e9:.1f} GB)"
-    )
-    if drop_given and not needs_model and _has_family_spec(Path(resolved.location)):
-        say(f"{sizes}: pruning the checkpoint on disk without loading it (as --no-load)")
-        return Path(resolved.location)
-    say(f"note: {sizes}; loading may fail. Without loading: `layerprune score --streaming`, then prune with --drop")
-    return None
-
-
-def _has_family_spec(folder: Path) -> bool:
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return family_spec(model_type) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,14 +323,11 @@ class CheckpointPruneResult:
 
 
 def _read_config(folder: Path):
-    from transformers import AutoConfig
+    from layerprune.models.model_config import read_model_config
 
     if not (folder / "config.json").is_file():
         raise LayerpruneError(f"{folder} is not a model folder: it has no config.json")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as err:
-        raise LayerpruneError(f"could not read the model config of {folder}: {str(err).splitlines()[0]}") from err
+    config = read_model_config(folder)
     spec = family_spec(config.model_type)
     if spec is None:
         raise LayerpruneError(
@@ -443,7 +351,7 @@ def _check_layer_indices(names: list[str], prefix: str, n_layers: int) -> None:
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for path in sorted(src.iterdir()):
-        if path.name in ("config.json", "layerprune.json", INDEX_NAME) or path.suffix == ".safetensors":
+        if path.name in ("config.json", RECORD_FILE, INDEX_NAME) or path.suffix == ".safetensors":
             continue
         if not any(fnmatch.fnmatch(path.name, pattern) for pattern in COPIED_FILES):
             continue
@@ -521,7 +429,14 @@ def prune_checkpoint(
             })
         config.save_pretrained(tmp)
         copied = _copy_side_files(src, tmp)
-        write_json(tmp / "layerprune.json", _record_file(new_record, src, entries, kept, copied))
+        write_record_file(tmp, new_record, {
+            "pruned_on_disk": {
+                "from": str(src),
+                "tensors_kept": len(kept),
+                "tensors_dropped": len(entries) - len(kept),
+                "copied_files": copied,
+            },
+        })
     return CheckpointPruneResult(
         out=Path(out_dir),
         dropped=drop,
@@ -541,23 +456,4 @@ def _source_metadata(src: Path, entries: list[TensorEntry]) -> dict:
     first = entries[0].file if entries else weight_files(src)[0]
     metadata = read_safetensors_header(src / first)[0].get("__metadata__") or {}
     return {str(k): str(v) for k, v in {"format": "pt", **metadata}.items()}
-
-
-def _record_file(record: dict, src: Path, entries, kept, copied: list[str]) -> dict:
-    from layerprune.models.saving import package_versions
-
-    return {
-        "source": record.get("source"),
-        "original_num_layers": record["original_num_layers"],
-        "kept_layers": record["kept_layers"],
-        "dropped_layers": record["dropped_layers"],
-        "history": record.get("history", []),
-        "pruned_on_disk": {
-            "from": str(src),
-            "tensors_kept": len(kept),
-            "tensors_dropped": len(entries) - len(kept),
-            "copied_files": copied,
-        },
-        "versions": package_versions(),
-    }
 

@@ -21,19 +21,10 @@ from typing import Any
 
 import torch
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
 from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path, cache_dir
-
-DTYPES: dict[str, Any] = {
-    "auto": "auto",
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
+from layerprune.models.dtypes import parse_dtype
+from layerprune.models.model_config import read_model_config
 
 @dataclass
 class LoadedModel:
@@ -107,7 +98,7 @@ def load_model(
 
     from layerprune.models.quantize import bnb_config, check_load_in, compute_dtype_for, prepare_for_inference
 
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     load_in = check_load_in(load_in)
     folder = model_folder(ref)
     _check_causal_lm(folder)
@@ -129,7 +120,7 @@ def load_model(
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except OSError as err:
-            raise LayerpruneError(f"could not load {ref}: {_first_line(err)}") from err
+            raise LayerpruneError(f"could not load {ref}: {first_line(err)}") from err
     if device is not None and "device_map" not in kwargs:
         model.to(device)
     if load_in is not None:
@@ -141,27 +132,15 @@ def load_model(
         from layerprune.models.surgery import provenance
 
         model.config.layerprune = {**provenance(model), "source": str(ref)}
-    tokenizer = _load_tokenizer(folder) if load_tokenizer else None
+    tokenizer = folder_tokenizer(folder) if load_tokenizer else None
     return LoadedModel(model=model, tokenizer=tokenizer, ref=str(ref), path=folder)
-
-
-def _parse_dtype(dtype: str | torch.dtype):
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise LayerpruneError(f"unknown dtype {dtype!r}; choose one of auto, bf16, fp16, fp32")
-    return DTYPES[dtype]
 
 
 def _check_causal_lm(folder: str) -> None:
     """Fail with one clear line for configs transformers can't build as a causal LM."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as err:
-        raise LayerpruneError(f"could not read the model config of {folder}: {_first_line(err)}") from err
+    config = read_model_config(folder)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LayerpruneError(
             f"unsupported architecture {config.model_type!r} in {folder}: layerprune needs a decoder-only "
@@ -169,7 +148,8 @@ def _check_causal_lm(folder: str) -> None:
         )
 
 
-def _load_tokenizer(folder: str):
+def folder_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in a model folder, or None when it has none."""
     from transformers import AutoTokenizer
 
     try:
@@ -195,7 +175,7 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (ValueError, OSError, KeyError) as err:
-        raise LayerpruneError(f"could not read {gguf_path} as a GGUF model: {_first_line(err)}") from err
+        raise LayerpruneError(f"could not read {gguf_path} as a GGUF model: {first_line(err)}") from err
     # The dequantized weights are plain tensors; without this, save_pretrained/peft/Trainer refuse the model.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -211,8 +191,3 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
         os.replace(staged, target)
         os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory's cleanup expects it
     return target
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -7,8 +7,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from layerprune.models.surgery import provenance
-from layerprune.outputs import atomic_output_dir, write_json
+from layerprune.outputs import atomic_output_dir, read_json, write_json
 
+RECORD_FILE = "layerprune.json"
 _RECORDED_PACKAGES = ("layerprune", "torch", "transformers", "accelerate", "safetensors", "peft")
 
 
@@ -23,7 +24,10 @@ def package_versions() -> dict[str, str]:
 
 
 def write_model_files(model, tokenizer, folder: str | os.PathLike, extra: dict | None = None) -> None:
-    """safetensors + config + generation config + tokenizer + layerprune.json into an existing folder."""
+    """safetensors + config + generation config + tokenizer + layerprune.json + a model card (README.md)
+    into an existing folder."""
+    from layerprune.models.anatomy import count_parameters
+    from layerprune.models.model_card import model_card
     from layerprune.models.sublayer import has_removed_sublayers, write_sublayer_model
 
     record = provenance(model)
@@ -33,8 +37,18 @@ def write_model_files(model, tokenizer, folder: str | os.PathLike, extra: dict |
         model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    write_json(
-        Path(folder) / "layerprune.json",
+    written = read_json(write_record_file(folder, record, extra))
+    card = model_card(written, parameters=count_parameters(model)["total"])
+    (Path(folder) / "README.md").write_text(card, encoding="utf-8")  # what was removed and how, how to load
+
+
+def write_record_file(folder: str | os.PathLike, record: dict, extra: dict | None = None) -> Path:
+    """layerprune.json: the provenance record (a config's `layerprune` dict), `extra`, and package versions.
+
+    Both ways of pruning write it (in memory here, on disk in checkpoint.py), so their folders match.
+    """
+    return write_json(
+        Path(folder) / RECORD_FILE,
         {
             "source": record.get("source"),
             "original_num_layers": record["original_num_layers"],

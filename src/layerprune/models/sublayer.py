@@ -1,6 +1,6 @@
 """Remove only the attention or only the MLP of chosen decoder layers (module-level depth pruning).
 
-Shortened LLaMA (seeds/shortened-llama.txt, sec. 5.4.2) compares removing whole blocks with removing
+Shortened LLaMA (arXiv 2402.02834, sec. 5.4.2) compares removing whole blocks with removing
 individual MHA and FFN modules. Here a removed branch is replaced by a parameter-free stand-in that
 returns zeros, so the block's residual stream passes that branch unchanged; the norms that serve only
 that branch (anatomy: `attention_norms` / `mlp_norms`) become `nn.Identity`, so their weights and
@@ -27,7 +27,6 @@ are saved in a form that only layerprune reloads (`load_model`), and every stock
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -37,7 +36,9 @@ from torch import nn
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import FamilySpec, get_anatomy, supported_model_types
-from layerprune.models.surgery import provenance, remove_layers
+from layerprune.models.dtypes import parse_dtype, stored_dtype
+from layerprune.models.surgery import check_layer_indices, provenance, remove_layers
+from layerprune.outputs import read_json
 
 KINDS = ("attention", "mlp")
 GRANULARITIES = ("block", *KINDS)
@@ -131,21 +132,10 @@ def check_sublayers(record: dict, kind: str, layers: Iterable[int]) -> list[int]
     layers = list(layers)
     if not layers:
         raise LayerpruneError(f"no layers given whose {_label(kind)} to remove")
-    duplicates = sorted({i for i in layers if layers.count(i) > 1})
-    if duplicates:
-        raise LayerpruneError(f"duplicate layer indices: {duplicates}")
-    original_n = record["original_num_layers"]
+    check_layer_indices(record, layers)
     gone = removed_sublayers(record)
     other = "mlp" if kind == "attention" else "attention"
     for i in layers:
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise LayerpruneError(f"layer indices must be integers, got {i!r}")
-        if i < 0 or i >= original_n:
-            raise LayerpruneError(
-                f"layer index {i} is out of range: the original model has {original_n} layers (0..{original_n - 1})"
-            )
-        if i not in record["kept_layers"]:
-            raise LayerpruneError(f"layer {i} was already removed (remaining original layers: {record['kept_layers']})")
         if i in gone[kind]:
             raise LayerpruneError(f"the {_label(kind)} of layer {i} was already removed")
         if i in gone[other]:
@@ -322,8 +312,8 @@ def is_sublayer_folder(folder: str | os.PathLike) -> bool:
     if (path / WEIGHTS_NAME).is_file():
         return True
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_json(path / "config.json")
+    except LayerpruneError:
         return False
     return isinstance(config, dict) and has_removed_sublayers(config)
 
@@ -332,20 +322,21 @@ def load_sublayer_model(folder: str | os.PathLike, *, dtype="auto", device_map=N
     """Rebuild the stock model class from the config, put the stand-ins in, load the weights strictly."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.models.model_config import read_model_config
 
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = read_model_config(folder)
     weights = folder / WEIGHTS_NAME
     if not has_removed_sublayers(config) or not weights.is_file():
         raise LayerpruneError(
             f"{folder} is an incomplete layerprune sub-layer model: it needs both {WEIGHTS_NAME} and the "
             "config's layerprune.removed_sublayers record"
         )
+    dtype = parse_dtype(dtype)
     if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype.removeprefix("torch."))
+        dtype = stored_dtype(config) or torch.float32
     with init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     restore_sublayers(model)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable, Iterator
 
-import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
@@ -49,13 +48,23 @@ def validate_drop(model: nn.Module, drop: Iterable[int]) -> list[int]:
 
 def check_drop(record: dict, drop: Iterable[int]) -> list[int]:
     """`validate_drop` against a provenance record (see `config_provenance`)."""
-    drop = list(drop)
+    drop = check_layer_indices(record, drop)
+    kept = record["kept_layers"]
+    if len(drop) >= len(kept):
+        raise LayerpruneError(f"cannot drop all {len(kept)} remaining layers; at least one must stay")
+    return sorted(drop)
+
+
+def check_layer_indices(record: dict, indices: Iterable[int]) -> list[int]:
+    """ORIGINAL layer indices that are integers, unrepeated, in range and still kept in a provenance record,
+    as a list in the given order. Raises LayerpruneError (whole layers and sub-layers alike)."""
+    indices = list(indices)
+    duplicates = sorted({i for i in indices if indices.count(i) > 1})
+    if duplicates:
+        raise LayerpruneError(f"duplicate layer indices: {duplicates}")
     original_n = record["original_num_layers"]
     kept = record["kept_layers"]
-    duplicates = sorted({i for i in drop if drop.count(i) > 1})
-    if duplicates:
-        raise LayerpruneError(f"duplicate layer indices to drop: {duplicates}")
-    for i in drop:
+    for i in indices:
         if not isinstance(i, int) or isinstance(i, bool):
             raise LayerpruneError(f"layer indices must be integers, got {i!r}")
         if i < 0 or i >= original_n:
@@ -64,9 +73,7 @@ def check_drop(record: dict, drop: Iterable[int]) -> list[int]:
             )
         if i not in kept:
             raise LayerpruneError(f"layer {i} was already removed (remaining original layers: {kept})")
-    if len(drop) >= len(kept):
-        raise LayerpruneError(f"cannot drop all {len(kept)} remaining layers; at least one must stay")
-    return sorted(drop)
+    return indices
 
 
 def remove_layers(model: nn.Module, drop: Iterable[int], *, how: dict | None = None) -> nn.Module:
@@ -208,6 +215,3 @@ def bypass_layers(model: nn.Module, positions: Iterable[int]) -> Iterator[None]:
         for handle in handles:
             handle.remove()
 
-
-def layer_device(model: nn.Module, position: int) -> torch.device:
-    return next(get_anatomy(model).layers[position].parameters()).device

@@ -6,20 +6,12 @@ import math
 from pathlib import Path
 
 from layerprune.importance.base import LayerScores
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+from layerprune.plotting import pyplot
 
 
 def plot_scores(all_scores: dict[str, LayerScores], path: str | Path, dropped: dict[str, list[int]] | None = None) -> Path:
     """One bar chart per metric (layers on x, score on y); layers a selection drops are red."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(all_scores)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
@@ -48,7 +40,7 @@ def plot_angular_heatmap(scores: LayerScores, path: str | Path) -> Path | None:
     table = scores.extra.get("distances")
     if not table:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     sizes = sorted(int(m) for m in table)
     n = len(scores.layers)
     grid = [[float("nan")] * n for _ in sizes]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
+from layerprune.outputs import read_json
 from layerprune.report import study_plots
 from layerprune.report.plots import plot_angular_heatmap, plot_scores
 from layerprune.report.run_report import run_report
-
-
-def _load(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+from layerprune.report.study_report import rebuild_study_report
 
 
 def _round_number(path: Path) -> int:
@@ -22,7 +19,7 @@ def _round_number(path: Path) -> int:
 
 def _scores(path: Path) -> dict[str, LayerScores]:
     """A run's scores.json ({name: scores}) or the score command's ({"scores": {name: scores}, ...})."""
-    data = _load(path) or {}
+    data = read_json(path, missing_ok=True) or {}
     data = data.get("scores", data) if isinstance(data.get("scores"), dict) else data
     return {name: LayerScores.from_json(s) for name, s in data.items()}
 
@@ -52,7 +49,7 @@ def _original_layers(run_dir: Path, fallback: list[int]) -> int:
     """Layer count of the unpruned model: from a pruned model's provenance, else the scores, else the drops."""
     for record in [run_dir / "pruned" / "layerprune.json",
                    *sorted((run_dir / "rounds").glob("round-*/pruned/layerprune.json"))]:
-        data = _load(record)
+        data = read_json(record, missing_ok=True)
         if data and data.get("original_num_layers"):
             return int(data["original_num_layers"])
     for scores_path in [run_dir / "scores.json", run_dir / "rounds" / "round-1" / "scores.json"]:
@@ -68,7 +65,7 @@ def _layer_map_rows(run_dir: Path, selection: dict | None) -> dict[str, list[int
     rounds = sorted((run_dir / "rounds").glob("round-*/selection.json"), key=lambda p: _round_number(p.parent))
     if rounds:
         for path in rounds:
-            rows[path.parent.name] = _load(path)["dropped"]
+            rows[path.parent.name] = read_json(path)["dropped"]
         rows["all rounds"] = sorted({i for dropped in rows.values() for i in dropped})
     elif selection:
         rows = {f"candidate: {name}": c["dropped"] for name, c in (selection.get("candidates") or {}).items()}
@@ -90,11 +87,11 @@ def write_run_report(run_dir: str | Path, final_ref: str | None = None) -> tuple
     """
     run_dir = Path(run_dir)
     if final_ref is None:
-        final_ref = (_load(run_dir / "run.json") or {}).get("final_model")
-    selection = _load(run_dir / "selection.json")
+        final_ref = (read_json(run_dir / "run.json", missing_ok=True) or {}).get("final_model")
+    selection = read_json(run_dir / "selection.json", missing_ok=True)
     made = _score_plots(run_dir, selection)
     for round_dir in sorted((run_dir / "rounds").glob("round-*"), key=_round_number):
-        made += _score_plots(round_dir, _load(round_dir / "selection.json"))
+        made += _score_plots(round_dir, read_json(round_dir / "selection.json", missing_ok=True))
     curves = {name: points for name, points in _loss_curves(run_dir).items() if points}
     if curves:
         made.append(study_plots.plot_loss_curves(curves, run_dir / "loss_curves.png"))
@@ -114,13 +111,7 @@ def rebuild_report(folder: str | Path) -> list[Path]:
     """`layerprune report DIR`: a study folder (study.json) or a run folder (config.yaml); returns the files written."""
     folder = Path(folder)
     if (folder / "study.json").is_file():
-        try:
-            from layerprune.study import rebuild_study_report
-        except ImportError:
-            raise LayerpruneError(f"{folder} is a study folder, but this layerprune cannot rebuild study "
-                                  "reports") from None
-        result = rebuild_study_report(folder)
-        return [Path(p) for p in (result or {}).get("plots", [])]
+        return [Path(p) for p in rebuild_study_report(folder)["plots"]]
     if (folder / "config.yaml").is_file():
         return write_run_report(folder)[1]
     if not folder.exists():

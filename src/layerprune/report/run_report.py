@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from layerprune.outputs import read_json
+
 ROWS = (("original", "eval-original"), ("pruned, before healing", "eval-pruned"), ("final", "eval-final"))
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _granularity(run_dir: Path) -> str:
@@ -25,7 +22,7 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     run_dir = Path(run_dir)
     lines = [f"# layerprune run: {run_dir.name}", ""]
     summary: dict = {"run": str(run_dir), "final_model": final_ref}
-    selection = _load(run_dir / "selection.json")
+    selection = read_json(run_dir / "selection.json", missing_ok=True)
     if selection:
         what = {"attention": "Removed the attention of", "mlp": "Removed the MLP of"}.get(
             _granularity(run_dir), "Dropped")
@@ -41,9 +38,9 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     rounds = sorted((run_dir / "rounds").glob("round-*/done.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     if rounds:
         lines += ["Iterative rounds: " + "; ".join(
-            f"{p.parent.name}: {','.join(map(str, _load(p)['dropped']))}" for p in rounds), ""]
-        summary["rounds"] = [_load(p)["dropped"] for p in rounds]
-    evals = {label: _load(run_dir / folder / "eval.json") for label, folder in ROWS}
+            f"{p.parent.name}: {','.join(map(str, read_json(p)['dropped']))}" for p in rounds), ""]
+        summary["rounds"] = [read_json(p)["dropped"] for p in rounds]
+    evals = {label: read_json(run_dir / folder / "eval.json", missing_ok=True) for label, folder in ROWS}
     evals = {label: e for label, e in evals.items() if e}
     if evals:
         texts = sorted({t for e in evals.values() for t in e.get("perplexity", {})})
@@ -73,7 +70,7 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
         lines += ["| healing stage | method | data | steps | trainable params | time (s) | final loss |",
                   "|---|---|---|---|---|---|---|"]
         for path in heals:
-            h = _load(path)
+            h = read_json(path)
             lines.append(f"| {path.parent.name} | {h['method']} | {h['data']['source']} | {h['steps']} | "
                          f"{h['trainable_params']:,} | {h['seconds']:.0f} | {h['final_loss']:.4f} |")
         lines.append("")

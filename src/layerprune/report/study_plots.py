@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.report.plots import _pyplot
+from layerprune.plotting import pyplot
 
 # Drop kinds of a layer map, in the order they win when one layer is listed twice.
 _KINDS = (("block", "tab:red", "whole layer"), ("attention", "tab:orange", "attention only"),
@@ -40,7 +40,7 @@ def plot_metric_vs_removed(rows: list[dict], value_key: str, path: str | Path, *
         raise LayerpruneError(f"no rows with a {value_key!r} value to plot")
     if log_y is None:
         log_y = "ppl" in value_key.lower() or "perplexity" in value_key.lower()
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for metric, points in sorted(lines.items()):
         points.sort()
@@ -89,7 +89,7 @@ def plot_layer_map(settings: dict[str, list[int] | dict[str, list[int]]], n_laye
                     raise LayerpruneError(f"layer map {name!r}: layer {layer} is outside 0..{n_layers - 1}")
                 grid[row][layer] = code
                 used.add(kind)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * n_layers + 2), max(2, 0.35 * len(names) + 1.2)))
     colors = ["whitesmoke"] + [color for _, color, _ in _KINDS]
     ax.imshow(grid, cmap=ListedColormap(colors), vmin=0, vmax=len(colors) - 1, aspect="auto")
@@ -121,7 +121,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Pat
     curves = {name: points for name, points in curves.items() if points}
     if not curves:
         raise LayerpruneError("no loss curves to plot")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
@@ -140,7 +140,7 @@ def plot_similarity(names: list[str], matrix: list[list[float]], path: str | Pat
         raise LayerpruneError(f"similarity matrix must be {n} x {n} for {n} names")
     low = min(min(row) for row in matrix)
     low = low if low < 1 else 0.0  # all ones: keep a colour range
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * n + 2), max(3.5, 0.7 * n + 1.5)))
     image = ax.imshow(matrix, cmap="viridis", vmin=low, vmax=1.0)
     ax.set_xticks(range(n), names, fontsize=7, rotation=45, ha="right")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from layerprune.cli import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, user_errors
 from layerprune.errors import LayerpruneError
 
 
@@ -60,6 +60,7 @@ def generate_command(
 
         from layerprune.evaluation.generation import build_inputs
         from layerprune.models.loading import load_model
+        from layerprune.models.tokens import pad_token_id
 
         loaded = load_model(model, dtype=dtype)
         if loaded.tokenizer is None:
@@ -69,8 +70,7 @@ def generate_command(
         start = time.perf_counter()
         with torch.no_grad():
             out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                        else tokenizer.eos_token_id)
+                                        pad_token_id=pad_token_id(tokenizer))
         seconds = time.perf_counter() - start  # includes the prompt's forward, unlike the llama.cpp figure
         new = out[0, inputs["input_ids"].shape[1]:]
         text, backend, n = tokenizer.decode(new, skip_special_tokens=True), "transformers", len(new)

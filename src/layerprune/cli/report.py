@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from layerprune.cli import app, console, user_errors
+from layerprune.cli.app import app, console, user_errors
 
 
 @app.command("report")

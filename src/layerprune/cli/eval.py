@@ -8,8 +8,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from layerprune.cli import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.options import config_from_options, config_option
+from layerprune.config import DEFAULT_DTYPE, EvalConfig
 from layerprune.errors import LayerpruneError
+
+E = EvalConfig
 
 
 @app.command("eval")
@@ -17,40 +21,30 @@ from layerprune.errors import LayerpruneError
 def eval_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: str = typer.Option(..., "--out", "-o", help="Folder for eval.json, eval.md, samples.json."),
-    tasks: str = typer.Option(
-        "paper",
-        help="Zero-shot tasks, comma separated: piqa, hellaswag, openbookqa, arc_easy, arc_challenge, mmlu, cmmlu, "
-        "winogrande; 'paper' = all 8; a task .yaml (lm-eval format) or a multiple-choice .jsonl file; 'none'. "
-        "humaneval = HumanEval pass@1 (opt-in: EXECUTES model-generated code in limited subprocesses).",
-    ),
-    ppl: str = typer.Option("wikitext2,ptb", help="Perplexity texts: wikitext2, ptb, a .txt/.jsonl file; 'none'."),
-    ppl_field: str = typer.Option("text", help="Text field of a .jsonl perplexity file."),
-    seq_len: int = typer.Option(128, help="Perplexity window length in tokens (LLM-Pruner uses 128)."),
-    stride: Optional[int] = typer.Option(
-        None, help="Sliding windows: score only the last STRIDE new tokens of each window."
-    ),
-    bos: str = typer.Option("auto", help="BOS per perplexity window: auto | always | never | first (once, at start)."),
-    ppl_windows: Optional[int] = typer.Option(None, help="Only the first N perplexity windows (quick checks)."),
-    limit: Optional[int] = typer.Option(
-        None, help="First N documents of each (sub)task (lm-eval --limit); first N HumanEval problems."
-    ),
-    batch_size: int = typer.Option(8, help="Batch size for perplexity windows and lm-eval requests."),
-    avg_metric: str = typer.Option("acc", help="Metric averaged into Avg Acc: acc | acc_norm."),
-    data_source: str = typer.Option(
-        "bundled", help="bundled (offline copies) | hub (lm-eval's stock tasks and hub datasets)."
-    ),
-    samples: bool = typer.Option(True, "--samples/--no-samples", help="Save greedy generation samples (samples.json)."),
-    max_new_tokens: int = typer.Option(40, help="Tokens per generation sample."),
-    humaneval_max_new_tokens: int = typer.Option(256, help="HumanEval: most tokens per completion."),
-    humaneval_timeout: float = typer.Option(10.0, help="HumanEval: seconds each program may run."),
-    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+    tasks: Optional[str] = config_option(E, "tasks"),
+    ppl: Optional[str] = config_option(E, "ppl"),
+    ppl_field: Optional[str] = config_option(E, "ppl_field"),
+    seq_len: Optional[int] = config_option(E, "seq_len"),
+    stride: Optional[int] = config_option(E, "stride"),
+    bos: Optional[str] = config_option(E, "bos"),
+    ppl_windows: Optional[int] = config_option(E, "ppl_windows"),
+    limit: Optional[int] = config_option(E, "limit"),
+    batch_size: Optional[int] = config_option(E, "batch_size"),
+    avg_metric: Optional[str] = config_option(E, "avg_metric"),
+    data_source: Optional[str] = config_option(E, "data_source"),
+    samples: Optional[bool] = config_option(E, "samples"),
+    max_new_tokens: Optional[int] = config_option(E, "max_new_tokens"),
+    humaneval_max_new_tokens: Optional[int] = config_option(E, "humaneval_max_new_tokens"),
+    humaneval_timeout: Optional[float] = config_option(E, "humaneval_timeout"),
+    dtype: str = typer.Option(DEFAULT_DTYPE, help="auto | bf16 | fp16 | fp32"),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
     load_in: Optional[str] = typer.Option(
         None, help="Quantize the linear layers while loading (bitsandbytes): 4bit (NF4) | 8bit (LLM.int8)."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
-    """Perplexity (WikiText-2, PTB), zero-shot accuracy (lm-evaluation-harness) and opt-in HumanEval of a model."""
+    """Perplexity (WikiText-2 by default), zero-shot accuracy (--tasks paper: lm-evaluation-harness) and opt-in
+    HumanEval of a model."""
     from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
     from layerprune.evaluation.run import plan_eval, run_eval, write_eval
     from layerprune.models.loading import load_model
@@ -59,12 +53,7 @@ def eval_command(
 
     check_output_dir(out, overwrite)
     load_in = check_load_in(load_in)  # before the plan reads any data
-    plan = plan_eval(
-        tasks=tasks, ppl=ppl, ppl_field=ppl_field, seq_len=seq_len, stride=stride, bos=bos, ppl_windows=ppl_windows,
-        limit=limit, batch_size=batch_size, avg_metric=avg_metric, samples=samples, max_new_tokens=max_new_tokens,
-        data_source=data_source, humaneval_max_new_tokens=humaneval_max_new_tokens,
-        humaneval_timeout=humaneval_timeout,
-    )
+    plan = plan_eval(config_from_options(EvalConfig, locals()))
     loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in)
     result = run_eval(loaded, plan)
     write_eval(out, result, plan, overwrite=overwrite)

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import gc
-import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from layerprune.cli import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.options import config_from_options, config_option, parse_int_list
+from layerprune.config import DEFAULT_DTYPE, BenchConfig
 from layerprune.errors import LayerpruneError
 
-
-def parse_int_list(text: str, option: str) -> list[int]:
-    """'1,4,16' -> [1, 4, 16]; anything else is a user error naming the option."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or not all(re.fullmatch(r"-?\d+", p) for p in parts):
-        raise LayerpruneError(f"could not read {option} from {text!r}; write whole numbers like 1,4,16")
-    return [int(p) for p in parts]
+B = BenchConfig
 
 
 def _resolve_device(device: str | None) -> str:
@@ -75,12 +70,15 @@ def bench(
     model: str = typer.Argument(..., help=MODEL_HELP),
     compare: Optional[str] = typer.Option(None, "--compare", help="A second model (e.g. the pruned one) to measure and compare."),
     out: str = typer.Option(..., "--out", "-o", help="Folder for bench.json, bench.md and bench.png."),
-    seq_len: int = typer.Option(64, help="Tokens of the input whose MACs, memory and prefill latency are measured."),
-    batch_sizes: str = typer.Option("1,4", help="Generation batch sizes M, comma separated."),
-    new_tokens: str = typer.Option("128", help="Generated lengths L (forced, greedy), comma separated."),
-    warmup: int = typer.Option(10, help="Warm-up runs before each timing."),
-    runs: int = typer.Option(20, help="Timed runs (mean and std are reported)."),
-    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+    seq_len: Optional[int] = config_option(B, "seq_len"),
+    batch_sizes: Optional[str] = config_option(B, "batch_sizes", help="Generation batch sizes M, comma separated."),
+    new_tokens: Optional[str] = config_option(B, "new_tokens", help="Generated lengths L (forced, greedy), comma "
+                                              "separated."),
+    warmup: Optional[int] = config_option(B, "warmup"),
+    runs: Optional[int] = config_option(B, "runs"),
+    prompt_tokens: Optional[int] = config_option(B, "prompt_tokens"),
+    seed: Optional[int] = config_option(B, "seed"),
+    dtype: str = typer.Option(DEFAULT_DTYPE, help="auto | bf16 | fp16 | fp32"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:1 ... (default: cuda when available)."),
     load_in: Optional[str] = typer.Option(
         None, help="Quantize the linear layers while loading (bitsandbytes): 4bit (NF4) | 8bit (LLM.int8)."
@@ -91,17 +89,13 @@ def bench(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Measure parameters, MACs, memory, prefill latency and generation speed; with --compare, the speedups."""
-    from layerprune.benchmark import BenchConfig, write_outputs
+    from layerprune.benchmark import write_outputs
     from layerprune.models.quantize import check_load_in
     from layerprune.outputs import atomic_output_dir, check_output_dir
 
-    config = BenchConfig(
-        seq_len=seq_len,
-        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
-        new_tokens=parse_int_list(new_tokens, "--new-tokens"),
-        warmup=warmup,
-        runs=runs,
-    ).validate()
+    config = config_from_options(BenchConfig, locals(), convert={
+        "batch_sizes": lambda text: parse_int_list(text, "--batch-sizes"),
+        "new_tokens": lambda text: parse_int_list(text, "--new-tokens")})
     device = _resolve_device(device)
     load_in = check_load_in(load_in)
     compare_load_in = load_in if compare_load_in is None else check_load_in(compare_load_in)

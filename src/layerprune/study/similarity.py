@@ -1,13 +1,18 @@
-"""Representation similarity between models: linear CKA of their final hidden states (the main seed's Figure B)."""
+"""The study's similarity stage: linear CKA between the final hidden states of the original and of every
+setting's final model, written to similarity.json (the report only plots that file)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from layerprune.config import RunConfig
 from layerprune.errors import LayerpruneError
+from layerprune.outputs import read_json, write_json
+from layerprune.timing import model_device
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -35,7 +40,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def final_hidden_states(model: nn.Module, calibration, layer: str | int = "last", batch_size: int = 4) -> torch.Tensor:
     """[real tokens, hidden] output of one decoder layer (default the last, BEFORE the final norm: taken with a
     hook, since output_hidden_states returns the post-norm state), padding positions left out."""
-    from layerprune.benchmark import model_device
     from layerprune.models.anatomy import get_anatomy
 
     layers = get_anatomy(model).layers
@@ -74,3 +78,26 @@ def hidden_state_similarity(
         for j in range(i + 1, len(names)):
             matrix[i][j] = matrix[j][i] = linear_cka(states[a], states[names[j]])
     return names, matrix
+
+
+def similarity_stage(path: Path, config: RunConfig, final_models: dict[str, str], log=print) -> Path:
+    """Write {"names": ["original", *settings], "cka": matrix} to `path`, on calibration text of `config`.
+
+    Skipped when `path` already compares the same models (a rerun recomputes it only when the set of
+    finished settings changed).
+    """
+    from layerprune.pipeline import Run
+
+    names = ["original", *final_models]
+    if (read_json(path, missing_ok=True) or {}).get("names") == names:
+        log("similarity.json exists: skipping")
+        return path
+    log(f"similarity: linear CKA of {len(names)} models")
+    run = Run(config, log=log)
+    original = run.load(config.model)
+    calibration = run.calibration(original.tokenizer, seed_offset=2000)
+    # loaders, not models: hidden_state_similarity loads one model at a time
+    models = {"original": lambda: original.model}
+    models.update({name: (lambda ref=ref: run.load(ref, original).model) for name, ref in final_models.items()})
+    names, matrix = hidden_state_similarity(models, calibration)
+    return write_json(path, {"names": names, "cka": matrix})

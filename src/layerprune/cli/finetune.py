@@ -1,0 +1,80 @@
+"""`layerprune finetune`: heal a pruned model by fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.options import config_from_options, config_option, parse_indices
+from layerprune.finetune.config import HealConfig
+
+
+H = HealConfig
+
+
+def _targets(text: str):
+    return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command()
+@user_errors
+def finetune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the healed model, heal.json and the loss curve."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of healing settings; options override it."),
+    preset: Optional[str] = config_option(H, "preset"),
+    method: Optional[str] = config_option(H, "method"),
+    data: Optional[str] = config_option(H, "data"),
+    max_samples: Optional[int] = config_option(H, "max_samples"),
+    template: Optional[str] = config_option(H, "template"),
+    fields: Optional[str] = config_option(H, "fields"),
+    learning_rate: Optional[float] = config_option(H, "learning_rate", "--learning-rate", "--lr"),
+    epochs: Optional[float] = config_option(H, "epochs"),
+    max_steps: Optional[int] = config_option(H, "max_steps"),
+    batch_size: Optional[int] = config_option(H, "batch_size"),
+    effective_batch_size: Optional[int] = config_option(H, "effective_batch_size"),
+    warmup_steps: Optional[int] = config_option(H, "warmup_steps"),
+    scheduler: Optional[str] = config_option(H, "scheduler"),
+    weight_decay: Optional[float] = config_option(H, "weight_decay"),
+    max_length: Optional[int] = config_option(H, "max_length"),
+    packing: Optional[bool] = config_option(H, "packing"),
+    train_last_layers: Optional[int] = config_option(H, "train_last_layers"),
+    train_layers: Optional[str] = config_option(H, "train_layers"),
+    train_lm_head: Optional[bool] = config_option(H, "train_lm_head", "--train-lm-head/--freeze-lm-head"),
+    lora_r: Optional[int] = config_option(H, "lora_r"),
+    lora_alpha: Optional[int] = config_option(H, "lora_alpha"),
+    lora_dropout: Optional[float] = config_option(H, "lora_dropout"),
+    lora_target: Optional[str] = config_option(H, "lora_target", help="LoRA target modules, comma separated, or "
+                                               "all-linear."),
+    teacher: Optional[str] = config_option(H, "teacher"),
+    distill_temperature: Optional[float] = config_option(H, "distill_temperature"),
+    distill_alpha: Optional[float] = config_option(H, "distill_alpha"),
+    train_dtype: Optional[str] = config_option(H, "train_dtype"),
+    bf16: Optional[bool] = config_option(H, "bf16", help="bf16 autocast (default: where the hardware supports it)."),
+    gradient_checkpointing: Optional[bool] = config_option(H, "gradient_checkpointing"),
+    seed: Optional[int] = config_option(H, "seed"),
+    logging_steps: Optional[int] = config_option(H, "logging_steps"),
+    save_steps: Optional[int] = config_option(H, "save_steps"),
+    resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT.checkpoints."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Heal a pruned model by fine-tuning: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation."""
+    from layerprune.api import finetune_model
+    from layerprune.outputs import check_output_dir
+
+    heal_config = config_from_options(HealConfig, locals(), yaml_path=config,
+                                      convert={"train_layers": parse_indices, "lora_target": _targets})
+    check_output_dir(out, overwrite)
+    result, path = finetune_model(model, out=out, config=heal_config, resume=resume, overwrite=overwrite)
+    table = Table(title=f"layerprune finetune ({result.method})", show_header=False)
+    table.add_row("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
+                  f"({100 * result.trainable_params / result.total_params:.1f}%)")
+    table.add_row("optimizer steps", str(result.steps))
+    table.add_row("tokens seen (with loss)", f"{result.tokens_seen:,}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
+    console.print(table)
+    console.print(f"healed model saved to [bold]{path}[/] (with heal.json, loss.csv, loss.png)")

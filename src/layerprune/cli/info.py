@@ -1,0 +1,38 @@
+"""`layerprune info`: a model's architecture, layers, parameters and pruning history."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+
+
+@app.command()
+@user_errors
+def info(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+) -> None:
+    """Show a model's architecture, layers, parameters and pruning history."""
+    from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype
+    from layerprune.models.loading import load_model
+    from layerprune.models.surgery import provenance
+
+    loaded = load_model(model, dtype=dtype, load_tokenizer=False)
+    anatomy = get_anatomy(loaded.model)
+    params = count_parameters(loaded.model)
+    record = provenance(loaded.model)
+    table = Table(title=f"{model}", show_header=False)
+    table.add_row("architecture", f"{type(loaded.model).__name__} (family {anatomy.family})")
+    table.add_row("folder", loaded.path)
+    table.add_row("layers", f"{anatomy.num_layers} (original {record['original_num_layers']})")
+    if record["dropped_layers"]:
+        table.add_row("dropped (original indices)", ",".join(map(str, record["dropped_layers"])))
+    for kind, layers in (record.get("removed_sublayers") or {}).items():
+        if layers:
+            table.add_row(f"{kind} removed (original indices)", ",".join(map(str, layers)))
+    table.add_row("parameters", f"{params['total']:,} ({params['non_embedding']:,} non-embedding)")
+    table.add_row("tied embeddings", str(anatomy.tied_embeddings))
+    table.add_row("dtype", str(model_dtype(loaded.model)).replace("torch.", ""))
+    console.print(table)

@@ -1,0 +1,111 @@
+"""`layerprune prune`: remove decoder layers (or their attention / MLP) and save the pruned model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
+from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, PruneConfig
+from layerprune.errors import LayerpruneError
+
+
+P = PruneConfig
+C = CalibrationConfig
+
+
+def _metrics(text: str) -> str | list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return names[0] if len(names) == 1 else names
+
+
+@app.command()
+@user_errors
+def prune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist unless --overwrite)."),
+    drop: Optional[str] = config_option(P, "drop", help="ORIGINAL layer indices to drop, e.g. 21,22,23 or 22-29."),
+    num_layers: Optional[int] = config_option(P, "num_layers", "--num-layers", "-n"),
+    ratio: Optional[float] = config_option(P, "ratio"),
+    target_params: Optional[str] = config_option(P, "target_params"),
+    target_latency: Optional[float] = config_option(P, "target_latency"),
+    latency_mode: Optional[str] = config_option(P, "latency_mode"),
+    metric: Optional[str] = config_option(P, "metric", help="Importance metric (see `layerprune metrics`), or several "
+                                          "comma separated with --select auto. Default: block-influence "
+                                          "(attention-influence / mlp-influence with --granularity attention / mlp)."),
+    select: Optional[str] = config_option(P, "select"),
+    granularity: Optional[str] = config_option(P, "granularity"),
+    strategy: Optional[str] = config_option(P, "strategy"),
+    schedule: Optional[str] = config_option(P, "schedule", help="Iterative pruning: 'step:total' or '1:step:total', "
+                                            "e.g. 1:4:8 drops 4 layers per round, 8 in all, healing between rounds "
+                                            "(with --heal-config's settings)."),
+    heal_config: Optional[str] = typer.Option(None, "--heal-config", help="YAML file of healing settings for the "
+                                              "rounds of --schedule (default: the finetune defaults)."),
+    protect_first: Optional[int] = config_option(P, "protect_first"),
+    protect_last: Optional[int] = config_option(P, "protect_last"),
+    preset: Optional[str] = config_option(P, "preset"),
+    calib: Optional[str] = config_option(C, "source", option="calib"),
+    calib_field: Optional[str] = config_option(C, "field", option="calib_field"),
+    n_samples: Optional[int] = config_option(C, "n_samples"),
+    seq_len: Optional[int] = config_option(C, "seq_len"),
+    seed: Optional[int] = config_option(C, "seed"),
+    dtype: str = typer.Option(DEFAULT_DTYPE, help="auto | bf16 | fp16 | fp32"),
+    device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
+    sample: list[str] = typer.Option([], help="Prompt to generate from before and after pruning (repeatable)."),
+    max_new_tokens: int = typer.Option(40, help="Tokens per generation sample."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    no_load: bool = typer.Option(
+        False, "--no-load", help="Prune the safetensors checkpoint on disk, tensor by tensor, without loading the "
+        "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
+    ),
+) -> None:
+    """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
+    from layerprune.api import prune_model
+    from layerprune.config import read_yaml_mapping
+    from layerprune.models.checkpoint import prune_checkpoint
+    from layerprune.models.memory_policy import on_disk_folder
+    from layerprune.outputs import check_output_dir
+
+    config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics},
+                                 nested={"calibration": CALIBRATION_OPTIONS})
+    heal = read_yaml_mapping(heal_config) if heal_config else None
+    if heal is not None and config.strategy != "iterative":
+        raise LayerpruneError("--heal-config sets the healing between the rounds of --schedule; give a schedule")
+    check_output_dir(out, overwrite)
+    folder = on_disk_folder(
+        model, no_load=no_load, drop_given=drop is not None, say=lambda line: console.print(line, highlight=False),
+        model_options={"--sample": bool(sample), "--dtype": dtype != DEFAULT_DTYPE,
+                       "--device-map": device_map is not None, "--granularity": config.granularity != "block"},
+    )
+    if folder is not None:
+        result = prune_checkpoint(folder, config.drop, out, overwrite=overwrite, source=model)
+    else:
+        result = prune_model(model, out=out, config=config, heal=heal, dtype=dtype, device_map=device_map,
+                             prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite,
+                             log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
+    table = Table(title="layerprune prune")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("layers", str(result.layers_before), str(result.layers_after))
+    pct = 100 * (1 - result.params_after / result.params_before)
+    table.add_row("parameters", f"{result.params_before:,}", f"{result.params_after:,} (-{pct:.1f}%)")
+    console.print(table)
+    what = {"attention": "removed the attention of", "mlp": "removed the MLP of"}.get(
+        getattr(result, "granularity", "block"), "dropped")
+    console.print(f"{what} original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
+    constraints = getattr(result, "how", {}).get("constraints", {})
+    if "estimated_latency_ratio" in constraints:
+        console.print(f"estimated {constraints['latency']['mode']} latency: {constraints['estimated_latency_ratio']:.3f} "
+                      f"of the original's (target {constraints['target_latency']})")
+    for before, after in zip(result.samples_before, result.samples_after):
+        console.print(f"\n[bold]prompt:[/] {escape(before['prompt'])}", highlight=False)
+        console.print(f"  [cyan]original:[/] {escape(repr(before['completion']))}", highlight=False)
+        console.print(f"  [magenta]pruned:[/]   {escape(repr(after['completion']))}", highlight=False)
+    reload = ("layerprune.load_model only: stock transformers cannot describe a layer without attention or MLP"
+              if getattr(result, "granularity", "block") != "block" else "AutoModelForCausalLM.from_pretrained")
+    console.print(f"\npruned model saved to [bold]{result.out}[/] (reload: {reload})")
