@@ -177,7 +177,7 @@ def test_bench_compare_writes_json_markdown_and_plot(tmp_path):
         "--seq-len", "16", "--batch-sizes", "1,2", "--new-tokens", "4", "--warmup", "0", "--runs", "1", "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".layerprune-output", "bench.json", "bench.md", "bench.png"]
     data = json.loads((out / "bench.json").read_text())
     full, pruned = data["models"]
     assert (full["layers"], pruned["layers"]) == (N_LAYERS, N_LAYERS - 2)

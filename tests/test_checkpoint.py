@@ -298,9 +298,13 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(LayerpruneError, match="--overwrite"):
         prune_checkpoint(src, DROP, out)
+    with pytest.raises(LayerpruneError, match="not written by layerprune"):  # --overwrite replaces only its own
+        prune_checkpoint(src, DROP, out, overwrite=True)
     assert sorted(os.listdir(out)) == ["keep.txt"]
-    prune_checkpoint(src, DROP, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (out / "keep.txt").unlink()
+    prune_checkpoint(src, DROP, out)  # an empty folder is taken
+    prune_checkpoint(src, DROP, out, overwrite=True)  # and then replaced, being layerprune's
+    assert (out / "config.json").is_file()
 
 
 def test_layer_tensors_must_match_the_config(tmp_path):

@@ -56,9 +56,18 @@ def test_existing_output_is_refused_and_kept(tiny_dir, tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     assert_one_line_error(run("prune", tiny_dir, "--drop", "1", "--out", out), "already exists")
+    assert_one_line_error(run("prune", tiny_dir, "--drop", "1", "--out", out, "--overwrite"),
+                          "was not written by layerprune")
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me"
-    assert run("prune", tiny_dir, "--drop", "1", "--out", out, "--overwrite").exit_code == 0
-    assert not (out / "precious.txt").exists() and (out / "config.json").exists()
+
+
+def test_overwrite_replaces_an_output_layerprune_wrote(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run("prune", tiny_dir, "--drop", "1", "--out", out).exit_code == 0
+    assert run("prune", tiny_dir, "--drop", "2", "--out", out, "--overwrite").exit_code == 0
+    assert json.loads((out / "layerprune.json").read_text())["dropped_layers"] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"], "nothing left beside the output"
 
 
 @pytest.mark.parametrize(

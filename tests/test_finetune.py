@@ -1,5 +1,7 @@
 """Healing: each method lowers the loss and saves a stock model; partial trains exactly what it says."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -7,8 +9,8 @@ from transformers import AutoModelForCausalLM
 from layerprune import get_anatomy, remove_layers, save_model
 from layerprune.data.instructions import IGNORE_INDEX, Example, pack, tokenize_examples
 from layerprune.finetune import HealConfig, heal, trainable_parameters
-from layerprune.finetune.methods import Partial, HealContext, disable_cpu_repacking
-from layerprune.finetune.trainer import PadCollator, distillation_loss
+from layerprune.finetune.methods import HealContext, Lora, Partial, disable_cpu_repacking
+from layerprune.finetune.trainer import PadCollator
 from tiny_models import tiny_input, tiny_model, tiny_tokenizer
 
 WORDS = ["cat", "dog", "sun", "sky", "red", "big", "owl", "map"]
@@ -86,21 +88,48 @@ def test_partial_prefix_builds_no_autograd_graph(rows):
     assert seen == [False]
 
 
-def test_merged_lora_gives_the_logits_of_the_peft_model():
-    from peft import LoraConfig, get_peft_model
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])  # gemma2 ties lm_head to the embeddings, qwen3 does not
+def test_lora_finalize_gives_a_stock_model_with_the_peft_logits(family, tmp_path):
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors import safe_open
 
-    model = tiny_model("qwen3")
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
+    config = fast_config("lora", lora_dropout=0.0)
+    original = tiny_model(family)
+    tied = get_anatomy(original).tied_embeddings
+    assert tied == (family == "gemma2")
+    ids = tiny_input()
+    base_logits = logits(original, ids)
+    peft_model = Lora.prepare(original, config, HealContext())
+    assert isinstance(peft_model, PeftModel)
+    with torch.no_grad():  # trained-looking adapters: lora_B starts at zero, which would make merging a no-op
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    ids = tiny_input()
+    peft_model.eval()
     expected = logits(peft_model, ids)
-    merged = peft_model.merge_and_unload()
-    assert type(merged).__name__ == "Qwen3ForCausalLM"
-    assert not torch.allclose(expected, logits(tiny_model("qwen3"), ids), atol=1e-3)
-    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, base_logits, atol=1e-3), "the adapters must change the output"
+
+    finalized = Lora.finalize(peft_model, config, HealContext())
+    assert type(finalized) is type(tiny_model(family)) and type(finalized).__module__.startswith("transformers.models.")
+    assert not isinstance(finalized, PeftModel)
+    assert not [n for n, m in finalized.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert not [n for n, _ in finalized.named_parameters() if "lora_" in n or "base_layer" in n]
+    assert {p.dtype for p in finalized.parameters()} == {torch.float32}
+    merged_logits = logits(finalized, ids)
+    torch.testing.assert_close(merged_logits, expected, rtol=0, atol=1e-5)
+    assert get_anatomy(finalized).tied_embeddings == tied
+    assert all(p.requires_grad for p in finalized.parameters()), "a later stage may train any weight"
+
+    save_model(finalized, None, tmp_path / "merged")
+    assert not list((tmp_path / "merged").glob("adapter_*")), "a merged model is saved without adapter files"
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if "lora_" in k or "base_layer" in k], keys
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(reloaded) is type(finalized)
+    assert get_anatomy(reloaded).tied_embeddings == tied and reloaded.config.tie_word_embeddings == tied
+    assert torch.equal(logits(reloaded, ids), merged_logits), "save and reload must not change the weights"
 
 
 def test_qlora_gradients_are_unchanged_by_an_eval_forward(rows, tmp_path):
@@ -159,17 +188,49 @@ def test_examples_without_room_for_a_response_are_dropped():
     assert len(rows) == 1
 
 
-def test_packing_keeps_every_token_and_label():
-    packed = pack([{"input_ids": [1] * 5, "labels": [1] * 5}] * 5, max_length=12)
-    assert [len(p["input_ids"]) for p in packed] == [10, 10, 5]
+def _example(first_id: int, prompt: int, response: int) -> dict:
+    """A tokenized example with distinct ids: `prompt` masked tokens, then `response` labelled ones."""
+    ids = list(range(first_id, first_id + prompt + response))
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]}
 
 
-def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():
-    logits_a = torch.randn(2, 6, 11)
-    labels = torch.randint(0, 11, (2, 6))
-    labels[:, :3] = IGNORE_INDEX
-    assert distillation_loss(logits_a, logits_a, labels, 2.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert distillation_loss(logits_a, torch.randn(2, 6, 11), labels, 2.0, 1.0).item() > 0.01
+def test_packing_concatenates_whole_examples_in_order():
+    a, b, c, d = _example(100, 2, 3), _example(200, 1, 3), _example(300, 4, 2), _example(400, 0, 2)  # 5, 4, 6, 2
+    before = copy.deepcopy([a, b, c, d])
+    packed = pack([a, b, c, d], max_length=10)
+    # Greedy: a+b (9) fits, +c would be 15; c+d (8) fits.
+    assert packed == [
+        {"input_ids": a["input_ids"] + b["input_ids"], "labels": a["labels"] + b["labels"]},
+        {"input_ids": c["input_ids"] + d["input_ids"], "labels": c["labels"] + d["labels"]},
+    ]
+    assert packed[0]["labels"][:2] == [IGNORE_INDEX] * 2 and packed[0]["labels"][5] == IGNORE_INDEX  # b's prompt
+    assert [a, b, c, d] == before, "packing must not change its input rows"
+    # An example longer than a block stays whole in a block of its own: nothing is cut away.
+    long = _example(500, 3, 9)
+    assert pack([a, long, d], max_length=10) == [a, long, d]
+
+
+def test_packing_tokenized_examples_keeps_every_token_and_label():
+    examples = [Example(f"say {w}", "", " ".join([w] * (1 + i % 3))) for i, w in enumerate(WORDS)]
+    rows = tokenize_examples(examples, tiny_tokenizer(), max_length=64)
+    assert len({len(r["input_ids"]) for r in rows}) == 3, "examples of several lengths"
+    assert all(r["labels"][0] == IGNORE_INDEX and r["labels"][-1] != IGNORE_INDEX for r in rows), "masked prompts"
+    max_length = 2 * max(len(r["input_ids"]) for r in rows)
+    packed = pack(rows, max_length)
+    assert 1 < len(packed) < len(rows)
+    # Each block is a run of whole examples, in order: cut the blocks at the example boundaries.
+    remaining = list(rows)
+    for block in packed:
+        assert set(block) == {"input_ids", "labels"} and len(block["input_ids"]) == len(block["labels"])
+        assert len(block["input_ids"]) <= max_length
+        taken = []
+        while remaining and len(sum((r["input_ids"] for r in taken), [])) < len(block["input_ids"]):
+            taken.append(remaining.pop(0))
+        assert block["input_ids"] == sum((r["input_ids"] for r in taken), [])
+        assert block["labels"] == sum((r["labels"] for r in taken), [])
+        if remaining:  # greedy: the next example did not fit in this block
+            assert len(block["input_ids"]) + len(remaining[0]["input_ids"]) > max_length
+    assert remaining == []
 
 
 def test_bad_heal_configs_are_refused():
@@ -181,12 +242,12 @@ def test_bad_heal_configs_are_refused():
         HealConfig(lora_rank=8)  # typo: extra fields are forbidden
 
 
-@pytest.mark.parametrize("text", ["wikitext2", "ptb"])
+@pytest.mark.parametrize("text", ["wikitext2", "ptb", "c4-heldout"])
 def test_continued_pretraining_refuses_the_bundled_evaluation_test_sets(text):
     from layerprune import LayerpruneError
     from layerprune.api import prepare_training_rows
 
-    with pytest.raises(LayerpruneError, match="TEST split"):
+    with pytest.raises(LayerpruneError, match="TEST text"):
         prepare_training_rows(HealConfig(method="cpt", data=text, max_length=32), tiny_tokenizer())
     rows, info = prepare_training_rows(HealConfig(method="cpt", data="c4", max_length=32, max_samples=2),
                                        tiny_tokenizer())

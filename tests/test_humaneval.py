@@ -1,5 +1,6 @@
-"""HumanEval: the subprocess runner passes, fails, times out and contains memory bombs; stop sequences cut
-completions like the Codex paper; pass@1 is a plain count; `layerprune eval --tasks humaneval` end to end."""
+"""HumanEval: the runner passes, fails, times out and contains memory bombs (hostile programs: test_code_exec.py);
+stop sequences cut completions like the Codex paper; pass@1 is a plain count; `layerprune eval --tasks humaneval`
+end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,26 +66,13 @@ def test_program_runs_alone_in_an_empty_folder_with_a_stripped_environment():
     probe = (
         "import os, resource, sys\n"
         "assert 'HF_HUB_OFFLINE' not in os.environ, 'environment leaked'\n"
-        "assert sorted(os.listdir('.')) == ['output.txt', 'program.py'], os.listdir('.')\n"
+        "assert os.listdir('.') == ['program.py'], os.listdir('.')\n"
         "assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)\n"
         "assert resource.getrlimit(resource.RLIMIT_AS)[0] == 1 << 30\n"
         "assert sys.flags.isolated\n"
     )
     result = run_python(probe, QUICK)
     assert result.passed, result.detail
-
-
-def test_children_of_the_program_are_killed():
-    fork = ("import os, sys, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n"
-            "print(pid, flush=True)\nsys.exit(1)\n")
-    result = run_python(fork, QUICK)
-    pid = int(result.detail)
-    time.sleep(0.2)
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-    except FileNotFoundError:
-        state = "gone"
-    assert state in ("gone", "Z", "X")
 
 
 def test_run_many_keeps_the_order():

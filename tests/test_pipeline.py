@@ -15,6 +15,11 @@ TEXT = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("c
 
 @pytest.fixture
 def workspace(tmp_path):
+    return make_workspace(tmp_path)
+
+
+def make_workspace(tmp_path):
+    """A tiny model, a text file and an instruction file in tmp_path."""
     save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny")
     (tmp_path / "text.txt").write_text(TEXT)
     with open(tmp_path / "sft.jsonl", "w") as f:
@@ -162,7 +167,8 @@ def test_run_killed_during_healing_resumes_to_the_same_weights(workspace, monkey
         with pytest.raises(RuntimeError, match="injected"):
             run_pipeline(load_run_config(killed), log=lambda m: None)
     assert not (workspace / "killed" / "healed-1").exists()
-    assert (workspace / "killed" / ".healed-1.checkpoints" / "checkpoint-2").is_dir()
+    [work] = (workspace / "killed").glob(".healed-1.checkpoints-*")  # named by the digest of its settings
+    assert (work / "checkpoint-2").is_dir()
     resumed_steps = []
 
     def counting_step(self, *args, **kwargs):

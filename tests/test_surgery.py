@@ -156,14 +156,41 @@ def test_untie_embeddings_gives_lm_head_its_own_copy(family, tmp_path):
 
 
 def test_device_map_model_is_pruned_and_its_map_renumbered(tmp_path):
-    model = tiny_model("llama")
-    save_model(model, None, tmp_path / "full")
-    from layerprune import load_model
+    """accelerate names blocks by position in hf_device_map: after pruning, removed blocks leave it, later ones
+    take their new positions, and every entry keeps its device.
 
-    dispatched = load_model(tmp_path / "full", device_map={"model.embed_tokens": "cpu", "model.layers": "cpu",
-                                                            "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    Blocks alternate between CPU and disk offload (and block 3 is split by sub-module) so that the devices tell
+    the blocks apart; transformers keeps no hf_device_map at all for a map that puts everything on one device.
+    """
+    save_model(tiny_model("llama"), None, tmp_path / "full")
+    outside = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    block_3 = {"self_attn": "disk", "mlp": "cpu", "input_layernorm": "cpu", "post_attention_layernorm": "disk"}
+
+    def layer_entries(placement):  # {position: device, or {sub-module: device}} -> hf_device_map entries
+        entries = {}
+        for pos, device in placement.items():
+            if isinstance(device, dict):
+                entries.update({f"model.layers.{pos}.{sub}": d for sub, d in device.items()})
+            else:
+                entries[f"model.layers.{pos}"] = device
+        return entries
+
+    device_map = {**outside, **layer_entries({0: "cpu", 1: "disk", 2: "cpu", 3: block_3, 4: "cpu"})}
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "full", device_map=device_map,
+                                                      offload_folder=tmp_path / "offload").eval()
+    assert dispatched.hf_device_map == device_map, "precondition: accelerate dispatched the model by this map"
     ids = tiny_input()
-    with bypass_layers(dispatched.model, DROP):
-        reference = logits(dispatched.model, ids)
-    remove_layers(dispatched.model, DROP)
-    torch.testing.assert_close(logits(dispatched.model, ids), reference)
+    with bypass_layers(dispatched, DROP):
+        reference = logits(dispatched, ids)
+
+    remove_layers(dispatched, DROP)  # original layers 2 and 4
+    assert dispatched.hf_device_map == {**outside, **layer_entries({0: "cpu", 1: "disk", 2: block_3})}
+    torch.testing.assert_close(logits(dispatched, ids), reference, rtol=1e-5, atol=1e-5)
+
+    remove_layers(dispatched, [1])  # a second prune speaks original indices; the map follows again
+    assert dispatched.hf_device_map == {**outside, **layer_entries({0: "cpu", 1: block_3})}
+    assert kept_layers(dispatched) == [0, 3]
+    undispatched = tiny_model("llama")
+    with bypass_layers(undispatched, [1, 2, 4]):
+        expected = logits(undispatched, ids)
+    torch.testing.assert_close(logits(dispatched, ids), expected, rtol=1e-5, atol=1e-5)

@@ -76,7 +76,8 @@ def prune_model(
 
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model_ref, config.calibration.source,
+                                             *((heal_config.data, heal_config.teacher) if heal_config else ())])
     loaded = load_model(model_ref, dtype=dtype, device_map=device_map)
     model = loaded.model
     if prompts and loaded.tokenizer is None:
@@ -145,27 +146,31 @@ def load_calibration_for(loaded, config: CalibrationConfig, *, validation: bool 
 
 
 # Bundled texts that are evaluation test sets (see resources/data/MANIFEST.md): never training data.
-EVALUATION_ONLY_TEXTS = ("wikitext2", "ptb")
+EVALUATION_ONLY_TEXTS = ("wikitext2", "ptb", "c4-heldout")
 
 
 def prepare_training_rows(config: HealConfig, tokenizer) -> tuple[list[dict], dict]:
-    """Tokenized training rows of a healing config and a description of the data."""
+    """Tokenized training rows of a healing config and a description of the data.
+
+    General text (a bundled corpus such as c4, a .txt file; every source of a raw-text method) becomes
+    blocks of max_length tokens with the loss on every token; instruction data (dolly, .json/.jsonl, hub
+    ids) becomes prompt + response with the loss on the response."""
     from layerprune.data.instructions import load_examples, pack, tokenize_examples, tokenize_text
-    from layerprune.data.sources import read_texts
+    from layerprune.data.sources import BUNDLED_CORPORA, read_texts
     from layerprune.finetune.methods import get_method
 
     if tokenizer is None:
         raise LayerpruneError("healing needs the model's tokenizer")
-    if get_method(config.method).raw_text:
-        source = config.data or "c4"
-        if source in EVALUATION_ONLY_TEXTS:
-            raise LayerpruneError(
-                f"the bundled {source} is the TEST split that `layerprune eval` measures perplexity on; training "
-                "on it would make that perplexity meaningless. Use c4 (bundled) or a text file of your own")
+    method = get_method(config.method)
+    source = config.data or method.default_data
+    if source in EVALUATION_ONLY_TEXTS:
+        raise LayerpruneError(
+            f"the bundled {source} is a TEST text that `layerprune eval` measures perplexity on; training on it "
+            "would make that perplexity meaningless. Use c4 (bundled) or a text file of your own")
+    if method.raw_text or source in BUNDLED_CORPORA or source.endswith((".txt", ".txt.gz")):
         rows = tokenize_text(read_texts(source), tokenizer, max_length=config.max_length,
                              max_samples=config.max_samples)
         return rows, {"source": source, "kind": "raw text", "blocks": len(rows), "block_tokens": config.max_length}
-    source = config.data or "dolly"
     examples = load_examples(source, fields=config.field_map(), max_samples=config.max_samples, seed=config.seed)
     rows = tokenize_examples(examples, tokenizer, template=config.template, max_length=config.max_length)
     if config.packing:
@@ -179,16 +184,16 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     """Heal an in-memory model (loaded.model) with one healing config: the one heal path of the CLI, the
     API, YAML runs and iterative rounds. Returns (HealResult, record for heal.json); the healed model
     (result.model) carries a `healed` entry in its provenance history."""
-    from layerprune.finetune import heal
+    from layerprune.finetune import get_method, heal
     from layerprune.models.loading import load_model as load
     from layerprune.models.surgery import provenance
 
     rows, data_info = prepare_training_rows(config, loaded.tokenizer)
     teacher = None
-    if config.method == "distill":
+    if get_method(config.method).needs_teacher:
         teacher_ref = config.teacher or default_teacher or provenance(loaded.model).get("source")
         if not teacher_ref or teacher_ref == loaded.ref:
-            raise LayerpruneError("distillation needs a teacher: set teacher (the unpruned model)")
+            raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")
         teacher = load(teacher_ref, dtype=config.train_dtype, load_tokenizer=False).model
     result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=teacher, work_dir=work_dir,
                   resume=resume)
@@ -227,7 +232,7 @@ def finetune_model(
     import shutil
 
     config = as_config(HealConfig, config, **fields)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model_ref, config.data, config.teacher])
     loaded = load_model(model_ref, dtype=config.train_dtype)
     work_dir = Path(f"{Path(out)}.checkpoints")
     result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resume)

@@ -1,14 +1,19 @@
-"""Pruning budgets: how many layers to drop so that the pruned model meets a target size or speed.
+"""Pruning budgets: how many layers to drop so that the pruned model meets a target size, speed or quality.
 
 A budget is exactly one of: a number of layers, a ratio of the layers, a parameter count
 (`target_params`, e.g. "100M") or a latency ratio (`target_latency`, e.g. 0.75 = the pruned model
-takes at most 75% of the original's time). The two targets try the metric's own drop-set for
-k = 1, 2, ... layers and stop at the first that fits: the fewest layers that meet the target, in
-the metric's order, protected layers never dropped.
+takes at most 75% of the original's time). The two targets try the selection's own drop-set for
+k = 1, 2, ... layers (a metric's ranking, or a search path) and stop at the first that fits: the
+fewest layers that meet the target, protected layers never dropped.
+
+A quality target (`QualityTarget`: max_loss_increase in nats, or max_ppl_ratio) bounds the count from
+the other side: the most layers whose drop-set keeps the validation loss within it. It stands alone or
+guards a size/speed target (search.py combines them).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import time
@@ -72,6 +77,95 @@ class Budget:
         return self.target_params is not None or self.target_latency is not None
 
 
+@dataclass(frozen=True)
+class QualityTarget:
+    """The most validation loss a prune may cost: an increase in nats, or a perplexity ratio (= exp(increase)).
+
+    It bounds the count from above (the MOST layers whose best drop-set found stays within it), where a
+    size or speed target bounds it from below (the FEWEST layers that meet it)."""
+
+    max_loss_increase: float | None = None
+    max_ppl_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.max_loss_increase is None) == (self.max_ppl_ratio is None):
+            raise LayerpruneError("give one of max_loss_increase or max_ppl_ratio")
+        if self.max_loss_increase is not None and not self.max_loss_increase > 0:
+            raise LayerpruneError(f"max_loss_increase must be positive, got {self.max_loss_increase}")
+        if self.max_ppl_ratio is not None and not self.max_ppl_ratio > 1:
+            raise LayerpruneError(f"max_ppl_ratio must be above 1, got {self.max_ppl_ratio}")
+
+    @property
+    def key(self) -> str:
+        return "max_loss_increase" if self.max_loss_increase is not None else "max_ppl_ratio"
+
+    @property
+    def allowed_increase(self) -> float:
+        """The target as nats of validation loss."""
+        return self.max_loss_increase if self.max_loss_increase is not None else math.log(self.max_ppl_ratio)
+
+    def describe(self) -> str:
+        return f"{self.key} {getattr(self, self.key):g}"
+
+    def as_target(self, increase: float) -> str:
+        """An increase of the loss in the target's own unit: '0.412 nats' or 'perplexity x1.51'."""
+        return f"{increase:.3f} nats" if self.key == "max_loss_increase" else f"perplexity x{math.exp(increase):.3f}"
+
+    def needed(self, increase: float) -> str:
+        """The setting that would allow this increase."""
+        value = increase if self.key == "max_loss_increase" else math.exp(increase)
+        return f"{self.key} >= {math.ceil(value * 1000) / 1000:g}"
+
+    def record(self, increase: float) -> dict:
+        return {self.key: getattr(self, self.key), "validation_loss_increase": increase,
+                "validation_ppl_ratio": math.exp(increase)}
+
+
+def most_within(loss_at: Callable[[int], float | None], limit: float, n_layers: int
+                ) -> tuple[int, tuple[int, float] | None]:
+    """(the largest k of 1, 2, ... before loss_at(k) first exceeds `limit` (0: already at k = 1), the first
+    (k, loss) over it or None when every k allowed stays within). The walk stops at the first k over the
+    limit: along a greedy path the loss rises almost monotonically, and each further k costs a search step."""
+    for k in range(1, n_layers):
+        loss = loss_at(k)
+        if loss is None:  # protection allows no more layers
+            return k - 1, None
+        if loss > limit:
+            return k - 1, (k, loss)
+    return n_layers - 1, None
+
+
+DropAt = Callable[[int], "list[int] | None"]  # k -> the k ORIGINAL indices a selection drops; None: no k-set
+
+
+def fewest_along(drop_at: DropAt, value_after: Callable[[list[int]], float], target: float, n_layers: int
+                 ) -> tuple[list[int] | None, tuple[list[int], float] | None]:
+    """(the first of drop_at(1), drop_at(2), ... whose value_after(dropped) <= target, or None; the last
+    drop-set tried and its value). Any selection method is a drop_at: a metric's ranking, a search path."""
+    last = None
+    for k in range(1, n_layers):
+        dropped = drop_at(k)
+        if dropped is None:  # protection (or a block table) allows no more layers
+            break
+        value = value_after(dropped)
+        if value <= target:
+            return dropped, (dropped, value)
+        last = (dropped, value)
+    return None, last
+
+
+def metric_drop_at(scores: LayerScores, *, protect_first: int = 0, protect_last: int = 0) -> DropAt:
+    """drop_at of a metric: its k lowest-scored layers (a block metric: its best block of k)."""
+
+    def drop_at(k: int) -> list[int] | None:
+        try:
+            return select_layers(scores, num_layers=k, protect_first=protect_first, protect_last=protect_last).dropped
+        except LayerpruneError:
+            return None
+
+    return drop_at
+
+
 def fewest_layers(
     scores: LayerScores,
     value_after: Callable[[list[int]], float],
@@ -81,39 +175,34 @@ def fewest_layers(
     protect_last: int = 0,
 ) -> tuple[Selection | None, tuple[list[int], float] | None]:
     """(the smallest drop-set whose value_after(dropped) <= target or None, the last drop-set tried and its value)."""
-    last = None
-    for k in range(1, len(scores.layers)):
-        try:
-            selection = select_layers(scores, num_layers=k, protect_first=protect_first, protect_last=protect_last)
-        except LayerpruneError:  # protection (or a block table) allows no more layers
-            break
-        value = value_after(selection.dropped)
-        if value <= target:
-            return selection, (selection.dropped, value)
-        last = (selection.dropped, value)
-    return None, last
+    drop_at = metric_drop_at(scores, protect_first=protect_first, protect_last=protect_last)
+    dropped, last = fewest_along(drop_at, value_after, target, len(scores.layers))
+    if dropped is None:
+        return None, last
+    return select_layers(scores, num_layers=len(dropped), protect_first=protect_first,
+                         protect_last=protect_last), last
 
 
-def _per_layer(model: nn.Module, scores: LayerScores, values: list) -> dict[int, float]:
+def _per_layer(model: nn.Module, scores: LayerScores | None, values: list) -> dict[int, float]:
     """Map per-position numbers of the current model onto ORIGINAL indices, checking the scores match it."""
     from layerprune.models.surgery import kept_layers
 
     kept = kept_layers(model)
-    if kept != list(scores.layers):
+    if scores is not None and kept != list(scores.layers):
         raise LayerpruneError(f"the {scores.metric} scores are for layers {scores.layers}, but the model has {kept}")
     return dict(zip(kept, values))
 
 
-def _most(scores: LayerScores, last: tuple[list[int], float] | None) -> str:
+def _most(n_layers: int, last: tuple[list[int], float] | None) -> str:
     if last is None:
         return "no layer may be dropped, which"
-    return f"dropping the most layers allowed ({len(last[0])} of {len(scores.layers)})"
+    return f"dropping the most layers allowed ({len(last[0])} of {n_layers})"
 
 
-def select_for_params(
-    model: nn.Module, scores: LayerScores, target_params: int | str, *, protect_first: int = 0, protect_last: int = 0
-) -> Selection:
-    """Fewest layers whose removal leaves at most target_params parameters (layer sizes from the model, no forward)."""
+def params_along(model: nn.Module, drop_at: DropAt, target_params: int | str, *,
+                 scores: LayerScores | None = None) -> tuple[list[int], dict]:
+    """The first drop-set of drop_at(1), drop_at(2), ... that leaves at most target_params parameters (layer
+    sizes from the model, no forward), and its constraints record."""
     from layerprune.models.anatomy import count_parameters
 
     target = parse_param_count(target_params)
@@ -127,13 +216,44 @@ def select_for_params(
     def after(drop: list[int]) -> float:
         return total - sum(per_layer[i] for i in drop)
 
-    selection, last = fewest_layers(scores, after, target, protect_first=protect_first, protect_last=protect_last)
-    if selection is None:
+    dropped, last = fewest_along(drop_at, after, target, len(per_layer))
+    if dropped is None:
         outside = total - sum(per_layer.values())
-        raise LayerpruneError(f"target_params {target_params} ({target:,}) is unreachable: {_most(scores, last)} "
-                              f"leaves {int(last[1] if last else total):,} parameters ({outside:,} outside the layers)")
-    selection.constraints.update(target_params=target, params_before=total, params_after=int(after(selection.dropped)))
+        raise LayerpruneError(f"target_params {target_params} ({target:,}) is unreachable: "
+                              f"{_most(len(per_layer), last)} leaves {int(last[1] if last else total):,} parameters "
+                              f"({outside:,} outside the layers)")
+    return dropped, {"target_params": target, "params_before": total, "params_after": int(after(dropped))}
+
+
+def select_for_params(
+    model: nn.Module, scores: LayerScores, target_params: int | str, *, protect_first: int = 0, protect_last: int = 0
+) -> Selection:
+    """Fewest layers whose removal leaves at most target_params parameters (layer sizes from the model, no forward)."""
+    drop_at = metric_drop_at(scores, protect_first=protect_first, protect_last=protect_last)
+    dropped, constraints = params_along(model, drop_at, target_params, scores=scores)
+    selection = select_layers(scores, num_layers=len(dropped), protect_first=protect_first, protect_last=protect_last)
+    selection.constraints.update(constraints)
     return selection
+
+
+def latency_along(model: nn.Module, drop_at: DropAt, target_latency: float, *, costs: dict | None = None,
+                  mode: str = "decode", scores: LayerScores | None = None) -> tuple[list[int], dict]:
+    """The first drop-set of drop_at(1), drop_at(2), ... whose estimated latency is at most target_latency x the
+    original's, and its constraints record (see select_for_latency)."""
+    costs = costs or measure_layer_costs(model, mode=mode)
+    per_layer = _per_layer(model, scores, costs["layer_s"])
+    total = costs["total_s"]
+
+    def ratio(drop: list[int]) -> float:
+        return (total - sum(per_layer[i] for i in drop)) / total
+
+    dropped, last = fewest_along(drop_at, ratio, target_latency, len(per_layer))
+    mode = costs.get("mode", mode)
+    if dropped is None:
+        raise LayerpruneError(f"target_latency {target_latency} is unreachable: {_most(len(per_layer), last)} leaves "
+                              f"{last[1] if last else 1.0:.3f} of the measured {mode} latency "
+                              f"({costs['overhead_s'] / total:.3f} is outside the layers)")
+    return dropped, {"target_latency": target_latency, "estimated_latency_ratio": ratio(dropped), "latency": costs}
 
 
 def select_for_latency(
@@ -151,22 +271,10 @@ def select_for_latency(
     The estimate is the measured time minus the measured time of the dropped layers (see measure_layer_costs);
     pass `costs` to reuse a measurement.
     """
-    costs = costs or measure_layer_costs(model, mode=mode)
-    per_layer = _per_layer(model, scores, costs["layer_s"])
-    total = costs["total_s"]
-
-    def ratio(drop: list[int]) -> float:
-        return (total - sum(per_layer[i] for i in drop)) / total
-
-    selection, last = fewest_layers(scores, ratio, target_latency, protect_first=protect_first,
-                                    protect_last=protect_last)
-    mode = costs.get("mode", mode)
-    if selection is None:
-        raise LayerpruneError(f"target_latency {target_latency} is unreachable: {_most(scores, last)} leaves "
-                              f"{last[1] if last else 1.0:.3f} of the measured {mode} latency "
-                              f"({costs['overhead_s'] / total:.3f} is outside the layers)")
-    selection.constraints.update(target_latency=target_latency, estimated_latency_ratio=ratio(selection.dropped),
-                                 latency=costs)
+    drop_at = metric_drop_at(scores, protect_first=protect_first, protect_last=protect_last)
+    dropped, constraints = latency_along(model, drop_at, target_latency, costs=costs, mode=mode, scores=scores)
+    selection = select_layers(scores, num_layers=len(dropped), protect_first=protect_first, protect_last=protect_last)
+    selection.constraints.update(constraints)
     return selection
 
 

@@ -51,10 +51,14 @@ class PruneConfig(_Strict):
         None, description="Importance metric (see `layerprune metrics`), or several with select auto. Default: "
         "block-influence; attention-influence / mlp-influence with granularity attention / mlp."
     )
-    select: Literal["metric", "auto"] = Field(
+    select: Literal["metric", "auto", "search"] = Field(
         "metric", description="metric: drop what the metric ranks lowest | auto: compare every metric's drop-set "
-        "on held-out calibration text and keep the one with the lowest loss before healing."
+        "on held-out calibration text and keep the one with the lowest loss before healing | search: no metric; "
+        "remove, one at a time, the layer whose removal raises that loss least (greedy, SLEB-style)."
     )
+    search_beam: int = Field(1, ge=1, description="select search: drop-sets kept at each step (beam width).")
+    search_swap: bool = Field(False, description="select search: afterwards, one pass offering each removed layer "
+                              "back in exchange for a kept one, taken when the validation loss falls.")
     granularity: Literal["block", "attention", "mlp"] = Field(
         "block", description="block: remove whole layers | attention / mlp: remove only that branch of the chosen "
         "layers (the model then reloads through layerprune only)."
@@ -71,6 +75,12 @@ class PruneConfig(_Strict):
     )
     latency_mode: Literal["decode", "prefill"] = Field(
         "decode", description="The latency target_latency measures: decode (one token with a KV cache) | prefill.")
+    max_loss_increase: float | None = Field(
+        None, gt=0, description="Drop the most layers whose drop-set raises the loss on held-out calibration text by "
+        "at most this many nats, e.g. 0.5 (may guard target_params / target_latency).")
+    max_ppl_ratio: float | None = Field(
+        None, gt=1, description="Like max_loss_increase, as a perplexity ratio: 2.0 = at most twice the unpruned "
+        "perplexity on held-out calibration text.")
     protect_first: int = Field(0, ge=0, description="Never drop the first K layers.")
     protect_last: int = Field(0, ge=0, description="Never drop the last K layers.")
     strategy: Literal["one-shot", "iterative"] = Field(
@@ -121,13 +131,22 @@ class PruneConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
         self._check_granularity()
+        self._check_search()
         budgets = (self.num_layers, self.ratio, self.target_params, self.target_latency)
         given = [x is not None for x in (self.drop, *budgets)]
-        if self.schedule is None and sum(given) != 1:
-            raise ValueError("give exactly one of drop, num_layers, ratio, target_params or target_latency")
-        if self.schedule is not None and (self.target_params is not None or self.target_latency is not None):
-            raise ValueError("an iterative schedule fixes the layer count; target_params and target_latency need "
-                             "strategy one-shot")
+        quality = self.max_loss_increase is not None or self.max_ppl_ratio is not None
+        if self.max_loss_increase is not None and self.max_ppl_ratio is not None:
+            raise ValueError("give max_loss_increase or max_ppl_ratio, not both")
+        # a quality target stands alone, or guards a size/speed target (which then sets the count)
+        guards = quality and (self.target_params is not None or self.target_latency is not None)
+        if self.schedule is None and sum(given) + (quality and not guards) != 1:
+            raise ValueError("give exactly one of drop, num_layers, ratio, target_params or target_latency, or a "
+                             "quality target (max_loss_increase or max_ppl_ratio; it may also guard target_params "
+                             "or target_latency)")
+        if self.schedule is not None and (self.target_params is not None or self.target_latency is not None
+                                          or quality):
+            raise ValueError("an iterative schedule fixes the layer count; target_params, target_latency, "
+                             "max_loss_increase and max_ppl_ratio need strategy one-shot")
         if self.strategy == "iterative" and self.schedule is None:
             raise ValueError("an iterative strategy needs a schedule such as '1:1:8'")
         if self.strategy == "one-shot" and self.schedule is not None:
@@ -157,13 +176,41 @@ class PruneConfig(_Strict):
 
         if self.drop is not None or self.schedule is not None:
             return None
+        if self.num_layers is None and self.ratio is None and self.target_params is None and \
+                self.target_latency is None:
+            return None  # only a quality target (quality_target)
         return Budget(num_layers=self.num_layers, ratio=self.ratio, target_params=self.target_params,
                       target_latency=self.target_latency, latency_mode=self.latency_mode)
+
+    def quality_target(self):
+        """The budgets.QualityTarget of this prune, or None."""
+        from layerprune.budgets import QualityTarget
+
+        if self.max_loss_increase is None and self.max_ppl_ratio is None:
+            return None
+        return QualityTarget(max_loss_increase=self.max_loss_increase, max_ppl_ratio=self.max_ppl_ratio)
+
+    def _check_search(self) -> None:
+        if self.select != "search" and (self.search_beam != 1 or self.search_swap):
+            raise ValueError("search_beam and search_swap need select search")
+        if self.select == "search" and self.drop is not None:
+            raise ValueError("select search chooses the layers; drop names them")
+        if self.select == "search" and (self.strategy == "iterative" or self.schedule is not None):
+            raise ValueError("select search is one-shot: each of its steps already re-judges every layer given "
+                             "those removed before")
+        if self.search_swap and (self.target_params is not None or self.target_latency is not None):
+            raise ValueError("search_swap changes which layers go after target_params / target_latency counted "
+                             "them; use num_layers, ratio or a quality target with it")
 
     def _check_granularity(self) -> None:
         """Fill the default metric of the granularity; refuse what attention-only/MLP-only removal can't do."""
         from layerprune.importance.registry import check_granularity
 
+        if self.select == "search":
+            if self.metric is not None:
+                raise ValueError("select search ranks drop-sets by validation loss alone; metric is not used "
+                                 "(several metrics: select auto)")
+            return self._check_whole_layers("select search")
         if self.metric is None:
             self.metric = DEFAULT_METRICS[self.granularity]
         if self.drop is None:
@@ -179,14 +226,23 @@ class PruneConfig(_Strict):
             "select auto": self.select == "auto",
             "target_params": self.target_params is not None,
             "target_latency": self.target_latency is not None,
+            "max_loss_increase": self.max_loss_increase is not None,
+            "max_ppl_ratio": self.max_ppl_ratio is not None,
         }
         for what, given in unsupported.items():
             if given:
-                raise ValueError(f"granularity {self.granularity!r} supports one-shot pruning by a metric or a drop "
-                                 f"list; {what} removes whole layers")
+                self._check_whole_layers(what)
+
+    def _check_whole_layers(self, what: str) -> None:
+        if self.granularity != "block":
+            raise ValueError(f"granularity {self.granularity!r} supports one-shot pruning by a metric or a drop "
+                             f"list; {what} removes whole layers")
 
     @property
     def metrics(self) -> list[str]:
+        """The metrics that rank layers ([] for select search, which ranks drop-sets by validation loss)."""
+        if self.metric is None:
+            return []
         return [self.metric] if isinstance(self.metric, str) else list(self.metric)
 
     def parsed_schedule(self) -> tuple[int, int]:
@@ -198,6 +254,61 @@ class PruneConfig(_Strict):
         if step < 1 or total < 1 or total % step:
             raise ValueError(f"schedule {self.schedule!r}: total must be a positive multiple of the step")
         return step, total
+
+
+class CurveConfig(_Strict):
+    """`layerprune curve`: validation perplexity against the number of layers removed (layerprune.curve)."""
+
+    metric: str | list[str] = Field(
+        ["block-influence", "angular", "search"], description="Selections to trace, comma separated: whole-layer "
+        "metrics (see `layerprune metrics`) and search (the greedy drop-set search by validation loss).")
+    max_drop: float = Field(0.5, gt=0, description="Most layers removed: a fraction of the layers (below 1) or a "
+                            "count.")
+    search_beam: int = Field(1, ge=1, description="Drop-sets the search keeps at each step (beam width).")
+    knee_slope: float = Field(0.1, gt=0, description="The knee is the largest k before the validation loss first "
+                              "rises by more than this many nats for one more layer.")
+    max_loss_increase: float | None = Field(None, gt=0, description="Report, per selection, the most layers whose "
+                                            "validation loss rises by at most this many nats.")
+    max_ppl_ratio: float | None = Field(None, gt=1, description="Report, per selection, the most layers whose "
+                                        "validation perplexity stays within this ratio of the unpruned one.")
+    protect_first: int = Field(0, ge=0, description="Never drop the first K layers.")
+    protect_last: int = Field(0, ge=0, description="Never drop the last K layers.")
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig, description="Text the metrics read; the curve is measured on held-out "
+        "text drawn from the same source with another seed (as select auto / search do).")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_selections(cls, value):
+        from layerprune.curve import curve_selections
+
+        try:
+            curve_selections(value)
+        except LayerpruneError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "CurveConfig":
+        if self.max_loss_increase is not None and self.max_ppl_ratio is not None:
+            raise ValueError("give max_loss_increase or max_ppl_ratio, not both")
+        if self.max_drop >= 1 and self.max_drop != int(self.max_drop):
+            raise ValueError(f"max_drop is a fraction below 1 or a whole number of layers, got {self.max_drop}")
+        return self
+
+    @property
+    def selections(self) -> list[str]:
+        from layerprune.curve import curve_selections
+
+        return curve_selections(self.metric)
+
+    def quality_target(self):
+        """The budgets.QualityTarget whose chosen k the curve reports, or None."""
+        from layerprune.budgets import QualityTarget
+
+        if self.max_loss_increase is None and self.max_ppl_ratio is None:
+            return None
+        return QualityTarget(max_loss_increase=self.max_loss_increase, max_ppl_ratio=self.max_ppl_ratio)
 
 
 class EvalConfig(_Strict):
@@ -262,10 +373,14 @@ class RunConfig(_Strict):
     out: str | None = Field(None, description="Run folder (default runs/<config file name>).")
     dtype: Dtype = Field(DEFAULT_DTYPE, description="Weights dtype for scoring, pruning, evaluation and benchmark.")
     seed: int = 0
+    trust_remote_code: bool = Field(False, description="Run the Python code a model folder ships (auto_map); "
+                                    "only for models you trust. Off: such models are refused.")
     prune: PruneConfig
     heal: list[HealConfig] = Field(default_factory=list, description="Healing stages, run in order.")
     eval: EvalStage | None = None
     bench: BenchConfig | None = None
+    curve: CurveConfig | None = Field(None, description="Trade-off curve of the unpruned model (curve/): validation "
+                                      "perplexity against layers removed, per metric and for the search.")
 
     @field_validator("heal", mode="before")
     @classmethod
@@ -275,11 +390,11 @@ class RunConfig(_Strict):
 
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file that must hold a mapping; one LayerpruneError otherwise."""
+    from layerprune.user_files import read_text
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise LayerpruneError(f"config file not found: {path}") from None
+        data = yaml.safe_load(read_text(path, "config file"))  # missing, a folder, not UTF-8: one error
     except yaml.YAMLError as err:
         raise LayerpruneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

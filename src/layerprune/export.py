@@ -33,7 +33,7 @@ from typing import Callable
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.builtin import cache_dir
-from layerprune.outputs import read_json
+from layerprune.outputs import check_not_input, read_json
 from layerprune.pypi import last_line, pip_download
 
 # llama-cpp-python 0.3.36 is the newest release on PyPI when this was written; its vendored
@@ -163,6 +163,7 @@ def export_gguf(
         raise LayerpruneError(f"output {out} is a folder; pass a .gguf file path")
     if out.exists() and not overwrite:
         raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
+    check_not_input(out, [model])
     quantize = None
     if quant == "q4_k_m":
         from layerprune.llamacpp import INSTALL_HINT, have_llama_cpp

@@ -1,60 +1,248 @@
-"""Outputs appear atomically and never silently replace what a user had; JSON files are read back in one way."""
+"""Outputs appear atomically, never replace an input or a folder layerprune did not write, and leave no
+temporary files behind; JSON files are read back in one way. docs/safety.md lists the guarantees."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from layerprune.errors import LayerpruneError
+from layerprune.renames import exchange, rename_noreplace
+
+# Every folder layerprune writes carries this file; --overwrite replaces only such folders (or empty ones).
+MARKER = ".layerprune-output"
+_MARKER_TEXT = "This folder was written by layerprune; its --overwrite may replace it.\n"
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_TEMP_TAIL = re.compile(r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")  # after ".NAME.layerprune-tmp-"
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty folder (or a file) unless overwrite; call before heavy work."""
+# ------------------------------------------------------------------ checks before any work
+def input_paths(*refs) -> list[Path]:
+    """The local files and folders among model references and data sources (comma lists are split;
+    hub ids, aliases and bundled names are not paths here and drop out)."""
+    found = []
+    for ref in refs:
+        if ref is None:
+            continue
+        if isinstance(ref, (list, tuple)):
+            found += input_paths(*ref)
+            continue
+        for text in {str(ref), *str(ref).split(",")}:
+            if text.strip() and os.path.lexists(text.strip()):
+                found.append(Path(text.strip()))
+    return found
+
+
+def output_target(out: str | os.PathLike) -> Path:
+    """The absolute path an output really goes to: a symlinked output is written through its link."""
+    return Path(out).resolve()
+
+
+def check_not_input(out: str | os.PathLike, inputs: Iterable = (), *, replaces: bool = True) -> None:
+    """Refuse an output that is an input, holds one, or (replaces=True) would replace a path inside one."""
+    target = output_target(out)
+    for path in input_paths(*inputs):
+        real = output_target(path)
+        if target == real:
+            raise LayerpruneError(f"output {out} is the input {path}; write the output somewhere else")
+        if target in real.parents:
+            raise LayerpruneError(f"output {out} holds the input {path}; write the output somewhere else")
+        if replaces and real in target.parents and os.path.lexists(target):
+            raise LayerpruneError(f"output {out} already exists inside the input {path}, and replacing it would change "
+                                  "that input; write the output somewhere else")
+
+
+def is_layerprune_output(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: Iterable = ()) -> Path:
+    """Refuse, before any heavy work, an output folder that is or holds an input, one that cannot be replaced
+    atomically (the current folder, a mount point), a file, and an existing non-empty folder unless
+    overwrite, which replaces only a folder layerprune wrote."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    check_not_input(out, inputs)
+    target = output_target(out)
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise LayerpruneError(f"output {out} is the current folder or holds it, which cannot be replaced as a whole; "
+                              "name a new folder for the output")
+    if target.is_dir() and os.path.ismount(target):
+        raise LayerpruneError(f"output {out} is a mount point, which cannot be replaced; name a folder inside it")
+    if target.exists() and not target.is_dir():
         raise LayerpruneError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LayerpruneError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise LayerpruneError(f"output folder {out} already exists and is not empty; pass --overwrite to "
+                                  "replace it")
+        if not is_layerprune_output(target):
+            raise LayerpruneError(f"output folder {out} was not written by layerprune (it has no {MARKER} file), so "
+                                  "layerprune will not replace it; remove it yourself or choose another output")
     return out
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it is renamed into place.
-
-    On error the temporary folder is removed and `out` is untouched. With overwrite,
-    the old folder is moved aside first and deleted only after the rename succeeded.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+# ------------------------------------------------------------------ atomic writes
+def pid_alive(pid: int) -> bool:
     try:
-        yield tmp
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _temp_path(target: Path) -> Path:
+    """A free name beside `target` that says who made it (host, pid), so leftovers can be cleaned safely."""
+    return target.with_name(f".{target.name}.layerprune-tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale_temps(target: Path) -> None:
+    """Remove temporary copies of `target` left by processes of this host that no longer run (kill -9)."""
+    prefix = f".{target.name}.layerprune-tmp-"
+    with contextlib.suppress(OSError):
+        for path in target.parent.iterdir():
+            match = _TEMP_TAIL.fullmatch(path.name[len(prefix):]) if path.name.startswith(prefix) else None
+            if match and match["host"] == _HOST and not pid_alive(int(match["pid"])):
+                _remove(path)
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While a temporary output exists, SIGTERM and SIGINT raise, so the cleanup below runs before the
+    signal takes its usual course."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Signalled(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back (they arrive right after) where an interruption would do harm."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signals = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _replaceable(path: Path, overwrite: bool) -> bool:
+    """What may be deleted to make room: an empty folder, or with overwrite a folder layerprune wrote."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return not any(path.iterdir()) or (overwrite and is_layerprune_output(path))
+
+
+def _install(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` to `target`. What was at `target` is deleted only after the swap, and only if
+    it is still what the checks allowed; anything else goes back where it was."""
+    if not os.path.lexists(target):
+        try:
+            rename_noreplace(tmp, target)
+            return
+        except FileExistsError:
+            pass  # it appeared meanwhile: the swap below checks what it is
+    exchange(tmp, target, aside=_temp_path(target))
+    if _replaceable(tmp, overwrite):  # tmp now holds the old output
+        _remove(tmp)
+        return
+    exchange(tmp, target, aside=_temp_path(target))
+    raise LayerpruneError(f"{target} changed while the output was being written, so it was left as it is and "
+                          "nothing was written")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it is marked as layerprune's and moved into place.
+
+    On any error, SIGTERM or SIGINT the temporary folder is removed and `out` is untouched; a symlinked
+    `out` is written through (its target folder is replaced, the link stays). See check_output_dir for
+    what is refused.
+    """
+    check_output_dir(out, overwrite, inputs)
+    target = output_target(out)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(target)
+        tmp = _temp_path(target)
+        tmp.mkdir()  # mode 0777 less the umask, like any folder the user makes
+    except OSError as err:
+        raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
+    try:
+        with _signals_raise():
+            yield tmp
+            with _signals_blocked():  # a signal mid-swap would delete whichever folder tmp then holds
+                try:
+                    (tmp / MARKER).write_text(_MARKER_TEXT)
+                    _install(tmp, target, overwrite)
+                except OSError as err:
+                    raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
+    except _Signalled as caught:
+        _remove(tmp)
+        signal.raise_signal(caught.signum)  # now with the previous handler: terminate, or KeyboardInterrupt
+        raise SystemExit(128 + caught.signum) from None  # a handler that returned
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_output_dir(folder: str | os.PathLike) -> None:
+    """Mark a folder that layerprune fills in place (a run folder) as its own."""
+    (Path(folder) / MARKER).write_text(_MARKER_TEXT)
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename), with the permissions of a normal file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    clean_stale_temps(path)
+    tmp = _temp_path(path)
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

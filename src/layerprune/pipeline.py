@@ -1,28 +1,34 @@
 """One run: score -> select -> prune -> heal -> eval -> bench -> report, each stage a file in the run folder.
 
-A stage whose output exists is skipped, so an interrupted run resumes where it stopped (an
-iterative schedule resumes from its last finished round). Every number in report.md comes from a
-file next to it.
+A stage whose output exists and was made with the current settings is skipped, so an interrupted run
+resumes where it stopped (an iterative schedule resumes from its last finished round); output made
+with other settings moves to stale/ and its stage runs again (run_stages.py). One run at a time holds
+the folder (run_lock.py), so stages write with overwrite=True: whatever layerprune output sits at a
+stage's path is that stage's own unfinished work. Every number in report.md comes from a file next to it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from layerprune.config import RunConfig
+from layerprune.errors import LayerpruneError
 from layerprune.importance import compute_many, get_metric
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions, save_model
 from layerprune.models.sublayer import remove_units
-from layerprune.outputs import read_json, write_json
+from layerprune.outputs import (
+    MARKER, atomic_output_dir, check_not_input, is_layerprune_output, mark_output_dir, read_json, write_json,
+)
+from layerprune.run_lock import run_folder_lock
+from layerprune.run_stages import Stage, settings_digest, settle
 from layerprune.strategies import history_entry
 
 Log = Callable[[str], None]
@@ -47,8 +53,7 @@ class Run:
         that hashes everything the output depends on (`key`), so equal work is found and reused."""
         if self.shared_dir is None:
             return self.path(name)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return self.shared_dir / f"{Path(name).name}-{digest}"
+        return self.shared_dir / f"{Path(name).name}-{settings_digest(key)}"
 
     def expose(self, name: str, target: Path) -> None:
         """Link shared output into the run folder (relative link, so the study folder can move)."""
@@ -84,7 +89,78 @@ class Run:
 
     # ------------------------------------------------------------------ stages
     def execute(self) -> dict:
+        main = _main_process()
+        if main:
+            self.claim_folder()
+        with run_folder_lock(self.dir) if main else nullcontext():
+            if main:
+                settle(self.dir, self.stages(), self.log)
+            from layerprune.models.model_config import loading_options
+
+            with loading_options(trust_remote_code=self.config.trust_remote_code):  # every model the run loads
+                return self._execute()
+
+    def claim_folder(self) -> None:
+        """Refuse a run folder that is or holds an input, or holds files layerprune did not write; mark it."""
+        check_not_input(self.dir, self.inputs(), replaces=False)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise LayerpruneError(f"run folder {self.dir} exists and is not a folder")
+        if self.dir.is_dir() and any(self.dir.iterdir()) and not is_layerprune_output(self.dir):
+            raise LayerpruneError(f"run folder {self.dir} holds files that layerprune did not write (it has no "
+                                  f"{MARKER} file); choose another out")
         self.dir.mkdir(parents=True, exist_ok=True)
+        mark_output_dir(self.dir)
+
+    def inputs(self) -> list:
+        """The model and data the run reads (local paths among them must stay outside the run folder)."""
+        c = self.config
+        refs = [c.model, c.prune.calibration.source] + ([c.curve.calibration.source] if c.curve else [])
+        refs += [ref for stage in c.heal for ref in (stage.data, stage.teacher)]
+        if c.eval:
+            refs += [c.eval.tasks, c.eval.ppl]
+        return refs
+
+    def stages(self) -> list[Stage]:
+        """The stages this config runs, each with everything its output depends on and the names it writes."""
+        c = self.config
+        base = {"model": c.model, "dtype": c.dtype, "seed": c.seed}
+        pruned = self.stage_base()
+        final = self.heal_settings(pruned, len(c.heal))
+        evaluation = c.eval.model_dump(mode="json", exclude={"original", "before_healing"}) if c.eval else None
+        plan = []
+        if c.eval and c.eval.original:
+            plan.append(Stage("eval-original", {**base, "eval": evaluation}, ("eval-original",)))
+        if c.curve:
+            plan.append(Stage("curve", {**base, "curve": c.curve.model_dump(mode="json")}, ("curve",)))
+        if c.prune.strategy == "iterative":
+            plan.append(Stage("rounds", final, ("rounds",)))
+        else:
+            plan.append(Stage("prune", pruned, ("scores.json", "selection.json", "pruned", "scores.png",
+                                                "angular.png")))
+            if c.eval and c.eval.before_healing and c.heal:
+                plan.append(Stage("eval-pruned", {**pruned, "eval": evaluation}, ("eval-pruned",)))
+            for number in range(1, len(c.heal) + 1):
+                settings = self.heal_settings(pruned, number)
+                name = f"healed-{number}"
+                plan.append(Stage(name, settings, (name, _work_dir_name(name, settings))))
+        if c.eval:
+            plan.append(Stage("eval-final", {**final, "eval": evaluation}, ("eval-final",)))
+        if c.bench:
+            plan.append(Stage("bench", {**final, "bench": c.bench.model_dump(mode="json")}, ("bench",)))
+        plan.append(Stage("report", c.model_dump(mode="json", exclude={"out"}),
+                          ("report.md", "run.json", "loss_curves.png", "layer_map.png")))
+        return plan
+
+    def stage_base(self) -> dict:
+        """The settings the pruned model depends on."""
+        c = self.config
+        return {"model": c.model, "dtype": c.dtype, "seed": c.seed, "prune": c.prune.model_dump(mode="json")}
+
+    def heal_settings(self, base: dict, number: int) -> dict:
+        """What heal stage `number` (1-based) depends on: its input's settings and heal stages 1..number."""
+        return {**base, "heal": [stage.model_dump(mode="json") for stage in self.config.heal[:number]]}
+
+    def _execute(self) -> dict:
         (self.dir / "config.yaml").write_text(_yaml(self.config.model_dump(mode="json")))
         write_json(self.path("versions.json"), package_versions())
         started = time.perf_counter()
@@ -92,6 +168,8 @@ class Run:
         torch.manual_seed(self.config.seed)
         if self.config.eval and self.config.eval.original:
             self.evaluate("eval-original", original, key=self._key("eval"))
+        if self.config.curve:
+            self.curve(original)
         if self.config.prune.strategy == "iterative":
             final_ref = self.iterative(original)
         else:
@@ -99,7 +177,7 @@ class Run:
             if self.config.eval and self.config.eval.before_healing and self.config.heal:
                 self.evaluate("eval-pruned", self.load(str(self.path("pruned")), original),
                               key=self._key("calibration", "prune", "eval"))
-            final_ref = self.heal_chain(str(self.path("pruned")), original)
+            final_ref = self.heal_chain(str(self.path("pruned")), original, base=self.stage_base())
         final = self.load(final_ref, original)
         if self.config.eval:
             self.evaluate("eval-final", final)
@@ -118,17 +196,26 @@ class Run:
         if pruned_dir.is_dir():
             self.log("pruned model exists: skipping score/select/prune")
         else:
-            if not selection.exists():
-                write_json(selection, self.choose(original))
-            record = read_json(selection)
+            record = read_json(selection, missing_ok=True) or self.choose(original)
             pruned = self.load(self.config.model)
             granularity = self.config.prune.granularity  # block, or attention/MLP only (models/sublayer.py)
             remove_units(pruned.model, record["dropped"], granularity, how=history_entry(record))
-            save_model(pruned.model, pruned.tokenizer, pruned_dir, extra={"selection": record})
+            write_json(selection, record)  # only once it applied: a selection that fails must not be reused
+            save_model(pruned.model, pruned.tokenizer, pruned_dir, overwrite=True, extra={"selection": record})
             what = "pruned" if granularity == "block" else f"removed the {granularity} of"
             self.log(f"{what} original layers {record['dropped']} ({record['chosen_by']})")
         self.expose("selection.json", selection)
         self.expose("pruned", pruned_dir)
+
+    def curve(self, original: LoadedModel) -> None:
+        """The trade-off curve of the unpruned model (layerprune.curve): curve/curve.json, .csv and .png."""
+        from layerprune.curve import curve_for_loaded, write_curve_files
+
+        if (self.path("curve") / "curve.json").exists():
+            return
+        self.log("tracing the trade-off curve")
+        write_curve_files(self.path("curve"), curve_for_loaded(original, self.config.curve, log=self.log),
+                          overwrite=True)
 
     def choose(self, loaded: LoadedModel, n_drop: int | None = None, scores_name: str = "scores.json") -> dict:
         """The selection record (strategies.choose), with every metric's scores cached in `scores_name`."""
@@ -166,8 +253,11 @@ class Run:
                     write_json(paths[name], scores.to_json())
         return {name: found[name] for name in requests}
 
-    def heal_chain(self, ref: str, tokenizer_from: LoadedModel, prefix: str = "healed") -> str:
-        """Run each heal stage in order on the previous stage's output; returns the final model folder."""
+    def heal_chain(self, ref: str, tokenizer_from: LoadedModel, prefix: str = "healed", *, base: dict) -> str:
+        """Run each heal stage in order on the previous stage's output; returns the final model folder.
+
+        base: the settings `ref` depends on. Each stage's checkpoints live in a work folder named by the
+        digest of its settings, so an interrupted stage only ever resumes under the same settings."""
         from layerprune.api import heal_loaded, write_healed
 
         for number, stage in enumerate(self.config.heal, 1):
@@ -180,12 +270,12 @@ class Run:
             if loaded.tokenizer is None:
                 loaded.tokenizer = tokenizer_from.tokenizer
             self.log(f"healing with {stage.method} ({out.name})")
-            work = self.path(f".{out.name}.checkpoints")
+            work = out.with_name(_work_dir_name(out.name, self.heal_settings(base, number)))
             result, record = heal_loaded(loaded, stage, default_teacher=self.config.model, work_dir=work,
                                          resume=work.exists())
-            if int(os.environ.get("RANK", "0")) != 0:
+            if not _main_process():
                 return str(out)  # under accelerate/torchrun only the main process writes
-            write_healed(result, record, loaded.tokenizer, out)
+            write_healed(result, record, loaded.tokenizer, out, overwrite=True)
             shutil.rmtree(work, ignore_errors=True)
             ref = str(out)
         return ref
@@ -204,15 +294,16 @@ class Run:
             round_dir.mkdir(parents=True, exist_ok=True)
             current = self.load(ref, original)
             selection = round_dir / "selection.json"
-            if not selection.exists():
-                write_json(selection, self.choose(current, step, scores_name=f"rounds/round-{r}/scores.json"))
-            record = read_json(selection)
+            record = read_json(selection, missing_ok=True)
             pruned_dir = round_dir / "pruned"
             if not pruned_dir.is_dir():
+                record = record or self.choose(current, step, scores_name=f"rounds/round-{r}/scores.json")
                 remove_units(current.model, record["dropped"], "block", how={**history_entry(record), "round": r})
-                save_model(current.model, current.tokenizer, pruned_dir, extra={"selection": record})
+                write_json(selection, record)  # only once it applied
+                save_model(current.model, current.tokenizer, pruned_dir, overwrite=True, extra={"selection": record})
             self.log(f"round {r}/{rounds}: dropped original layers {record['dropped']}")
-            ref = self.heal_chain(str(pruned_dir), original, prefix=f"rounds/round-{r}/healed")
+            ref = self.heal_chain(str(pruned_dir), original, prefix=f"rounds/round-{r}/healed",
+                                  base={**self.stage_base(), "round": r})
             write_json(round_dir / "done.json", {"model": ref, "dropped": record["dropped"]})
         return ref
 
@@ -226,7 +317,7 @@ class Run:
         plan = plan_eval(self.config.eval)
         self.log(f"evaluating {name}")
         result = run_eval(loaded, plan)
-        write_eval(out, result, plan)
+        write_eval(out, result, plan, overwrite=True)  # overwrite: see the module doc
         self.expose(name, out)
         return result.record
 
@@ -240,14 +331,22 @@ class Run:
         self.log("benchmarking original vs final")
         base = benchmark(original.model, original.tokenizer, config, name="original")
         other = benchmark(final.model, final.tokenizer, config, name="final")
-        out.mkdir(parents=True, exist_ok=True)
-        write_outputs(out, base, other)
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            write_outputs(tmp, base, other)
 
     def report(self, final_ref: str) -> dict:
         from layerprune.report.rebuild import write_run_report
 
         summary, _ = write_run_report(self.dir, final_ref)
         return summary
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes
+
+
+def _work_dir_name(output_name: str, settings: dict) -> str:
+    return f".{output_name}.checkpoints-{settings_digest(settings)}"
 
 
 def _yaml(data: dict) -> str:

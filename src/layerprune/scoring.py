@@ -28,18 +28,11 @@ def parse_metrics(text: str) -> list[str]:
 
 
 def metric_requests(names: list[str], n_layers: int, *, seed: int = 0, block_size: int = 1) -> dict[str, dict]:
-    """Default parameters of each metric for a score run."""
-    requests: dict[str, dict] = {}
-    for name in names:
-        params: dict = {}
-        if name == "random":
-            params["seed"] = seed
-        if name == "angular":
-            if not 1 <= block_size <= n_layers:
-                raise LayerpruneError(f"angular block size must be between 1 and {n_layers}, got {block_size}")
-            params.update(block_size=block_size, max_block_size=n_layers)
-        requests[name] = params
-    return requests
+    """Each metric's default parameters for a cut of `block_size` layers (see MetricSpec.default_params)."""
+    from layerprune.importance.registry import Cut
+
+    cut = Cut(n_layers=n_layers, n_drop=block_size, seed=seed)
+    return {name: get_metric(name).default_params(cut) for name in names}
 
 
 def select_for_each(all_scores: dict[str, LayerScores], n_drop: int) -> dict[str, Selection]:

@@ -3,6 +3,8 @@
 - one-shot by a metric: score once, drop what ranks lowest under the budget;
 - select auto: every metric's drop-set is a candidate; the one with the lowest loss on held-out
   calibration text (before any healing) wins;
+- select search, and any select under a quality target (max_loss_increase / max_ppl_ratio): drop-sets
+  judged by that loss directly (search.py);
 - iterative `step:total` ("1:4:8" in arXiv 2411.15558): score, drop `step` layers, heal, repeat.
 
 Nothing here reads or writes files: `score` is a callback, so a run can cache scores on disk and the
@@ -38,7 +40,9 @@ def needs_calibration(config: PruneConfig) -> bool:
     """Whether choosing layers with this config reads calibration text."""
     if config.drop is not None:
         return False
-    return config.select == "auto" or any(get_metric(name).needs_calibration for name in config.metrics)
+    if config.select != "metric" or config.quality_target() is not None:
+        return True  # candidates are judged on held-out calibration text
+    return any(get_metric(name).needs_calibration for name in config.metrics)
 
 
 def metric_requests(config: PruneConfig, n_layers: int, n_drop: int | None) -> dict[str, dict]:
@@ -56,10 +60,10 @@ def metric_requests(config: PruneConfig, n_layers: int, n_drop: int | None) -> d
 
 
 def layers_to_drop(model: nn.Module, config: PruneConfig) -> int | None:
-    """How many layers a one-shot prune removes; None when a parameter or latency target decides."""
+    """How many layers a one-shot prune removes; None when a parameter, latency or quality target decides."""
     if config.drop is not None:
         return len(config.drop)
-    if config.target_params is not None or config.target_latency is not None:
+    if config.budget() is None or config.budget().is_target:
         return None
     return count_to_drop(len(kept_layers(model)), num_layers=config.num_layers, ratio=config.ratio)
 
@@ -76,7 +80,7 @@ def choose(
     """The selection record of one prune: {"dropped": ORIGINAL indices, "chosen_by", ...}.
 
     n_drop overrides the config's count (an iterative round drops `step` layers). `validation` is the
-    held-out calibration data that select auto judges candidates on (a CalibrationData, or a
+    held-out calibration data that select auto, select search and quality targets judge candidates on (a CalibrationData, or a
     zero-argument callable returning one, so it is only read when needed).
     """
     if config.drop is not None:
@@ -88,6 +92,10 @@ def choose(
 
     if n_drop is None:
         n_drop = layers_to_drop(model, config)
+    if config.select == "search" or config.quality_target() is not None:
+        from layerprune.search import choose_by_loss
+
+        return choose_by_loss(model, config, score=score, validation=validation, n_drop=n_drop, log=log)
     scores = score(metric_requests(config, len(kept_layers(model)), n_drop))
     target = config.budget() if n_drop is None else None  # a parameter or latency target
     costs = None

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option, parse_int_list
 from layerprune.config import DEFAULT_DTYPE, BenchConfig
 from layerprune.errors import LayerpruneError
@@ -79,6 +79,7 @@ def bench(
     prompt_tokens: Optional[int] = config_option(B, "prompt_tokens"),
     seed: Optional[int] = config_option(B, "seed"),
     dtype: str = typer.Option(DEFAULT_DTYPE, help="auto | bf16 | fp16 | fp32"),
+    trust_remote_code: bool = trust_remote_code_option(),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:1 ... (default: cuda when available)."),
     load_in: Optional[str] = typer.Option(
         None, help="Quantize the linear layers while loading (bitsandbytes): 4bit (NF4) | 8bit (LLM.int8)."
@@ -86,7 +87,7 @@ def bench(
     compare_load_in: Optional[str] = typer.Option(
         None, help="--load-in for the --compare model (default: as --load-in; 'none' = full precision)."
     ),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
     """Measure parameters, MACs, memory, prefill latency and generation speed; with --compare, the speedups."""
     from layerprune.benchmark import write_outputs
@@ -99,7 +100,7 @@ def bench(
     device = _resolve_device(device)
     load_in = check_load_in(load_in)
     compare_load_in = load_in if compare_load_in is None else check_load_in(compare_load_in)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model, compare])
     refs = [(model, load_in)] + ([(compare, compare_load_in)] if compare else [])
     results = []
     for ref, quant in refs:

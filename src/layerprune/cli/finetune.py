@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option, parse_indices
 from layerprune.finetune.config import HealConfig
 
@@ -49,9 +49,13 @@ def finetune(
     lora_dropout: Optional[float] = config_option(H, "lora_dropout"),
     lora_target: Optional[str] = config_option(H, "lora_target", help="LoRA target modules, comma separated, or "
                                                "all-linear."),
+    adapter: Optional[str] = config_option(H, "adapter"),
     teacher: Optional[str] = config_option(H, "teacher"),
     distill_temperature: Optional[float] = config_option(H, "distill_temperature"),
     distill_alpha: Optional[float] = config_option(H, "distill_alpha"),
+    distill_top_k: Optional[int] = config_option(H, "distill_top_k"),
+    local_layers: Optional[int] = config_option(H, "local_layers"),
+    loss_chunk: Optional[int] = config_option(H, "loss_chunk"),
     train_dtype: Optional[str] = config_option(H, "train_dtype"),
     bf16: Optional[bool] = config_option(H, "bf16", help="bf16 autocast (default: where the hardware supports it)."),
     gradient_checkpointing: Optional[bool] = config_option(H, "gradient_checkpointing"),
@@ -59,7 +63,8 @@ def finetune(
     logging_steps: Optional[int] = config_option(H, "logging_steps"),
     save_steps: Optional[int] = config_option(H, "save_steps"),
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT.checkpoints."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Heal a pruned model by fine-tuning: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation."""
     from layerprune.api import finetune_model
@@ -67,7 +72,7 @@ def finetune(
 
     heal_config = config_from_options(HealConfig, locals(), yaml_path=config,
                                       convert={"train_layers": parse_indices, "lora_target": _targets})
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model, config, heal_config.data, heal_config.teacher])
     result, path = finetune_model(model, out=out, config=heal_config, resume=resume, overwrite=overwrite)
     table = Table(title=f"layerprune finetune ({result.method})", show_header=False)
     table.add_row("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 
 
 @app.command()
@@ -13,6 +13,7 @@ from layerprune.cli.app import MODEL_HELP, app, console, user_errors
 def info(
     model: str = typer.Argument(..., help=MODEL_HELP),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Show a model's architecture, layers, parameters and pruning history."""
     from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype

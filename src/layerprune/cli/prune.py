@@ -8,7 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import (
+    MODEL_HELP, app, console, no_tokenizer_option, trust_remote_code_option, user_errors,
+)
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
 from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, PruneConfig
 from layerprune.errors import LayerpruneError
@@ -34,10 +36,14 @@ def prune(
     target_params: Optional[str] = config_option(P, "target_params"),
     target_latency: Optional[float] = config_option(P, "target_latency"),
     latency_mode: Optional[str] = config_option(P, "latency_mode"),
+    max_loss_increase: Optional[float] = config_option(P, "max_loss_increase"),
+    max_ppl_ratio: Optional[float] = config_option(P, "max_ppl_ratio"),
     metric: Optional[str] = config_option(P, "metric", help="Importance metric (see `layerprune metrics`), or several "
                                           "comma separated with --select auto. Default: block-influence "
                                           "(attention-influence / mlp-influence with --granularity attention / mlp)."),
     select: Optional[str] = config_option(P, "select"),
+    search_beam: Optional[int] = config_option(P, "search_beam"),
+    search_swap: Optional[bool] = config_option(P, "search_swap"),
     granularity: Optional[str] = config_option(P, "granularity"),
     strategy: Optional[str] = config_option(P, "strategy"),
     schedule: Optional[str] = config_option(P, "schedule", help="Iterative pruning: 'step:total' or '1:step:total', "
@@ -54,10 +60,12 @@ def prune(
     seq_len: Optional[int] = config_option(C, "seq_len"),
     seed: Optional[int] = config_option(C, "seed"),
     dtype: str = typer.Option(DEFAULT_DTYPE, help="auto | bf16 | fp16 | fp32"),
+    trust_remote_code: bool = trust_remote_code_option(),
+    no_tokenizer: bool = no_tokenizer_option(),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
     sample: list[str] = typer.Option([], help="Prompt to generate from before and after pruning (repeatable)."),
     max_new_tokens: int = typer.Option(40, help="Tokens per generation sample."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
     no_load: bool = typer.Option(
         False, "--no-load", help="Prune the safetensors checkpoint on disk, tensor by tensor, without loading the "
         "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
@@ -75,7 +83,8 @@ def prune(
     heal = read_yaml_mapping(heal_config) if heal_config else None
     if heal is not None and config.strategy != "iterative":
         raise LayerpruneError("--heal-config sets the healing between the rounds of --schedule; give a schedule")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model, config.calibration.source, heal_config,
+                                             *((heal or {}).get(key) for key in ("data", "teacher"))])
     folder = on_disk_folder(
         model, no_load=no_load, drop_given=drop is not None, say=lambda line: console.print(line, highlight=False),
         model_options={"--sample": bool(sample), "--dtype": dtype != DEFAULT_DTYPE,
@@ -102,6 +111,10 @@ def prune(
     if "estimated_latency_ratio" in constraints:
         console.print(f"estimated {constraints['latency']['mode']} latency: {constraints['estimated_latency_ratio']:.3f} "
                       f"of the original's (target {constraints['target_latency']})")
+    validation = getattr(result, "how", {}).get("validation")
+    if validation:
+        console.print(f"validation loss {validation['loss']:.4f} (unpruned {validation['unpruned_loss']:.4f}, "
+                      f"perplexity x{validation['ppl_ratio']:.3f}) on held-out calibration text")
     for before, after in zip(result.samples_before, result.samples_after):
         console.print(f"\n[bold]prompt:[/] {escape(before['prompt'])}", highlight=False)
         console.print(f"  [cyan]original:[/] {escape(repr(before['completion']))}", highlight=False)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from layerprune.cli.app import MODEL_HELP, app, console, user_errors
+from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import parse_indices
 from layerprune.errors import LayerpruneError
 
@@ -28,8 +28,9 @@ def score(
     num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Layers each metric would drop (default 25%)."),
     ratio: Optional[float] = typer.Option(None, help="Fraction each metric would drop."),
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
+    trust_remote_code: bool = trust_remote_code_option(),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
     streaming: bool = typer.Option(
         False, "--streaming", help="Read one layer at a time from the checkpoint, for models bigger than memory "
         "(block-influence, relative-magnitude, angular, magnitude-l1/-l2 and the order baselines).",
@@ -51,7 +52,7 @@ def score(
     names = parse_metrics(metric)
     sample_counts = [int(x) for x in parse_indices(n_samples)]
     sources = [c.strip() for c in calib.split(",") if c.strip()]
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model, *sources])
     if streaming:
         from layerprune.importance.streaming import load_skeleton, stream_scores
 

@@ -100,23 +100,23 @@ def _read_records(source: str) -> list[dict]:
         with gzip.open(bundled_path("dolly-15k.jsonl.gz"), "rt", encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise LayerpruneError(f"{path} is a folder, not an instruction data file (.json/.jsonl)")
     if path.is_file():
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
+        from layerprune.user_files import parse_json_object, read_text
+
+        text = read_text(path, "instruction data file")
         if text.lstrip().startswith("["):  # alpaca_data_cleaned.json is one JSON list
             try:
-                return json.loads(text)
+                records = json.loads(text)
             except json.JSONDecodeError as err:
                 raise LayerpruneError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise LayerpruneError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-        return records
+            for number, record in enumerate(records, 1):
+                if not isinstance(record, dict):
+                    raise LayerpruneError(f"{path}: record {number} of the list is not a JSON object")
+            return records
+        return [parse_json_object(line, f"{path}:{number}")
+                for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     if source == "alpaca":
         raise LayerpruneError(
             "alpaca-cleaned is not bundled (it could not be obtained offline); download "

@@ -22,13 +22,22 @@ class BundledCorpus:
     kind: str  # "jsonl" (field "text") | "lines" (one sentence per line) | "wikitext" (blank-line layout)
     description: str
     hub: tuple[str, str | None, str, str]  # dataset id, config, split, text field
+    documents: tuple[int, int] | None = None  # a slice [start, stop) of the file's documents
 
+
+# The bundled C4 sample is split once: documents 0-1199 (`c4`) feed calibration, selection and healing;
+# documents 1200-1499 (`c4-heldout`) are reserved for evaluation, so healing on `c4` is judged on text it
+# never saw.
+C4_HELDOUT_START = 1200
 
 BUNDLED_CORPORA: dict[str, BundledCorpus] = {
     c.name: c
     for c in [
-        BundledCorpus("c4", "c4-validation.jsonl.gz", "jsonl", "C4 en validation sample, 1500 documents",
-                      ("allenai/c4", "en", "validation", "text")),
+        BundledCorpus("c4", "c4-validation.jsonl.gz", "jsonl", "C4 en validation sample, documents 0-1199",
+                      ("allenai/c4", "en", "validation", "text"), (0, C4_HELDOUT_START)),
+        BundledCorpus("c4-heldout", "c4-validation.jsonl.gz", "jsonl",
+                      "C4 en validation sample, documents 1200-1499 (evaluation only)",
+                      ("allenai/c4", "en", "validation", "text"), (C4_HELDOUT_START, 1500)),
         BundledCorpus("wikitext2", "wikitext2-test.txt.gz", "wikitext", "WikiText-2 raw test set",
                       ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text")),
         BundledCorpus("ptb", "ptb-test.txt.gz", "lines", "Penn Treebank test set (Mikolov text-only)",
@@ -70,7 +79,8 @@ def read_texts(source: str, *, field: str = "text") -> list[str]:
         corpus = BUNDLED_CORPORA[source]
         if corpus.kind == "jsonl":
             with gzip.open(bundled_path(corpus.filename), "rt", encoding="utf-8") as f:
-                return [json.loads(line)["text"] for line in f if line.strip()]
+                texts = [json.loads(line)["text"] for line in f if line.strip()]
+            return texts[slice(*corpus.documents)] if corpus.documents else texts
         return _documents_from_lines(read_bundled_lines(source), corpus.kind)
     path = Path(source).expanduser()
     if path.is_file():
@@ -85,23 +95,17 @@ def read_texts(source: str, *, field: str = "text") -> list[str]:
 
 
 def _read_file(path: Path, field: str) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    from layerprune.user_files import iter_jsonl, read_text
+
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-    with opener(path, "rt", encoding="utf-8") as f:
-        if stem_suffix == ".jsonl":
-            texts = []
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise LayerpruneError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-                if field not in row:
-                    raise LayerpruneError(f"{path}:{number} has no field {field!r} (fields: {', '.join(row)})")
-                texts.append(str(row[field]))
-            return texts
-        content = f.read()
+    if stem_suffix == ".jsonl":
+        texts = []
+        for number, row in iter_jsonl(path, "text file"):
+            if field not in row:
+                raise LayerpruneError(f"{path}:{number} has no field {field!r} (fields: {', '.join(row) or 'none'})")
+            texts.append(str(row[field]))
+        return texts
+    content = read_text(path, "text file")
     return [block.strip() for block in content.split("\n\n") if block.strip()]
 
 

@@ -51,6 +51,9 @@ def check_task_yaml(path: Path) -> str:
     """The task or group name an lm-eval YAML defines; a clear error if it is not one."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    from layerprune.user_files import read_text
+
+    read_text(path, "task YAML")  # a missing, unreadable or non-UTF-8 file: one error naming the byte
     try:
         config = load_yaml(path, resolve_func=False)
     except Exception as err:  # yaml/include errors come in many types; the user needs one line
@@ -63,17 +66,9 @@ def check_task_yaml(path: Path) -> str:
 
 def read_mc_items(path: Path) -> list[dict]:
     """Validated multiple-choice items; errors name the file and line."""
-    items: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LayerpruneError(f"{where} is not valid JSON ({err.msg})") from None
-            items.append(_check_item(item, where))
+    from layerprune.user_files import iter_jsonl
+
+    items = [_check_item(item, f"{path}:{number}") for number, item in iter_jsonl(path, "task file")]
     if not items:
         raise LayerpruneError(f"{path} has no items; each line should be "
                               '{"question": ..., "choices": [...], "answer": <index>}')

@@ -44,9 +44,15 @@ def evaluate_tasks(
         objects = _load_tasks(manager, entries)
         # softmax_dtype float32: log-likelihoods of a bf16/fp16 model are summed in float32 (no-op for fp32).
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=objects, task_manager=manager, limit=limit, log_samples=False, **SEEDS
-        )
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=objects, task_manager=manager, limit=limit, log_samples=False, **SEEDS
+            )
+        except AssertionError as err:  # lm-eval's checks of a request are bare asserts
+            known = _request_error(err, entries, lm.max_length)
+            if known is None:
+                raise
+            raise known from err
     tasks = {e.name: _task_scores(results, e) for e in entries}
     return {
         "tasks": tasks,
@@ -61,6 +67,24 @@ def evaluate_tasks(
         },
         "raw": _raw_results(results),
     }
+
+
+def _request_error(err: AssertionError, entries: list[TaskEntry], max_length: int) -> LayerpruneError | None:
+    """One line for the assert lm-eval's HFLM makes on a request it can't score; other asserts stay bugs."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    line = (frames[-1].line or "") if frames else ""
+    names = ", ".join(e.name for e in entries)
+    if "continuation_enc) <= self.max_length" in line:
+        return LayerpruneError(
+            f"a task ({names}) has an answer longer than the model's context of {max_length} tokens "
+            "(max_position_embeddings); lm-eval cannot score it: shorten the answers or use a model with a longer context"
+        )
+    if "len(context_enc) > 0" in line or "len(continuation_enc) > 0" in line:
+        return LayerpruneError(f"a task ({names}) has a prompt or an answer that encodes to no tokens; "
+                               "lm-eval cannot score it: check for empty questions or choices")
+    return None
 
 
 def average(tasks: dict[str, dict], metric: str) -> dict:

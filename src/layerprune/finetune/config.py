@@ -26,7 +26,8 @@ class HealConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str | None = Field(None, description="Named recipe whose settings fill what is not given: paper.")
-    method: str = Field("lora", description="Healing method: partial | lora | qlora | full | cpt | distill.")
+    method: str = Field("lora", description="Healing method: partial | lora | qlora | full | cpt | distill | replace "
+                        "| block-local.")
     # data
     data: str | None = Field(
         None, description="Training data: dolly | a Dolly/Alpaca .json/.jsonl file | a hub dataset id; cpt: c4 | a "
@@ -56,10 +57,19 @@ class HealConfig(BaseModel):
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     lora_target: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names, or all-linear.")
-    # distillation
-    teacher: str | None = Field(None, description="distill: the teacher (default: the model it was pruned from).")
-    distill_temperature: float = Field(2.0, gt=0, description="distill: softmax temperature.")
+    adapter: Literal["none", "lora"] = Field(
+        "none", description="full / cpt / distill: train every weight (none) or a LoRA adapter merged at the end "
+        "(lora: tied embeddings stay tied).")
+    # distillation, replacement, block-local healing
+    teacher: str | None = Field(None, description="distill / replace / block-local: the unpruned model (default: the "
+                                "model it was pruned from).")
+    distill_temperature: float = Field(1.0, gt=0, description="distill: softmax temperature.")
     distill_alpha: float = Field(1.0, ge=0, le=1, description="distill: weight of the KL term (1 - alpha: CE).")
+    distill_top_k: int | None = Field(
+        64, ge=1, description="distill: keep the teacher's top-k logits per token, computed once and cached on disk "
+        "(none: the full distribution, recomputed every step).")
+    local_layers: int = Field(1, ge=1, description="block-local: kept layers before each cut that are trained.")
+    loss_chunk: int = Field(1024, ge=1, description="Positions whose logits are computed at once (memory bound).")
     # runtime
     train_dtype: Literal["fp32", "auto"] = Field(
         "fp32", description="Weights while training: fp32 master weights (compute still uses bf16 autocast) | auto "

@@ -33,19 +33,27 @@ class HealContext:
 @dataclass(frozen=True)
 class HealMethod:
     name: str
-    prepare: Callable
-    finalize: Callable
-    raw_text: bool = False  # trains on raw text (causal LM loss on every token)
+    prepare: Callable | None
+    finalize: Callable | None
+    raw_text: bool = False  # trains on raw text only (causal LM loss on every token)
+    default_data: str = "dolly"  # the bundled data it trains on when none is given
+    needs_teacher: bool = False  # reads the unpruned model (distillation, replacement, block-local)
+    run: Callable | None = None  # run(model, rows, config, context) -> model: a procedure instead of the Trainer
 
 
 _METHODS: dict[str, HealMethod] = {}
 
 
-def register_method(name: str, *, raw_text: bool = False):
+def register_method(name: str, *, raw_text: bool = False, default_data: str | None = None,
+                    needs_teacher: bool = False):
+    """Register a class with `prepare`/`finalize` (trained by the Trainer) or with `run` (its own procedure)."""
+
     def decorate(cls):
         if name in _METHODS:
             raise ValueError(f"healing method {name!r} is already registered")
-        _METHODS[name] = HealMethod(name, cls.prepare, cls.finalize, raw_text)
+        data = default_data or ("c4" if raw_text else "dolly")
+        _METHODS[name] = HealMethod(name, getattr(cls, "prepare", None), getattr(cls, "finalize", None), raw_text,
+                                    data, needs_teacher, getattr(cls, "run", None))
         return cls
 
     return decorate
@@ -116,26 +124,30 @@ class Partial:
 
 @register_method("full")
 class Full:
-    """Every weight trains."""
+    """Every weight trains (adapter "none"), or a LoRA adapter merged at the end (adapter "lora": the
+    embeddings stay as they were, tied ones tied)."""
 
     @staticmethod
     def prepare(model, config, context):
+        if config.adapter == "lora":
+            return Lora.prepare(model, config, context)
         model.requires_grad_(True)
         return model
 
     @staticmethod
     def finalize(model, config, context):
-        return model
+        return Lora.finalize(model, config, context) if config.adapter == "lora" else model
 
 
 @register_method("cpt", raw_text=True)
 class ContinuedPretraining(Full):
-    """Full-weight training on raw text with the causal LM loss on every token (Shortened LLaMA's CPT)."""
+    """Training on raw text with the causal LM loss on every token (Shortened LLaMA's CPT)."""
 
 
-@register_method("distill")
+@register_method("distill", default_data="c4", needs_teacher=True)
 class Distill(Full):
-    """Full-weight training against the unpruned teacher's logits (KL, optionally + CE), as Minitron does."""
+    """Training toward the unpruned teacher's next-token distribution (KL on its top-k logits, optionally +
+    CE), as Minitron (arXiv 2407.14679) does; on general text by default."""
 
 
 def _lora_config(config):
@@ -181,6 +193,8 @@ class QLora:
         from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
 
+        from layerprune.models.model_config import trusts_remote_code
+
         compute_dtype = torch.bfloat16 if _wants_bf16(config) else torch.float32
         context.notes["full_precision"] = model
         with tempfile.TemporaryDirectory() as tmp:
@@ -189,6 +203,7 @@ class QLora:
                 tmp,
                 quantization_config=bnb_config("4bit", compute_dtype),
                 device_map={"": next(model.parameters()).device},
+                trust_remote_code=trusts_remote_code(),  # as the model was loaded: never a terminal prompt
             )
         disable_cpu_repacking(quantized)
         quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=config.gradient_checkpointing)

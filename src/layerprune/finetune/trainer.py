@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
+from layerprune.finetune.losses import (
+    causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions,
+)
 from layerprune.finetune.methods import HealContext, _wants_bf16, get_method, trainable_parameters
 from layerprune.models.tokens import pad_token_id
 
@@ -27,7 +29,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
+        return {**self.rows[index], "row": index}  # the row number finds its cached teacher targets
 
 
 @dataclass
@@ -46,45 +48,64 @@ class PadCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def distillation_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE, on the tokens that carry labels."""
-    logits = student_logits[:, :-1].float()
-    target = teacher_logits[:, :-1].float()
-    shifted = labels[:, 1:]
-    keep = shifted != IGNORE_INDEX
-    s = F.log_softmax(logits[keep] / temperature, dim=-1)
-    t = F.log_softmax(target[keep] / temperature, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
-    if alpha >= 1:
-        return kl
-    ce = F.cross_entropy(logits[keep], shifted[keep])
-    return alpha * kl + (1 - alpha) * ce
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if all("row" in r for r in rows):
+            batch["row"] = torch.tensor([r["row"] for r in rows])
+        return batch
 
 
 def _trainer_class():
     from transformers import Trainer
 
-    class DistillTrainer(Trainer):
-        def __init__(self, *args, teacher=None, temperature=2.0, alpha=1.0, **kwargs):
+    class HealTrainer(Trainer):
+        """The Trainer with the loss computed only where labels are, a chunk of logits at a time
+        (finetune/losses.py); with a teacher (live, or its cached top-k targets) the loss is distillation."""
+
+        def __init__(self, *args, teacher=None, teacher_targets=None, temperature=2.0, alpha=1.0, top_k=None,
+                     chunk=1024, **kwargs):
             super().__init__(*args, **kwargs)
-            self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+            self.teacher, self.teacher_targets = teacher, teacher_targets
+            self.temperature, self.alpha, self.top_k, self.chunk = temperature, alpha, top_k, chunk
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.teacher is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs["labels"]
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            with torch.no_grad():
-                teacher_logits = self.teacher(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                ).logits
-            loss = distillation_loss(outputs.logits, teacher_logits, labels, self.temperature, self.alpha)
-            return (loss, outputs) if return_outputs else loss
+            _, head, softcap = causal_lm_parts(model)
+            ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+            hidden, targets = labelled_positions(model, ids, mask, labels)
+            topk = self._teacher_topk(inputs)
+            if topk is None:
+                total = chunked_cross_entropy(head, hidden, targets, softcap=softcap, chunk=self.chunk)
+            else:
+                total = chunked_distillation(head, hidden, targets, topk, temperature=self.temperature,
+                                             alpha=self.alpha, softcap=softcap, chunk=self.chunk)
+            # like the stock causal-LM loss: the sum over the accumulated batch's label tokens, or the mean
+            count = num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1)
+            loss = total / count
+            return (loss, None) if return_outputs else loss
 
-    return DistillTrainer
+        def _teacher_topk(self, inputs):
+            """teacher_topk(start, stop) -> (values, indices) for the batch's labelled positions, or None."""
+            if self.teacher_targets is not None:
+                values, indices = self.teacher_targets.for_rows(inputs["row"].tolist())
+                device = inputs["input_ids"].device
+                return lambda start, stop: (values[start:stop].to(device), indices[start:stop].to(device))
+            if self.teacher is None:
+                return None
+            _, t_head, t_softcap = causal_lm_parts(self.teacher)
+            with torch.no_grad():
+                t_hidden, _ = labelled_positions(self.teacher, inputs["input_ids"], inputs["attention_mask"],
+                                                 inputs["labels"])
+
+            def live(start, stop):
+                with torch.no_grad():
+                    logits = head_logits(t_head, t_hidden[start:stop], t_softcap)
+                if self.top_k is None:
+                    return logits, None
+                top = logits.topk(self.top_k, dim=-1)
+                return top.values, top.indices
+
+            return live
+
+    return HealTrainer
 
 
 @dataclass
@@ -124,15 +145,22 @@ def heal(
     if not rows:
         raise LayerpruneError("no training examples")
     method = get_method(config.method)
-    if config.method == "distill" and teacher is None:
-        raise LayerpruneError("distillation needs a teacher model")
+    if method.needs_teacher and teacher is None:
+        raise LayerpruneError(f"{config.method} needs a teacher model (the unpruned model)")
     set_seed(config.seed)
     context = HealContext(tokenizer=tokenizer, teacher=teacher)
+    if method.run is not None:  # a procedure of its own (e.g. training-free replacement), not the Trainer
+        return _run_procedure(method, model, rows, config, context)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = max(1, math.ceil(config.effective_batch_size / (config.batch_size * world)))
+    targets = None
+    if teacher is not None and config.distill_top_k is not None:
+        if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
+            rows = rows[:config.max_steps * config.batch_size * accumulation * world]
+        targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context)
     trainable_model = method.prepare(model, config, context)
     trainable, total = trainable_parameters(trainable_model)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accumulation = max(1, math.ceil(config.effective_batch_size / (config.batch_size * world)))
     work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
     args = TrainingArguments(
         output_dir=str(work_dir),
@@ -163,9 +191,12 @@ def heal(
         args=args,
         train_dataset=TokenizedDataset(rows),
         data_collator=PadCollator(pad_token_id(tokenizer)),
-        teacher=teacher,
+        teacher=teacher if targets is None else None,
+        teacher_targets=targets,
         temperature=config.distill_temperature,
         alpha=config.distill_alpha,
+        top_k=config.distill_top_k,
+        chunk=config.loss_chunk,
     )
     if teacher is not None:
         teacher.eval().requires_grad_(False)
@@ -195,6 +226,32 @@ def heal(
         loss_curve=curve,
         notes={**{k: v for k, v in context.notes.items() if k != "full_precision"}, "gradient_accumulation": accumulation},
     )
+
+
+def _cached_teacher_targets(teacher, rows, config, tokenizer, context):
+    """The teacher's top-k targets of the rows, from the on-disk cache when an earlier run made them."""
+    from layerprune.finetune.teacher import teacher_targets
+    from layerprune.models.builtin import cache_dir
+
+    start = time.perf_counter()
+    targets, cached = teacher_targets(teacher, rows, config.distill_top_k, pad_id=pad_token_id(tokenizer),
+                                      cache_dir=cache_dir() / "teacher", batch_size=config.batch_size)
+    context.notes["teacher_targets"] = {"file": targets.key["file"], "k": config.distill_top_k,
+                                        "from_cache": cached, "seconds": round(time.perf_counter() - start, 2)}
+    return targets
+
+
+def _run_procedure(method, model, rows, config, context) -> HealResult:
+    """A healing method that is a procedure of its own: no optimizer loop of the Trainer's."""
+    start = time.perf_counter()
+    _, total = trainable_parameters(model)
+    healed = method.run(model, rows, config, context)
+    healed.eval()
+    curve = context.notes.pop("loss_curve", [])
+    return HealResult(model=healed, method=config.method, trainable_params=context.notes.pop("changed_params", 0),
+                      total_params=total, steps=len(curve), tokens_seen=context.notes.pop("tokens", 0),
+                      seconds=time.perf_counter() - start, final_loss=curve[-1]["loss"] if curve else None,
+                      loss_curve=curve, notes=context.notes)
 
 
 def _close_process_group_at_exit() -> None:

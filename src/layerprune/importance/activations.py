@@ -297,12 +297,21 @@ def relative_magnitude(model, calibration, batch_size: int = DEFAULT_BATCH_SIZE)
     ]
 
 
+def angular_params(n_layers: int, block_size: int) -> dict:
+    """A block as long as the cut; the table of every block size up to the whole model comes with it, so a
+    parameter or latency target can try other cuts from one pass."""
+    if not 1 <= block_size <= n_layers:
+        raise LayerpruneError(f"angular block size must be between 1 and {n_layers}, got {block_size}")
+    return {"block_size": block_size, "max_block_size": n_layers}
+
+
 @register_metric(
     "angular",
     needs_calibration=True,
     description="Gromov et al.: arccos(cos(x_i, x_i+m))/π on the last token; the block of m layers "
     "starting at the smallest value is dropped",
     group=GROUP,
+    default_params=lambda cut: angular_params(cut.n_layers, cut.n_drop),
 )
 def angular(
     model,

@@ -25,7 +25,7 @@ def sequential(model, calibration=None) -> list[float]:
 
 
 @register_metric("random", needs_calibration=False, description="a seeded random permutation",
-                 granularities=_ANY_UNIT)
+                 granularities=_ANY_UNIT, default_params=lambda cut: {"seed": cut.seed})
 def random(model, calibration=None, seed: int = 0) -> list[float]:
     n = len(kept_layers(model))
     values = list(range(n))

@@ -11,6 +11,10 @@ A group function has the signature:
 
 A metric scores whole layers unless it declares other `granularities` ("block", "attention", "mlp"):
 the unit that `prune --granularity` removes must be the unit the metric scored.
+
+`default_params(cut)` gives a metric's parameters for a prune (a `Cut`: how many layers the model has,
+how many are to go, the seed), so no caller needs to know metric names: e.g. angular distance scores
+blocks as long as the cut, the random baseline takes the seed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,20 @@ GroupFn = Callable[..., dict]
 
 
 @dataclass(frozen=True)
+class Cut:
+    """What a prune asks of the metrics: the current layer count, how many go (1 when a parameter or latency
+    target decides later), and the seed."""
+
+    n_layers: int
+    n_drop: int = 1
+    seed: int = 0
+
+
+def no_params(cut: Cut) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
 class MetricSpec:
     name: str
     fn: MetricFn
@@ -34,6 +52,7 @@ class MetricSpec:
     description: str
     group: str | None = None
     granularities: tuple[str, ...] = ("block",)
+    default_params: Callable[[Cut], dict] = no_params
 
 
 _METRICS: dict[str, MetricSpec] = {}
@@ -47,11 +66,13 @@ def register_metric(
     description: str,
     group: str | None = None,
     granularities: tuple[str, ...] = ("block",),
+    default_params: Callable[[Cut], dict] = no_params,
 ):
     def decorate(fn: MetricFn) -> MetricFn:
         if name in _METRICS:
             raise ValueError(f"metric {name!r} is already registered")
-        _METRICS[name] = MetricSpec(name, fn, needs_calibration, description, group, tuple(granularities))
+        _METRICS[name] = MetricSpec(name, fn, needs_calibration, description, group, tuple(granularities),
+                                    default_params)
         return fn
 
     return decorate

@@ -157,13 +157,16 @@ def _skeleton(folder: Path, dtype, entries: dict[str, TensorEntry]) -> nn.Module
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from layerprune.models.model_config import read_model_config
+    from layerprune.models.loading import _check_causal_lm
+    from layerprune.models.model_config import read_model_config, trusts_remote_code
 
-    config = read_model_config(folder)
+    trusted = trusts_remote_code()
+    _check_causal_lm(str(folder), trusted)  # encoders and encoder-decoders are refused as in load_model
+    config = read_model_config(folder, trust_remote_code=trusted)
     torch_dtype = _resolve_dtype(config, dtype, entries)
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trusted)
     except ValueError as err:
         raise LayerpruneError(
             f"unsupported architecture {config.model_type!r} in {folder}: {first_line(err)}"

@@ -45,6 +45,11 @@ COPIED_FILES = (
     "*.model", "*.tiktoken", "generation_config.json", "chat_template.json", "chat_template.jinja",
     "additional_chat_templates", "LICENSE*", "NOTICE*", "USE_POLICY*",
 )
+# The ones that belong to the tokenizer (left out by --no-tokenizer).
+TOKENIZER_COPIED_FILES = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "*.model", "*.tiktoken", "chat_template.json", "chat_template.jinja", "additional_chat_templates",
+)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _COPY_CHUNK = 64 << 20
 
@@ -77,11 +82,44 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
         if len(raw) != 8:
             raise LayerpruneError(f"{path} is not a safetensors file (too short)")
         (size,) = struct.unpack("<Q", raw)
+        file_size = os.fstat(f.fileno()).st_size
+        if 8 + size > file_size:
+            raise LayerpruneError(
+                f"{path} is truncated or not a safetensors file: its header says {size:,} bytes, the file has "
+                f"{file_size - 8:,} after the first 8"
+            )
         try:
             header = json.loads(f.read(size))
         except (ValueError, UnicodeDecodeError, MemoryError, OverflowError):
             raise LayerpruneError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise LayerpruneError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    data_size = file_size - 8 - size
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not _valid_entry(info):
+            raise LayerpruneError(f"{path} is corrupt: the header entry of tensor {name!r} is malformed")
+        end = max(end, info["data_offsets"][1])
+    if end != data_size:
+        what = "truncated" if end > data_size else "corrupt"
+        raise LayerpruneError(
+            f"{path} is {what}: its header places tensor data up to byte {end:,} of the data section, "
+            f"which holds {data_size:,} bytes"
+        )
     return header, 8 + size
+
+
+def _valid_entry(info) -> bool:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    return (
+        isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
 
 
 def weight_files(folder: str | os.PathLike) -> list[str]:
@@ -348,19 +386,61 @@ def _check_layer_indices(names: list[str], prefix: str, n_layers: int) -> None:
         )
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
+def _copy_side_files(src: Path, dst: Path | None, tokenizer: bool = True) -> list[str]:
+    """Copy the tokenizer, generation and licence files (not the tokenizer's when `tokenizer` is False);
+    dst None only checks that they can be copied (before any weight is written).
+
+    A symbolic link is followed only to a target inside the model folder (or, for a Hugging Face cache
+    snapshot, inside its repository's blobs): the output must never carry a copy of an unrelated file.
+    """
     copied = []
+    roots = _link_roots(src)
     for path in sorted(src.iterdir()):
         if path.name in ("config.json", RECORD_FILE, INDEX_NAME) or path.suffix == ".safetensors":
             continue
         if not any(fnmatch.fnmatch(path.name, pattern) for pattern in COPIED_FILES):
             continue
-        if path.is_dir():
-            shutil.copytree(path, dst / path.name)
-        else:
-            shutil.copy2(path, dst / path.name)
+        if not tokenizer and any(fnmatch.fnmatch(path.name, pattern) for pattern in TOKENIZER_COPIED_FILES):
+            continue
+        _copy_inside(path, dst / path.name if dst is not None else None, src, roots, set())
         copied.append(path.name)
     return copied
+
+
+def _link_roots(src: Path) -> list[Path]:
+    """Where links of a model folder may point: the folder; a hub cache snapshot's blobs too."""
+    root = src.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append((root.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _copy_inside(path: Path, target: Path | None, src: Path, roots: list[Path], seen: set[Path]) -> None:
+    """shutil.copy2 / copytree that refuses links leading outside `roots` (and folders linked into themselves)."""
+    if path.is_symlink():
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise LayerpruneError(f"{path} is a symbolic link that leads nowhere (or in a loop)") from None
+        if not any(real == root or root in real.parents for root in roots):
+            raise LayerpruneError(
+                f"{path} is a symbolic link to {real}, outside the model folder {src}; layerprune copies linked "
+                "files only from inside it. Copy the file into the folder (or pass --no-tokenizer for a "
+                "tokenizer file) if it belongs to this model"
+            )
+    if path.is_dir():
+        real = path.resolve()
+        if real in seen:
+            raise LayerpruneError(f"{path} links back to a folder it is inside")
+        if target is not None:
+            target.mkdir()
+        for child in sorted(path.iterdir()):
+            _copy_inside(child, target / child.name if target is not None else None, src, roots, seen | {real})
+        if target is not None:
+            shutil.copystat(path, target)
+    elif target is not None:
+        shutil.copy2(path, target)
 
 
 def prune_checkpoint(
@@ -372,6 +452,7 @@ def prune_checkpoint(
     max_shard_size: int | str | None = None,
     how: dict | None = None,
     source: str | None = None,
+    tokenizer: bool | None = None,
 ) -> CheckpointPruneResult:
     """Write a copy of the checkpoint in `src_dir` without the layers of ORIGINAL indices `drop`.
 
@@ -382,12 +463,16 @@ def prune_checkpoint(
     read. max_shard_size (bytes or "500MB"; default: the largest source file) bounds each output
     file; one file `model.safetensors` is written when everything fits, else shards + index.
     `how` is recorded in the provenance history ({"chosen_by": "explicit"} by default); `source`
-    names the original model when the config does not yet record one (default: src_dir).
+    names the original model when the config does not yet record one (default: src_dir). tokenizer False
+    leaves the tokenizer files out (None: the setting of `loading.loading_options`, default True).
     """
+    from layerprune.models.model_config import loads_tokenizer, trusts_remote_code
+    from layerprune.user_files import check_free_space
+
     src = Path(src_dir)
     if not src.is_dir():
         raise LayerpruneError(f"model folder not found: {src}")
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, inputs=[src])
     config, spec = _read_config(src)
     entries = read_checkpoint(src)
     names = [entry.name for entry in entries]
@@ -400,6 +485,8 @@ def prune_checkpoint(
         )
     if "source" not in record:
         record = {**record, "source": source or str(src_dir)}  # as load_model records it
+    if trusts_remote_code():
+        record = {**record, "trust_remote_code": True}  # as load_model records it
     drop = check_drop(record, drop)
     how = {"chosen_by": "explicit", **(how or {})}
     keep_positions, new_record = pruned_provenance(record, drop, how)
@@ -416,6 +503,8 @@ def prune_checkpoint(
     shards = plan_shards(kept, limit)
     files = shard_file_names(len(shards))
     metadata = _source_metadata(src, entries)
+    check_free_space(out_dir, sum(t.source.nbytes for t in kept), "the pruned checkpoint")
+    _copy_side_files(src, None, tokenizer=loads_tokenizer(tokenizer))  # links outside the folder fail here
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for file, shard in zip(files, shards):
             write_shard(src, tmp / file, shard, metadata)
@@ -428,7 +517,7 @@ def prune_checkpoint(
                 "weight_map": {t.name: file for file, shard in zip(files, shards) for t in shard},
             })
         config.save_pretrained(tmp)
-        copied = _copy_side_files(src, tmp)
+        copied = _copy_side_files(src, tmp, tokenizer=loads_tokenizer(tokenizer))
         write_record_file(tmp, new_record, {
             "pruned_on_disk": {
                 "from": str(src),

@@ -10,10 +10,13 @@ A reference is one of:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,21 @@ import torch
 from layerprune.errors import LayerpruneError, first_line
 from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path, cache_dir
 from layerprune.models.dtypes import parse_dtype
-from layerprune.models.model_config import read_model_config
+from layerprune.models.model_config import (  # noqa: F401  (loading_options: the public way to set them)
+    loading_options,
+    loads_tokenizer,
+    read_model_config,
+    remote_code_error,
+    remote_code_refused,
+    trusts_remote_code,
+)
+
+# Files that make a folder's tokenizer: a folder with none of them is weights-only.
+TOKENIZER_FILES = (
+    "tokenizer*", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "*.model", "special_tokens_map.json",
+    "added_tokens.json",
+)
+
 
 @dataclass
 class LoadedModel:
@@ -79,20 +96,48 @@ def model_folder(ref: str | os.PathLike) -> str:
     return str(_convert_gguf(Path(resolved.location)))
 
 
+def remote_code_files(folder: str | os.PathLike) -> list[str]:
+    """The files of a local model folder that ask transformers to run the folder's own Python code."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            found.append(f"{name} (auto_map)")
+    return found
+
+
+def check_remote_code(folder: str | os.PathLike, *, trust_remote_code: bool | None = None) -> None:
+    """Refuse a local folder that ships Python code unless remote code is trusted: for tools (llama.cpp's
+    converter) that would run a tokenizer's code without asking."""
+    if trusts_remote_code(trust_remote_code) or not Path(folder).is_dir():
+        return
+    files = remote_code_files(folder)
+    if files:
+        raise remote_code_error(f"{folder} ({', '.join(files)})")
+
+
 def load_model(
     ref: str | os.PathLike,
     *,
     dtype: str | torch.dtype = "auto",
     device: str | None = None,
     device_map: str | dict | None = None,
-    load_tokenizer: bool = True,
+    load_tokenizer: bool | None = None,
     load_in: str | None = None,
+    trust_remote_code: bool | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from any reference.
 
     dtype: auto (as stored) | bf16 | fp16 | fp32. device_map ("auto" or a dict) uses
     accelerate's big-model loading to spread a model over devices and CPU. load_in: None | 4bit
     (NF4, computing in `dtype`, bf16 for auto) | 8bit (LLM.int8), quantized by bitsandbytes.
+    trust_remote_code / load_tokenizer: None takes the setting of `loading_options` (default: never run
+    a folder's own code; load the tokenizer). Loading is strict: a checkpoint that lacks weights the
+    config calls for, stores decoder weights it has no place for, or has other shapes is refused (transformers
+    would fill the gaps with random values), and so is an encoder (BERT-like) or encoder-decoder model.
     """
     from transformers import AutoModelForCausalLM
 
@@ -100,9 +145,18 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     load_in = check_load_in(load_in)
+    trusted = trusts_remote_code(trust_remote_code)
     folder = model_folder(ref)
-    _check_causal_lm(folder)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    _check_causal_lm(folder, trusted)
+    # Before the weights: a tokenizer that can't be read fails in a second, not after a long load.
+    tokenizer = folder_tokenizer(folder, trust_remote_code=trusted) if loads_tokenizer(load_tokenizer) else None
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "trust_remote_code": trusted,
+        "output_loading_info": True,
+        # Mismatched shapes are reported below, by name, instead of raising a message about a hidden log.
+        "ignore_mismatched_sizes": load_in is None,
+    }
     if load_in is not None:
         kwargs["quantization_config"] = bnb_config(load_in, compute_dtype_for(torch_dtype, device))
         # bitsandbytes weights can't be moved after loading: place them while loading.
@@ -115,12 +169,16 @@ def load_model(
         # Layers without attention or MLP: stock from_pretrained can't build them; layerprune rebuilds them.
         if kwargs.get("quantization_config") is not None:
             raise LayerpruneError(f"{ref} has attention-only/MLP-only removals; it cannot be loaded quantized")
-        model = load_sublayer_model(folder, dtype=torch_dtype, device_map=device_map)
-    else:
+        from safetensors import SafetensorError
+
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        except OSError as err:
-            raise LayerpruneError(f"could not load {ref}: {first_line(err)}") from err
+            model = load_sublayer_model(folder, dtype=torch_dtype, device_map=device_map)
+        except SafetensorError as err:
+            raise LayerpruneError(f"the weights of {ref} are corrupt or truncated: {first_line(err)}") from err
+    else:
+        _check_weight_files(folder)
+        model, info = _from_pretrained(AutoModelForCausalLM, folder, ref, kwargs)
+        check_loading_info(model, info, ref)
     if device is not None and "device_map" not in kwargs:
         model.to(device)
     if load_in is not None:
@@ -132,30 +190,166 @@ def load_model(
         from layerprune.models.surgery import provenance
 
         model.config.layerprune = {**provenance(model), "source": str(ref)}
-    tokenizer = folder_tokenizer(folder) if load_tokenizer else None
+    if trusted:  # the provenance says the folder's own code was allowed to run (layerprune.json)
+        model.config.layerprune = {**model.config.layerprune, "trust_remote_code": True}
     return LoadedModel(model=model, tokenizer=tokenizer, ref=str(ref), path=folder)
 
 
-def _check_causal_lm(folder: str) -> None:
-    """Fail with one clear line for configs transformers can't build as a causal LM."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def _from_pretrained(auto_class, folder: str, ref, kwargs: dict):
+    """(model, loading info) of `auto_class.from_pretrained`; a bad checkpoint is one LayerpruneError."""
+    from safetensors import SafetensorError
 
-    config = read_model_config(folder)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    try:
+        return auto_class.from_pretrained(folder, **kwargs)
+    except ValueError as err:  # transformers' word for a config or checkpoint it can't use
+        if remote_code_refused(err):
+            raise remote_code_error(str(ref)) from err
+        raise LayerpruneError(f"could not load {ref}: {first_line(err)}") from err
+    except OSError as err:
+        raise LayerpruneError(f"could not load {ref}: {first_line(err)}") from err
+    except SafetensorError as err:
+        raise LayerpruneError(f"the safetensors weights of {ref} are corrupt or truncated: {first_line(err)}") from err
+    except pickle.UnpicklingError as err:
+        raise LayerpruneError(
+            f"the pickle weights (.bin/.pt) of {ref} could not be read safely: torch's weights-only loader refused "
+            "them (a corrupt file, or Python objects besides tensors, which could run code when loaded); "
+            "convert the checkpoint to safetensors where you trust it"
+        ) from err
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" in str(err) or "size mismatch" in str(err):  # quantized loads only
+            raise LayerpruneError(
+                f"some weights of {ref} have other shapes than its config.json gives them (were sizes such as "
+                "hidden_size or intermediate_size edited?)"
+            ) from err
+        raise
+
+
+def _check_weight_files(folder: str) -> None:
+    """The safetensors headers of a local folder (read only): truncated or corrupt files fail here, by name."""
+    from layerprune.models.checkpoint import INDEX_NAME, read_checkpoint
+
+    path = Path(folder)
+    if path.is_dir() and ((path / INDEX_NAME).is_file() or any(path.glob("*.safetensors"))):
+        read_checkpoint(path)
+
+
+def check_loading_info(model, info: dict, ref) -> None:
+    """Refuse what `from_pretrained(output_loading_info=True)` reports that would leave random weights."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if _is_layer_key(model, k))
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if missing:
+        raise LayerpruneError(
+            f"{ref} lacks weights that its config.json calls for ({_describe_keys(model, missing)}); transformers "
+            "would fill them with random values. Does num_hidden_layers (or a size) in config.json match the checkpoint?"
+        )
+    if unexpected:
+        raise LayerpruneError(
+            f"{ref} stores decoder weights that its config.json has no place for ({_describe_keys(model, unexpected)});"
+            " they would be silently dropped. Does num_hidden_layers in config.json match the checkpoint?"
+        )
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise LayerpruneError(
+            f"{ref}: {len(mismatched)} weight(s) have other shapes than its config.json gives them, e.g. {name} is "
+            f"stored as {tuple(stored)} but the config makes it {tuple(expected)}"
+        )
+
+
+def _layer_prefixes(model) -> list[str]:
+    from layerprune.models.anatomy import get_anatomy
+
+    try:
+        parts = get_anatomy(model).layers_path.split(".")
+    except LayerpruneError:
+        return []
+    return [".".join(parts[k:]) for k in range(len(parts))]
+
+
+def _layer_of(model, key: str) -> int | None:
+    from layerprune.models.checkpoint import layer_index
+
+    for prefix in _layer_prefixes(model):
+        located = layer_index(key, prefix)
+        if located is not None:
+            return located[0]
+    return None
+
+
+def _is_layer_key(model, key: str) -> bool:
+    return _layer_of(model, key) is not None or not _layer_prefixes(model)
+
+
+def _describe_keys(model, keys: list[str]) -> str:
+    layers = sorted({i for key in keys if (i := _layer_of(model, key)) is not None})
+    where = f" of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else ""
+    return f"{len(keys)} tensor{'s' if len(keys) > 1 else ''}{where}, e.g. {keys[0]}"
+
+
+def _check_causal_lm(folder: str, trusted: bool = False) -> None:
+    """Fail with one clear line for configs transformers can't build as a decoder-only causal LM."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = read_model_config(folder, trust_remote_code=trusted)
+    own_code = trusted and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not own_code:
         raise LayerpruneError(
             f"unsupported architecture {config.model_type!r} in {folder}: layerprune needs a decoder-only "
             "causal LM that transformers' AutoModelForCausalLM can build"
         )
+    if getattr(config, "is_encoder_decoder", False):
+        raise LayerpruneError(
+            f"{folder} is an encoder-decoder model ({config.model_type}); layerprune prunes decoder-only causal LMs"
+        )
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise LayerpruneError(
+            f"{folder} is an encoder ({config.model_type}, bidirectional attention; its config has no is_decoder: "
+            "true); loaded as a causal LM it would predict with a head it was not trained for. layerprune prunes "
+            "decoder-only causal LMs"
+        )
 
 
-def folder_tokenizer(folder: str | os.PathLike):
-    """The tokenizer saved in a model folder, or None when it has none."""
+def tokenizer_files(folder: str | os.PathLike) -> list[str]:
+    """The tokenizer files of a local model folder (empty: a weights-only folder)."""
+    path = Path(folder)
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_FILES))
+
+
+def folder_tokenizer(folder: str | os.PathLike, *, trust_remote_code: bool | None = None):
+    """The tokenizer saved in a model folder, or None for a weights-only folder (one without tokenizer files).
+
+    Tokenizer files that can't be read are one LayerpruneError: a model must not silently lose its tokenizer.
+    """
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
+    local = Path(folder).is_dir()
+    files = tokenizer_files(folder) if local else []
+    if local and not files:
         return None  # weights-only folders (tests, some checkpoints) are still prunable
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_remote_code(trust_remote_code))
+    except ValueError as err:
+        if remote_code_refused(err):
+            raise remote_code_error(f"the tokenizer of {folder}") from err
+        if not local:
+            return None
+        raise _tokenizer_error(folder, files, err) from err
+    except Exception as err:  # tokenizers, json, sentencepiece: many types for a damaged file; the user needs one line
+        if not local:
+            return None  # a hub id without a tokenizer
+        raise _tokenizer_error(folder, files, err) from err
+
+
+def _tokenizer_error(folder, files: list[str], err: BaseException) -> LayerpruneError:
+    return LayerpruneError(
+        f"the tokenizer of {folder} ({', '.join(files)}) cannot be read: {first_line(err)}; repair or remove the "
+        "tokenizer files (`prune --no-tokenizer` writes the model without a tokenizer)"
+    )
 
 
 def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
@@ -171,11 +365,14 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
     print(f"layerprune: converting {gguf_path.name} to a Hugging Face folder (once) in {target}", flush=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
         )
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as err:
         raise LayerpruneError(f"could not read {gguf_path} as a GGUF model: {first_line(err)}") from err
+    except (struct.error, EOFError, IndexError) as err:  # the gguf reader on a file cut short
+        raise LayerpruneError(f"could not read {gguf_path} as a GGUF model: it is truncated or corrupt "
+                              f"({first_line(err)})") from err
     # The dequantized weights are plain tensors; without this, save_pretrained/peft/Trainer refuse the model.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)

@@ -56,6 +56,7 @@ def write_record_file(folder: str | os.PathLike, record: dict, extra: dict | Non
             "dropped_layers": record["dropped_layers"],
             **({"removed_sublayers": record["removed_sublayers"]} if record.get("removed_sublayers") else {}),
             "history": record.get("history", []),
+            "trust_remote_code": bool(record.get("trust_remote_code", False)),  # may its own code have run
             **(extra or {}),
             "versions": package_versions(),
         },
@@ -65,6 +66,10 @@ def write_record_file(folder: str | os.PathLike, record: dict, extra: dict | Non
 def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the model folder atomically; it reloads with `AutoModelForCausalLM.from_pretrained(out)`
     (a model with attention-only/MLP-only removals reloads with `layerprune.load_model(out)` only)."""
+    from layerprune.models.anatomy import parameter_bytes
+    from layerprune.user_files import check_free_space
+
+    check_free_space(out, parameter_bytes(model), "the model")  # a full disk: one error before writing
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(model, tokenizer, tmp, extra)
     return Path(out)

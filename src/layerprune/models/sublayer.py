@@ -324,7 +324,7 @@ def load_sublayer_model(folder: str | os.PathLike, *, dtype="auto", device_map=N
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from layerprune.models.model_config import read_model_config
+    from layerprune.models.model_config import read_model_config, trusts_remote_code
 
     folder = Path(folder)
     config = read_model_config(folder)
@@ -338,7 +338,7 @@ def load_sublayer_model(folder: str | os.PathLike, *, dtype="auto", device_map=N
     if dtype == "auto":
         dtype = stored_dtype(config) or torch.float32
     with init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusts_remote_code())
     restore_sublayers(model)
     state = load_file(str(weights))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -109,8 +109,9 @@ def pruned_provenance(record: dict, drop: list[int], how: dict | None = None) ->
         "dropped_layers": sorted(set(record["dropped_layers"]) | set(drop)),
         "history": history,
     }
-    if "source" in record:
-        new_record["source"] = record["source"]
+    for key in ("source", "trust_remote_code"):  # where the original came from, and how it was loaded
+        if key in record:
+            new_record[key] = record[key]
     # Attention-only/MLP-only removals (models/sublayer.py) of the layers that stay are still true.
     removed = {k: [i for i in v if i not in drop] for k, v in (record.get("removed_sublayers") or {}).items()}
     if any(removed.values()):

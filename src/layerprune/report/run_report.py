@@ -72,7 +72,8 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
         for path in heals:
             h = read_json(path)
             lines.append(f"| {path.parent.name} | {h['method']} | {h['data']['source']} | {h['steps']} | "
-                         f"{h['trainable_params']:,} | {h['seconds']:.0f} | {h['final_loss']:.4f} |")
+                         f"{h['trainable_params']:,} | {h['seconds']:.0f} | "
+                         f"{'-' if h['final_loss'] is None else format(h['final_loss'], '.4f')} |")
         lines.append("")
     bench_md = run_dir / "bench" / "bench.md"
     if bench_md.exists():

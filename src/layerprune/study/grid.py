@@ -95,10 +95,16 @@ class Study:
         return settings
 
     def execute(self, log=print) -> dict:
+        from layerprune.run_lock import run_folder_lock
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        with run_folder_lock(self.out):  # one `layerprune run` per study folder at a time
+            return self._execute(log)
+
+    def _execute(self, log) -> dict:
         from layerprune.pipeline import Run
         from layerprune.report.study_report import rebuild_study_report
 
-        self.out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         status, final_models = {}, {}
         for number, setting in enumerate(self.settings, 1):

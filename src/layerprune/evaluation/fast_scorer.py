@@ -1,0 +1,232 @@
+"""Shared-prefix log-likelihood scoring for lm-eval: every distinct context runs through the model once.
+
+lm-eval's HFLM scores each (context, continuation) pair as its own sequence, so a 4-choice question pays
+for its context 4 times, and it projects every position onto the vocabulary. Here the requests that see the
+same context (after HFLM's own left truncation) become one token tree: the context, then each continuation
+as a branch. Trees are packed into rows; a 4D attention mask lets each token see only its ancestors and the
+position ids restart at every branch, so each branch computes exactly what its own sequence would. Only the
+positions that predict a continuation token go through the LM head.
+
+Prompts, tokenization (HFLM's `_encode_pair`), truncation, is-greedy flags and metrics stay lm-eval's: this
+only changes how the numbers are computed (log-likelihoods agree to float rounding).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass
+class Tree:
+    """One context and every continuation scored after it: a token tree, parents before children."""
+
+    context_length: int
+    tokens: list[int]
+    parents: list[int]  # each node's parent; -1 for the root
+    positions: list[int]  # position id = depth
+    # (request index, the nodes whose logits predict each continuation token, the continuation)
+    scored: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
+    children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of_context(cls, context: tuple[int, ...]) -> "Tree":
+        n = len(context)
+        return cls(n, list(context), list(range(-1, n - 1)), list(range(n)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depth(self) -> int:
+        return max(self.positions) + 1
+
+    def add(self, index: int, continuation: list[int]) -> None:
+        """Branch `continuation` off the context's last token; continuations share their common prefix."""
+        node = self.context_length - 1
+        nodes = [node]
+        for token in continuation[:-1]:  # the last token is only predicted, never fed (HFLM's inp[:-1])
+            child = self.children.get((node, token))
+            if child is None:
+                child = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.positions.append(self.positions[node] + 1)
+                self.children[(node, token)] = child
+            node = child
+            nodes.append(node)
+        self.scored.append((index, nodes, continuation))
+
+    def visible(self) -> np.ndarray:
+        """[n, n] bool: node i sees node j when j is i or one of its ancestors."""
+        n, c = len(self.tokens), self.context_length
+        seen = np.zeros((n, n), dtype=bool)
+        seen[:c, :c] = np.tri(c, dtype=bool)
+        for i in range(c, n):
+            seen[i] = seen[self.parents[i]]
+            seen[i, i] = True
+        return seen
+
+
+def build_trees(requests: list, max_length: int) -> list[Tree]:
+    """Group `(key, context_tokens, continuation_tokens)` requests by the context each one really sees.
+
+    HFLM feeds `(context + continuation)[-(max_length + 1):][:-1]`: a pair longer than the window loses
+    tokens on the left, so its context is what is left before the continuation.
+    """
+    trees: dict[tuple[int, ...], Tree] = {}
+    for index, (_, context, continuation) in enumerate(requests):
+        if not context or not continuation or len(continuation) > max_length:
+            raise ValueError("a request needs a context and a continuation of 1 to max_length tokens")
+        kept = (list(context) + list(continuation))[-(max_length + 1):]
+        key = tuple(kept[: len(kept) - len(continuation)])
+        if key not in trees:
+            trees[key] = Tree.of_context(key)
+        trees[key].add(index, list(continuation))
+    return list(trees.values())
+
+
+def pack_rows(trees: list[Tree], row_tokens: int) -> list[list[Tree]]:
+    """Trees in order, packed into rows of at most `row_tokens` tokens (a longer tree gets a row alone)."""
+    rows: list[list[Tree]] = []
+    for tree in trees:
+        if rows and sum(map(len, rows[-1])) + len(tree) <= row_tokens:
+            rows[-1].append(tree)
+        else:
+            rows.append([tree])
+    return rows
+
+
+def batch_rows(rows: list[list[Tree]], token_budget: int) -> list[list[list[Tree]]]:
+    """Consecutive rows, as many per forward as fit `token_budget` padded tokens (at least one)."""
+    batches: list[list[list[Tree]]] = []
+    longest = 0
+    for row in rows:
+        length = sum(map(len, row))
+        if batches and max(longest, length) * (len(batches[-1]) + 1) <= token_budget:
+            batches[-1].append(row)
+            longest = max(longest, length)
+        else:
+            batches.append([row])
+            longest = length
+    return batches
+
+
+@dataclass
+class AttentionPlan:
+    """How the model masks attention, from its config: which masks a packed batch must carry."""
+
+    layer_types: tuple[str, ...]  # the distinct attention types of the layers
+    window: int | None  # sliding window (keys with query position - key position < window are seen)
+    per_type: bool  # the model takes {layer type: mask}; else one mask serves every layer
+
+
+def attention_plan(model) -> AttentionPlan | None:
+    """None when the tree mask cannot reproduce the model's attention (stock scoring is used instead)."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or not getattr(config, "is_causal", True):
+        return None
+    if getattr(config, "use_bidirectional_attention", False):
+        return None
+    if getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager"):
+        return None  # flash / flex kernels take no dense 4D mask
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        types = tuple(sorted(set(layer_types)))
+        if set(types) - {FULL, SLIDING} or (SLIDING in types and not isinstance(window, int)):
+            return None  # chunked / linear attention and other kinds are not modelled here
+        return AttentionPlan(types, window if SLIDING in types else None, per_type=True)
+    if isinstance(window, int):  # Mistral-style: every layer slides
+        return AttentionPlan((SLIDING,), window, per_type=False)
+    return AttentionPlan((FULL,), None, per_type=False)
+
+
+def shuffled(trees: list[Tree], seed: int = 0) -> list[Tree]:
+    """A seeded random order: batches early in the run look like the whole run, so the ETA holds."""
+    order = list(trees)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+@dataclass
+class Batch:
+    """Packed rows as model inputs, and where each scored node's logits land in the output."""
+
+    input_ids: torch.Tensor  # [rows, length]
+    position_ids: torch.Tensor  # [rows, length]
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]  # additive [rows, 1, length, length] (per layer type)
+    keep: torch.Tensor  # [rows, length] bool: the positions whose logits are needed
+    flat: np.ndarray  # [rows, length]: row of the kept logits for each kept position
+    rows: list[list[Tree]]
+
+
+def make_batch(rows: list[list[Tree]], plan: AttentionPlan, dtype: torch.dtype, device) -> Batch:
+    length = max(sum(map(len, row)) for row in rows)
+    ids = np.zeros((len(rows), length), dtype=np.int64)
+    positions = np.zeros((len(rows), length), dtype=np.int64)
+    seen = np.zeros((len(rows), length, length), dtype=bool)
+    keep = np.zeros((len(rows), length), dtype=bool)
+    for r, row in enumerate(rows):
+        start = 0
+        for tree in row:
+            end = start + len(tree)
+            ids[r, start:end] = tree.tokens
+            positions[r, start:end] = tree.positions
+            seen[r, start:end, start:end] = tree.visible()
+            for _, nodes, _ in tree.scored:
+                keep[r, [start + n for n in nodes]] = True
+            start = end
+        seen[r, range(start, length), range(start, length)] = True  # padding sees itself: no empty softmax row
+    if plan.window is None or max(tree.depth for row in rows for tree in row) <= plan.window:
+        mask = _additive(seen, dtype, device)  # every key is inside the window: one mask serves all layers
+    else:
+        near = positions[:, :, None] - positions[:, None, :] < plan.window
+        sliding = _additive(seen & near, dtype, device)
+        mask = {FULL: _additive(seen, dtype, device), SLIDING: sliding} if plan.per_type else sliding
+    flat = np.cumsum(keep.ravel()).reshape(keep.shape) - 1
+    return Batch(torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device), mask,
+                 torch.from_numpy(keep).to(device), flat, rows)
+
+
+def _additive(allowed: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
+    blocked = torch.from_numpy(~allowed).to(device)[:, None]
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)
+
+
+def forward_logprobs(model, batch: Batch, softmax_dtype: torch.dtype, logits_to_keep: bool) -> torch.Tensor:
+    """[kept positions, vocab] log-probabilities; the LM head runs on the kept positions only."""
+    kwargs = {"logits_to_keep": batch.keep} if logits_to_keep else {}
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False, **kwargs).logits
+    if not logits_to_keep or logits.dim() == 3:
+        logits = logits[batch.keep] if logits.shape[:2] == batch.keep.shape else logits.reshape(-1, logits.shape[-1])
+    return torch.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+
+
+def read_scores(batch: Batch, logprobs: torch.Tensor) -> list[tuple[int, float, bool]]:
+    """(request index, summed log-likelihood, every continuation token is the argmax) per scored request."""
+    greedy = logprobs.argmax(dim=-1).cpu().numpy()
+    indices, rows, tokens, ends = [], [], [], []
+    for r, row in enumerate(batch.rows):
+        start = 0
+        for tree in row:
+            for index, nodes, continuation in tree.scored:
+                indices.append(index)
+                rows.extend(batch.flat[r, start + n] for n in nodes)
+                tokens.extend(continuation)
+                ends.append(len(rows))
+            start += len(tree)
+    rows_t = torch.tensor(rows, device=logprobs.device)
+    values = logprobs[rows_t, torch.tensor(tokens, device=logprobs.device)].double().cpu().numpy()
+    hits = greedy[rows] == np.asarray(tokens)
+    out, begin = [], 0
+    for index, end in zip(indices, ends):
+        out.append((index, float(values[begin:end].sum()), bool(hits[begin:end].all())))
+        begin = end
+    return out

@@ -1,0 +1,251 @@
+"""Healing at the cuts: each contiguous run of removed layers is a cut, and the kept layer just before it
+is made to produce what the unpruned model (the teacher) has in its residual stream just after the cut.
+
+- `replace` (training-free; ReplaceMe, arXiv 2505.02819): least-squares fit of a linear map T from the
+  MLP output M of the layer before the cut to what the cut added, (teacher stream after the cut) minus
+  (that layer's output without its MLP); T is folded into the MLP's output projection (W <- T^T W,
+  b <- b T), so the model stays a stock checkpoint with the same shapes.
+- `block-local`: train the `local_layers` kept layers before each cut on cached inputs so that their
+  output matches the teacher's stream after the cut (relative MSE), with AdamW.
+
+Cuts are handled in order; each sees the student with the earlier cuts already healed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layerprune.errors import LayerpruneError
+from layerprune.finetune.methods import _wants_bf16, register_method
+from layerprune.models.anatomy import get_anatomy
+from layerprune.models.surgery import kept_layers, provenance
+from layerprune.models.tokens import pad_token_id
+
+# Rows used when the config gives no max_samples: enough tokens (64 x 256) for a hidden-size least-squares
+# fit or a few hundred local steps, a minute on a CPU for a 135M model.
+DEFAULT_LOCAL_ROWS = 64
+# Output projections of the MLP branch per family: their output is added to the residual stream as is.
+MLP_OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2")
+
+
+def cuts(model: nn.Module) -> list[tuple[int, int]]:
+    """Contiguous runs (first, last) of removed ORIGINAL layer indices."""
+    runs: list[list[int]] = []
+    for layer in provenance(model)["dropped_layers"]:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return [(run[0], run[-1]) for run in runs]
+
+
+def mlp_output_projection(layer: nn.Module) -> nn.Module:
+    """The module whose output is the MLP branch's contribution to the residual stream."""
+    if hasattr(layer, "post_feedforward_layernorm"):
+        raise LayerpruneError("replace folds a linear map into the MLP output, but this family normalises the MLP "
+                              "output before the residual (post_feedforward_layernorm): use block-local instead")
+    for path in MLP_OUTPUT_PROJECTIONS:
+        module = layer.get_submodule(path) if _has(layer, path) else None
+        if module is not None:
+            return module
+    raise LayerpruneError(f"replace does not know the MLP output projection of {type(layer).__name__} "
+                          f"(looked for {', '.join(MLP_OUTPUT_PROJECTIONS)})")
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def fold_linear_map(projection: nn.Module, t: torch.Tensor) -> None:
+    """Make `projection` output (its old output) @ t: nn.Linear W (out, in) <- t^T W; Conv1D W (in, out) <- W t."""
+    t = t.to(projection.weight.dtype)
+    with torch.no_grad():
+        if isinstance(projection, nn.Linear):
+            projection.weight.copy_(t.T @ projection.weight)
+        else:  # transformers' Conv1D (GPT-2): y = x W + b
+            projection.weight.copy_(projection.weight @ t)
+        if projection.bias is not None:
+            projection.bias.copy_(projection.bias @ t)
+
+
+def _batches(rows: list[dict], pad_id: int, batch_size: int, device):
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        length = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, :len(r["input_ids"])] = 1
+        yield ids.to(device), mask.to(device)
+
+
+def _output(value) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+class _Capture:
+    """Forward hooks that keep, for one pass, the outputs of named modules and the call arguments (args,
+    kwargs) of others: a layer can then be run again on its own with exactly what the model gave it."""
+
+    def __init__(self, outputs: dict[str, nn.Module], inputs_of: dict[int, nn.Module] | None = None):
+        self.values: dict[str, torch.Tensor] = {}
+        self.inputs: dict[int, tuple[tuple, dict]] = {}
+        self.handles = [m.register_forward_hook(self._keep(name)) for name, m in outputs.items()]
+        for key, module in (inputs_of or {}).items():
+            self.handles.append(module.register_forward_pre_hook(self._keep_inputs(key), with_kwargs=True))
+
+    def _keep(self, name):
+        def hook(module, args, output):
+            self.values[name] = _output(output).detach()
+        return hook
+
+    def _keep_inputs(self, key):
+        def hook(module, args, kwargs):
+            self.inputs[key] = (tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs))
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run a decoder layer on `hidden` with the other arguments the model passed it."""
+    if args:
+        return _output(layer(hidden, *args[1:], **kwargs))
+    return _output(layer(**{**kwargs, "hidden_states": hidden}))
+
+
+def _cut_positions(student: nn.Module, teacher: nn.Module, first: int, last: int) -> tuple[int, int] | None:
+    """(student position of the kept layer before the cut, teacher position of the cut's last layer)."""
+    if first == 0:
+        return None  # nothing before the cut to carry what it did
+    teacher_kept = kept_layers(teacher)
+    if last not in teacher_kept:
+        raise LayerpruneError(f"the teacher has no layer {last}: it must be the unpruned model")
+    return kept_layers(student).index(first - 1), teacher_kept.index(last)
+
+
+def _forward(model: nn.Module, ids, mask, bf16: bool):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def fit_cut(model: nn.Module, teacher: nn.Module, first: int, last: int, rows: list[dict], *, pad_id: int,
+            batch_size: int = 8) -> tuple[nn.Module, torch.Tensor, int] | None:
+    """(MLP output projection of the layer before the cut, the least-squares map T, tokens used), or None
+    for a cut at the very start. T minimises ||M T - (teacher stream after the cut - (layer output - M))||."""
+    where = _cut_positions(model, teacher, first, last)
+    if where is None:
+        return None
+    position, teacher_position = where
+    layer = get_anatomy(model).layers[position]
+    projection = mlp_output_projection(layer)
+    device = next(model.parameters()).device
+    gram = rhs = None
+    tokens = 0
+    with torch.no_grad():
+        for ids, mask in _batches(rows, pad_id, batch_size, device):
+            with _Capture({"target": get_anatomy(teacher).layers[teacher_position]}) as t:
+                _forward(teacher, ids, mask, bf16=False)
+            with _Capture({"layer": layer, "mlp": projection}) as s:
+                _forward(model, ids, mask, bf16=False)
+            keep = mask.bool()
+            m = s.values["mlp"][keep].double()
+            wanted = (t.values["target"] - (s.values["layer"] - s.values["mlp"]))[keep].double()
+            gram = m.T @ m if gram is None else gram + m.T @ m
+            rhs = m.T @ wanted if rhs is None else rhs + m.T @ wanted
+            tokens += int(keep.sum())
+    ridge = 1e-9 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return projection, torch.linalg.solve(gram + ridge, rhs).float(), tokens
+
+
+@register_method("replace", default_data="c4", needs_teacher=True)
+class Replace:
+    """Training-free: a least-squares linear map per cut, folded into the MLP output projection before it."""
+
+    @staticmethod
+    def run(model, rows, config, context):
+        rows = rows[:config.max_samples or DEFAULT_LOCAL_ROWS]
+        model.eval()
+        context.teacher.eval()
+        fitted, changed = [], 0
+        for first, last in cuts(model):
+            fit = fit_cut(model, context.teacher, first, last, rows, pad_id=pad_token_id(context.tokenizer),
+                          batch_size=config.batch_size)
+            if fit is None:
+                context.notes.setdefault("skipped_cuts", []).append([first, last])
+                continue
+            projection, t_map, tokens = fit
+            fold_linear_map(projection, t_map)
+            changed += sum(p.numel() for p in projection.parameters())
+            fitted.append({"cut": [first, last], "into_layer": first - 1, "tokens": tokens})
+        context.notes.update(cuts=fitted, changed_params=changed, tokens=sum(f["tokens"] for f in fitted))
+        return model
+
+
+@register_method("block-local", default_data="c4", needs_teacher=True)
+class BlockLocal:
+    """Train the kept layers before each cut, on cached inputs, to reproduce the teacher's stream after it."""
+
+    @staticmethod
+    def run(model, rows, config, context):
+        teacher, pad = context.teacher, pad_token_id(context.tokenizer)
+        rows = rows[:config.max_samples or DEFAULT_LOCAL_ROWS]
+        device = next(model.parameters()).device
+        bf16 = _wants_bf16(config)
+        student_layers, teacher_layers = get_anatomy(model).layers, get_anatomy(teacher).layers
+        curve, trained, changed = [], [], 0
+        teacher.eval()
+        for first, last in cuts(model):
+            where = _cut_positions(model, teacher, first, last)
+            if where is None:
+                context.notes.setdefault("skipped_cuts", []).append([first, last])
+                continue
+            position, teacher_position = where
+            span = list(range(max(0, position - config.local_layers + 1), position + 1))
+            batches = []
+            model.eval()
+            with torch.no_grad():  # inputs of the first trained layer and the teacher's targets, cached once
+                for ids, mask in _batches(rows, pad, config.batch_size, device):
+                    with _Capture({"target": teacher_layers[teacher_position]}) as t:
+                        _forward(teacher, ids, mask, bf16=False)
+                    with _Capture({}, inputs_of={i: student_layers[i] for i in span}) as s:
+                        _forward(model, ids, mask, bf16=False)
+                    batches.append((s.inputs, t.values["target"], mask.bool()))
+            params = [p for i in span for p in student_layers[i].parameters()]
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+            steps = config.max_steps if config.max_steps > 0 else max(1, round(config.epochs * len(batches)))
+            for step in range(steps):
+                inputs, target, keep = batches[step % len(batches)]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    hidden = _hidden_argument(*inputs[span[0]])
+                    for i in span:  # each layer with its own arguments (masks differ between layer types)
+                        hidden = _call_layer(student_layers[i], hidden, *inputs[i])
+                wanted = target[keep].float()
+                loss = (hidden[keep].float() - wanted).pow(2).mean() / wanted.pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                curve.append({"step": len(curve) + 1, "loss": float(loss.detach()), "learning_rate": config.learning_rate})
+            changed += sum(p.numel() for p in params)
+            trained.append({"cut": [first, last], "trained_layers": [kept_layers(model)[i] for i in span],
+                            "steps": steps})
+        context.notes.update(cuts=trained, changed_params=changed, loss_curve=curve,
+                             tokens=sum(len(r["input_ids"]) for r in rows))
+        return model

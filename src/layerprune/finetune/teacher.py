@@ -1,0 +1,104 @@
+"""The teacher's next-token targets for distillation: top-k logits of every labelled position, computed
+once and cached on disk, so more epochs, methods or reruns on the same data never run the teacher again.
+
+The cache key hashes the teacher's weights (a fingerprint), the training rows and k; the file holds the
+key's inputs next to the tensors, so a cached file says what it was made from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerprune.data.instructions import IGNORE_INDEX
+from layerprune.finetune.losses import causal_lm_parts, head_logits, labelled_positions
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap digest of a model's weights: config, every tensor's name, shape, sum and first values."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            digest.update(f"{name}{tuple(tensor.shape)}{float(flat.double().sum()):.10e}".encode())
+            digest.update(flat[:16].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class TeacherTargets:
+    """values/indices: (labelled positions of all rows, k) in row order; offsets[r]: row r's first position."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    key: dict
+
+    def for_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets of these rows' labelled positions, in the order a batch of them flattens."""
+        spans = [torch.arange(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows]
+        picked = torch.cat(spans)
+        return self.values[picked], self.indices[picked]
+
+
+def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int, batch_size: int = 8,
+                            log=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices, offsets) of the teacher's top-k logits at every labelled position of every row."""
+    _, head, softcap = causal_lm_parts(teacher)
+    device = next(teacher.parameters()).device
+    values, indices, offsets = [], [], [0]
+    teacher.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            length = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for i, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            hidden, _ = labelled_positions(teacher, ids.to(device), mask.to(device), labels.to(device))
+            for chunk in hidden.split(1024):
+                top = head_logits(head, chunk, softcap).topk(k, dim=-1)
+                values.append(top.values.float().cpu())
+                indices.append(top.indices.to(torch.int32).cpu())
+            for r in batch:
+                offsets.append(offsets[-1] + sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX))
+            if log:
+                log(min(start + batch_size, len(rows)), len(rows))
+    return torch.cat(values), torch.cat(indices), torch.tensor(offsets, dtype=torch.long)
+
+
+def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int, cache_dir: str | os.PathLike,
+                    batch_size: int = 8, log=None) -> tuple[TeacherTargets, bool]:
+    """The teacher's top-k targets of `rows`, from the cache when present; returns (targets, from_cache)."""
+    from safetensors.torch import load_file, save_file
+
+    key = {"teacher": model_fingerprint(teacher), "rows": rows_fingerprint(rows), "k": k}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"teacher-top{k}-{name}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        return TeacherTargets(tensors["values"], tensors["indices"], tensors["offsets"], {**key, "file": str(path)}), True
+    values, indices, offsets = compute_teacher_targets(teacher, rows, k, pad_id=pad_id, batch_size=batch_size,
+                                                       log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"values": values, "indices": indices, "offsets": offsets}, str(partial),
+              metadata={k_: str(v) for k_, v in key.items()})
+    os.replace(partial, path)  # a reader never sees half a file
+    return TeacherTargets(values, indices, offsets, {**key, "file": str(path)}), False
