@@ -24,21 +24,22 @@ from pathlib import Path
 DROP = [12, 13, 14, 15, 16, 17, 25, 26]  # block influence on 10 x 128 tokens of bundled C4
 # Recipes: a list of healing stages (HealConfig fields). `steps_per_minute` turns the time budget into
 # max_steps; measured on 2 idle cores (bf16 autocast, fp32 master weights).
+# Each stage names init "none": the replacement is its own recipe stage here, so every row says what it ran.
 RECIPES: dict[str, list[dict]] = {
     "none": [],
-    "lora-dolly": [{"method": "lora", "data": "dolly", "max_length": 256, "batch_size": 8, "effective_batch_size": 8,
+    "lora-dolly": [{"method": "lora", "init": "none", "data": "dolly", "max_length": 256, "batch_size": 8, "effective_batch_size": 8,
                     "learning_rate": 1e-4, "warmup_steps": 4}],
-    "partial-dolly": [{"method": "partial", "data": "dolly", "max_length": 256, "batch_size": 8,
+    "partial-dolly": [{"method": "partial", "init": "none", "data": "dolly", "max_length": 256, "batch_size": 8,
                        "effective_batch_size": 8, "learning_rate": 1e-4, "warmup_steps": 4}],
-    "cpt": [{"method": "cpt", "data": "c4", "max_length": 256, "batch_size": 4, "effective_batch_size": 4,
+    "cpt": [{"method": "cpt", "init": "none", "data": "c4", "max_length": 256, "batch_size": 4, "effective_batch_size": 4,
              "learning_rate": 1e-4, "warmup_steps": 4}],
-    "distill": [{"method": "distill", "data": "c4", "max_length": 256, "batch_size": 4, "effective_batch_size": 4,
+    "distill": [{"method": "distill", "init": "none", "data": "c4", "max_length": 256, "batch_size": 4, "effective_batch_size": 4,
                  "learning_rate": 1e-4, "warmup_steps": 4}],
-    "distill-lora": [{"method": "distill", "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "data": "c4",
+    "distill-lora": [{"method": "distill", "init": "none", "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "data": "c4",
                       "max_length": 256, "batch_size": 4, "effective_batch_size": 4, "learning_rate": 5e-4,
                       "warmup_steps": 4}],
     "replace": [{"method": "replace", "data": "c4", "max_length": 256, "batch_size": 8, "max_samples": 64}],
-    "block-local": [{"method": "block-local", "data": "c4", "max_length": 256, "batch_size": 4, "max_samples": 64,
+    "block-local": [{"method": "block-local", "init": "none", "data": "c4", "max_length": 256, "batch_size": 4, "max_samples": 64,
                      "learning_rate": 1e-4}],
 }
 RECIPES["replace+distill"] = RECIPES["replace"] + RECIPES["distill"]
@@ -63,7 +64,8 @@ def seconds_per_step(stage: dict, model_dir: Path, teacher: str, probe_dir: Path
     return max((times[1] - times[0]) / 3, 0.05)
 
 
-def heal_recipe(name: str, pruned: Path, original: str, out: Path, minutes: float) -> tuple[Path, dict]:
+def heal_recipe(name: str, pruned: Path, original: str, out: Path, minutes: float,
+                steps: int | None = None) -> tuple[Path, dict]:
     from layerprune.api import finetune_model
 
     ref, info = pruned, {"stages": []}
@@ -73,7 +75,9 @@ def heal_recipe(name: str, pruned: Path, original: str, out: Path, minutes: floa
             record = json.loads((target / "heal.json").read_text())
         else:
             stage = {**stage, "teacher": original}
-            if stage["method"] not in ("replace",):
+            if stage["method"] not in ("replace",) and steps:
+                stage["max_steps"] = steps
+            elif stage["method"] not in ("replace",):
                 per_step = seconds_per_step(stage, ref, original, out / "probes")
                 budget = minutes * 60 / max(1, sum(1 for s in RECIPES[name] if s["method"] != "replace"))
                 stage["max_steps"] = max(1, int(budget / per_step))
@@ -105,6 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--recipes", default="none,lora-dolly,cpt,distill,distill-lora,replace,block-local,"
                                              "replace+distill")
     parser.add_argument("--minutes", type=float, default=5.0, help="CPU minutes of training per recipe")
+    parser.add_argument("--steps", type=int, default=None, help="a fixed step count per training stage instead")
     parser.add_argument("--tasks", default="arc_easy,piqa,hellaswag", help="zero-shot tasks")
     parser.add_argument("--limit", type=int, default=500, help="documents per task (0: perplexity only)")
     parser.add_argument("--windows", type=int, default=200, help="128-token perplexity windows per text")
@@ -121,7 +126,7 @@ def main(argv=None) -> None:
     rows = {"original": evaluate(original, out / "eval-original", args)}
     for name in args.recipes.split(","):
         start = time.perf_counter()
-        final, info = heal_recipe(name, pruned, original, out, args.minutes)
+        final, info = heal_recipe(name, pruned, original, out, args.minutes, args.steps)
         record = evaluate(final, out / name / "eval", args)
         record["heal"] = info
         rows[name] = record

@@ -144,10 +144,11 @@ def test_eval_is_the_same_through_api_cli_and_yaml(workspace):
     from layerprune.evaluation.run import plan_eval, run_eval
     from layerprune.models.loading import load_model
 
-    settings = {"ppl": str(workspace / "text.txt"), "seq_len": 32, "ppl_windows": 4, "samples": False}
+    settings = {"ppl": str(workspace / "text.txt"), "tasks": "none", "seq_len": 32, "ppl_windows": 4, "samples": False}
     api = run_eval(load_model(str(workspace / "tiny")), plan_eval(**settings)).record
     cli = runner.invoke(app, ["eval", str(workspace / "tiny"), "--out", str(workspace / "cli"), "--ppl",
-                              settings["ppl"], "--seq-len", "32", "--ppl-windows", "4", "--no-samples"])
+                              settings["ppl"], "--tasks", "none", "--seq-len", "32", "--ppl-windows", "4",
+                              "--no-samples"])
     assert cli.exit_code == 0, cli.output
     run_yaml(workspace, prune={"drop": [1]}, eval={**settings, "before_healing": False})
     cli_record = json.loads((workspace / "cli" / "eval.json").read_text())

@@ -346,6 +346,23 @@ def test_malformed_custom_file_names_the_line(tmp_path, line, message):
     assert f"{path}:3" in str(err.value)
 
 
+def test_default_evaluation_is_the_paper_tasks_on_a_few_documents():
+    from layerprune.config import DEFAULT_TASK_LIMIT, EvalStage
+    from layerprune.evaluation.run import describe_plan, plan_eval
+
+    plan = plan_eval(ppl="none")
+    assert [t.name for t in plan.tasks] == list(PAPER_TASKS) and plan.limit == DEFAULT_TASK_LIMIT
+    assert plan.scorer == "fast"
+    assert f"first {DEFAULT_TASK_LIMIT} documents of each (sub)task" in describe_plan(plan)
+    assert plan_eval(tasks="piqa", ppl="none", limit=0).limit is None  # 0: every document
+    assert "every document" in describe_plan(plan_eval(tasks="piqa", ppl="none", limit=0))
+    for nothing in ("", "none"):
+        with pytest.raises(LayerpruneError, match="nothing to evaluate"):
+            plan_eval(tasks=nothing, ppl="none")
+    # A run evaluates what its YAML names, on every document.
+    assert EvalStage().tasks == "" and EvalStage().limit is None and EvalStage().scorer == "fast"
+
+
 def test_task_names_and_files_are_checked(tmp_path):
     assert [e.name for e in resolve_tasks("paper")] == list(PAPER_TASKS)
     assert [e.lm_eval_name for e in resolve_tasks("piqa,mmlu", "hub")] == ["piqa", "mmlu"]
@@ -414,7 +431,10 @@ def test_cli_eval_writes_results_and_compare_shows_deltas(tiny_dir, tmp_path):
     result = runner.invoke(app, ["eval", str(tiny_dir), "--tasks", str(quiz), "--ppl", str(text), "--seq-len", "32",
                                  "--no-samples", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps lines
+    assert "evaluating: text.txt perplexity (32-token windows, whole text); zero-shot lpc_quiz" in said
     record = json.loads((out / "eval.json").read_text())
+    assert record["protocol"]["plan"].startswith("text.txt perplexity") and "fast scorer" in record["protocol"]["plan"]
     assert set(record["tasks"]) == {"lpc_quiz"} and record["perplexity"]["text.txt"]["windows"] == len(TEXT * 4) // 32
     assert record["data"][str(quiz.resolve())] == record["tasks"]["lpc_quiz"]["data"]["sha256"]
     assert {"torch", "transformers", "lm_eval"} <= set(record["package_versions"])

@@ -183,3 +183,19 @@ def test_a_heal_chain_records_every_step(tmp_path):
     assert record["heal"]["method"] == "distill"
 
 
+
+
+def test_init_replace_starts_training_from_the_replaced_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    teacher = tiny_model("llama")
+    data = rows(8)
+    replaced = heal(pruned(teacher, [2]), data, HealConfig(method="replace", batch_size=4), tokenizer=tiny_tokenizer(),
+                    teacher=teacher).model
+    config = HealConfig(method="distill", init="replace", max_steps=1, batch_size=4, effective_batch_size=4,
+                        learning_rate=1e-12, warmup_steps=0, bf16=False)
+    result = heal(pruned(teacher, [2]), data, config, tokenizer=tiny_tokenizer(), teacher=teacher,
+                  work_dir=tmp_path / "w")
+    assert result.notes["init_replace"]["cuts"] == [{"cut": [2, 2], "into_layer": 1, "tokens": 128}]
+    ids = tiny_input(batch=2, length=12, seed=3)
+    with torch.no_grad():  # a negligible step after the replacement: the replaced model's logits
+        assert torch.allclose(result.model(input_ids=ids).logits, replaced(input_ids=ids).logits, atol=1e-4)

@@ -129,7 +129,7 @@ def test_example_configs_are_valid(name):
 
 
 @pytest.mark.parametrize("name, settings", [("paper-table1", 7), ("paper-table2", 3), ("paper-table5", 12),
-                                            ("smollm2-table5", 6)])
+                                            ("smollm2-table5", 6), ("heal-study", 7)])
 def test_example_studies_are_valid(name, settings):
     from pathlib import Path
 

@@ -190,7 +190,8 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
 
     rows, data_info = prepare_training_rows(config, loaded.tokenizer)
     teacher = None
-    if get_method(config.method).needs_teacher:
+    replacing = config.init == "replace" and bool(provenance(loaded.model)["dropped_layers"])  # cuts to replace
+    if get_method(config.method).needs_teacher or replacing:
         teacher_ref = config.teacher or default_teacher or provenance(loaded.model).get("source")
         if not teacher_ref or teacher_ref == loaded.ref:
             raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")

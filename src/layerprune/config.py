@@ -311,11 +311,16 @@ class CurveConfig(_Strict):
         return QualityTarget(max_loss_increase=self.max_loss_increase, max_ppl_ratio=self.max_ppl_ratio)
 
 
+# Documents per (sub)task of a bare `layerprune eval`: the paper's 8 tasks in a few minutes on 2 CPU cores
+# for the embedded 135M model (docs/results.md, "Evaluation suite"); --limit 0 scores every document.
+DEFAULT_TASK_LIMIT = 5
+
+
 class EvalConfig(_Strict):
     tasks: str = Field(
-        "", description="Zero-shot tasks, comma separated: piqa, hellaswag, openbookqa, arc_easy, arc_challenge, mmlu, "
-        "cmmlu, winogrande; 'paper' = all 8 (hours on a CPU); a task .yaml (lm-eval format) or a multiple-choice "
-        ".jsonl file; humaneval (opt-in: EXECUTES model-generated code in limited subprocesses). Empty: none.")
+        "paper", description="Zero-shot tasks, comma separated: piqa, hellaswag, openbookqa, arc_easy, arc_challenge, "
+        "mmlu, cmmlu, winogrande; 'paper' = all 8; a task .yaml (lm-eval format) or a multiple-choice .jsonl file; "
+        "humaneval (opt-in: EXECUTES model-generated code in limited subprocesses). Empty or 'none': none.")
     ppl: str = Field("wikitext2", description="Perplexity texts, comma separated: wikitext2, ptb, a .txt/.jsonl "
                      "file; 'none'.")
     ppl_field: str = Field("text", description="Text field of a .jsonl perplexity file.")
@@ -325,10 +330,14 @@ class EvalConfig(_Strict):
     bos: Literal["auto", "always", "never", "first"] = Field(
         "auto", description="BOS per perplexity window: auto | always | never | first (once, at the start).")
     ppl_windows: int | None = Field(None, ge=1, description="Only the first N perplexity windows (quick checks).")
-    limit: int | None = Field(None, ge=1, description="First N documents of each (sub)task; first N HumanEval "
-                              "problems.")
+    limit: int | None = Field(
+        DEFAULT_TASK_LIMIT, ge=0, description="First N documents of each (sub)task and first N HumanEval problems; "
+        "0: every document (the full suite: hours for 'paper' on a CPU).")
     batch_size: int = Field(8, ge=1, description="Batch size of perplexity windows and lm-eval requests.")
     avg_metric: Literal["acc", "acc_norm"] = Field("acc", description="Metric averaged into Avg Acc.")
+    scorer: Literal["fast", "stock"] = Field(
+        "fast", description="fast: lm-eval's requests with each distinct context run once (the same numbers to "
+        "float rounding, several times faster on multiple choice) | stock: lm-eval's HFLM, byte for byte.")
     data_source: Literal["bundled", "hub"] = Field(
         "bundled", description="bundled (offline copies) | hub (lm-eval's stock tasks and hub datasets).")
     samples: bool = Field(True, description="Save greedy generation samples (samples.json).")
@@ -345,7 +354,14 @@ class EvalConfig(_Strict):
 
 
 class EvalStage(EvalConfig):
-    """The eval stage of a run: the evaluation settings, and which models of the run to evaluate."""
+    """The eval stage of a run: the evaluation settings, and which models of the run to evaluate.
+
+    A run evaluates what its YAML names, on every document: unlike a bare `layerprune eval`, no zero-shot
+    tasks unless `tasks` is set and no document limit unless `limit` is set (`tasks: paper` is the paper's
+    protocol in full)."""
+
+    tasks: str = Field("", description=EvalConfig.model_fields["tasks"].description)
+    limit: int | None = Field(None, ge=0, description=EvalConfig.model_fields["limit"].description)
 
     original: bool = Field(True, description="Also evaluate the unpruned model.")
     before_healing: bool = Field(True, description="Also evaluate the pruned model before healing.")

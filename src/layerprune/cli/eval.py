@@ -31,6 +31,7 @@ def eval_command(
     limit: Optional[int] = config_option(E, "limit"),
     batch_size: Optional[int] = config_option(E, "batch_size"),
     avg_metric: Optional[str] = config_option(E, "avg_metric"),
+    scorer: Optional[str] = config_option(E, "scorer"),
     data_source: Optional[str] = config_option(E, "data_source"),
     samples: Optional[bool] = config_option(E, "samples"),
     max_new_tokens: Optional[int] = config_option(E, "max_new_tokens"),
@@ -44,10 +45,11 @@ def eval_command(
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
-    """Perplexity (WikiText-2 by default), zero-shot accuracy (--tasks paper: lm-evaluation-harness) and opt-in
-    HumanEval of a model."""
+    """WikiText-2 perplexity and the paper's 8 zero-shot tasks (lm-evaluation-harness; by default on the first 5
+    documents of each (sub)task, --limit 0 for all), and opt-in HumanEval of a model."""
     from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
-    from layerprune.evaluation.run import plan_eval, run_eval, write_eval
+    from layerprune.config import DEFAULT_TASK_LIMIT
+    from layerprune.evaluation.run import describe_plan, plan_eval, run_eval, write_eval
     from layerprune.models.loading import load_model
     from layerprune.models.quantize import check_load_in
     from layerprune.outputs import check_output_dir
@@ -55,12 +57,17 @@ def eval_command(
     check_output_dir(out, overwrite, inputs=[model, tasks, ppl])
     load_in = check_load_in(load_in)  # before the plan reads any data
     plan = plan_eval(config_from_options(EvalConfig, locals()))
+    console.print(f"evaluating: {describe_plan(plan)}", highlight=False)
+    if plan.lm_eval_tasks and plan.limit == DEFAULT_TASK_LIMIT and limit is None:
+        console.print("(the default: a few minutes for a ~100M model on 2 CPU cores; --limit 0 scores every "
+                      "document, --tasks none skips the zero-shot tasks)", highlight=False)
     loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in)
     result = run_eval(loaded, plan)
     write_eval(out, result, plan, overwrite=overwrite)
     record = result.record
     if record.get("average"):
-        table = Table(title=f"zero-shot ({'all documents' if limit is None else f'first {limit} per (sub)task'})")
+        limited = f"first {plan.limit} per (sub)task" if plan.limit else "all documents"
+        table = Table(title=f"zero-shot ({limited})")
         for column in ("task", "acc", "acc_norm", "n"):
             table.add_column(column, justify="left" if column == "task" else "right")
         for name, s in record["tasks"].items():
@@ -77,7 +84,9 @@ def eval_command(
                       f"{he['timed_out']} timed out; completions in humaneval.jsonl)")
     for name, r in record["perplexity"].items():
         console.print(f"{name} perplexity: [bold]{r['ppl']:.4g}[/] ({r['tokens']:,} tokens; {ppl_protocol(r)})")
-    console.print(f"wall time {record['wall_time_s']['total']:.0f} s; wrote eval.json, eval.md"
+    walls = record["wall_time_s"]
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items() if name != "total")
+    console.print(f"wall time {walls['total']:.0f} s ({parts}); wrote eval.json, eval.md"
                   f"{', samples.json' if result.samples is not None else ''}"
                   f"{', humaneval.jsonl' if result.humaneval is not None else ''} to [bold]{out}[/]")
 

@@ -49,6 +49,7 @@ def finetune(
     lora_dropout: Optional[float] = config_option(H, "lora_dropout"),
     lora_target: Optional[str] = config_option(H, "lora_target", help="LoRA target modules, comma separated, or "
                                                "all-linear."),
+    init: Optional[str] = config_option(H, "init"),
     adapter: Optional[str] = config_option(H, "adapter"),
     teacher: Optional[str] = config_option(H, "teacher"),
     distill_temperature: Optional[float] = config_option(H, "distill_temperature"),

@@ -80,14 +80,16 @@ def build_trees(requests: list, max_length: int) -> list[Tree]:
     tokens on the left, so its context is what is left before the continuation.
     """
     trees: dict[tuple[int, ...], Tree] = {}
-    for index, (_, context, continuation) in enumerate(requests):
-        if not context or not continuation or len(continuation) > max_length:
-            raise ValueError("a request needs a context and a continuation of 1 to max_length tokens")
-        kept = (list(context) + list(continuation))[-(max_length + 1):]
-        key = tuple(kept[: len(kept) - len(continuation)])
+    for index, (_, context_enc, continuation_enc) in enumerate(requests):
+        # HFLM's own checks, word for word: harness._request_error turns them into one-line errors
+        assert len(context_enc) > 0
+        assert len(continuation_enc) > 0
+        assert len(continuation_enc) <= max_length
+        kept = (list(context_enc) + list(continuation_enc))[-(max_length + 1):]
+        key = tuple(kept[: len(kept) - len(continuation_enc)])
         if key not in trees:
             trees[key] = Tree.of_context(key)
-        trees[key].add(index, list(continuation))
+        trees[key].add(index, list(continuation_enc))
     return list(trees.values())
 
 
@@ -115,6 +117,11 @@ def batch_rows(rows: list[list[Tree]], token_budget: int) -> list[list[list[Tree
             batches.append([row])
             longest = length
     return batches
+
+
+def padded_tokens(rows: list[list[Tree]]) -> int:
+    """What a batch costs: rows x the longest row."""
+    return len(rows) * max(sum(map(len, row)) for row in rows)
 
 
 @dataclass
@@ -167,6 +174,7 @@ class Batch:
 
 
 def make_batch(rows: list[list[Tree]], plan: AttentionPlan, dtype: torch.dtype, device) -> Batch:
+    """Rows side by side, right-padded; trees side by side in a row, each seeing only itself."""
     length = max(sum(map(len, row)) for row in rows)
     ids = np.zeros((len(rows), length), dtype=np.int64)
     positions = np.zeros((len(rows), length), dtype=np.int64)
@@ -204,8 +212,8 @@ def forward_logprobs(model, batch: Batch, softmax_dtype: torch.dtype, logits_to_
     kwargs = {"logits_to_keep": batch.keep} if logits_to_keep else {}
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    position_ids=batch.position_ids, use_cache=False, **kwargs).logits
-    if not logits_to_keep or logits.dim() == 3:
-        logits = logits[batch.keep] if logits.shape[:2] == batch.keep.shape else logits.reshape(-1, logits.shape[-1])
+    if logits.dim() == 3:  # every position was projected (no logits_to_keep): pick the kept ones
+        logits = logits[batch.keep]
     return torch.log_softmax(logits, dim=-1, dtype=softmax_dtype)
 
 
@@ -223,10 +231,11 @@ def read_scores(batch: Batch, logprobs: torch.Tensor) -> list[tuple[int, float, 
                 ends.append(len(rows))
             start += len(tree)
     rows_t = torch.tensor(rows, device=logprobs.device)
-    values = logprobs[rows_t, torch.tensor(tokens, device=logprobs.device)].double().cpu().numpy()
+    values = logprobs[rows_t, torch.tensor(tokens, device=logprobs.device)].cpu()
     hits = greedy[rows] == np.asarray(tokens)
     out, begin = [], 0
     for index, end in zip(indices, ends):
+        # summed in the softmax dtype, as HFLM does: a float64 sum would differ from it by fp32 rounding
         out.append((index, float(values[begin:end].sum()), bool(hits[begin:end].all())))
         begin = end
     return out

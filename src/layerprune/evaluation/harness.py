@@ -3,6 +3,8 @@
 A thin bridge: `lm_eval.simple_evaluate` with `HFLM(pretrained=<model>)` (no re-save of a pruned model)
 and a TaskManager that indexes layerprune's bundled task YAMLs (plus user YAMLs / generated ones).
 Prompts, scoring, group aggregation and stderr are lm-eval's own; this module only picks numbers out.
+scorer "fast" (the default) is HFLM with shared-prefix log-likelihoods (fast_lm.py): the same requests and
+metrics, each distinct context run once; "stock" is HFLM itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from layerprune.evaluation.tasks import TaskEntry, tasks_dir
 # lm-eval's defaults (simple_evaluate), written out so that eval.json records them.
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 AVG_METRICS = ("acc", "acc_norm")
+SCORERS = {
+    "fast": "layerprune-fast: lm-eval's HFLM requests, each distinct context run once (shared-prefix tree)",
+    "stock": "lm-eval's HFLM",
+}
 
 
 def evaluate_tasks(
@@ -30,12 +36,14 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int | str = 8,
     avg_metric: str = "acc",
+    scorer: str = "fast",
 ) -> dict:
     """Run lm-eval on `entries`; return per-task acc/acc_norm with stderr, the average and lm-eval's raw results."""
     import lm_eval
     import torch
-    from lm_eval.models.huggingface import HFLM
 
+    if scorer not in SCORERS:
+        raise LayerpruneError(f"unknown scorer {scorer!r}; choose {' or '.join(SCORERS)}")
     if avg_metric not in AVG_METRICS:
         raise LayerpruneError(f"unknown --avg-metric {avg_metric!r}; choose acc or acc_norm")
     if tokenizer is None:
@@ -43,7 +51,8 @@ def evaluate_tasks(
     with _quiet_lm_eval(), _task_manager(entries) as manager:
         objects = _load_tasks(manager, entries)
         # softmax_dtype float32: log-likelihoods of a bf16/fp16 model are summed in float32 (no-op for fp32).
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+        lm = _lm_class(scorer)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                               softmax_dtype=torch.float32)
         try:
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=objects, task_manager=manager, limit=limit, log_samples=False, **SEEDS
@@ -63,10 +72,21 @@ def evaluate_tasks(
             "limit": limit,
             "batch_size": batch_size,
             "softmax_dtype": "float32",
+            "scorer": SCORERS[scorer],
             **SEEDS,
         },
         "raw": _raw_results(results),
     }
+
+
+def _lm_class(scorer: str):
+    if scorer == "stock":
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM
+    from layerprune.evaluation.fast_lm import FastHFLM
+
+    return FastHFLM
 
 
 def _request_error(err: AssertionError, entries: list[TaskEntry], max_length: int) -> LayerpruneError | None:
@@ -76,7 +96,7 @@ def _request_error(err: AssertionError, entries: list[TaskEntry], max_length: in
     frames = traceback.extract_tb(err.__traceback__)
     line = (frames[-1].line or "") if frames else ""
     names = ", ".join(e.name for e in entries)
-    if "continuation_enc) <= self.max_length" in line:
+    if "len(continuation_enc) <= " in line:  # HFLM's assert, or the same one in fast_scorer.build_trees
         return LayerpruneError(
             f"a task ({names}) has an answer longer than the model's context of {max_length} tokens "
             "(max_position_embeddings); lm-eval cannot score it: shorten the answers or use a model with a longer context"

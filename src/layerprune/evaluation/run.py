@@ -33,6 +33,7 @@ class EvalPlan:
     data_source: str = "bundled"
     humaneval_max_new_tokens: int = 256
     humaneval_timeout: float = 10.0  # seconds per program (wall clock)
+    scorer: str = "fast"  # lm-eval log-likelihoods: fast (shared-prefix, fast_lm.py) | stock (HFLM)
 
     @property
     def lm_eval_tasks(self) -> list[TaskEntry]:
@@ -60,9 +61,25 @@ def plan_eval(config=None, **fields) -> EvalPlan:
             texts.append(load_ppl_text(source, field=c.ppl_field, data_source=c.data_source))
     if not entries and not texts:
         raise LayerpruneError("nothing to evaluate: give tasks and/or ppl")
-    return EvalPlan(entries, texts, c.seq_len, c.stride, c.bos, c.ppl_windows, c.limit, c.batch_size, c.avg_metric,
+    limit = c.limit or None  # 0: every document
+    return EvalPlan(entries, texts, c.seq_len, c.stride, c.bos, c.ppl_windows, limit, c.batch_size, c.avg_metric,
                     c.samples, c.max_new_tokens, c.data_source, humaneval_max_new_tokens=c.humaneval_max_new_tokens,
-                    humaneval_timeout=c.humaneval_timeout)
+                    humaneval_timeout=c.humaneval_timeout, scorer=c.scorer)
+
+
+def describe_plan(plan: EvalPlan) -> str:
+    """What an evaluation runs, in one line: printed before the model loads and kept in eval.json."""
+    parts = [f"{t.name} perplexity ({plan.seq_len}-token windows, "
+             + (f"first {plan.ppl_windows})" if plan.ppl_windows else "whole text)") for t in plan.ppl]
+    documents = f"first {plan.limit} documents of each (sub)task" if plan.limit else "every document"
+    if plan.lm_eval_tasks:
+        names = ", ".join(t.name for t in plan.lm_eval_tasks)
+        parts.append(f"zero-shot {names} ({documents}; lm-eval, {plan.scorer} scorer)")
+    if plan.humaneval:
+        parts.append("HumanEval (" + (f"first {plan.limit} problems)" if plan.limit else "164 problems)"))
+    if plan.samples:
+        parts.append("greedy generation samples")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -105,7 +122,7 @@ def run_eval(loaded, plan: EvalPlan) -> EvalResult:
     if plan.lm_eval_tasks:
         t0 = time.perf_counter()
         harness = evaluate_tasks(loaded.model, loaded.tokenizer, plan.lm_eval_tasks, limit=plan.limit,
-                                 batch_size=plan.batch_size, avg_metric=plan.avg_metric)
+                                 batch_size=plan.batch_size, avg_metric=plan.avg_metric, scorer=plan.scorer)
         walls["tasks"] = round(time.perf_counter() - t0, 2)
         record["tasks"] = harness["tasks"]
         record["average"] = harness["average"]  # zero-shot accuracy only: HumanEval never enters Avg Acc
@@ -132,6 +149,7 @@ def run_eval(loaded, plan: EvalPlan) -> EvalResult:
         walls["samples"] = round(time.perf_counter() - t0, 2)
     walls["total"] = round(time.perf_counter() - started, 2)
     record["protocol"] = {
+        "plan": describe_plan(plan),
         "data_source": plan.data_source,
         "perplexity": {"seq_len": plan.seq_len, "stride": plan.stride, "bos": plan.bos,
                        "max_windows": plan.ppl_windows, "batch_size": plan.batch_size} if plan.ppl else None,

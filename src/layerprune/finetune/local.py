@@ -53,6 +53,15 @@ def mlp_output_projection(layer: nn.Module) -> nn.Module:
                           f"(looked for {', '.join(MLP_OUTPUT_PROJECTIONS)})")
 
 
+def replace_unsupported(model: nn.Module) -> str | None:
+    """Why `replace` cannot fold into this model's layers, or None when it can."""
+    try:
+        mlp_output_projection(get_anatomy(model).layers[0])
+    except LayerpruneError as err:
+        return str(err)
+    return None
+
+
 def _has(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
@@ -144,33 +153,60 @@ def _forward(model: nn.Module, ids, mask, bf16: bool):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
+def teacher_streams(teacher: nn.Module, rows: list[dict], positions: list[int], *, pad_id: int,
+                    batch_size: int) -> dict[int, list[torch.Tensor]]:
+    """The teacher's residual stream after each of its layers at `positions`, per batch, from one pass."""
+    layers = get_anatomy(teacher).layers
+    streams: dict[int, list[torch.Tensor]] = {p: [] for p in positions}
+    teacher.eval()
+    with torch.no_grad():
+        for ids, mask in _batches(rows, pad_id, batch_size, next(teacher.parameters()).device):
+            with _Capture({str(p): layers[p] for p in positions}) as t:
+                _forward(teacher, ids, mask, bf16=False)
+            for p in positions:
+                streams[p].append(t.values[str(p)])
+    return streams
+
+
 def fit_cut(model: nn.Module, teacher: nn.Module, first: int, last: int, rows: list[dict], *, pad_id: int,
-            batch_size: int = 8) -> tuple[nn.Module, torch.Tensor, int] | None:
+            batch_size: int = 8, targets: list[torch.Tensor] | None = None):
     """(MLP output projection of the layer before the cut, the least-squares map T, tokens used), or None
-    for a cut at the very start. T minimises ||M T - (teacher stream after the cut - (layer output - M))||."""
+    for a cut at the very start. T minimises ||M T - (teacher stream after the cut - (layer output - M))||.
+    `targets`: the teacher's stream after the cut per batch (teacher_streams), computed here when None."""
     where = _cut_positions(model, teacher, first, last)
     if where is None:
         return None
     position, teacher_position = where
+    if targets is None:
+        targets = teacher_streams(teacher, rows, [teacher_position], pad_id=pad_id,
+                                  batch_size=batch_size)[teacher_position]
     layer = get_anatomy(model).layers[position]
     projection = mlp_output_projection(layer)
     device = next(model.parameters()).device
     gram = rhs = None
     tokens = 0
     with torch.no_grad():
-        for ids, mask in _batches(rows, pad_id, batch_size, device):
-            with _Capture({"target": get_anatomy(teacher).layers[teacher_position]}) as t:
-                _forward(teacher, ids, mask, bf16=False)
+        for (ids, mask), target in zip(_batches(rows, pad_id, batch_size, device), targets):
             with _Capture({"layer": layer, "mlp": projection}) as s:
                 _forward(model, ids, mask, bf16=False)
             keep = mask.bool()
             m = s.values["mlp"][keep].double()
-            wanted = (t.values["target"] - (s.values["layer"] - s.values["mlp"]))[keep].double()
+            wanted = (target - (s.values["layer"] - s.values["mlp"]))[keep].double()
             gram = m.T @ m if gram is None else gram + m.T @ m
             rhs = m.T @ wanted if rhs is None else rhs + m.T @ wanted
             tokens += int(keep.sum())
     ridge = 1e-9 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return projection, torch.linalg.solve(gram + ridge, rhs).float(), tokens
+
+
+def _teacher_positions(model, teacher) -> dict[tuple[int, int], int]:
+    """Teacher position of the last layer of every cut that has a kept layer before it."""
+    found = {}
+    for first, last in cuts(model):
+        where = _cut_positions(model, teacher, first, last)
+        if where is not None:
+            found[(first, last)] = where[1]
+    return found
 
 
 @register_method("replace", default_data="c4", needs_teacher=True)
@@ -181,11 +217,15 @@ class Replace:
     def run(model, rows, config, context):
         rows = rows[:config.max_samples or DEFAULT_LOCAL_ROWS]
         model.eval()
-        context.teacher.eval()
+        pad = pad_token_id(context.tokenizer)
+        positions = _teacher_positions(model, context.teacher)
+        streams = teacher_streams(context.teacher, rows, sorted(set(positions.values())), pad_id=pad,
+                                  batch_size=config.batch_size)  # one teacher pass for every cut
         fitted, changed = [], 0
         for first, last in cuts(model):
-            fit = fit_cut(model, context.teacher, first, last, rows, pad_id=pad_token_id(context.tokenizer),
-                          batch_size=config.batch_size)
+            where = positions.get((first, last))
+            fit = fit_cut(model, context.teacher, first, last, rows, pad_id=pad, batch_size=config.batch_size,
+                          targets=streams[where] if where is not None else None)
             if fit is None:
                 context.notes.setdefault("skipped_cuts", []).append([first, last])
                 continue
@@ -207,25 +247,25 @@ class BlockLocal:
         rows = rows[:config.max_samples or DEFAULT_LOCAL_ROWS]
         device = next(model.parameters()).device
         bf16 = _wants_bf16(config)
-        student_layers, teacher_layers = get_anatomy(model).layers, get_anatomy(teacher).layers
+        student_layers = get_anatomy(model).layers
+        positions = _teacher_positions(model, teacher)
+        streams = teacher_streams(teacher, rows, sorted(set(positions.values())), pad_id=pad,
+                                  batch_size=config.batch_size)  # one teacher pass for every cut
         curve, trained, changed = [], [], 0
-        teacher.eval()
         for first, last in cuts(model):
             where = _cut_positions(model, teacher, first, last)
             if where is None:
                 context.notes.setdefault("skipped_cuts", []).append([first, last])
                 continue
-            position, teacher_position = where
+            position = where[0]
             span = list(range(max(0, position - config.local_layers + 1), position + 1))
             batches = []
             model.eval()
-            with torch.no_grad():  # inputs of the first trained layer and the teacher's targets, cached once
-                for ids, mask in _batches(rows, pad, config.batch_size, device):
-                    with _Capture({"target": teacher_layers[teacher_position]}) as t:
-                        _forward(teacher, ids, mask, bf16=False)
+            with torch.no_grad():  # inputs of the first trained layer, cached once per cut
+                for (ids, mask), target in zip(_batches(rows, pad, config.batch_size, device), streams[where[1]]):
                     with _Capture({}, inputs_of={i: student_layers[i] for i in span}) as s:
                         _forward(model, ids, mask, bf16=False)
-                    batches.append((s.inputs, t.values["target"], mask.bool()))
+                    batches.append((s.inputs, target, mask.bool()))
             params = [p for i in span for p in student_layers[i].parameters()]
             for p in params:
                 p.requires_grad_(True)

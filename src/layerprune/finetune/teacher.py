@@ -55,8 +55,9 @@ class TeacherTargets:
 
 
 def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int, batch_size: int = 8,
-                            log=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values, indices, offsets) of the teacher's top-k logits at every labelled position of every row."""
+                            bf16: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices, offsets) of the teacher's top-k logits at every labelled position of every row.
+    bf16: run the teacher under bf16 autocast (about 3x faster on a CPU; the targets are kept in fp32)."""
     _, head, softcap = causal_lm_parts(teacher)
     device = next(teacher.parameters()).device
     values, indices, offsets = [], [], [0]
@@ -71,11 +72,12 @@ def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad
             for i, r in enumerate(batch):
                 n = len(r["input_ids"])
                 ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-            hidden, _ = labelled_positions(teacher, ids.to(device), mask.to(device), labels.to(device))
-            for chunk in hidden.split(1024):
-                top = head_logits(head, chunk, softcap).topk(k, dim=-1)
-                values.append(top.values.float().cpu())
-                indices.append(top.indices.to(torch.int32).cpu())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                hidden, _ = labelled_positions(teacher, ids.to(device), mask.to(device), labels.to(device))
+                for chunk in hidden.split(1024):
+                    top = head_logits(head, chunk, softcap).topk(k, dim=-1)
+                    values.append(top.values.float().cpu())
+                    indices.append(top.indices.to(torch.int32).cpu())
             for r in batch:
                 offsets.append(offsets[-1] + sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX))
             if log:
@@ -84,18 +86,18 @@ def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad
 
 
 def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int, cache_dir: str | os.PathLike,
-                    batch_size: int = 8, log=None) -> tuple[TeacherTargets, bool]:
+                    batch_size: int = 8, bf16: bool = False, log=None) -> tuple[TeacherTargets, bool]:
     """The teacher's top-k targets of `rows`, from the cache when present; returns (targets, from_cache)."""
     from safetensors.torch import load_file, save_file
 
-    key = {"teacher": model_fingerprint(teacher), "rows": rows_fingerprint(rows), "k": k}
+    key = {"teacher": model_fingerprint(teacher), "rows": rows_fingerprint(rows), "k": k, "bf16": bf16}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"teacher-top{k}-{name}.safetensors"
     if path.is_file():
         tensors = load_file(str(path))
         return TeacherTargets(tensors["values"], tensors["indices"], tensors["offsets"], {**key, "file": str(path)}), True
     values, indices, offsets = compute_teacher_targets(teacher, rows, k, pad_id=pad_id, batch_size=batch_size,
-                                                       log=log)
+                                                       bf16=bf16, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"values": values, "indices": indices, "offsets": offsets}, str(partial),

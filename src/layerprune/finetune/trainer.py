@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from layerprune.finetune.losses import (
     causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions,
 )
 from layerprune.finetune.methods import HealContext, _wants_bf16, get_method, trainable_parameters
+from layerprune.models.surgery import provenance
 from layerprune.models.tokens import pad_token_id
 
 
@@ -151,8 +153,11 @@ def heal(
     context = HealContext(tokenizer=tokenizer, teacher=teacher)
     if method.run is not None:  # a procedure of its own (e.g. training-free replacement), not the Trainer
         return _run_procedure(method, model, rows, config, context)
+    if config.init == "replace" and provenance(model)["dropped_layers"]:  # an unpruned model has no cut
+        model = _replace_first(model, rows, config, context)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accumulation = max(1, math.ceil(config.effective_batch_size / (config.batch_size * world)))
+    wanted = config.effective_batch_size or config.batch_size
+    accumulation = max(1, math.ceil(wanted / (config.batch_size * world)))
     targets = None
     if teacher is not None and config.distill_top_k is not None:
         if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
@@ -235,10 +240,29 @@ def _cached_teacher_targets(teacher, rows, config, tokenizer, context):
 
     start = time.perf_counter()
     targets, cached = teacher_targets(teacher, rows, config.distill_top_k, pad_id=pad_token_id(tokenizer),
-                                      cache_dir=cache_dir() / "teacher", batch_size=config.batch_size)
+                                      cache_dir=cache_dir() / "teacher", batch_size=config.batch_size,
+                                      bf16=_wants_bf16(config))
     context.notes["teacher_targets"] = {"file": targets.key["file"], "k": config.distill_top_k,
                                         "from_cache": cached, "seconds": round(time.perf_counter() - start, 2)}
     return targets
+
+
+def _replace_first(model, rows, config, context):
+    """The training-free linear replacement of every cut, as the starting point of training. Skipped (and
+    said so in the notes) without a teacher or for a family whose MLP output cannot take the fold."""
+    from layerprune.finetune.local import replace_unsupported
+
+    reason = "no teacher model was given" if context.teacher is None else replace_unsupported(model)
+    if reason:
+        warnings.warn(f"init replace skipped: {reason}", stacklevel=3)
+        context.notes["init_replace"] = {"skipped": reason}
+        return model
+    start = time.perf_counter()
+    model = get_method("replace").run(model, rows, config, context)
+    context.notes["init_replace"] = {"cuts": context.notes.pop("cuts"), "seconds": round(time.perf_counter() - start, 1)}
+    for key in ("changed_params", "tokens"):
+        context.notes.pop(key, None)
+    return model
 
 
 def _run_procedure(method, model, rows, config, context) -> HealResult:

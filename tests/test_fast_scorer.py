@@ -1,0 +1,136 @@
+"""The shared-prefix scorer gives every lm-eval request the log-likelihood and is-greedy flag stock HFLM
+gives it (tiny models of every family, sliding windows included), and a task scored both ways has the same
+acc and acc_norm."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from layerprune.evaluation.fast_lm import FastHFLM
+from layerprune.evaluation.fast_scorer import attention_plan, batch_rows, build_trees, pack_rows
+from layerprune.evaluation.harness import evaluate_tasks
+from layerprune.evaluation.tasks import resolve_tasks
+from tiny_models import FAMILIES, tiny_model, tiny_tokenizer
+
+MAX_LENGTH = 40  # HFLM's window: the long context below and some pairs are truncated to it
+CONTEXTS = ["Question: what is red?\nAnswer:", "The cat sat on the ", "x", "", "A long story. " * 4]
+CONTINUATIONS = [" apple", " a", "mat", " blue sky today", "B", "  two spaces", "dog, cat and owl"]
+ATOL = 1e-5
+
+
+def _lms(model, **fast):
+    kwargs = dict(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=2, max_length=MAX_LENGTH)
+    return HFLM(**kwargs), FastHFLM(**{**kwargs, **fast})
+
+
+def _assert_same(stock: list, fast: list) -> None:
+    assert len(stock) == len(fast)
+    for k, ((ll_s, greedy_s), (ll_f, greedy_f)) in enumerate(zip(stock, fast)):
+        assert abs(ll_s - ll_f) <= ATOL, f"request {k}: {ll_s} vs {ll_f}"
+        assert greedy_s == greedy_f, f"request {k}: is_greedy {greedy_s} vs {greedy_f}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("row_tokens", [8, 512])  # a tree per row, 2 per batch / rows of a whole window
+def test_every_request_scores_as_stock_hflm(family, row_tokens):
+    """String requests through lm-eval's own tokenization: leading spaces, empty contexts, multi-token
+    continuations, pairs longer than the window."""
+    requests = [Instance("loglikelihood", {}, (c, k), i)
+                for i, (c, k) in enumerate((c, k) for c in CONTEXTS for k in CONTINUATIONS)]
+    stock, fast = _lms(tiny_model(family), row_tokens=row_tokens)
+    assert fast.attention is not None, "every tiny family takes the shared-prefix path"
+    _assert_same(stock.loglikelihood(requests, disable_tqdm=True), fast.loglikelihood(requests, disable_tqdm=True))
+
+
+@pytest.mark.parametrize("family, logits_to_keep", [("llama", True), ("gpt2", True), ("qwen2", True),
+                                                    ("llama", False)])
+def test_greedy_continuations_and_truncation_match_at_token_level(family, logits_to_keep):
+    """Continuations that are the model's own greedy tokens (is_greedy True), the same with one token
+    changed (False), and contexts longer than the window, which HFLM truncates per pair. Without
+    logits_to_keep (older model code), every position is projected and the kept ones picked."""
+    model = tiny_model(family)
+    stock, fast = _lms(model, row_tokens=32)
+    fast.keeps_logits = logits_to_keep
+    generator = torch.Generator().manual_seed(0)
+    requests = []
+    for length in (3, 17, 39, 60):  # 60 + continuation > MAX_LENGTH + 1: left-truncated
+        context = torch.randint(3, 100, (length,), generator=generator).tolist()
+        with torch.no_grad():
+            greedy = model.generate(torch.tensor([context[-MAX_LENGTH + 6:]]), max_new_tokens=5, do_sample=False,
+                                    pad_token_id=0)[0, -5:].tolist()
+        for continuation in (greedy[:1], greedy, greedy[:-1] + [(greedy[-1] + 1) % 100 + 3], [5, 6, 7]):
+            requests.append((("c", "k"), context, continuation))
+    expected = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert sum(greedy for _, greedy in expected) >= 4, "some continuations are greedy"
+    _assert_same(expected, fast._loglikelihood_tokens(requests, disable_tqdm=True))
+
+
+def test_rolling_loglikelihood_matches_stock():
+    text = "The quick brown fox jumps over the lazy dog. " * 6  # several windows of MAX_LENGTH tokens
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0), Instance("loglikelihood_rolling", {}, ("hi",), 1)]
+    stock, fast = _lms(tiny_model("llama"))
+    for a, b in zip(stock.loglikelihood_rolling(requests, disable_tqdm=True),
+                    fast.loglikelihood_rolling(requests, disable_tqdm=True)):
+        assert a == pytest.approx(b, abs=ATOL)
+
+
+def test_multiple_choice_task_gives_identical_metrics(tmp_path):
+    path = tmp_path / "quiz.jsonl"
+    words = ["red", "blue", " green", "a yellow bird", "sky", "grass and trees", "x"]
+    items = [{"question": f"Which colour is item {i}?", "choices": words[i % 3: i % 3 + 4], "answer": i % 4}
+             for i in range(12)]
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    entries = resolve_tasks(str(path))
+    model = tiny_model("llama", max_position_embeddings=512)
+    stock = evaluate_tasks(model, tiny_tokenizer(), entries, batch_size=3, scorer="stock")
+    fast = evaluate_tasks(model, tiny_tokenizer(), entries, batch_size=3, scorer="fast")
+    name = entries[0].name
+    for metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n"):
+        assert fast["tasks"][name][metric] == stock["tasks"][name][metric], metric
+    assert 0 < fast["tasks"][name]["acc"] < 1, "a quiz the random model gets partly right: a meaningful check"
+    assert fast["protocol"]["scorer"].startswith("layerprune-fast") and stock["protocol"]["scorer"] == "lm-eval's HFLM"
+
+
+def test_requests_sharing_a_context_share_one_tree():
+    requests = [(None, [1, 2, 3], [4]), (None, [1, 2, 3], [5, 6, 7]), (None, [1, 2, 3], [5, 6, 8]),
+                (None, [9], [4]), (None, [1, 2, 3, 4, 5, 6], [7, 8])]
+    trees = build_trees(requests, max_length=6)
+    # The last pair is 8 tokens: HFLM keeps the last 7 of them, so its context loses its first token.
+    assert [t.tokens[: t.context_length] for t in trees] == [[1, 2, 3], [9], [2, 3, 4, 5, 6]]
+    first = trees[0]
+    assert first.tokens == [1, 2, 3, 5, 6]  # [4] needs no node; [5, 6, 7] and [5, 6, 8] share 5, 6
+    assert first.positions == [0, 1, 2, 3, 4]
+    assert [nodes for _, nodes, _ in first.scored] == [[2], [2, 3, 4], [2, 3, 4]]
+    seen = first.visible()
+    assert seen[4].tolist() == [True] * 5 and seen[2].tolist() == [True, True, True, False, False]
+
+
+def test_branches_see_the_context_but_not_each_other():
+    tree = build_trees([(None, [1, 2], [3, 4, 5]), (None, [1, 2], [6, 7, 8])], max_length=10)[0]
+    assert tree.tokens == [1, 2, 3, 4, 6, 7] and tree.positions == [0, 1, 2, 3, 2, 3]
+    seen = tree.visible()
+    assert seen[5].tolist() == [True, True, False, False, True, True]  # 7 sees 1 2 6 7, not the other branch
+
+
+def test_rows_and_batches_respect_their_budgets():
+    trees = build_trees([(None, [k] * n, [1]) for k, n in enumerate([5, 5, 12, 3, 3], start=2)], max_length=64)
+    rows = pack_rows(trees, row_tokens=10)
+    assert [[len(t) for t in row] for row in rows] == [[5, 5], [12], [3, 3]]
+    assert [len(b) for b in batch_rows(rows, token_budget=24)] == [2, 1]  # 2 rows x 12 padded tokens fit in 24
+
+
+def test_models_the_tree_mask_cannot_reproduce_use_stock_scoring():
+    def plan(**config):
+        return attention_plan(SimpleNamespace(config=SimpleNamespace(**{"_attn_implementation": "sdpa", **config})))
+
+    assert plan() is not None and plan(sliding_window=8).window == 8
+    assert plan(_attn_implementation="flash_attention_2") is None
+    assert plan(layer_types=["full_attention", "chunked_attention"], sliding_window=None) is None
+    assert plan(use_bidirectional_attention=True) is None
+    assert plan(is_encoder_decoder=True) is None
