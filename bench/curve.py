@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--max-ppl-ratio", type=float, default=2.0)
     parser.add_argument("--beam", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="auto (SmolLM2: fp32) | bf16 | fp16 | fp32")
     parser.add_argument("--out", default="runs/bench-curve")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,7 +41,7 @@ def main() -> None:
     names = parse_metrics(args.metrics) + ([] if args.no_search else ["search"])
     config = CurveConfig(metric=names, max_drop=args.max_drop, max_ppl_ratio=args.max_ppl_ratio,
                          search_beam=args.beam)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype)
     started = time.perf_counter()
     record = curve_for_loaded(loaded, config, log=lambda m: print("  " + m, flush=True))
     seconds = time.perf_counter() - started

@@ -56,7 +56,7 @@ def timed_evaluation(scorer: str, loaded, entries, limit: int, batch_size: int) 
 
 
 def eta_quality(progress) -> dict:
-    """The scorer's own estimate and the bar's requests-rate ETA after 60 s, each over the real time."""
+    """The scorer's own estimate and the bar's ETA after 60 s (elapsed + remaining), each over the real time."""
     if progress is None or not progress.timeline:
         return {}
     real = progress.timeline[-1][0]
@@ -65,9 +65,9 @@ def eta_quality(progress) -> dict:
         timed, estimate = progress.estimate
         out["estimate"] = {"after_seconds": round(timed, 1), "estimated_seconds": round(estimate, 1),
                            "ratio": round(estimate / real, 3)}
-    after = next(((t, done) for t, done, _ in progress.timeline if t >= 60), None)
-    if after is not None and after[0] < real:
-        eta_total = after[0] * progress.requests / after[1]
+    after = next(((t, work) for t, _, work in progress.timeline if t >= 60), None)
+    if after is not None and after[0] < real:  # the bar advances by padded tokens: its ETA is this
+        eta_total = after[0] * sum(progress.work) / after[1]
         out["bar_eta_at_60s"] = {"estimated_seconds": round(eta_total, 1), "ratio": round(eta_total / real, 3)}
     return out
 

@@ -42,6 +42,7 @@ RECIPES: dict[str, list[dict]] = {
     "block-local": [{"method": "block-local", "init": "none", "data": "c4", "max_length": 256, "batch_size": 4, "max_samples": 64,
                      "learning_rate": 1e-4}],
 }
+RECIPES["distill-full-kl"] = [{**RECIPES["distill"][0], "distill_top_k": None}]  # the teacher runs every step
 RECIPES["replace+distill"] = RECIPES["replace"] + RECIPES["distill"]
 RECIPES["block-local+distill"] = RECIPES["block-local"] + RECIPES["distill"]
 PROMPTS = ["The capital of France is", "Here is a short poem about the sea:", "To make a cup of tea, first"]

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--windows", type=int, default=200, help="held-out C4 windows of 128 tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="auto (SmolLM2: fp32) | bf16 | fp16 | fp32")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,7 +50,7 @@ def main() -> None:
     from layerprune.scoring import metric_requests, parse_metrics, select_for_each
     from layerprune.search import SearchPath
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     layers = kept_layers(model)
     n, k = len(layers), args.num_layers
@@ -80,18 +81,20 @@ def main() -> None:
     candidates = sum(len(step["candidates"]) for step in path.steps)
     with torch.no_grad():  # one whole forward of the validation text, for the naive search's time
         timer = time.perf_counter()
-        for ids, mask in validation.batches(4):
+        for ids, mask in validation.batches(len(validation.input_ids)):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         full_forward_s = time.perf_counter() - timer
 
-    heldout = {"unpruned": held_out_ppl(model, tokenizer, [], args.windows)}
-    heldout["search"] = held_out_ppl(model, tokenizer, searched, args.windows)
-    for name in dict.fromkeys([best, "block-influence"]):
-        if name in drop_sets:
-            heldout[name] = held_out_ppl(model, tokenizer, drop_sets[name], args.windows)
+    heldout = {}
+    if args.windows:  # 0: timing only
+        heldout = {"unpruned": held_out_ppl(model, tokenizer, [], args.windows)}
+        heldout["search"] = held_out_ppl(model, tokenizer, searched, args.windows)
+        for name in dict.fromkeys([best, "block-influence"]):
+            if name in drop_sets:
+                heldout[name] = held_out_ppl(model, tokenizer, drop_sets[name], args.windows)
 
     result = {
-        "model": args.model, "layers": n, "num_layers": k, "beam": args.beam,
+        "model": args.model, "dtype": str(model.dtype), "layers": n, "num_layers": k, "beam": args.beam,
         "validation": validation.description, "unpruned_validation_loss": losses.intact_loss,
         "metrics": {name: {"dropped": drop_sets[name], "validation_loss": metric_loss[name]} for name in names},
         "select_auto": {"chosen": best, "dropped": drop_sets[best], "validation_loss": metric_loss[best],
@@ -122,16 +125,17 @@ def held_out_ppl(model, tokenizer, dropped: list[int], windows: int) -> float:
 
 def report(r: dict) -> None:
     s, a = r["search"], r["select_auto"]
-    print(f"\n{r['model']}: {r['num_layers']} of {r['layers']} layers; validation = {r['validation']}")
+    print(f"\n{r['model']} ({r['dtype']}): {r['num_layers']} of {r['layers']} layers; validation = {r['validation']}")
+    heldout = r["heldout_c4_ppl"]
     print(f"unpruned: validation loss {r['unpruned_validation_loss']:.4f}, held-out C4 ppl "
-          f"{r['heldout_c4_ppl']['unpruned']:.2f} ({r['heldout_windows']} windows of 128 tokens)")
+          f"{heldout.get('unpruned', float('nan')):.2f} ({r['heldout_windows']} windows of 128 tokens)")
     print("\n| selection | dropped | validation loss | held-out C4 ppl |\n|---|---|---|---|")
     for name, m in sorted(r["metrics"].items(), key=lambda kv: kv[1]["validation_loss"]):
-        ppl = r["heldout_c4_ppl"].get(name)
+        ppl = heldout.get(name)
         print(f"| {name}{' (select auto)' if name == a['chosen'] else ''} | {','.join(map(str, m['dropped']))} | "
               f"{m['validation_loss']:.4f} | {f'{ppl:.1f}' if ppl else ''} |")
     print(f"| search (beam {r['beam']}) | {','.join(map(str, s['dropped']))} | {s['validation_loss']:.4f} | "
-          f"{r['heldout_c4_ppl']['search']:.1f} |")
+          f"{heldout.get('search', float('nan')):.1f} |")
     ratio = s["block_forwards"] / s["naive_block_forwards"]
     print(f"\nsearch: {s['candidates']} candidates, {s['block_forwards']} block forwards vs {s['naive_block_forwards']} "
           f"naive = {ratio:.3f}x (target <= 0.5); wall {s['seconds']:.0f} s (target <= 180 s; naive estimate "

@@ -347,12 +347,14 @@ def test_malformed_custom_file_names_the_line(tmp_path, line, message):
 
 
 def test_default_evaluation_is_the_paper_tasks_on_a_few_documents():
-    from layerprune.config import DEFAULT_TASK_LIMIT, EvalStage
+    from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalStage
     from layerprune.evaluation.run import describe_plan, plan_eval
 
-    plan = plan_eval(ppl="none")
+    plan = plan_eval()
     assert [t.name for t in plan.tasks] == list(PAPER_TASKS) and plan.limit == DEFAULT_TASK_LIMIT
+    assert [t.name for t in plan.ppl] == ["wikitext2"] and plan.ppl_windows == DEFAULT_PPL_WINDOWS
     assert plan.scorer == "fast"
+    assert plan_eval(ppl_windows=0, tasks="none").ppl_windows is None  # 0: the whole text
     assert f"first {DEFAULT_TASK_LIMIT} documents of each (sub)task" in describe_plan(plan)
     assert plan_eval(tasks="piqa", ppl="none", limit=0).limit is None  # 0: every document
     assert "every document" in describe_plan(plan_eval(tasks="piqa", ppl="none", limit=0))
@@ -360,7 +362,8 @@ def test_default_evaluation_is_the_paper_tasks_on_a_few_documents():
         with pytest.raises(LayerpruneError, match="nothing to evaluate"):
             plan_eval(tasks=nothing, ppl="none")
     # A run evaluates what its YAML names, on every document.
-    assert EvalStage().tasks == "" and EvalStage().limit is None and EvalStage().scorer == "fast"
+    stage = EvalStage()
+    assert stage.tasks == "" and stage.limit is None and stage.ppl_windows is None and stage.scorer == "fast"
 
 
 def test_task_names_and_files_are_checked(tmp_path):
@@ -432,7 +435,7 @@ def test_cli_eval_writes_results_and_compare_shows_deltas(tiny_dir, tmp_path):
                                  "--no-samples", "--out", str(out)])
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # rich wraps lines
-    assert "evaluating: text.txt perplexity (32-token windows, whole text); zero-shot lpc_quiz" in said
+    assert "evaluating: text.txt perplexity (32-token windows, first 300); zero-shot lpc_quiz" in said
     record = json.loads((out / "eval.json").read_text())
     assert record["protocol"]["plan"].startswith("text.txt perplexity") and "fast scorer" in record["protocol"]["plan"]
     assert set(record["tasks"]) == {"lpc_quiz"} and record["perplexity"]["text.txt"]["windows"] == len(TEXT * 4) // 32

@@ -13,7 +13,9 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from layerprune.evaluation.fast_lm import FastHFLM
-from layerprune.evaluation.fast_scorer import attention_plan, batch_rows, build_trees, pack_rows
+from layerprune.evaluation.fast_scorer import (
+    attention_plan, batch_rows, build_trees, make_batch, pack_rows, plan_batches,
+)
 from layerprune.evaluation.harness import evaluate_tasks
 from layerprune.evaluation.tasks import resolve_tasks
 from tiny_models import FAMILIES, tiny_model, tiny_tokenizer
@@ -71,6 +73,19 @@ def test_greedy_continuations_and_truncation_match_at_token_level(family, logits
     _assert_same(expected, fast._loglikelihood_tokens(requests, disable_tqdm=True))
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_unbranched_trees_take_the_models_own_causal_mask(family):
+    """A context with one continuation is a plain sequence: rows of one such tree get a 2D padding mask."""
+    generator = torch.Generator().manual_seed(1)
+    requests = [(("c", "k"), torch.randint(3, 100, (n,), generator=generator).tolist(), [7, 8, 9][: 1 + n % 3])
+                for n in (5, 9, 14, 30)]
+    stock, fast = _lms(tiny_model(family), row_tokens=1)  # one tree per row
+    rows = [[tree] for tree in build_trees(requests, MAX_LENGTH)]
+    assert make_batch(rows, fast.attention, torch.float32, "cpu").attention_mask.dim() == 2
+    _assert_same(stock._loglikelihood_tokens(requests, disable_tqdm=True),
+                 fast._loglikelihood_tokens(requests, disable_tqdm=True))
+
+
 def test_rolling_loglikelihood_matches_stock():
     text = "The quick brown fox jumps over the lazy dog. " * 6  # several windows of MAX_LENGTH tokens
     requests = [Instance("loglikelihood_rolling", {}, (text,), 0), Instance("loglikelihood_rolling", {}, ("hi",), 1)]
@@ -123,6 +138,17 @@ def test_rows_and_batches_respect_their_budgets():
     rows = pack_rows(trees, row_tokens=10)
     assert [[len(t) for t in row] for row in rows] == [[5, 5], [12], [3, 3]]
     assert [len(b) for b in batch_rows(rows, token_budget=24)] == [2, 1]  # 2 rows x 12 padded tokens fit in 24
+
+
+def test_batches_cover_every_tree_once_in_a_seeded_order():
+    trees = build_trees([(None, [k] * (1 + k % 7), [1, 2]) for k in range(3, 40)], max_length=64)
+    batches = plan_batches(trees, row_tokens=8, rows_per_batch=2, chunk=10)
+    planned = [t for rows in batches for row in rows for t in row]
+    assert sorted(map(id, planned)) == sorted(map(id, trees))
+    assert [t.tokens for t in planned] == [t.tokens for rows in plan_batches(trees, 8, 2, chunk=10)
+                                           for row in rows for t in row]
+    first_chunk = planned[:10]
+    assert [len(t) for t in first_chunk] == sorted(map(len, first_chunk), reverse=True)
 
 
 def test_models_the_tree_mask_cannot_reproduce_use_stock_scoring():

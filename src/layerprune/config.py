@@ -311,9 +311,11 @@ class CurveConfig(_Strict):
         return QualityTarget(max_loss_increase=self.max_loss_increase, max_ppl_ratio=self.max_ppl_ratio)
 
 
-# Documents per (sub)task of a bare `layerprune eval`: the paper's 8 tasks in a few minutes on 2 CPU cores
-# for the embedded 135M model (docs/results.md, "Evaluation suite"); --limit 0 scores every document.
+# A bare `layerprune eval` takes a few minutes for the embedded 135M model on 2 CPU cores (docs/results.md,
+# "Evaluation at the speed limit"): the paper's 8 tasks on the first 5 documents of each (sub)task and the
+# first 300 perplexity windows. `--limit 0 --ppl-windows 0` is the full protocol.
 DEFAULT_TASK_LIMIT = 5
+DEFAULT_PPL_WINDOWS = 300
 
 
 class EvalConfig(_Strict):
@@ -329,11 +331,14 @@ class EvalConfig(_Strict):
                                "each window.")
     bos: Literal["auto", "always", "never", "first"] = Field(
         "auto", description="BOS per perplexity window: auto | always | never | first (once, at the start).")
-    ppl_windows: int | None = Field(None, ge=1, description="Only the first N perplexity windows (quick checks).")
+    ppl_windows: int | None = Field(
+        DEFAULT_PPL_WINDOWS, ge=0, description="Only the first N perplexity windows; 0: the whole text (WikiText-2: "
+        "2,382 windows of 128 SmolLM2 tokens, about 9 min for a ~100M model on 2 CPU cores).")
     limit: int | None = Field(
         DEFAULT_TASK_LIMIT, ge=0, description="First N documents of each (sub)task and first N HumanEval problems; "
         "0: every document (the full suite: hours for 'paper' on a CPU).")
-    batch_size: int = Field(8, ge=1, description="Batch size of perplexity windows and lm-eval requests.")
+    batch_size: int = Field(8, ge=1, description="Batch size of perplexity windows and lm-eval requests (the fast "
+                            "scorer: rows of up to 256 tokens).")
     avg_metric: Literal["acc", "acc_norm"] = Field("acc", description="Metric averaged into Avg Acc.")
     scorer: Literal["fast", "stock"] = Field(
         "fast", description="fast: lm-eval's requests with each distinct context run once (the same numbers to "
@@ -356,12 +361,13 @@ class EvalConfig(_Strict):
 class EvalStage(EvalConfig):
     """The eval stage of a run: the evaluation settings, and which models of the run to evaluate.
 
-    A run evaluates what its YAML names, on every document: unlike a bare `layerprune eval`, no zero-shot
-    tasks unless `tasks` is set and no document limit unless `limit` is set (`tasks: paper` is the paper's
-    protocol in full)."""
+    A run evaluates what its YAML names, in full: unlike a bare `layerprune eval`, no zero-shot tasks unless
+    `tasks` is set, and every document and perplexity window unless `limit` / `ppl_windows` are set
+    (`tasks: paper` is the paper's protocol)."""
 
     tasks: str = Field("", description=EvalConfig.model_fields["tasks"].description)
     limit: int | None = Field(None, ge=0, description=EvalConfig.model_fields["limit"].description)
+    ppl_windows: int | None = Field(None, ge=0, description=EvalConfig.model_fields["ppl_windows"].description)
 
     original: bool = Field(True, description="Also evaluate the unpruned model.")
     before_healing: bool = Field(True, description="Also evaluate the pruned model before healing.")

@@ -45,10 +45,11 @@ def eval_command(
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
-    """WikiText-2 perplexity and the paper's 8 zero-shot tasks (lm-evaluation-harness; by default on the first 5
-    documents of each (sub)task, --limit 0 for all), and opt-in HumanEval of a model."""
+    """WikiText-2 perplexity and the paper's 8 zero-shot tasks (lm-evaluation-harness), and opt-in HumanEval of a
+    model. By default a quick look: the first 300 perplexity windows and 5 documents of each (sub)task;
+    --limit 0 --ppl-windows 0 is the full protocol."""
     from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
-    from layerprune.config import DEFAULT_TASK_LIMIT
+    from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT
     from layerprune.evaluation.run import describe_plan, plan_eval, run_eval, write_eval
     from layerprune.models.loading import load_model
     from layerprune.models.quantize import check_load_in
@@ -58,9 +59,11 @@ def eval_command(
     load_in = check_load_in(load_in)  # before the plan reads any data
     plan = plan_eval(config_from_options(EvalConfig, locals()))
     console.print(f"evaluating: {describe_plan(plan)}", highlight=False)
-    if plan.lm_eval_tasks and plan.limit == DEFAULT_TASK_LIMIT and limit is None:
-        console.print("(the default: a few minutes for a ~100M model on 2 CPU cores; --limit 0 scores every "
-                      "document, --tasks none skips the zero-shot tasks)", highlight=False)
+    quick = (plan.lm_eval_tasks and limit is None and plan.limit == DEFAULT_TASK_LIMIT) or (
+        plan.ppl and ppl_windows is None and plan.ppl_windows == DEFAULT_PPL_WINDOWS)
+    if quick:
+        console.print("(the quick default: a few minutes for a ~100M model on 2 CPU cores; --limit 0 --ppl-windows 0 "
+                      "is the full protocol, --tasks none skips the zero-shot tasks)", highlight=False)
     loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in)
     result = run_eval(loaded, plan)
     write_eval(out, result, plan, overwrite=overwrite)

@@ -28,21 +28,25 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """One bar over all requests, and once the first ESTIMATE_AFTER_S seconds are timed, an estimate of the
-    whole run (from padded tokens, which is what a batch costs); `timeline` keeps every step for benchmarks."""
+    """One bar over all requests. It advances by padded tokens, what a batch costs, so its ETA holds whatever
+    the batches hold; once the first ESTIMATE_AFTER_S seconds are timed, it prints an estimate of the whole
+    pass. `timeline` keeps every step (for bench/eval_speed.py)."""
 
     def __init__(self, requests: int, contexts: int, work: list[int], quiet: bool):
         self.requests, self.contexts, self.work, self.quiet = requests, contexts, work, quiet
-        self.bar = tqdm(total=requests, disable=quiet, desc="log-likelihoods (shared prefix)", unit="req")
+        self.bar = tqdm(total=sum(work), disable=quiet, desc=self._done(0),
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self.started = time.perf_counter()
         self.timeline: list[tuple[float, int, int]] = []  # (seconds, requests done, padded tokens done)
         self.estimate: tuple[float, float] | None = None  # (seconds timed, estimated total seconds)
 
     def advance(self, scored: int) -> None:
-        self.bar.update(scored)
         done = self.timeline[-1][1:] if self.timeline else (0, 0)
+        work = self.work[len(self.timeline)]
         elapsed = time.perf_counter() - self.started
-        self.timeline.append((elapsed, done[0] + scored, done[1] + self.work[len(self.timeline)]))
+        self.timeline.append((elapsed, done[0] + scored, done[1] + work))
+        self.bar.set_description_str(self._done(done[0] + scored), refresh=False)
+        self.bar.update(work)
         if self.estimate is None and elapsed >= ESTIMATE_AFTER_S and len(self.timeline) < len(self.work):
             fraction = self.timeline[-1][2] / sum(self.work)
             self.estimate = (elapsed, elapsed / fraction)
@@ -50,6 +54,9 @@ class Progress:
                 self.bar.write(f"{self.requests:,} log-likelihood requests ({self.contexts:,} distinct contexts): "
                                f"about {format_seconds(elapsed / fraction)} in all (timed on the first "
                                f"{fraction:.0%})", file=sys.stderr)
+
+    def _done(self, requests: int) -> str:
+        return f"log-likelihoods ({requests:,}/{self.requests:,} requests)"
 
     def close(self) -> None:
         self.bar.close()
@@ -76,9 +83,9 @@ class FastHFLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.attention is None:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        trees = fs.shuffled(fs.build_trees(requests, self.max_length))
+        trees = fs.build_trees(requests, self.max_length)
         row_tokens = min(self.row_tokens, self.max_length)  # a row is no longer than one model window
-        batches = fs.batch_rows(fs.pack_rows(trees, row_tokens), self.rows_per_batch * row_tokens)
+        batches = fs.plan_batches(trees, row_tokens, self.rows_per_batch)
         self.progress = Progress(len(requests), len(trees), [fs.padded_tokens(rows) for rows in batches],
                                  quiet=disable_tqdm or self.rank != 0)
         results: list = [None] * len(requests)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+CHUNK = 512  # trees sorted and packed together: more packs tighter, fewer keeps the early rate representative
 
 
 @dataclass
@@ -45,6 +46,11 @@ class Tree:
     @property
     def depth(self) -> int:
         return max(self.positions) + 1
+
+    @property
+    def is_chain(self) -> bool:
+        """No branches (one continuation, or only one-token ones): plain causal attention is its mask."""
+        return len(self.tokens) == self.depth
 
     def add(self, index: int, continuation: list[int]) -> None:
         """Branch `continuation` off the context's last token; continuations share their common prefix."""
@@ -154,11 +160,21 @@ def attention_plan(model) -> AttentionPlan | None:
     return AttentionPlan((FULL,), None, per_type=False)
 
 
-def shuffled(trees: list[Tree], seed: int = 0) -> list[Tree]:
-    """A seeded random order: batches early in the run look like the whole run, so the ETA holds."""
+def plan_batches(trees: list[Tree], row_tokens: int, rows_per_batch: int, chunk: int = CHUNK,
+                 seed: int = 0) -> list[list[list[Tree]]]:
+    """Batches of rows for the whole run, with little padding and an early part that looks like the rest.
+
+    Trees go in a seeded random order, `chunk` at a time (so the first minute is a sample of the whole run
+    and the ETA holds); within a chunk they are sorted longest first and packed into rows, so each batch
+    holds rows of about the same length.
+    """
     order = list(trees)
     random.Random(seed).shuffle(order)
-    return order
+    batches: list[list[list[Tree]]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=len, reverse=True)
+        batches += batch_rows(pack_rows(part, row_tokens), rows_per_batch * row_tokens)
+    return batches
 
 
 @dataclass
@@ -178,20 +194,28 @@ def make_batch(rows: list[list[Tree]], plan: AttentionPlan, dtype: torch.dtype, 
     length = max(sum(map(len, row)) for row in rows)
     ids = np.zeros((len(rows), length), dtype=np.int64)
     positions = np.zeros((len(rows), length), dtype=np.int64)
-    seen = np.zeros((len(rows), length, length), dtype=bool)
     keep = np.zeros((len(rows), length), dtype=bool)
+    # Rows of one unbranched tree each (e.g. rolling windows) take the model's own causal mask: a 2D padding
+    # mask, no [length, length] tensor (which would be large for long windows).
+    chains = all(len(row) == 1 and row[0].is_chain for row in rows)
+    seen = None if chains else np.zeros((len(rows), length, length), dtype=bool)
     for r, row in enumerate(rows):
         start = 0
         for tree in row:
             end = start + len(tree)
             ids[r, start:end] = tree.tokens
             positions[r, start:end] = tree.positions
-            seen[r, start:end, start:end] = tree.visible()
+            if seen is not None:
+                seen[r, start:end, start:end] = tree.visible()
             for _, nodes, _ in tree.scored:
                 keep[r, [start + n for n in nodes]] = True
             start = end
-        seen[r, range(start, length), range(start, length)] = True  # padding sees itself: no empty softmax row
-    if plan.window is None or max(tree.depth for row in rows for tree in row) <= plan.window:
+        if seen is not None:
+            seen[r, range(start, length), range(start, length)] = True  # padding sees itself: no empty softmax
+    if seen is None:
+        lengths = np.array([len(row[0]) for row in rows])
+        mask = torch.from_numpy(np.arange(length)[None, :] < lengths[:, None]).long().to(device)
+    elif plan.window is None or max(tree.depth for row in rows for tree in row) <= plan.window:
         mask = _additive(seen, dtype, device)  # every key is inside the window: one mask serves all layers
     else:
         near = positions[:, :, None] - positions[:, None, :] < plan.window

@@ -61,8 +61,8 @@ def plan_eval(config=None, **fields) -> EvalPlan:
             texts.append(load_ppl_text(source, field=c.ppl_field, data_source=c.data_source))
     if not entries and not texts:
         raise LayerpruneError("nothing to evaluate: give tasks and/or ppl")
-    limit = c.limit or None  # 0: every document
-    return EvalPlan(entries, texts, c.seq_len, c.stride, c.bos, c.ppl_windows, limit, c.batch_size, c.avg_metric,
+    limit, windows = c.limit or None, c.ppl_windows or None  # 0: every document / the whole text
+    return EvalPlan(entries, texts, c.seq_len, c.stride, c.bos, windows, limit, c.batch_size, c.avg_metric,
                     c.samples, c.max_new_tokens, c.data_source, humaneval_max_new_tokens=c.humaneval_max_new_tokens,
                     humaneval_timeout=c.humaneval_timeout, scorer=c.scorer)
 

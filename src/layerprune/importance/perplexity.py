@@ -350,16 +350,18 @@ class DropSetLosses:
     always kept; other states are kept while they fit in `cache_bytes` (default: a quarter of the free
     memory where they live) and until `retain` says no search descendant can use them. Each state holds
     every validation sample: (number of states) x samples x seq_len x hidden x bytes per element.
+    Samples run in passes of `batch_size` (default: as many as keep a pass's logits within LOGITS_BYTES).
 
     block_forwards counts the block forward calls actually run, naive_block_forwards what running every
     evaluated drop-set from the embeddings would have cost (the intact pass included in both).
     """
 
-    def __init__(self, model: nn.Module, data, *, batch_size: int = 4, cache_bytes: int | None = None) -> None:
+    def __init__(self, model: nn.Module, data, *, batch_size: int | None = None, cache_bytes: int | None = None
+                 ) -> None:
         self.model = model
         self.anatomy = get_anatomy(model)
         self.n = len(self.anatomy.layers)
-        self.batches = list(data.batches(batch_size))
+        self.batches = list(data.batches(batch_size or _logits_batch(model, data.seq_len)))
         self.block_forwards = self.naive_block_forwards = 0
         self._states: dict[_Key, list[torch.Tensor]] = {}  # one tensor per batch
         self._pinned: set[_Key] = set()
@@ -469,6 +471,17 @@ class DropSetLosses:
             self._pinned.update(new)
         self.block_forwards += calls[0]
         return nll / self.tokens
+
+
+# Samples per pass when not given: as many as keep one pass's logits within this (the head is a large share
+# of each candidate's time, and fewer, larger passes run it faster).
+LOGITS_BYTES = 512 * 1024**2
+
+
+def _logits_batch(model: nn.Module, seq_len: int) -> int:
+    weight = model.get_input_embeddings().weight
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None) or weight.shape[0]
+    return max(1, LOGITS_BYTES // (seq_len * vocab * weight.element_size()))
 
 
 def _keep_input(states: list[torch.Tensor]):
