@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, PruneConfig, as_config
+from layerprune.config import DEFAULT_DTYPE, PruneConfig, as_config
+from layerprune.data.calibration import load_calibration_for
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 from layerprune.models.anatomy import count_parameters
@@ -130,19 +131,6 @@ def _samples(loaded, prompts, max_new_tokens):
     from layerprune.evaluation.generation import generate_samples
 
     return generate_samples(loaded.model, loaded.tokenizer, prompts, max_new_tokens)
-
-
-def load_calibration_for(loaded, config: CalibrationConfig, *, validation: bool = False):
-    """The calibration text of `config`, encoded with the model's tokenizer; validation=True draws the
-    held-out text that select auto judges candidates on (another seed, so other documents)."""
-    from layerprune.data.calibration import load_calibration
-    from layerprune.strategies import VALIDATION_SEED_OFFSET
-
-    if loaded.tokenizer is None:
-        raise LayerpruneError(f"{loaded.ref} has no tokenizer, so calibration text cannot be encoded")
-    seed = config.seed + (VALIDATION_SEED_OFFSET if validation else 0)
-    return load_calibration(loaded.tokenizer, config.source, n_samples=config.n_samples, seq_len=config.seq_len,
-                            seed=seed, field=config.field)
 
 
 # Bundled texts that are evaluation test sets (see resources/data/MANIFEST.md): never training data.

@@ -256,6 +256,26 @@ class PruneConfig(_Strict):
         return step, total
 
 
+SEARCH = "search"  # the greedy drop-set search, a selection of its own next to the metrics
+
+
+def curve_selections(metric) -> list[str]:
+    """Names from 'a,b' or a list: whole-layer metrics and `search`; unknown names are one error."""
+    from layerprune.importance import available_metrics, get_metric
+
+    names = [n.strip() for n in (metric.split(",") if isinstance(metric, str) else metric) if n.strip()]
+    if not names:
+        raise LayerpruneError("no selection given")
+    whole = [m for m in available_metrics() if "block" in get_metric(m).granularities]
+    for name in names:
+        if name != SEARCH and name not in whole:
+            raise LayerpruneError(f"unknown selection {name!r}; use search or a whole-layer metric: {', '.join(whole)}")
+    if len(set(names)) != len(names):
+        raise LayerpruneError(f"a selection is named twice: {', '.join(names)}")
+    return names
+
+
+
 class CurveConfig(_Strict):
     """`layerprune curve`: validation perplexity against the number of layers removed (layerprune.curve)."""
 
@@ -280,8 +300,6 @@ class CurveConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _known_selections(cls, value):
-        from layerprune.curve import curve_selections
-
         try:
             curve_selections(value)
         except LayerpruneError as err:
@@ -298,8 +316,6 @@ class CurveConfig(_Strict):
 
     @property
     def selections(self) -> list[str]:
-        from layerprune.curve import curve_selections
-
         return curve_selections(self.metric)
 
     def quality_target(self):

@@ -21,25 +21,9 @@ from pathlib import Path
 
 from torch import nn
 
+from layerprune.config import SEARCH
 from layerprune.errors import LayerpruneError
 
-SEARCH = "search"  # the greedy search, traced next to the metrics
-
-
-def curve_selections(metric) -> list[str]:
-    """Names from 'a,b' or a list: whole-layer metrics and `search`; unknown names are one error."""
-    from layerprune.importance import available_metrics, get_metric
-
-    names = [n.strip() for n in (metric.split(",") if isinstance(metric, str) else metric) if n.strip()]
-    if not names:
-        raise LayerpruneError("no selection given")
-    whole = [m for m in available_metrics() if "block" in get_metric(m).granularities]
-    for name in names:
-        if name != SEARCH and name not in whole:
-            raise LayerpruneError(f"unknown selection {name!r}; use search or a whole-layer metric: {', '.join(whole)}")
-    if len(set(names)) != len(names):
-        raise LayerpruneError(f"a selection is named twice: {', '.join(names)}")
-    return names
 
 
 def max_drop_count(max_drop: float, n_layers: int, protect_first: int = 0, protect_last: int = 0) -> int:
@@ -121,7 +105,7 @@ def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=pr
 def curve_for_loaded(loaded, config, log=print) -> dict:
     """trade_off_curve on a LoadedModel: calibration text from config.calibration, validation text from the
     same source with select auto's held-out seed."""
-    from layerprune.api import load_calibration_for
+    from layerprune.data.calibration import load_calibration_for
     from layerprune.importance import get_metric
 
     needs_scores = any(name != SEARCH and get_metric(name).needs_calibration for name in config.selections)

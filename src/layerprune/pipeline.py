@@ -220,7 +220,8 @@ class Run:
     def choose(self, loaded: LoadedModel, n_drop: int | None = None, scores_name: str = "scores.json") -> dict:
         """The selection record (strategies.choose), with every metric's scores cached in `scores_name`."""
         from layerprune.importance import LayerScores
-        from layerprune.strategies import VALIDATION_SEED_OFFSET, choose
+        from layerprune.data.calibration import VALIDATION_SEED_OFFSET
+        from layerprune.strategies import choose
 
         scores_path = self.path(scores_name)
 

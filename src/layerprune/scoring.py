@@ -35,6 +35,18 @@ def metric_requests(names: list[str], n_layers: int, *, seed: int = 0, block_siz
     return {name: get_metric(name).default_params(cut) for name in names}
 
 
+def prune_metric_requests(config, n_layers: int, n_drop: int | None) -> dict[str, dict]:
+    """{metric: params} of a PruneConfig: the metrics' defaults for this cut, overlaid with its metric_params."""
+    # with a parameter/latency target the count is not known yet: block metrics score every size from 1 up
+    requests = metric_requests(config.metrics, n_layers, seed=config.calibration.seed, block_size=n_drop or 1)
+    for name, params in config.metric_params.items():
+        if name not in requests:
+            raise LayerpruneError(f"metric_params names {name!r}, which is not a metric of this prune "
+                                  f"({', '.join(config.metrics)})")
+        requests[name].update(params)
+    return requests
+
+
 def select_for_each(all_scores: dict[str, LayerScores], n_drop: int) -> dict[str, Selection]:
     """The layers each metric would drop (block metrics: the best block of its own size)."""
     selections = {}

@@ -11,7 +11,7 @@
   (max_loss_increase / max_ppl_ratio), alone or guarding a size/speed target.
 
 Every loss is measured on held-out calibration text (the validation text of select auto, drawn with
-strategies.VALIDATION_SEED_OFFSET), never on the text that ranks the metrics, and comes from one
+data.calibration.VALIDATION_SEED_OFFSET), never on the text that ranks the metrics, and comes from one
 importance.perplexity.DropSetLosses, so all passes share its cached hidden states.
 """
 
@@ -213,9 +213,9 @@ def _path(model, config: PruneConfig, losses: DropSetLosses, allowed: list[int],
     """The path of the config's select, and the metric scores it read ({} for a search)."""
     if config.select == "search":
         return SearchPath(losses, allowed, layers, beam=config.search_beam, log=log), {}
-    from layerprune.strategies import metric_requests
+    from layerprune.scoring import prune_metric_requests
 
-    scores = score(metric_requests(config, len(layers), None))
+    scores = score(prune_metric_requests(config, len(layers), None))
     paths = [MetricPath(losses, s, protect_first=config.protect_first, protect_last=config.protect_last)
              for s in scores.values()]
     return (paths[0] if config.select == "metric" else BestPath(paths)), scores

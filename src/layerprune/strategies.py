@@ -21,14 +21,12 @@ from layerprune.config import PruneConfig
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, compute_many, get_metric
 from layerprune.models.surgery import kept_layers, remove_layers, validate_drop
+from layerprune.scoring import prune_metric_requests
 from layerprune.selection import count_to_drop
 
 ScoreFn = Callable[[dict[str, dict]], dict[str, LayerScores]]  # {metric: params} -> scores of the current model
 Log = Callable[[str], None]
 
-# select auto scores its candidates on calibration text drawn with this seed offset, so the text that
-# ranks layers is never the text that judges drop-sets.
-VALIDATION_SEED_OFFSET = 1000
 
 
 def in_memory_scores(model: nn.Module, calibration) -> ScoreFn:
@@ -43,20 +41,6 @@ def needs_calibration(config: PruneConfig) -> bool:
     if config.select != "metric" or config.quality_target() is not None:
         return True  # candidates are judged on held-out calibration text
     return any(get_metric(name).needs_calibration for name in config.metrics)
-
-
-def metric_requests(config: PruneConfig, n_layers: int, n_drop: int | None) -> dict[str, dict]:
-    """{metric: params} for scoring: the metrics' defaults for this cut, overlaid with config.metric_params."""
-    from layerprune.scoring import metric_requests as defaults
-
-    # with a parameter/latency target the count is not known yet: block metrics score every size from 1 up
-    requests = defaults(config.metrics, n_layers, seed=config.calibration.seed, block_size=n_drop or 1)
-    for name, params in config.metric_params.items():
-        if name not in requests:
-            raise LayerpruneError(f"metric_params names {name!r}, which is not a metric of this prune "
-                                  f"({', '.join(config.metrics)})")
-        requests[name].update(params)
-    return requests
 
 
 def layers_to_drop(model: nn.Module, config: PruneConfig) -> int | None:
@@ -96,7 +80,7 @@ def choose(
         from layerprune.search import choose_by_loss
 
         return choose_by_loss(model, config, score=score, validation=validation, n_drop=n_drop, log=log)
-    scores = score(metric_requests(config, len(kept_layers(model)), n_drop))
+    scores = score(prune_metric_requests(config, len(kept_layers(model)), n_drop))
     target = config.budget() if n_drop is None else None  # a parameter or latency target
     costs = None
     if target is not None and target.target_latency is not None:

@@ -37,7 +37,8 @@ def curve(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
     """How many layers, and which: validation perplexity for k = 0..max-drop layers removed, per selection."""
-    from layerprune.curve import curve_for_loaded, curve_selections, write_curve_files
+    from layerprune.config import curve_selections
+    from layerprune.curve import curve_for_loaded, write_curve_files
     from layerprune.models.loading import load_model
     from layerprune.outputs import check_output_dir
 

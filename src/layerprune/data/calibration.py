@@ -141,3 +141,18 @@ def load_calibration(
     return calibration_from_texts(
         tokenizer, texts, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=mode, source=source
     )
+
+
+# select auto and search judge drop-sets on calibration text drawn with this seed offset, so the text that
+# ranks layers is never the text that judges drop-sets.
+VALIDATION_SEED_OFFSET = 1000
+
+
+def load_calibration_for(loaded, config, *, validation: bool = False) -> CalibrationData:
+    """The calibration text of `config`, encoded with the model's tokenizer; validation=True draws the
+    held-out text that select auto judges candidates on (another seed, so other documents)."""
+    if loaded.tokenizer is None:
+        raise LayerpruneError(f"{loaded.ref} has no tokenizer, so calibration text cannot be encoded")
+    seed = config.seed + (VALIDATION_SEED_OFFSET if validation else 0)
+    return load_calibration(loaded.tokenizer, config.source, n_samples=config.n_samples, seq_len=config.seq_len,
+                            seed=seed, field=config.field)
