@@ -206,6 +206,8 @@ def test_outputs_have_the_permissions_of_the_umask(tmp_path):
 WRITER = textwrap.dedent("""
     import os, signal, sys, time
     from layerprune.outputs import atomic_output_dir
+    # a shell's background job starts with SIGINT ignored; give the writer Python's usual Ctrl-C behaviour
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with atomic_output_dir(sys.argv[1]) as tmp:
         (tmp / "half.txt").write_text("half written")
         os.kill(os.getpid(), getattr(signal, sys.argv[2]))
