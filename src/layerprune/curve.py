@@ -130,30 +130,45 @@ def curve_csv(record: dict) -> str:
     return buffer.getvalue()
 
 
+# The y axis stops at this multiple of the unpruned perplexity: past it a drop-set is broken anyway, and
+# a few broken selections would otherwise squash the curves that matter.
+PLOT_CLIP = 100
+
+
 def plot_curve(record: dict, path: str | Path) -> Path:
-    """Validation perplexity (log scale) against layers removed; a circle marks each knee, a dashed line the
-    quality target."""
+    """Validation perplexity (log scale) against layers removed: one line per selection (the search in
+    black), a circle at each knee (also in the legend), a dashed line at the quality target."""
     from layerprune.plotting import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab10" if len(record["curves"]) <= 11 else "tab20").colors
+    base = record["unpruned_perplexity"]
+    top = 0.0
+    metrics = [name for name in record["curves"] if name != SEARCH]
     for name, rows in record["curves"].items():
         ks, ppl = [r["k"] for r in rows], [r["perplexity"] for r in rows]
-        (line,) = ax.plot(ks, ppl, marker=".", label=name)
         at = record["knees"][name]
-        ax.plot([at], [ppl[at]], "o", markersize=11, markerfacecolor="none", color=line.get_color())
-        ax.annotate(f"knee {at}", (at, ppl[at]), textcoords="offset points", xytext=(4, -12), fontsize=7,
-                    color=line.get_color())
+        search = name == SEARCH
+        color = "black" if search else colors[metrics.index(name) % len(colors)]
+        ax.plot(ks, ppl, marker=".", color=color, linewidth=2.2 if search else 1.2, zorder=3 if search else 2,
+                label=f"{name} (knee {at})")
+        ax.plot([at], [ppl[at]], "o", markersize=10, markerfacecolor="none", color=color, zorder=4)
+        top = max(top, max(ppl))
     target = record.get("target")
+    limit = base * math.exp(target["allowed_loss_increase"]) if target else None
     if target:
-        ax.axhline(record["unpruned_perplexity"] * math.exp(target["allowed_loss_increase"]), linestyle="--",
-                   color="gray", linewidth=1, label=target["name"])
+        ax.axhline(limit, linestyle="--", color="gray", linewidth=1, label=target["name"])
     ax.set_yscale("log")
+    clip = max(base * PLOT_CLIP, 2 * (limit or 0))
+    clipped = top > clip
+    if clipped:
+        ax.set_ylim(top=clip)
     ax.set_xlabel("layers removed")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title(f"{record.get('model', 'model')}: {record['layers']} layers (knee: +{record['knee_slope']:g} "
-                 "nats per layer)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("validation perplexity" + (f" (clipped at {PLOT_CLIP}x unpruned)" if clipped else ""))
+    ax.set_title(f"{record.get('model', 'model')}: {record['layers']} layers, unpruned {base:.1f}; knee = last k before "
+                 f"+{record['knee_slope']:g} nats for one more layer", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -173,7 +173,7 @@ def choose_by_loss(model: nn.Module, config: PruneConfig, *, score, validation, 
     data = validation_data(validation)
     losses = DropSetLosses(model, data)
     allowed = allowed_positions(len(layers), config.protect_first, config.protect_last)
-    path, scores = _path(model, config, losses, allowed, layers, score, log)
+    path, scores = _path(config, losses, allowed, layers, score, log)
     point, constraints = _count(model, config, path, losses, layers, n_drop)
     record = {"dropped": sorted(layers[p] for p in point.positions), "chosen_by": point.label,
               "granularity": "block"}
@@ -209,7 +209,7 @@ def choose_by_loss(model: nn.Module, config: PruneConfig, *, score, validation, 
     return record
 
 
-def _path(model, config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers: list[int], score, log):
+def _path(config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers: list[int], score, log):
     """The path of the config's select, and the metric scores it read ({} for a search)."""
     if config.select == "search":
         return SearchPath(losses, allowed, layers, beam=config.search_beam, log=log), {}
