@@ -69,6 +69,8 @@ def main() -> None:
     metric_loss = {name: judge.loss([layers.index(i) for i in d]) for name, d in drop_sets.items()}
     auto_seconds = time.perf_counter() - started
     best = min(metric_loss, key=metric_loss.get)
+    print(f"select auto: {best} {drop_sets[best]} (validation loss {metric_loss[best]:.4f}; "
+          f"{auto_seconds:.0f} s for scoring and judging)", flush=True)
 
     # select search: a fresh cache, so its counts are the search's own
     started = time.perf_counter()
@@ -77,6 +79,8 @@ def main() -> None:
                       log=lambda m: print("  " + m, flush=True))
     point = path.at(k)
     search_seconds = time.perf_counter() - started
+    print(f"search: {search_seconds:.0f} s, {losses.block_forwards} block forwards "
+          f"({losses.naive_block_forwards} naive)", flush=True)
     searched = sorted(layers[p] for p in point.positions)
     candidates = sum(len(step["candidates"]) for step in path.steps)
     with torch.no_grad():  # one whole forward of the validation text, for the naive search's time
