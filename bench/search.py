@@ -9,7 +9,7 @@ text. Both are then measured on held-out C4 text neither ever read: the bundled 
 Cost: block forward calls of the search against a naive search that reruns every candidate from the
 embeddings (target <= 0.5x), and the search's wall time (target <= 3 min on 2 cores).
 
-    .venv/bin/python bench/search.py [--model smollm2-135m] [--num-layers 8] [--beam 1] [--windows 200] \
+    .venv/bin/python bench/search.py [--model smollm2-135m] [--num-layers 8] [--beam 1] [--swap] [--windows 200] \
         [--threads 2] [--out runs/bench-search.json]
 """
 
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--swap", action="store_true", help="then one swap pass (select search's search_swap)")
     parser.add_argument("--metrics", default=DEFAULT_METRICS)
     parser.add_argument("--n-samples", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -48,7 +49,7 @@ def main() -> None:
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import kept_layers
     from layerprune.scoring import metric_requests, parse_metrics, select_for_each
-    from layerprune.search import SearchPath
+    from layerprune.search import SearchPath, swap_pass
 
     loaded = load_model(args.model, dtype=args.dtype)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
@@ -78,10 +79,14 @@ def main() -> None:
     path = SearchPath(losses, list(range(n)), layers, beam=args.beam,
                       log=lambda m: print("  " + m, flush=True))
     point = path.at(k)
+    positions, swaps = point.positions, []
+    if args.swap:
+        positions, swaps = swap_pass(losses, positions, list(range(n)), layers,
+                                     log=lambda m: print("  " + m, flush=True))
     search_seconds = time.perf_counter() - started
     print(f"search: {search_seconds:.0f} s, {losses.block_forwards} block forwards "
           f"({losses.naive_block_forwards} naive)", flush=True)
-    searched = sorted(layers[p] for p in point.positions)
+    searched = sorted(layers[p] for p in positions)
     candidates = sum(len(step["candidates"]) for step in path.steps)
     with torch.no_grad():  # one whole forward of the validation text, for the naive search's time
         timer = time.perf_counter()
@@ -103,7 +108,9 @@ def main() -> None:
         "metrics": {name: {"dropped": drop_sets[name], "validation_loss": metric_loss[name]} for name in names},
         "select_auto": {"chosen": best, "dropped": drop_sets[best], "validation_loss": metric_loss[best],
                         "seconds": auto_seconds},
-        "search": {"dropped": searched, "validation_loss": point.loss, "seconds": search_seconds,
+        "search": {"dropped": searched, "validation_loss": losses.loss(positions), "seconds": search_seconds,
+                   "greedy": {"dropped": sorted(layers[p] for p in point.positions), "validation_loss": point.loss},
+                   "swaps": swaps,
                    "candidates": candidates, "block_forwards": losses.block_forwards,
                    "naive_block_forwards": losses.naive_block_forwards,
                    "naive_seconds_estimate": (candidates + 1) * full_forward_s},
@@ -138,10 +145,12 @@ def report(r: dict) -> None:
         ppl = heldout.get(name)
         print(f"| {name}{' (select auto)' if name == a['chosen'] else ''} | {','.join(map(str, m['dropped']))} | "
               f"{m['validation_loss']:.4f} | {f'{ppl:.1f}' if ppl else ''} |")
-    print(f"| search (beam {r['beam']}) | {','.join(map(str, s['dropped']))} | {s['validation_loss']:.4f} | "
+    label = f"search (beam {r['beam']}{', swap' if s['swaps'] else ''})"
+    print(f"| {label} | {','.join(map(str, s['dropped']))} | {s['validation_loss']:.4f} | "
           f"{heldout.get('search', float('nan')):.1f} |")
     ratio = s["block_forwards"] / s["naive_block_forwards"]
-    print(f"\nsearch: {s['candidates']} candidates, {s['block_forwards']} block forwards vs {s['naive_block_forwards']} "
+    print(f"\nsearch: {s['candidates']} candidates, {s['block_forwards']} block forwards vs "
+          f"{s['naive_block_forwards']} "
           f"naive = {ratio:.3f}x (target <= 0.5); wall {s['seconds']:.0f} s (target <= 180 s; naive estimate "
           f"{s['naive_seconds_estimate']:.0f} s); select auto's scoring + judging {a['seconds']:.0f} s")
     gain = math.exp(a["validation_loss"] - s["validation_loss"])

@@ -38,7 +38,8 @@ def curve_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("curve")
     save_model(tiny_model("llama", seed=2), tiny_tokenizer(), tmp / "tiny")
     (tmp / "text.txt").write_text(TEXT)
-    result = runner.invoke(app, ["curve", str(tmp / "tiny"), "--out", str(tmp / "out"), "--metric", ",".join(SELECTIONS),
+    result = runner.invoke(app, ["curve", str(tmp / "tiny"), "--out", str(tmp / "out"),
+                                 "--metric", ",".join(SELECTIONS),
                                  "--max-drop", "3", "--max-ppl-ratio", "1.01", "--calib", str(tmp / "text.txt"),
                                  "--n-samples", "4", "--seq-len", "32"])
     assert result.exit_code == 0, result.output
@@ -130,7 +131,8 @@ def test_data_free_selections_need_no_calibration_scores(tmp_path):
     save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny")
     (tmp_path / "text.txt").write_text(TEXT)
     result = runner.invoke(app, ["curve", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"),
-                                 "--metric", "reverse-order", "--max-drop", "0.4", "--calib", str(tmp_path / "text.txt"),
+                                 "--metric", "reverse-order", "--max-drop", "0.4",
+                                 "--calib", str(tmp_path / "text.txt"),
                                  "--n-samples", "2", "--seq-len", "16"])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "curve.json").read_text())

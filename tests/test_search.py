@@ -25,7 +25,8 @@ from layerprune.strategies import choose, in_memory_scores
 from cli_asserts import assert_one_line_error
 from tiny_models import N_LAYERS, tiny_input, tiny_model, tiny_tokenizer
 
-SENTENCES = [f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl") for v in ("sun", "sky", "sea")]
+SENTENCES = [f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl")
+             for v in ("sun", "sky", "sea")]
 IDENTITY, DESTRUCTIVE = 1, 0
 ALL = list(range(N_LAYERS))
 

@@ -166,7 +166,8 @@ def plot_curve(record: dict, path: str | Path) -> Path:
         ax.set_ylim(top=clip)
     ax.set_xlabel("layers removed")
     ax.set_ylabel("validation perplexity" + (f" (clipped at {PLOT_CLIP}x unpruned)" if clipped else ""))
-    ax.set_title(f"{record.get('model', 'model')}: {record['layers']} layers, unpruned {base:.1f}; knee = last k before "
+    ax.set_title(f"{record.get('model', 'model')}: {record['layers']} layers, unpruned {base:.1f}; knee = last k "
+                 "before "
                  f"+{record['knee_slope']:g} nats for one more layer", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, which="both", alpha=0.3)

@@ -114,7 +114,9 @@ class MetricPath:
         if dropped is None:
             return None
         positions = frozenset(self._position[i] for i in dropped)
-        return Point(k, positions, self.losses.loss(positions), self.label)
+        point = Point(k, positions, self.losses.loss(positions), self.label)
+        self.losses.retain([positions])  # keep what its next, usually larger drop-set can resume from
+        return point
 
 
 class BestPath:

@@ -444,7 +444,8 @@ class DropSetLosses:
         keeps the states entering the blocks it runs (all when pin, else what the budget allows)."""
         layers = self.anatomy.layers
         start = self._resume_point(drop, self.n if limit is None else limit)
-        ahead = [q for q in range(start + 1, self.n) if q not in drop and (self._prefix(drop, q), q) not in self._states]
+        ahead = [q for q in range(start + 1, self.n)
+                 if q not in drop and (self._prefix(drop, q), q) not in self._states]
         if not pin:
             room = max(0, self.cache_bytes - self.cached_bytes) // max(self.state_bytes, 1)
             ahead = ahead[:room]
