@@ -43,6 +43,9 @@ RECIPES: dict[str, list[dict]] = {
                      "learning_rate": 1e-4}],
 }
 RECIPES["distill-full-kl"] = [{**RECIPES["distill"][0], "distill_top_k": None}]  # the teacher runs every step
+RECIPES["distill-noclip"] = [{**RECIPES["distill"][0], "max_grad_norm": 0.0}]
+RECIPES["cpt-noclip"] = [{**RECIPES["cpt"][0], "max_grad_norm": 0.0}]
+RECIPES["distill-lr3e-4"] = [{**RECIPES["distill"][0], "learning_rate": 3e-4}]
 RECIPES["replace+distill"] = RECIPES["replace"] + RECIPES["distill"]
 RECIPES["block-local+distill"] = RECIPES["block-local"] + RECIPES["distill"]
 PROMPTS = ["The capital of France is", "Here is a short poem about the sea:", "To make a cup of tea, first"]

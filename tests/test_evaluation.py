@@ -347,7 +347,7 @@ def test_malformed_custom_file_names_the_line(tmp_path, line, message):
 
 
 def test_default_evaluation_is_the_paper_tasks_on_a_few_documents():
-    from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalStage
+    from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalConfig, EvalStage
     from layerprune.evaluation.run import describe_plan, plan_eval
 
     plan = plan_eval()
@@ -361,9 +361,10 @@ def test_default_evaluation_is_the_paper_tasks_on_a_few_documents():
     for nothing in ("", "none"):
         with pytest.raises(LayerpruneError, match="nothing to evaluate"):
             plan_eval(tasks=nothing, ppl="none")
-    # A run evaluates what its YAML names, on every document.
-    stage = EvalStage()
-    assert stage.tasks == "" and stage.limit is None and stage.ppl_windows is None and stage.scorer == "fast"
+    # One default per setting: a run's eval stage starts from the same defaults as `layerprune eval`.
+    stage, command = EvalStage(), EvalConfig()
+    assert {k: getattr(stage, k) for k in EvalConfig.model_fields} == command.model_dump()
+    assert stage.tasks == "paper" and stage.limit == DEFAULT_TASK_LIMIT and stage.ppl_windows == DEFAULT_PPL_WINDOWS
 
 
 def test_task_names_and_files_are_checked(tmp_path):

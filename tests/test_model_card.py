@@ -90,3 +90,34 @@ def test_card_from_a_saved_folder(tmp_path):
     assert "kept layers (3): 0, 2, 4" in card
     assert "given explicitly" in card
     assert "## Healing" not in card
+
+
+def test_card_of_a_searched_drop_set_with_a_quality_target():
+    entry = {"dropped": [5, 13, 14, 15, 16, 17, 18, 26], "chosen_by": "search", "num_layers": 8,
+             "max_ppl_ratio": 2.5, "validation_loss_increase": 0.811, "validation_ppl_ratio": 2.25}
+    card = model_card({**RECORD, "history": [entry], "selection": {}, "heal": {}})
+    assert "step 1: removed layers 5, 13-18, 26: a greedy search over drop-sets" in card
+    assert "`select: search`" in card and "lowest `search` scores" not in card
+    assert "quality target: validation perplexity at most 2.5x the unpruned model's" in card
+    assert "validation perplexity 2.25x the unpruned model's" in card
+
+
+def test_run_report_shows_the_search_path_and_the_quality_target(tmp_path):
+    from layerprune.report.run_report import run_report
+
+    selection = {
+        "dropped": [13, 14], "chosen_by": "search",
+        "constraints": {"num_layers": 2, "max_loss_increase": 0.5, "validation_ppl_ratio": 1.35},
+        "validation": {"loss": 4.3, "unpruned_loss": 4.0, "block_forwards": 100, "naive_block_forwards": 300},
+        "search": {"beam": 1, "swap": True, "path": [
+            {"k": 1, "dropped": [14], "loss": 4.1, "candidates": [{}, {}, {}]},
+            {"k": 2, "dropped": [13, 14], "loss": 4.3, "candidates": [{}, {}]}],
+            "swaps": [{"restored": 13, "removed": 12, "loss_before": 4.3, "loss": 4.25, "tried": 2}]},
+    }
+    (tmp_path / "selection.json").write_text(json.dumps(selection))
+    text, _ = run_report(tmp_path)
+    assert "validation loss at most 0.5 nats above the unpruned model's" in text
+    assert "removes 2 layers (perplexity ratio 1.350)" in text
+    assert "| 1 | 14 | 4.1000 | 3 |" in text and "| 2 | 13,14 | 4.3000 | 2 |" in text
+    assert "| swap | layer 13 back, 12 out | 4.2500 | 2 |" in text
+    assert "100 block forwards (300 for a search without cached states)" in text

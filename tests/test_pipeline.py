@@ -41,7 +41,7 @@ def write_config(tmp_path, **overrides):
         "heal": [{"method": "partial", "data": str(tmp_path / "sft.jsonl"), "max_steps": 3, "batch_size": 4,
                   "effective_batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-3, "max_length": 64,
                   "bf16": False}],
-        "eval": {"ppl": str(tmp_path / "text.txt"), "seq_len": 32, "ppl_windows": 4, "samples": False},
+        "eval": {"tasks": "none", "ppl": str(tmp_path / "text.txt"), "seq_len": 32, "ppl_windows": 4, "samples": False},
         "bench": {"batch_sizes": [1], "new_tokens": [4], "warmup": 0, "runs": 1, "seq_len": 8},
     }
     config.update(overrides)

@@ -100,7 +100,7 @@ def test_cli_run_dispatches_a_study(workspace):
     from layerprune.cli import app
 
     path = study_yaml(workspace, grid={"metric": ["reverse-order"], "heal_method": ["none"]},
-                      eval={"ppl": str(workspace / "text.txt"), "seq_len": 32, "ppl_windows": 2, "samples": False})
+                      eval={"tasks": "none", "ppl": str(workspace / "text.txt"), "seq_len": 32, "ppl_windows": 2, "samples": False})
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     assert "study.md" in result.output and (workspace / "study" / "study.csv").exists()

@@ -375,15 +375,9 @@ class EvalConfig(_Strict):
 
 
 class EvalStage(EvalConfig):
-    """The eval stage of a run: the evaluation settings, and which models of the run to evaluate.
-
-    A run evaluates what its YAML names, in full: unlike a bare `layerprune eval`, no zero-shot tasks unless
-    `tasks` is set, and every document and perplexity window unless `limit` / `ppl_windows` are set
-    (`tasks: paper` is the paper's protocol)."""
-
-    tasks: str = Field("", description=EvalConfig.model_fields["tasks"].description)
-    limit: int | None = Field(None, ge=0, description=EvalConfig.model_fields["limit"].description)
-    ppl_windows: int | None = Field(None, ge=0, description=EvalConfig.model_fields["ppl_windows"].description)
+    """The eval stage of a run: the evaluation settings (the same defaults as `layerprune eval`: one default
+    per setting, whatever the door), and which models of the run to evaluate. The paper's full protocol is
+    `tasks: paper, limit: 0, ppl_windows: 0` (examples/paper.yaml)."""
 
     original: bool = Field(True, description="Also evaluate the unpruned model.")
     before_healing: bool = Field(True, description="Also evaluate the pruned model before healing.")

@@ -39,6 +39,7 @@ def finetune(
     warmup_steps: Optional[int] = config_option(H, "warmup_steps"),
     scheduler: Optional[str] = config_option(H, "scheduler"),
     weight_decay: Optional[float] = config_option(H, "weight_decay"),
+    max_grad_norm: Optional[float] = config_option(H, "max_grad_norm"),
     max_length: Optional[int] = config_option(H, "max_length"),
     packing: Optional[bool] = config_option(H, "packing"),
     train_last_layers: Optional[int] = config_option(H, "train_last_layers"),

@@ -49,6 +49,7 @@ class HealConfig(BaseModel):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     scheduler: str = Field("linear", description="Learning-rate schedule (a transformers scheduler type).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient to this norm (0: no clipping).")
     max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are cut.")
     packing: bool = Field(False, description="Pack several examples into one sequence.")
     # partial-layer fine-tuning

@@ -81,6 +81,9 @@ def _chosen_by(entry: dict) -> str:
         return "how they were chosen is not recorded"
     if chosen == "explicit":
         return "given explicitly (`--drop`)"
+    if chosen == "search":
+        return ("a greedy search over drop-sets that removes, one layer at a time, the layer whose removal "
+                "raises the loss on held-out text least (`select: search`)")
     if isinstance(chosen, str) and chosen.startswith("auto:"):
         return (f"`{chosen[5:]}` scores, chosen by comparing candidate drop-sets on held-out text before "
                 "healing (`select: auto`)")
@@ -96,6 +99,14 @@ def _step_details(entry: dict) -> str:
     for key in ("protect_first", "protect_last"):
         if entry.get(key):
             details.append(f"{key.replace('_', ' ')} {entry[key]}")
+    if entry.get("max_loss_increase") is not None:
+        details.append(f"quality target: validation loss at most {_number(entry['max_loss_increase'])} nats above "
+                       "the unpruned model's")
+    if entry.get("max_ppl_ratio") is not None:
+        details.append(f"quality target: validation perplexity at most {_number(entry['max_ppl_ratio'])}x the "
+                       "unpruned model's")
+    if entry.get("validation_ppl_ratio") is not None:
+        details.append(f"validation perplexity {entry['validation_ppl_ratio']:.2f}x the unpruned model's")
     calib = entry.get("calibration")
     if isinstance(calib, dict) and calib.get("source"):
         size = (f", {calib['n_samples']} x {calib['seq_len']} tokens"

@@ -35,6 +35,7 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
             for name, c in sorted(selection["candidates"].items(), key=lambda kv: kv[1]["validation_loss"]):
                 lines.append(f"| {name} | {','.join(map(str, c['dropped']))} | {c['validation_loss']:.4f} |")
             lines.append("")
+        lines += _search_lines(selection)
     rounds = sorted((run_dir / "rounds").glob("round-*/done.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     if rounds:
         lines += ["Iterative rounds: " + "; ".join(
@@ -81,3 +82,34 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     lines += ["Files: config.yaml, versions.json, scores.json, selection.json, pruned/, healed-*/ (model, heal.json, "
               "loss.csv/png), eval-*/ (eval.json, eval.md, samples.json), bench/ (bench.json/md/png), run.json.", ""]
     return "\n".join(lines), summary
+
+
+def _search_lines(selection: dict) -> list[str]:
+    """The drop-set search's path (select search) and the quality target, as markdown lines."""
+    lines = []
+    validation = selection.get("validation") or {}
+    constraints = selection.get("constraints") or {}
+    if "max_loss_increase" in constraints or "max_ppl_ratio" in constraints:
+        target = (f"validation loss at most {constraints['max_loss_increase']} nats above the unpruned model's"
+                  if "max_loss_increase" in constraints else
+                  f"validation perplexity at most {constraints['max_ppl_ratio']}x the unpruned model's")
+        lines += [f"Quality target: {target}; the largest drop-set within it removes {constraints.get('num_layers')} "
+                  f"layers (perplexity ratio {constraints.get('validation_ppl_ratio', float('nan')):.3f}).", ""]
+    search = selection.get("search")
+    if not search:
+        return lines
+    unpruned = validation.get("unpruned_loss")
+    lines += [f"Drop-set search (beam {search.get('beam', 1)}{', swap pass' if search.get('swap') else ''}): each step "
+              "removes the layer whose removal raises the validation loss least"
+              + (f" (unpruned {unpruned:.4f})" if unpruned is not None else "") + ".", "",
+              "| step | drop-set | validation loss | candidates |", "|---|---|---|---|"]
+    for step in search.get("path", []):
+        lines.append(f"| {step['k']} | {','.join(map(str, step['dropped']))} | {step['loss']:.4f} | "
+                     f"{len(step.get('candidates', []))} |")
+    for swap in search.get("swaps", []):
+        lines.append(f"| swap | layer {swap['restored']} back, {swap['removed']} out | {swap['loss']:.4f} | "
+                     f"{swap.get('tried', '')} |")
+    if validation.get("block_forwards"):
+        lines.append(f"\n{validation['block_forwards']:,} block forwards ({validation.get('naive_block_forwards', 0):,} "
+                     "for a search without cached states).")
+    return lines + [""]
