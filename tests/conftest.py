@@ -14,6 +14,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny llama with its tokenizer saved as a stock model folder (modules may define their own)."""
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 # Tests that run a whole pipeline, study or CLI command end to end, marked `integration` here by name so
 # that `-m integration` / `-m "not integration"` split them from the unit tests. A CLI test that only checks
 # an error refused before any work is a unit test. A listed name missing from its module is an error, so the

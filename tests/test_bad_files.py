@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
 from layerprune.user_files import iter_jsonl, read_text
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 from cli_asserts import assert_one_line_error
 
 runner = CliRunner()
@@ -27,14 +27,6 @@ NOT_UTF8 = "caf\u00e9 ".encode("latin-1") + b"au lait\n"  # 0xe9 at byte offset 
 
 def run(*args, input=None):
     return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def write(path, data: bytes):

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
 from layerprune.models.loading import load_model, loading_options
-from tiny_models import N_LAYERS, tiny_model, tiny_tokenizer
+from tiny_models import N_LAYERS, tiny_model
 from cli_asserts import assert_one_line_error
 
 runner = CliRunner()
@@ -27,14 +27,6 @@ runner = CliRunner()
 
 def run(*args, input=None):
     return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def edit_json(path, **changes):

@@ -34,8 +34,9 @@ from layerprune.evaluation.code_exec.limits import ExecResult, Limits
 from layerprune.evaluation.code_exec.modes import Sandbox, SandboxError, detect_sandbox, sandbox_mode
 from layerprune.evaluation.code_exec.pids_cgroup import PidsCgroup
 from layerprune.evaluation.code_exec.process import (
-    MARKER_VARIABLE, STARTED, SandboxProcess, folder_bytes, remove, sweep,
+    MARKER_VARIABLE, STARTED, SandboxProcess, folder_bytes, sweep,
 )
+from layerprune.evaluation.code_exec.child import remove_tree
 
 __all__ = ["ExecResult", "Limits", "Sandbox", "SandboxError", "detect_sandbox", "run_many", "run_python",
            "sandbox_mode"]
@@ -65,7 +66,7 @@ def run_python(source: str, limits: Limits = Limits(), *, sandbox: Sandbox | Non
         if cgroup:
             cgroup.remove()
         if not sandbox.unshare:
-            remove(folder)
+            remove_tree(folder)
     if status != STARTED and (finished or status):
         why = status.lstrip(STARTED).decode("utf-8", "replace") or detail or f"exit status {run.process.returncode}"
         raise SandboxError(f"the {sandbox.name} sandbox could not start the program: {why}")

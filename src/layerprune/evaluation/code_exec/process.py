@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -179,12 +178,3 @@ def folder_bytes(folder: str) -> int:
     return total
 
 
-def remove(folder: str) -> None:
-    def unlock(function, path, _exc):  # the program may have left read-only folders
-        try:
-            os.chmod(os.path.dirname(path), 0o700)
-            function(path)
-        except OSError:
-            pass
-
-    shutil.rmtree(folder, onerror=unlock)
