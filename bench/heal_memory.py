@@ -3,7 +3,7 @@ loss, cached teacher), each configuration in a fresh process, on SmolLM2 minus 8
 
     flock /tmp/layerprune-heavy.lock .venv/bin/python bench/heal_memory.py [--steps 3]
 
-Configurations: the default healing (distill with init replace, 4 x 256 tokens per step); LoRA on Dolly at
+Configurations: the default healing (distill, 4 x 256 tokens per step); LoRA on Dolly at
 8 x 1024 tokens per micro-batch (the settings that held ~15 GB when every position's full-vocabulary
 logits were materialised); and distillation a second time on the same rows, where the teacher's targets
 come from the disk cache (target: < 10% of the run's time on the teacher). Peak RSS increase is the
@@ -24,9 +24,9 @@ from _common import peak_rss_mb, rss_mb, run_child  # noqa: E402
 
 DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 CONFIGS = {
-    "default (distill, init replace)": {},
+    "default (distill)": {},
     "lora dolly 8 x 1024": {"method": "lora", "init": "none", "data": "dolly", "batch_size": 8, "max_length": 1024},
-    "distill again (cached teacher)": {"init": "none"},
+    "distill again (cached teacher)": {},
 }
 
 
@@ -62,7 +62,12 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps, args.cache)
         return
-    cache = tempfile.mkdtemp(prefix="heal-memory-cache-")  # empty: the first distillation runs the teacher
+    cache = tempfile.mkdtemp(prefix="heal-memory-cache-")  # no teacher targets: the first distillation runs the teacher
+    from layerprune.models.builtin import cache_dir
+
+    for kept in ("models", "gguf"):  # the converted model is reused; only the teacher cache starts empty
+        if (cache_dir() / kept).is_dir():
+            os.symlink(cache_dir() / kept, Path(cache) / kept)
     print(f"{'configuration':34} {'peak RSS increase':>18} {'s/step':>7} {'teacher s':>10} {'teacher share':>14}")
     for name in CONFIGS:
         r = run_child(__file__, name, "--steps", str(args.steps), "--cache", cache)

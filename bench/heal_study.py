@@ -34,10 +34,10 @@ RECIPES: dict[str, list[dict]] = {
     "cpt": [{"method": "cpt", "init": "none", "data": "c4", "max_length": 256, "batch_size": 4, "effective_batch_size": 4,
              "learning_rate": 1e-4, "warmup_steps": 4}],
     "distill": [{"method": "distill", "init": "none", "data": "c4", "max_length": 256, "batch_size": 4, "effective_batch_size": 4,
-                 "learning_rate": 1e-4, "warmup_steps": 4}],
+                 "learning_rate": 1e-4, "warmup_steps": 4, "distill_alpha": 1.0}],  # KL only
     "distill-lora": [{"method": "distill", "init": "none", "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "data": "c4",
                       "max_length": 256, "batch_size": 4, "effective_batch_size": 4, "learning_rate": 5e-4,
-                      "warmup_steps": 4}],
+                      "warmup_steps": 4, "distill_alpha": 0.5}],
     "replace": [{"method": "replace", "data": "c4", "max_length": 256, "batch_size": 8, "max_samples": 64}],
     "block-local": [{"method": "block-local", "init": "none", "data": "c4", "max_length": 256, "batch_size": 4, "max_samples": 64,
                      "learning_rate": 1e-4}],
@@ -46,8 +46,10 @@ RECIPES["distill-full-kl"] = [{**RECIPES["distill"][0], "distill_top_k": None}] 
 RECIPES["distill-noclip"] = [{**RECIPES["distill"][0], "max_grad_norm": 0.0}]
 RECIPES["cpt-noclip"] = [{**RECIPES["cpt"][0], "max_grad_norm": 0.0}]
 RECIPES["distill-ce"] = [{**RECIPES["distill"][0], "distill_alpha": 0.5}]  # half KL, half CE on the text
+RECIPES["default"] = [{"method": "distill", "max_steps": 150}]  # HealConfig's defaults (what `finetune` runs)
 RECIPES["distill-ce-init"] = [{**RECIPES["distill-ce"][0], "init": "replace"}]  # replacement first, then KL + CE
 RECIPES["distill-ce-lr3e-4"] = [{**RECIPES["distill-ce"][0], "learning_rate": 3e-4}]
+RECIPES["distill-ce-lr6e-4"] = [{**RECIPES["distill-ce"][0], "learning_rate": 6e-4}]
 RECIPES["cpt-lr3e-4"] = [{**RECIPES["cpt"][0], "learning_rate": 3e-4}]
 RECIPES["distill-lr3e-4"] = [{**RECIPES["distill"][0], "learning_rate": 3e-4}]
 RECIPES["replace+distill"] = RECIPES["replace"] + RECIPES["distill"]

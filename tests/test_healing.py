@@ -61,6 +61,11 @@ def test_distillation_on_the_full_vocabulary_is_the_exact_kl():
     assert torch.allclose(ours, exact, atol=1e-4)
     assert chunked_distillation(t_head, t_hidden, targets, lambda a, b: (t_head(t_hidden[a:b]), None),
                                 temperature=2.0, alpha=1.0).abs() < 1e-4  # zero against itself
+    # alpha < 1 (the default 0.5) adds the cross-entropy on the text: alpha KL + (1 - alpha) CE, summed
+    mixed = chunked_distillation(head, hidden, targets, lambda a, b: (t_head(t_hidden[a:b]), None),
+                                 temperature=2.0, alpha=0.5, chunk=3)
+    ce = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    assert torch.allclose(mixed, 0.5 * exact + 0.5 * ce, atol=1e-4)
 
 
 def test_teacher_top_k_cache_round_trips_exactly(tmp_path):
@@ -94,7 +99,8 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path, monkeypatch
 
     before = kl()
     config = HealConfig(method="distill", adapter=adapter, max_steps=12, batch_size=4, effective_batch_size=4,
-                        learning_rate=2e-3, warmup_steps=0, bf16=False, distill_top_k=16, lora_r=4)
+                        learning_rate=2e-3, warmup_steps=0, bf16=False, distill_top_k=16, lora_r=4,
+                        distill_alpha=1.0)  # KL only: the CE on random tokens would pull elsewhere
     result = heal(student, data, config, tokenizer=tiny_tokenizer(), teacher=teacher, work_dir=tmp_path / "w")
     student = result.model
     assert result.loss_curve[-1]["loss"] < result.loss_curve[0]["loss"]
