@@ -205,3 +205,19 @@ def test_init_replace_starts_training_from_the_replaced_model(tmp_path, monkeypa
     ids = tiny_input(batch=2, length=12, seed=3)
     with torch.no_grad():  # a negligible step after the replacement: the replaced model's logits
         assert torch.allclose(result.model(input_ids=ids).logits, replaced(input_ids=ids).logits, atol=1e-4)
+
+
+def test_max_grad_norm_reaches_the_optimizer(tmp_path):
+    """A clip far below the gradient's norm leaves Adam's steps at eps scale; no clipping moves the weights."""
+    moved, grad_norms = {}, {}
+    for clip in (1e-12, 0.0):
+        model = tiny_model("llama")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        config = HealConfig(method="cpt", max_steps=2, batch_size=4, learning_rate=1e-2, warmup_steps=0, bf16=False,
+                            max_grad_norm=clip)
+        result = heal(model, rows(8), config, tokenizer=tiny_tokenizer(), work_dir=tmp_path / str(clip))
+        after = dict(result.model.named_parameters())
+        moved[clip] = max(float((after[n].detach() - before[n]).abs().max()) for n in before)
+        grad_norms[clip] = result.loss_curve[0]["grad_norm"]
+    assert grad_norms[0.0] > 1e-3  # the gradient was far larger than the clip
+    assert moved[0.0] > 1e-3 and moved[1e-12] < 1e-4 * moved[0.0]
