@@ -221,3 +221,18 @@ def test_max_grad_norm_reaches_the_optimizer(tmp_path):
         grad_norms[clip] = result.loss_curve[0]["grad_norm"]
     assert grad_norms[0.0] > 1e-3  # the gradient was far larger than the clip
     assert moved[0.0] > 1e-3 and moved[1e-12] < 1e-4 * moved[0.0]
+
+
+def test_a_teacher_given_to_a_method_that_does_not_distill_changes_nothing(tmp_path, monkeypatch):
+    """init replace loads the teacher for every method; only `distill` may train toward its logits."""
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    teacher = tiny_model("llama")
+    config = HealConfig(method="full", max_steps=2, batch_size=4, learning_rate=1e-2, warmup_steps=0, bf16=False)
+    weights = []
+    for given in (None, teacher):
+        result = heal(pruned(teacher, [1]), rows(8), config, tokenizer=tiny_tokenizer(), teacher=given,
+                      work_dir=tmp_path / str(given is None))
+        weights.append({n: p.detach() for n, p in result.model.named_parameters()})
+        assert "teacher_targets" not in result.notes
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)

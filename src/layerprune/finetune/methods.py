@@ -39,13 +39,14 @@ class HealMethod:
     default_data: str = "dolly"  # the bundled data it trains on when none is given
     needs_teacher: bool = False  # reads the unpruned model (distillation, replacement, block-local)
     run: Callable | None = None  # run(model, rows, config, context) -> model: a procedure instead of the Trainer
+    distills: bool = False  # the Trainer's loss is distillation toward the teacher's logits
 
 
 _METHODS: dict[str, HealMethod] = {}
 
 
 def register_method(name: str, *, raw_text: bool = False, default_data: str | None = None,
-                    needs_teacher: bool = False):
+                    needs_teacher: bool = False, distills: bool = False):
     """Register a class with `prepare`/`finalize` (trained by the Trainer) or with `run` (its own procedure)."""
 
     def decorate(cls):
@@ -53,7 +54,7 @@ def register_method(name: str, *, raw_text: bool = False, default_data: str | No
             raise ValueError(f"healing method {name!r} is already registered")
         data = default_data or ("c4" if raw_text else "dolly")
         _METHODS[name] = HealMethod(name, getattr(cls, "prepare", None), getattr(cls, "finalize", None), raw_text,
-                                    data, needs_teacher, getattr(cls, "run", None))
+                                    data, needs_teacher or distills, getattr(cls, "run", None), distills)
         return cls
 
     return decorate
@@ -144,7 +145,7 @@ class ContinuedPretraining(Full):
     """Training on raw text with the causal LM loss on every token (Shortened LLaMA's CPT)."""
 
 
-@register_method("distill", default_data="c4", needs_teacher=True)
+@register_method("distill", default_data="c4", distills=True)
 class Distill(Full):
     """Training toward the unpruned teacher's next-token distribution (KL on its top-k logits, optionally +
     CE), as Minitron (arXiv 2407.14679) does; on general text by default."""

@@ -158,8 +158,10 @@ def heal(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = config.effective_batch_size or config.batch_size
     accumulation = max(1, math.ceil(wanted / (config.batch_size * world)))
+    # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
+    distill_from = teacher if method.distills else None
     targets = None
-    if teacher is not None and config.distill_top_k is not None:
+    if distill_from is not None and config.distill_top_k is not None:
         if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
             rows = rows[:config.max_steps * config.batch_size * accumulation * world]
         targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context)
@@ -197,15 +199,15 @@ def heal(
         args=args,
         train_dataset=TokenizedDataset(rows),
         data_collator=PadCollator(pad_token_id(tokenizer)),
-        teacher=teacher if targets is None else None,
+        teacher=distill_from if targets is None else None,
         teacher_targets=targets,
         temperature=config.distill_temperature,
         alpha=config.distill_alpha,
         top_k=config.distill_top_k,
         chunk=config.loss_chunk,
     )
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
+    if distill_from is not None:
+        distill_from.eval().requires_grad_(False)
     start = time.perf_counter()
     checkpoint = _last_checkpoint(work_dir) if resume else None
     output = trainer.train(resume_from_checkpoint=checkpoint)
