@@ -26,6 +26,8 @@ DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 CONFIGS = {
     "default (distill)": {},
     "lora dolly 8 x 1024": {"method": "lora", "init": "none", "data": "dolly", "batch_size": 8, "max_length": 1024},
+    "  + gradient checkpointing": {"method": "lora", "init": "none", "data": "dolly", "batch_size": 8,
+                                   "max_length": 1024, "gradient_checkpointing": True},
     "distill again (cached teacher)": {},
 }
 
