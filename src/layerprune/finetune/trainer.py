@@ -241,10 +241,16 @@ def _cached_teacher_targets(teacher, rows, config, tokenizer, context):
     from layerprune.finetune.teacher import teacher_targets
     from layerprune.models.builtin import cache_dir
 
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
-    targets, cached = teacher_targets(teacher, rows, config.distill_top_k, pad_id=pad_token_id(tokenizer),
-                                      cache_dir=cache_dir() / "teacher", batch_size=config.batch_size,
-                                      bf16=_wants_bf16(config))
+    bar = tqdm(total=len(rows), desc=f"teacher top-{config.distill_top_k} targets", unit="row", leave=False)
+    try:
+        targets, cached = teacher_targets(teacher, rows, config.distill_top_k, pad_id=pad_token_id(tokenizer),
+                                          cache_dir=cache_dir() / "teacher", batch_size=config.batch_size,
+                                          bf16=_wants_bf16(config), log=lambda done, total: bar.update(done - bar.n))
+    finally:
+        bar.close()
     context.notes["teacher_targets"] = {"file": targets.key["file"], "k": config.distill_top_k,
                                         "from_cache": cached, "seconds": round(time.perf_counter() - start, 2)}
     return targets
