@@ -97,7 +97,7 @@ def test_changed_drop_list_redoes_the_prune_and_every_stage_after_it(workspace):
 
 
 def test_a_stage_whose_settings_did_not_change_is_kept(workspace):
-    evaluation = {"ppl": str(workspace / "text.txt"), "seq_len": 32, "ppl_windows": 2, "samples": False,
+    evaluation = {"tasks": "none", "ppl": str(workspace / "text.txt"), "seq_len": 32, "ppl_windows": 2, "samples": False,
                   "original": False}
     path = write_config(workspace, prune={"drop": [1]}, heal=[], eval=evaluation, bench=None)
     run_pipeline(load_run_config(path), log=quiet)
