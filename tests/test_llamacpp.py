@@ -89,7 +89,7 @@ def test_generate_cli_errors(tmp_path):
 
 @pytest.mark.slow
 def test_llama_cpp_matches_transformers_on_pruned_smollm2_f16(converter, tmp_path):
-    """The issue's check: the f16 export of SmolLM2 minus 8 layers, 16 greedy tokens, llama.cpp == transformers."""
+    """The serving check: the f16 export of SmolLM2 minus 8 layers, 16 greedy tokens, llama.cpp == transformers."""
     from layerprune.llamacpp import greedy_tokens, open_gguf
 
     loaded, gguf_file = export_pruned_smollm2(tmp_path, tmp_path / "pruned-f16.gguf")
