@@ -121,6 +121,15 @@ class QualityTarget:
                 "validation_ppl_ratio": math.exp(increase)}
 
 
+def describe_quality_target(record: dict) -> str | None:
+    """The quality target a selection record's constraints or a history entry name, in words (None: none)."""
+    if record.get("max_loss_increase") is not None:
+        return f"validation loss at most {record['max_loss_increase']:g} nats above the unpruned model's"
+    if record.get("max_ppl_ratio") is not None:
+        return f"validation perplexity at most {record['max_ppl_ratio']:g}x the unpruned model's"
+    return None
+
+
 def most_within(loss_at: Callable[[int], float | None], limit: float, n_layers: int
                 ) -> tuple[int, tuple[int, float] | None]:
     """(the largest k of 1, 2, ... before loss_at(k) first exceeds `limit` (0: already at k = 1), the first

@@ -238,10 +238,10 @@ def heal(
 
 def _cached_teacher_targets(teacher, rows, config, tokenizer, context):
     """The teacher's top-k targets of the rows, from the on-disk cache when an earlier run made them."""
+    from tqdm.auto import tqdm
+
     from layerprune.finetune.teacher import teacher_targets
     from layerprune.models.builtin import cache_dir
-
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"teacher top-{config.distill_top_k} targets", unit="row", leave=False)

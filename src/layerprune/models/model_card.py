@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from layerprune.budgets import describe_quality_target
+
 _LOAD_STOCK = """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,12 +101,9 @@ def _step_details(entry: dict) -> str:
     for key in ("protect_first", "protect_last"):
         if entry.get(key):
             details.append(f"{key.replace('_', ' ')} {entry[key]}")
-    if entry.get("max_loss_increase") is not None:
-        details.append(f"quality target: validation loss at most {_number(entry['max_loss_increase'])} nats above "
-                       "the unpruned model's")
-    if entry.get("max_ppl_ratio") is not None:
-        details.append(f"quality target: validation perplexity at most {_number(entry['max_ppl_ratio'])}x the "
-                       "unpruned model's")
+    target = describe_quality_target(entry)
+    if target:
+        details.append(f"quality target: {target}")
     if entry.get("validation_ppl_ratio") is not None:
         details.append(f"validation perplexity {entry['validation_ppl_ratio']:.2f}x the unpruned model's")
     calib = entry.get("calibration")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from layerprune.budgets import describe_quality_target
 from layerprune.outputs import read_json
 
 ROWS = (("original", "eval-original"), ("pruned, before healing", "eval-pruned"), ("final", "eval-final"))
@@ -89,10 +90,8 @@ def _search_lines(selection: dict) -> list[str]:
     lines = []
     validation = selection.get("validation") or {}
     constraints = selection.get("constraints") or {}
-    if "max_loss_increase" in constraints or "max_ppl_ratio" in constraints:
-        target = (f"validation loss at most {constraints['max_loss_increase']} nats above the unpruned model's"
-                  if "max_loss_increase" in constraints else
-                  f"validation perplexity at most {constraints['max_ppl_ratio']}x the unpruned model's")
+    target = describe_quality_target(constraints)
+    if target:
         lines += [f"Quality target: {target}; the largest drop-set within it removes {constraints.get('num_layers')} "
                   f"layers (perplexity ratio {constraints.get('validation_ppl_ratio', float('nan')):.3f}).", ""]
     search = selection.get("search")
