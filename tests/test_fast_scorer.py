@@ -160,3 +160,19 @@ def test_models_the_tree_mask_cannot_reproduce_use_stock_scoring():
     assert plan(layer_types=["full_attention", "chunked_attention"], sliding_window=None) is None
     assert plan(use_bidirectional_attention=True) is None
     assert plan(is_encoder_decoder=True) is None
+
+
+def test_progress_estimates_the_whole_pass_from_its_first_timed_part(monkeypatch, capsys):
+    """Once ESTIMATE_AFTER_S seconds are timed, the estimate is elapsed / share of padded tokens done, and
+    the printed share keeps its digits below 10% (a long suite is timed on well under 1%)."""
+    import layerprune.evaluation.fast_lm as fast_lm
+
+    clock = iter([0.0, 4.0, 12.0, 30.0, 60.0])
+    monkeypatch.setattr(fast_lm.time, "perf_counter", lambda: next(clock))
+    progress = fast_lm.Progress(requests=40, contexts=10, work=[2, 2, 996, 1000], quiet=False)
+    progress.advance(4)  # 4 s: too early to say
+    assert progress.estimate is None
+    progress.advance(4)  # 12 s on 4 of 2,000 padded tokens
+    assert progress.estimate == (12.0, 12.0 / (4 / 2000))
+    assert "about 100.0 min in all (timed on the first 0.2%)" in capsys.readouterr().err
+    assert [fast_lm.format_share(f) for f in (0.0031, 0.08, 0.45, 0.999)] == ["0.31%", "8%", "45%", "100%"]

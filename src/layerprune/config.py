@@ -352,7 +352,7 @@ class EvalConfig(_Strict):
         "2,382 windows of 128 SmolLM2 tokens, about 9 min for a ~100M model on 2 CPU cores).")
     limit: int | None = Field(
         DEFAULT_TASK_LIMIT, ge=0, description="First N documents of each (sub)task and first N HumanEval problems; "
-        "0: every document (the full suite: hours for 'paper' on a CPU).")
+        "0: every document ('paper' in full: 165,062 requests, 61 min for a 135M model on 2 CPU cores in bf16).")
     batch_size: int = Field(8, ge=1, description="Batch size of perplexity windows and lm-eval requests (the fast "
                             "scorer: rows of up to 256 tokens).")
     avg_metric: Literal["acc", "acc_norm"] = Field("acc", description="Metric averaged into Avg Acc.")

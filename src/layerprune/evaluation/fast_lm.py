@@ -27,6 +27,12 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
+def format_share(fraction: float) -> str:
+    """A percentage with two significant digits below 10% (0.31%, not 0%)."""
+    percent = fraction * 100
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
+
+
 class Progress:
     """One bar over all requests. It advances by padded tokens, what a batch costs, so its ETA holds whatever
     the batches hold; once the first ESTIMATE_AFTER_S seconds are timed, it prints an estimate of the whole
@@ -53,7 +59,7 @@ class Progress:
             if not self.quiet:
                 self.bar.write(f"{self.requests:,} log-likelihood requests ({self.contexts:,} distinct contexts): "
                                f"about {format_seconds(elapsed / fraction)} in all (timed on the first "
-                               f"{fraction:.0%})", file=sys.stderr)
+                               f"{format_share(fraction)})", file=sys.stderr)
 
     def _done(self, requests: int) -> str:
         return f"log-likelihoods ({requests:,}/{self.requests:,} requests)"
