@@ -176,3 +176,17 @@ def test_progress_estimates_the_whole_pass_from_its_first_timed_part(monkeypatch
     assert progress.estimate == (12.0, 12.0 / (4 / 2000))
     assert "about 100.0 min in all (timed on the first 0.2%)" in capsys.readouterr().err
     assert [fast_lm.format_share(f) for f in (0.0031, 0.08, 0.45, 0.999)] == ["0.31%", "8%", "45%", "100%"]
+
+
+def test_lm_eval_itself_builds_the_fast_scorer_from_its_registered_name(tiny_dir):
+    """`model="layerprune-fast"` in lm-eval (simple_evaluate, model_args strings) gives the fast scorer, and
+    it scores as stock HFLM does."""
+    from lm_eval.api.registry import get_model
+
+    args = f"pretrained={tiny_dir},max_length={MAX_LENGTH},batch_size=2,device=cpu"
+    fast = get_model("layerprune-fast").create_from_arg_string(args)
+    assert type(fast) is FastHFLM and fast.attention is not None
+    stock = get_model("hf").create_from_arg_string(args)
+    requests = [Instance("loglikelihood", {}, (c, k), i) for i, (c, k) in
+                enumerate([("The cat sat on the ", "mat"), ("The cat sat on the ", " dog, cat and owl")])]
+    _assert_same(stock.loglikelihood(requests, disable_tqdm=True), fast.loglikelihood(requests, disable_tqdm=True))
