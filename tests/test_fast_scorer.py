@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -117,13 +118,54 @@ def test_requests_sharing_a_context_share_one_tree():
                 (None, [9], [4]), (None, [1, 2, 3, 4, 5, 6], [7, 8])]
     trees = build_trees(requests, max_length=6)
     # The last pair is 8 tokens: HFLM keeps the last 7 of them, so its context loses its first token.
-    assert [t.tokens[: t.context_length] for t in trees] == [[1, 2, 3], [9], [2, 3, 4, 5, 6]]
+    assert [t.tokens for t in trees[1:]] == [[9], [2, 3, 4, 5, 6, 7]]  # context, then 7 (8 only predicted)
     first = trees[0]
     assert first.tokens == [1, 2, 3, 5, 6]  # [4] needs no node; [5, 6, 7] and [5, 6, 8] share 5, 6
     assert first.positions == [0, 1, 2, 3, 4]
     assert [nodes for _, nodes, _ in first.scored] == [[2], [2, 3, 4], [2, 3, 4]]
     seen = first.visible()
     assert seen[4].tolist() == [True] * 5 and seen[2].tolist() == [True, True, True, False, False]
+
+
+def test_contexts_that_begin_alike_share_one_tree_within_its_size():
+    header = [50, 51, 52, 53]
+    requests = [(None, header + [1, 2], [7]), (None, header + [3], [8, 9]), (None, header + [1, 2, 4], [7]),
+                (None, [60, 61], [7]), (None, header + [5], [7])]
+    unshared = build_trees(requests, max_length=64)
+    assert [t.contexts for t in unshared] == [1] * 5
+    shared = build_trees(requests, max_length=64, share_tokens=9, min_shared=4)
+    # sorted: header+1,2 / header+1,2,4 / header+3 / header+5 / 60,61; the first three fill 9 nodes
+    assert [t.contexts for t in shared] == [3, 1, 1]
+    tree = shared[0]
+    assert tree.tokens == header + [1, 2, 4, 3, 8]  # header once; header+1,2 is a prefix of header+1,2,4
+    assert tree.positions == [0, 1, 2, 3, 4, 5, 6, 4, 5]
+    assert {index: nodes for index, nodes, _ in tree.scored} == {0: [5], 2: [6], 1: [7, 8]}
+    assert tree.visible()[8].tolist() == [True] * 4 + [False] * 3 + [True, True]  # 9's input sees header, 3, 8
+    assert len(tree) == 9 and sum(map(len, shared)) < sum(map(len, unshared))
+    assert [t.contexts for t in build_trees(requests, 64, share_tokens=12, min_shared=5)] == [2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_contexts_sharing_a_header_score_as_stock_hflm(family):
+    """MMLU-like requests (one header, several questions, one-token and multi-token answers) through
+    shared trees give stock HFLM's numbers, whatever the tree size (one question per tree, or many)."""
+    header = "Quiz on cats:\n"  # 14 tokens of the character-level tiny tokenizer
+    questions = ["red?", "a dog?", "naps?", "x"]
+    requests = [Instance("loglikelihood", {}, (header + q, k), i) for i, (q, k) in
+                enumerate((q, k) for q in questions for k in [" A", " B", " no", "mat"])]
+    stock, _ = _lms(tiny_model(family))
+    expected = stock.loglikelihood(requests, disable_tqdm=True)
+    built = []
+
+    def recorded(*args, **kwargs):
+        built.append(build_trees(*args, **kwargs))
+        return built[-1]
+
+    for row_tokens, trees in ((16, 4), (40, 2)):  # a question per tree / two questions share a header
+        fast = _lms(tiny_model(family), row_tokens=row_tokens)[1]
+        with mock.patch("layerprune.evaluation.fast_scorer.build_trees", recorded):
+            _assert_same(expected, fast.loglikelihood(requests, disable_tqdm=True))
+        assert len(built[-1]) == trees and fast.progress.contexts == len(questions)
 
 
 def test_branches_see_the_context_but_not_each_other():

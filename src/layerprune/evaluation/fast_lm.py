@@ -89,10 +89,11 @@ class FastHFLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.attention is None:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        trees = fs.build_trees(requests, self.max_length)
         row_tokens = min(self.row_tokens, self.max_length)  # a row is no longer than one model window
+        trees = fs.build_trees(requests, self.max_length, share_tokens=row_tokens)
         batches = fs.plan_batches(trees, row_tokens, self.rows_per_batch)
-        self.progress = Progress(len(requests), len(trees), [fs.padded_tokens(rows) for rows in batches],
+        contexts = sum(tree.contexts for tree in trees)
+        self.progress = Progress(len(requests), contexts, [fs.padded_tokens(rows) for rows in batches],
                                  quiet=disable_tqdm or self.rank != 0)
         results: list = [None] * len(requests)
         for rows in batches:

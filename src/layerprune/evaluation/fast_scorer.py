@@ -3,9 +3,10 @@
 lm-eval's HFLM scores each (context, continuation) pair as its own sequence, so a 4-choice question pays
 for its context 4 times, and it projects every position onto the vocabulary. Here the requests that see the
 same context (after HFLM's own left truncation) become one token tree: the context, then each continuation
-as a branch. Trees are packed into rows; a 4D attention mask lets each token see only its ancestors and the
-position ids restart at every branch, so each branch computes exactly what its own sequence would. Only the
-positions that predict a continuation token go through the LM head.
+as a branch; distinct contexts that begin alike (a task's shared header, as in MMLU) can share one tree,
+their common tokens once. Trees are packed into rows; a 4D attention mask lets each token see only its
+ancestors and the position ids restart at every branch, so each branch computes exactly what its own
+sequence would. Only the positions that predict a continuation token go through the LM head.
 
 Prompts, tokenization (HFLM's `_encode_pair`), truncation, is-greedy flags and metrics stay lm-eval's: this
 only changes how the numbers are computed (log-likelihoods agree to float rounding).
@@ -21,24 +22,23 @@ import torch
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 CHUNK = 512  # trees sorted and packed together: more packs tighter, fewer keeps the early rate representative
+MIN_SHARED = 8  # contexts that share at least this many leading tokens (a task's header) may share a tree
 
 
 @dataclass
 class Tree:
-    """One context and every continuation scored after it: a token tree, parents before children."""
+    """Contexts and every continuation scored after them: a token trie, parents before children.
 
-    context_length: int
-    tokens: list[int]
-    parents: list[int]  # each node's parent; -1 for the root
-    positions: list[int]  # position id = depth
+    Usually one context; contexts that start alike (MMLU's subject header) can share one tree, the shared
+    tokens run once. A node's hidden state depends only on its ancestors, so sharing changes no number."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # each node's parent; -1 for the root
+    positions: list[int] = field(default_factory=list)  # position id = depth
     # (request index, the nodes whose logits predict each continuation token, the continuation)
     scored: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
     children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def of_context(cls, context: tuple[int, ...]) -> "Tree":
-        n = len(context)
-        return cls(n, list(context), list(range(-1, n - 1)), list(range(n)))
+    contexts: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -52,40 +52,51 @@ class Tree:
         """No branches (one continuation, or only one-token ones): plain causal attention is its mask."""
         return len(self.tokens) == self.depth
 
-    def add(self, index: int, continuation: list[int]) -> None:
-        """Branch `continuation` off the context's last token; continuations share their common prefix."""
-        node = self.context_length - 1
-        nodes = [node]
-        for token in continuation[:-1]:  # the last token is only predicted, never fed (HFLM's inp[:-1])
+    def insert(self, context) -> int:
+        """Walk or grow the path of `context` from the root; its last node (where continuations branch)."""
+        self.contexts += 1
+        return self._path(-1, context)[-1]
+
+    def add(self, index: int, end: int, continuation: list[int]) -> None:
+        """Branch `continuation` off the context ending at node `end`; continuations share common prefixes.
+        The last token is only predicted, never fed (HFLM's inp[:-1])."""
+        self.scored.append((index, [end] + self._path(end, continuation[:-1]), continuation))
+
+    def _path(self, node: int, tokens) -> list[int]:
+        nodes = []
+        for token in tokens:
             child = self.children.get((node, token))
             if child is None:
                 child = len(self.tokens)
                 self.tokens.append(token)
                 self.parents.append(node)
-                self.positions.append(self.positions[node] + 1)
+                self.positions.append(self.positions[node] + 1 if node >= 0 else 0)
                 self.children[(node, token)] = child
             node = child
             nodes.append(node)
-        self.scored.append((index, nodes, continuation))
+        return nodes
 
     def visible(self) -> np.ndarray:
         """[n, n] bool: node i sees node j when j is i or one of its ancestors."""
-        n, c = len(self.tokens), self.context_length
+        n = len(self.tokens)
+        chain = next((i for i in range(1, n) if self.parents[i] != i - 1), n)  # the leading run is causal
         seen = np.zeros((n, n), dtype=bool)
-        seen[:c, :c] = np.tri(c, dtype=bool)
-        for i in range(c, n):
+        seen[:chain, :chain] = np.tri(chain, dtype=bool)
+        for i in range(chain, n):
             seen[i] = seen[self.parents[i]]
             seen[i, i] = True
         return seen
 
 
-def build_trees(requests: list, max_length: int) -> list[Tree]:
+def build_trees(requests: list, max_length: int, share_tokens: int | None = None,
+                min_shared: int = MIN_SHARED) -> list[Tree]:
     """Group `(key, context_tokens, continuation_tokens)` requests by the context each one really sees.
 
     HFLM feeds `(context + continuation)[-(max_length + 1):][:-1]`: a pair longer than the window loses
-    tokens on the left, so its context is what is left before the continuation.
+    tokens on the left, so its context is what is left before the continuation. With `share_tokens`,
+    contexts whose first `min_shared` or more tokens agree share one tree of at most that many tokens.
     """
-    trees: dict[tuple[int, ...], Tree] = {}
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for index, (_, context_enc, continuation_enc) in enumerate(requests):
         # HFLM's own checks, word for word: harness._request_error turns them into one-line errors
         assert len(context_enc) > 0
@@ -93,10 +104,30 @@ def build_trees(requests: list, max_length: int) -> list[Tree]:
         assert len(continuation_enc) <= max_length
         kept = (list(context_enc) + list(continuation_enc))[-(max_length + 1):]
         key = tuple(kept[: len(kept) - len(continuation_enc)])
-        if key not in trees:
-            trees[key] = Tree.of_context(key)
-        trees[key].add(index, list(continuation_enc))
-    return list(trees.values())
+        groups.setdefault(key, []).append((index, list(continuation_enc)))
+    trees: list[Tree] = []
+    previous: tuple[int, ...] = ()
+    # Sorted, a context shares the longest prefix of any earlier one with the one just before it.
+    for key in sorted(groups) if share_tokens else groups:
+        branches = groups[key]
+        if share_tokens and trees and (shared := _common_prefix(previous, key)) >= min_shared:
+            grown = len(key) - shared + sum(len(c) - 1 for _, c in branches)  # at most this many new nodes
+            tree = trees[-1] if len(trees[-1]) + grown <= share_tokens else None
+        else:
+            tree = None
+        if tree is None:
+            tree = Tree()
+            trees.append(tree)
+        end = tree.insert(key)
+        for index, continuation in branches:
+            tree.add(index, end, continuation)
+        previous = key
+    return trees
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def pack_rows(trees: list[Tree], row_tokens: int) -> list[list[Tree]]:
