@@ -1,7 +1,8 @@
 """Shared-prefix log-likelihood scoring for lm-eval: every distinct context runs through the model once.
 
-lm-eval's HFLM scores each (context, continuation) pair as its own sequence, so a 4-choice question pays
-for its context 4 times, and it projects every position onto the vocabulary. Here the requests that see the
+lm-eval's HFLM scores each (context, continuation) pair as its own sequence (only one-token continuations
+of one context share a forward), so a 4-choice question with longer answers pays for its context 4 times,
+and it projects every position onto the vocabulary. Here the requests that see the
 same context (after HFLM's own left truncation) become one token tree: the context, then each continuation
 as a branch; distinct contexts that begin alike (a task's shared header, as in MMLU) can share one tree,
 their common tokens once. Trees are packed into rows; a 4D attention mask lets each token see only its
