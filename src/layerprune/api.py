@@ -103,7 +103,8 @@ def prune_model(
         dropped = sorted(d for r in rounds for d in r["dropped"])
         how = {"dropped": dropped, "chosen_by": config.metrics[0], "schedule": config.schedule, "rounds": rounds}
     else:
-        how = choose(model, config, score=in_memory_scores(model, calibration), validation=validation, log=log)
+        with _announced_choice(model, config, log):
+            how = choose(model, config, score=in_memory_scores(model, calibration), validation=validation, log=log)
         dropped = how["dropped"]
         remove_units(model, dropped, config.granularity, how=history_entry(how))
     samples_after = _samples(loaded, prompts, max_new_tokens)
@@ -123,6 +124,20 @@ def prune_model(
         granularity=config.granularity,
         rounds=rounds,
     )
+
+
+def _announced_choice(model, config: PruneConfig, log):
+    """Print the estimate of choosing the layers (scores, select auto, search) when it reads text."""
+    import contextlib
+
+    from layerprune.hardware.estimate import announced, measure_speed
+    from layerprune.run_plan import choose_seconds
+    from layerprune.strategies import layers_to_drop, needs_calibration
+
+    if not needs_calibration(config):
+        return contextlib.nullcontext()
+    seconds = choose_seconds(model, config, measure_speed(model), layers_to_drop(model, config))
+    return announced(f"choosing the layers (select {config.select})", seconds, log)
 
 
 def _samples(loaded, prompts, max_new_tokens):
@@ -168,7 +183,7 @@ def prepare_training_rows(config: HealConfig, tokenizer) -> tuple[list[dict], di
 
 
 def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = None, work_dir=None,
-                resume: bool = False):
+                resume: bool = False, log=print):
     """Heal an in-memory model (loaded.model) with one healing config: the one heal path of the CLI, the
     API, YAML runs and iterative rounds. Returns (HealResult, record for heal.json); the healed model
     (result.model) carries a `healed` entry in its provenance history."""
@@ -185,7 +200,7 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
             raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")
         teacher = load(teacher_ref, dtype=config.train_dtype, load_tokenizer=False).model
     result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=teacher, work_dir=work_dir,
-                  resume=resume)
+                  resume=resume, log=log)
     record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
     history = [*provenance(result.model).get("history", []), {"healed": config.method, "data": data_info["source"]}]
     result.model.config.layerprune = {**result.model.config.layerprune, "history": history}

@@ -39,6 +39,9 @@ class Run:
     the pruned model, the original's evaluation) is done once there and linked into each run folder."""
 
     def __init__(self, config: RunConfig, log: Log = print, shared_dir: str | Path | None = None):
+        from layerprune.hardware.estimate import Plan
+
+        self.plan = Plan("run")  # replaced by the estimated plan once the original is loaded
         self.config = config
         self.dir = Path(config.out)
         self.log = log
@@ -74,8 +77,10 @@ class Run:
             key["eval"] = c.eval.model_dump(mode="json", exclude={"original", "before_healing"})
         return key
 
-    def load(self, ref: str, tokenizer_from: LoadedModel | None = None) -> LoadedModel:
-        loaded = load_model(ref, dtype=self.config.dtype)
+    def load(self, ref: str, tokenizer_from: LoadedModel | None = None, *, saved: bool = False) -> LoadedModel:
+        """saved: the model's weights will be written (pruned), so they keep their dtype; otherwise it is only
+        computed with, and dtype auto takes fp32 where the CPU only emulates the stored half type."""
+        loaded = load_model(ref, dtype=self.config.dtype, for_compute=not saved)
         if loaded.tokenizer is None and tokenizer_from is not None:
             loaded.tokenizer = tokenizer_from.tokenizer
         return loaded
@@ -165,28 +170,57 @@ class Run:
         write_json(self.path("versions.json"), package_versions())
         started = time.perf_counter()
         original = self.load(self.config.model)
+        self.plan = self.time_plan(original)
         torch.manual_seed(self.config.seed)
         if self.config.eval and self.config.eval.original:
-            self.evaluate("eval-original", original, key=self._key("eval"))
+            with self.plan.timed("eval-original"):
+                self.evaluate("eval-original", original, key=self._key("eval"))
         if self.config.curve:
-            self.curve(original)
+            with self.plan.timed("curve"):
+                self.curve(original)
         if self.config.prune.strategy == "iterative":
-            final_ref = self.iterative(original)
+            with self.plan.timed("rounds"):
+                final_ref = self.iterative(original)
         else:
-            self.one_shot(original)
+            with self.plan.timed("prune"):
+                self.one_shot(original)
             if self.config.eval and self.config.eval.before_healing and self.config.heal:
-                self.evaluate("eval-pruned", self.load(str(self.path("pruned")), original),
-                              key=self._key("calibration", "prune", "eval"))
+                with self.plan.timed("eval-pruned"):
+                    self.evaluate("eval-pruned", self.load(str(self.path("pruned")), original),
+                                  key=self._key("calibration", "prune", "eval"))
             final_ref = self.heal_chain(str(self.path("pruned")), original, base=self.stage_base())
         final = self.load(final_ref, original)
         if self.config.eval:
-            self.evaluate("eval-final", final)
+            with self.plan.timed("eval-final"):
+                self.evaluate("eval-final", final)
         if self.config.bench:
-            self.benchmark(original, final)
-        summary = self.report(final_ref)
+            with self.plan.timed("bench"):
+                self.benchmark(original, final)
+        with self.plan.timed("report"):
+            summary = self.report(final_ref)
         summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+        summary["stage_times"] = self.plan.to_json()
         write_json(self.path("run.json"), summary)
+        for line in self.plan.lines(with_actual=True):
+            self.log(line)
         return summary
+
+    def time_plan(self, original: LoadedModel):
+        """Time a forward of the original here, estimate every stage from it and print the plan."""
+        from layerprune.hardware.compute import compute_choice
+        from layerprune.hardware.estimate import measure_speed
+        from layerprune.run_plan import plan_run
+
+        speed = measure_speed(original.model)
+        heal_speed = speed
+        if self.config.heal:
+            device = next(original.model.parameters()).device
+            heal_speed = measure_speed(original.model, compute=compute_choice(device, self.config.heal[0].bf16))
+        done = {stage.name for stage in self.stages() if self.path(stage.outputs[0]).exists()}
+        plan = plan_run(self, original.model, speed, heal_speed, done)
+        for line in plan.lines():
+            self.log(line)
+        return plan
 
     def one_shot(self, original: LoadedModel) -> None:
         selection, pruned_dir = self.path("selection.json"), self.path("pruned")
@@ -197,7 +231,7 @@ class Run:
             self.log("pruned model exists: skipping score/select/prune")
         else:
             record = read_json(selection, missing_ok=True) or self.choose(original)
-            pruned = self.load(self.config.model)
+            pruned = self.load(self.config.model, saved=True)
             granularity = self.config.prune.granularity  # block, or attention/MLP only (models/sublayer.py)
             remove_units(pruned.model, record["dropped"], granularity, how=history_entry(record))
             write_json(selection, record)  # only once it applied: a selection that fails must not be reused
@@ -272,8 +306,9 @@ class Run:
                 loaded.tokenizer = tokenizer_from.tokenizer
             self.log(f"healing with {stage.method} ({out.name})")
             work = out.with_name(_work_dir_name(out.name, self.heal_settings(base, number)))
-            result, record = heal_loaded(loaded, stage, default_teacher=self.config.model, work_dir=work,
-                                         resume=work.exists())
+            with self.plan.timed(out.name) if prefix == "healed" else nullcontext():
+                result, record = heal_loaded(loaded, stage, default_teacher=self.config.model, work_dir=work,
+                                             resume=work.exists(), log=self.log)
             if not _main_process():
                 return str(out)  # under accelerate/torchrun only the main process writes
             write_healed(result, record, loaded.tokenizer, out, overwrite=True)
@@ -293,7 +328,7 @@ class Run:
                 ref = read_json(round_dir / "done.json")["model"]
                 continue
             round_dir.mkdir(parents=True, exist_ok=True)
-            current = self.load(ref, original)
+            current = self.load(ref, original, saved=True)
             selection = round_dir / "selection.json"
             record = read_json(selection, missing_ok=True)
             pruned_dir = round_dir / "pruned"

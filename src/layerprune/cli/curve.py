@@ -39,6 +39,8 @@ def curve(
     """How many layers, and which: validation perplexity for k = 0..max-drop layers removed, per selection."""
     from layerprune.config import curve_selections
     from layerprune.curve import curve_for_loaded, write_curve_files
+    from layerprune.hardware.estimate import announced, measure_speed
+    from layerprune.run_plan import curve_seconds
     from layerprune.models.loading import load_model
     from layerprune.outputs import check_output_dir
 
@@ -46,9 +48,10 @@ def curve(
                                  nested={"calibration": CALIBRATION_OPTIONS})
     inputs = [model, config.calibration.source]
     check_output_dir(out, overwrite, inputs)
-    loaded = load_model(model, dtype=dtype)
-    record = curve_for_loaded(loaded, config, log=lambda message: console.print(f"[dim]»[/] {message}",
-                                                                                highlight=False))
+    loaded = load_model(model, dtype=dtype, for_compute=True)
+    say = lambda message: console.print(f"[dim]»[/] {message}", highlight=False)  # noqa: E731
+    with announced("the curve", curve_seconds(loaded.model, config, measure_speed(loaded.model)), say):
+        record = curve_for_loaded(loaded, config, log=say)
     written = write_curve_files(out, record, overwrite=overwrite, inputs=inputs)
     _print_curve(record)
     console.print(f"wrote {', '.join(p.name for p in written)} to [bold]{out}[/]")

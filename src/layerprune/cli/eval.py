@@ -51,20 +51,24 @@ def eval_command(
     from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
     from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT
     from layerprune.evaluation.run import describe_plan, plan_eval, run_eval, write_eval
+    from layerprune.hardware.estimate import eval_seconds, format_seconds, measure_speed
     from layerprune.models.loading import load_model
     from layerprune.models.quantize import check_load_in
     from layerprune.outputs import check_output_dir
 
     check_output_dir(out, overwrite, inputs=[model, tasks, ppl])
     load_in = check_load_in(load_in)  # before the plan reads any data
-    plan = plan_eval(config_from_options(EvalConfig, locals()))
+    eval_config = config_from_options(EvalConfig, locals())
+    plan = plan_eval(eval_config)
     console.print(f"evaluating: {describe_plan(plan)}", highlight=False)
     quick = (plan.lm_eval_tasks and limit is None and plan.limit == DEFAULT_TASK_LIMIT) or (
         plan.ppl and ppl_windows is None and plan.ppl_windows == DEFAULT_PPL_WINDOWS)
     if quick:
         console.print("(the quick default: a few minutes for a ~100M model on 2 CPU cores; --limit 0 --ppl-windows 0 "
                       "is the full protocol, --tasks none skips the zero-shot tasks)", highlight=False)
-    loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in)
+    loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in, for_compute=True)
+    estimate = eval_seconds(eval_config, measure_speed(loaded.model))
+    console.print(f"estimated {format_seconds(estimate)} on this machine (from a timed forward)", highlight=False)
     result = run_eval(loaded, plan)
     write_eval(out, result, plan, overwrite=overwrite)
     record = result.record
@@ -89,7 +93,7 @@ def eval_command(
         console.print(f"{name} perplexity: [bold]{r['ppl']:.4g}[/] ({r['tokens']:,} tokens; {ppl_protocol(r)})")
     walls = record["wall_time_s"]
     parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items() if name != "total")
-    console.print(f"wall time {walls['total']:.0f} s ({parts}); wrote eval.json, eval.md"
+    console.print(f"wall time {walls['total']:.0f} s, estimated {format_seconds(estimate)} ({parts}); wrote eval.json, eval.md"
                   f"{', samples.json' if result.samples is not None else ''}"
                   f"{', humaneval.jsonl' if result.humaneval is not None else ''} to [bold]{out}[/]")
 

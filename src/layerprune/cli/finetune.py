@@ -34,6 +34,7 @@ def finetune(
     learning_rate: Optional[float] = config_option(H, "learning_rate", "--learning-rate", "--lr"),
     epochs: Optional[float] = config_option(H, "epochs"),
     max_steps: Optional[int] = config_option(H, "max_steps"),
+    max_minutes: Optional[float] = config_option(H, "max_minutes"),
     batch_size: Optional[int] = config_option(H, "batch_size"),
     effective_batch_size: Optional[int] = config_option(H, "effective_batch_size"),
     warmup_steps: Optional[int] = config_option(H, "warmup_steps"),
@@ -59,7 +60,8 @@ def finetune(
     local_layers: Optional[int] = config_option(H, "local_layers"),
     loss_chunk: Optional[int] = config_option(H, "loss_chunk"),
     train_dtype: Optional[str] = config_option(H, "train_dtype"),
-    bf16: Optional[bool] = config_option(H, "bf16", help="bf16 autocast (default: where the hardware supports it)."),
+    bf16: Optional[bool] = config_option(H, "bf16", help="bf16 autocast (default: where the hardware computes bf16 "
+                                         "natively; fp32 on CPUs without AVX512-BF16/AMX)."),
     gradient_checkpointing: Optional[bool] = config_option(H, "gradient_checkpointing"),
     seed: Optional[int] = config_option(H, "seed"),
     logging_steps: Optional[int] = config_option(H, "logging_steps"),
@@ -81,7 +83,13 @@ def finetune(
                   f"({100 * result.trainable_params / result.total_params:.1f}%)")
     table.add_row("optimizer steps", str(result.steps))
     table.add_row("tokens seen (with loss)", f"{result.tokens_seen:,}")
-    table.add_row("time", f"{result.seconds:.1f} s")
+    timing = result.notes.get("estimate")
+    table.add_row("time", f"{result.seconds:.1f} s training" + (
+        f"; {timing['took_seconds']:.0f} s with the teacher pass (estimated {timing['seconds']:.0f} s)" if timing else ""))
+    if "time_budget" in result.notes:
+        budget = result.notes["time_budget"]
+        table.add_row("time budget", f"{budget['minutes']:g} min: {result.steps} of {budget['steps_wanted']} steps")
+    table.add_row("computed in", result.notes.get("compute", {}).get("dtype", "-"))
     table.add_row("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
     console.print(table)
     console.print(f"healed model saved to [bold]{path}[/] (with heal.json, loss.csv, loss.png)")

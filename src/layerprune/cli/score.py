@@ -61,7 +61,7 @@ def score(
                                   "stability study (several --n-samples, --seeds or --calib) need the loaded model")
         loaded = load_skeleton(model, dtype=dtype, metrics=names)  # weights stay on disk
     else:
-        loaded = load_model(model, dtype=dtype, device_map=device_map)
+        loaded = load_model(model, dtype=dtype, device_map=device_map, for_compute=True)
     n_layers = len(kept_layers(loaded.model))
     n_drop = default_n_drop(n_layers, num_layers, ratio)
     block_size = block_size or n_drop

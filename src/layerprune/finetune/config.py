@@ -46,6 +46,9 @@ class HealConfig(BaseModel):
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int = Field(150, description="Stop after this many optimizer steps (-1: use epochs).")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Time budget of the healing stage (teacher pass + steps) on this machine: one timed "
+        "step fits the number of steps into it, so the schedule completes; it never runs more than max_steps.")
     batch_size: int = Field(4, ge=1, description="Micro-batch per device.")
     effective_batch_size: int | None = Field(
         None, ge=1, description="Examples per optimizer step, via gradient accumulation (default: the micro-batch).")
@@ -83,9 +86,11 @@ class HealConfig(BaseModel):
     loss_chunk: int = Field(1024, ge=1, description="Positions whose logits are computed at once (memory bound).")
     # runtime
     train_dtype: Literal["fp32", "auto"] = Field(
-        "fp32", description="Weights while training: fp32 master weights (compute still uses bf16 autocast) | auto "
+        "fp32", description="Weights while training: fp32 master weights (compute still uses `bf16`'s autocast) | auto "
         "(the checkpoint's dtype).")
-    bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast (auto: where the hardware supports it).")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast. auto: where the hardware computes bf16 natively (a GPU with bf16, a CPU "
+        "with AVX512-BF16 or AMX), else fp32 on a CPU (emulated bf16 is many times slower) and fp16 on a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     seed: int = Field(0, description="Seed of data order, dropout and adapter initialisation.")
     logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")

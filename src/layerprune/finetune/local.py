@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
-from layerprune.finetune.methods import _wants_bf16, register_method
+from layerprune.finetune.methods import heal_compute, register_method
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.surgery import kept_layers, provenance
 from layerprune.models.tokens import pad_token_id
@@ -148,9 +148,9 @@ def _cut_positions(student: nn.Module, teacher: nn.Module, first: int, last: int
     return kept_layers(student).index(first - 1), teacher_kept.index(last)
 
 
-def _forward(model: nn.Module, ids, mask, bf16: bool):
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
+def _forward(model: nn.Module, ids, mask):
+    """A plain forward in the weights' dtype: captured streams feed least-squares fits and targets."""
+    model(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def teacher_streams(teacher: nn.Module, rows: list[dict], positions: list[int], *, pad_id: int,
@@ -162,7 +162,7 @@ def teacher_streams(teacher: nn.Module, rows: list[dict], positions: list[int], 
     with torch.no_grad():
         for ids, mask in _batches(rows, pad_id, batch_size, next(teacher.parameters()).device):
             with _Capture({str(p): layers[p] for p in positions}) as t:
-                _forward(teacher, ids, mask, bf16=False)
+                _forward(teacher, ids, mask)
             for p in positions:
                 streams[p].append(t.values[str(p)])
     return streams
@@ -188,7 +188,7 @@ def fit_cut(model: nn.Module, teacher: nn.Module, first: int, last: int, rows: l
     with torch.no_grad():
         for (ids, mask), target in zip(_batches(rows, pad_id, batch_size, device), targets):
             with _Capture({"layer": layer, "mlp": projection}) as s:
-                _forward(model, ids, mask, bf16=False)
+                _forward(model, ids, mask)
             keep = mask.bool()
             m = s.values["mlp"][keep].double()
             wanted = (target - (s.values["layer"] - s.values["mlp"]))[keep].double()
@@ -246,7 +246,7 @@ class BlockLocal:
         teacher, pad = context.teacher, pad_token_id(context.tokenizer)
         rows = rows[:config.max_samples or DEFAULT_LOCAL_ROWS]
         device = next(model.parameters()).device
-        bf16 = _wants_bf16(config)
+        compute = heal_compute(model, config)
         student_layers = get_anatomy(model).layers
         positions = _teacher_positions(model, teacher)
         streams = teacher_streams(teacher, rows, sorted(set(positions.values())), pad_id=pad,
@@ -264,7 +264,7 @@ class BlockLocal:
             with torch.no_grad():  # inputs of the first trained layer, cached once per cut
                 for (ids, mask), target in zip(_batches(rows, pad, config.batch_size, device), streams[where[1]]):
                     with _Capture({}, inputs_of={i: student_layers[i] for i in span}) as s:
-                        _forward(model, ids, mask, bf16=False)
+                        _forward(model, ids, mask)
                     batches.append((s.inputs, target, mask.bool()))
             params = [p for i in span for p in student_layers[i].parameters()]
             for p in params:
@@ -273,7 +273,7 @@ class BlockLocal:
             steps = config.max_steps if config.max_steps > 0 else max(1, round(config.epochs * len(batches)))
             for step in range(steps):
                 inputs, target, keep = batches[step % len(batches)]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with compute.autocast():
                     hidden = _hidden_argument(*inputs[span[0]])
                     for i in span:  # each layer with its own arguments (masks differ between layer types)
                         hidden = _call_layer(student_layers[i], hidden, *inputs[i])

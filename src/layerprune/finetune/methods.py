@@ -196,7 +196,8 @@ class QLora:
 
         from layerprune.models.model_config import trusts_remote_code
 
-        compute_dtype = torch.bfloat16 if _wants_bf16(config) else torch.float32
+        choice = heal_compute(model, config)
+        compute_dtype = torch.float32 if choice.dtype == "fp32" else choice.torch_dtype
         context.notes["full_precision"] = model
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
@@ -220,7 +221,8 @@ class QLora:
         return _merge_adapters(full)
 
 
-def _wants_bf16(config) -> bool:
-    if config.bf16 == "auto":
-        return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
-    return bool(config.bf16)
+def heal_compute(model, config):
+    """How healing computes on the model's device: hardware.compute decides from `config.bf16`."""
+    from layerprune.hardware.compute import compute_choice
+
+    return compute_choice(next(model.parameters()).device, config.bf16)

@@ -7,6 +7,7 @@ key's inputs next to the tensors, so a cached file says what it was made from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from torch import nn
 
 from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.finetune.losses import causal_lm_parts, head_logits, labelled_positions
+from layerprune.hardware.compute import ComputeChoice
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -55,9 +57,10 @@ class TeacherTargets:
 
 
 def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int, batch_size: int = 8,
-                            bf16: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            compute: ComputeChoice | None = None, log=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values, indices, offsets) of the teacher's top-k logits at every labelled position of every row.
-    bf16: run the teacher under bf16 autocast (about 3x faster on a CPU; the targets are kept in fp32)."""
+    compute: the autocast to run the teacher under (hardware.compute; bf16 is about 3x faster on a CPU with
+    native bf16, 26x slower on one without); the targets are kept in fp32. None: as the weights are."""
     _, head, softcap = causal_lm_parts(teacher)
     device = next(teacher.parameters()).device
     values, indices, offsets = [], [], [0]
@@ -72,7 +75,7 @@ def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad
             for i, r in enumerate(batch):
                 n = len(r["input_ids"])
                 ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with compute.autocast() if compute is not None else contextlib.nullcontext():
                 hidden, _ = labelled_positions(teacher, ids.to(device), mask.to(device), labels.to(device))
                 for chunk in hidden.split(1024):
                     top = head_logits(head, chunk, softcap).topk(k, dim=-1)
@@ -86,18 +89,20 @@ def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad
 
 
 def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int, cache_dir: str | os.PathLike,
-                    batch_size: int = 8, bf16: bool = False, log=None) -> tuple[TeacherTargets, bool]:
+                    batch_size: int = 8, compute: ComputeChoice | None = None,
+                    log=None) -> tuple[TeacherTargets, bool]:
     """The teacher's top-k targets of `rows`, from the cache when present; returns (targets, from_cache)."""
     from safetensors.torch import load_file, save_file
 
-    key = {"teacher": model_fingerprint(teacher), "rows": rows_fingerprint(rows), "k": k, "bf16": bf16}
+    key = {"teacher": model_fingerprint(teacher), "rows": rows_fingerprint(rows), "k": k,
+           "compute": compute.dtype if compute is not None else "none"}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"teacher-top{k}-{name}.safetensors"
     if path.is_file():
         tensors = load_file(str(path))
         return TeacherTargets(tensors["values"], tensors["indices"], tensors["offsets"], {**key, "file": str(path)}), True
     values, indices, offsets = compute_teacher_targets(teacher, rows, k, pad_id=pad_id, batch_size=batch_size,
-                                                       bf16=bf16, log=log)
+                                                       compute=compute, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"values": values, "indices": indices, "offsets": offsets}, str(partial),

@@ -15,10 +15,11 @@ import torch
 from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
+from layerprune.hardware.compute import announce
 from layerprune.finetune.losses import (
     causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions,
 )
-from layerprune.finetune.methods import HealContext, _wants_bf16, get_method, trainable_parameters
+from layerprune.finetune.methods import HealContext, get_method, heal_compute, trainable_parameters
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import pad_token_id
 
@@ -136,11 +137,13 @@ def heal(
     teacher=None,
     work_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    log=print,
 ) -> HealResult:
     """Fine-tune `model` on tokenized rows ({input_ids, labels}) with one method; returns a stock model.
 
     work_dir holds Trainer checkpoints (resume picks up the last one). Under `accelerate launch`
-    the Trainer runs data-parallel (DDP/FSDP) with no change here.
+    the Trainer runs data-parallel (DDP/FSDP) with no change here. Before training, one timed step gives
+    the estimate printed through `log`, and fits the steps into `config.max_minutes` when set (budget.py).
     """
     from transformers import TrainingArguments, set_seed
 
@@ -149,8 +152,12 @@ def heal(
     method = get_method(config.method)
     if method.needs_teacher and teacher is None:
         raise LayerpruneError(f"{config.method} needs a teacher model (the unpruned model)")
+    started = time.perf_counter()
     set_seed(config.seed)
     context = HealContext(tokenizer=tokenizer, teacher=teacher)
+    compute = heal_compute(model, config)
+    announce(compute)
+    context.notes["compute"] = compute.to_json()
     if method.run is not None:  # a procedure of its own (e.g. training-free replacement), not the Trainer
         return _run_procedure(method, model, rows, config, context)
     if config.init == "replace" and provenance(model)["dropped_layers"]:  # an unpruned model has no cut
@@ -158,15 +165,20 @@ def heal(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = config.effective_batch_size or config.batch_size
     accumulation = max(1, math.ceil(wanted / (config.batch_size * world)))
+    rows_per_step = config.batch_size * accumulation * world
     # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
     distill_from = teacher if method.distills else None
-    targets = None
-    if distill_from is not None and config.distill_top_k is not None:
-        if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
-            rows = rows[:config.max_steps * config.batch_size * accumulation * world]
-        targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context)
+    cached_targets = distill_from is not None and config.distill_top_k is not None
     trainable_model = method.prepare(model, config, context)
     trainable, total = trainable_parameters(trainable_model)
+    config, deadline = _plan_steps(trainable_model, rows, config, context, compute, started=started,
+                                   accumulation=accumulation, rows_per_step=rows_per_step,
+                                   teacher=distill_from if cached_targets else None, log=log)
+    targets = None
+    if cached_targets:
+        if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
+            rows = rows[:config.max_steps * rows_per_step]
+        targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute)
 
     work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
     args = TrainingArguments(
@@ -181,7 +193,9 @@ def heal(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         optim="adamw_torch_fused",  # one fused kernel: ~0.1 s less per step than foreach on 2 CPU cores (SmolLM2 partial)
-        bf16=_wants_bf16(config) and config.method != "qlora",
+        # qlora computes in the 4-bit layers' own compute dtype (methods.QLora), so no autocast on top
+        bf16=compute.dtype == "bf16" and config.method != "qlora",
+        fp16=compute.dtype == "fp16" and compute.device == "cuda" and config.method != "qlora",
         activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no",
@@ -205,6 +219,7 @@ def heal(
         alpha=config.distill_alpha,
         top_k=config.distill_top_k,
         chunk=config.loss_chunk,
+        callbacks=[deadline] if deadline is not None else None,
     )
     if distill_from is not None:
         distill_from.eval().requires_grad_(False)
@@ -218,6 +233,9 @@ def heal(
         for e in trainer.state.log_history
         if "loss" in e
     ]
+    if deadline is not None:
+        context.notes["time_budget"]["stopped_early"] = type(deadline).stopped_early
+    context.notes["estimate"]["took_seconds"] = round(time.perf_counter() - started, 1)  # teacher pass included
     final = method.finalize(trainable_model, config, context)
     final.eval()
     tokens = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in rows)
@@ -236,7 +254,36 @@ def heal(
     )
 
 
-def _cached_teacher_targets(teacher, rows, config, tokenizer, context):
+def _plan_steps(model, rows, config, context, compute, *, started, accumulation, rows_per_step, teacher, log):
+    """Time one step (budget.probe_heal), print the estimate, and with max_minutes fit max_steps into the
+    budget. Returns (config with the steps to run, a deadline callback or None)."""
+    from layerprune.finetune.budget import deadline_callback, fit_steps, probe_heal
+    from layerprune.hardware.estimate import format_seconds as format_minutes
+
+    probe = probe_heal(model, rows, batch_size=config.batch_size, accumulation=accumulation, compute=compute,
+                       pad_id=pad_token_id(context.tokenizer), teacher=teacher, top_k=config.distill_top_k)
+    wanted = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(rows) / rows_per_step)
+    steps, deadline = wanted, None
+    if config.max_minutes is not None:
+        budget = config.max_minutes * 60 - (time.perf_counter() - started)
+        steps = fit_steps(probe, budget, wanted, rows_per_step if teacher is not None else 0)
+        deadline = deadline_callback(started + config.max_minutes * 60)
+        context.notes["time_budget"] = {"minutes": config.max_minutes, "steps_wanted": wanted, "steps_planned": steps}
+    teacher_rows = min(len(rows), steps * rows_per_step) if teacher is not None else 0
+    estimate = probe.seconds(steps, teacher_rows)
+    context.notes["estimate"] = {"seconds": round(estimate, 1), "step_seconds": round(probe.step_seconds, 3),
+                                 "teacher_row_seconds": round(probe.teacher_row_seconds, 4)}
+    teacher_part = (f" + teacher top-{config.distill_top_k} pass over {teacher_rows} rows "
+                    f"({format_minutes(teacher_rows * probe.teacher_row_seconds)}, unless cached)") if teacher_rows else ""
+    budget_part = f", fitted to a {config.max_minutes:g}-minute budget (of {wanted} wanted)" if deadline else ""
+    log(f"healing plan: {steps} steps x {format_minutes(probe.step_seconds)}{teacher_part}{budget_part}; "
+        f"estimated {format_minutes(estimate)} on this machine ({compute.dtype})")
+    if steps < wanted:
+        config = config.model_copy(update={"max_steps": steps})
+    return config, deadline
+
+
+def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute):
     """The teacher's top-k targets of the rows, from the on-disk cache when an earlier run made them."""
     from tqdm.auto import tqdm
 
@@ -248,7 +295,7 @@ def _cached_teacher_targets(teacher, rows, config, tokenizer, context):
     try:
         targets, cached = teacher_targets(teacher, rows, config.distill_top_k, pad_id=pad_token_id(tokenizer),
                                           cache_dir=cache_dir() / "teacher", batch_size=config.batch_size,
-                                          bf16=_wants_bf16(config), log=lambda done, total: bar.update(done - bar.n))
+                                          compute=compute, log=lambda done, total: bar.update(done - bar.n))
     finally:
         bar.close()
     context.notes["teacher_targets"] = {"file": targets.key["file"], "k": config.distill_top_k,

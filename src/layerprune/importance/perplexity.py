@@ -275,6 +275,7 @@ def _check(model: nn.Module, method: str, batch_size: int | None) -> Anatomy:
     "perplexity",
     needs_calibration=True,
     description="calibration perplexity with the layer removed (Shortened LLaMA PPL); fast: n(n-1)/2 block passes",
+    forward_passes=lambda n: 1 + n / 2,  # the intact pass, then each removal resumes from its cached input
 )
 def perplexity(
     model: nn.Module,

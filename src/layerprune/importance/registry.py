@@ -53,6 +53,8 @@ class MetricSpec:
     group: str | None = None
     granularities: tuple[str, ...] = ("block",)
     default_params: Callable[[Cut], dict] = no_params
+    # forward passes over the calibration text for a model of n layers (time estimates; None: one pass)
+    forward_passes: Callable[[int], float] | None = None
 
 
 _METRICS: dict[str, MetricSpec] = {}
@@ -67,12 +69,13 @@ def register_metric(
     group: str | None = None,
     granularities: tuple[str, ...] = ("block",),
     default_params: Callable[[Cut], dict] = no_params,
+    forward_passes: Callable[[int], float] | None = None,
 ):
     def decorate(fn: MetricFn) -> MetricFn:
         if name in _METRICS:
             raise ValueError(f"metric {name!r} is already registered")
         _METRICS[name] = MetricSpec(name, fn, needs_calibration, description, group, tuple(granularities),
-                                    default_params)
+                                    default_params, forward_passes)
         return fn
 
     return decorate

@@ -168,6 +168,7 @@ class _GradState:
     "taylor",
     needs_calibration=True,
     description="Shortened LLaMA Taylor: sum of |grad * w| over the layer's weights, grad of the calibration LM loss",
+    forward_passes=lambda n: 3.0,  # a forward and a backward
 )
 def taylor(model, calibration, batch_size: int | None = None, include_norms: bool = False) -> list[float]:
     """Σ_k Σ_ij |∂L(D)/∂W_ij · W_ij| over the block's weight matrices (ndim >= 2; biases never,

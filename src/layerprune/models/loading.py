@@ -128,6 +128,7 @@ def load_model(
     load_tokenizer: bool | None = None,
     load_in: str | None = None,
     trust_remote_code: bool | None = None,
+    for_compute: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from any reference.
 
@@ -135,7 +136,9 @@ def load_model(
     accelerate's big-model loading to spread a model over devices and CPU. load_in: None | 4bit
     (NF4, computing in `dtype`, bf16 for auto) | 8bit (LLM.int8), quantized by bitsandbytes.
     trust_remote_code / load_tokenizer: None takes the setting of `loading_options` (default: never run
-    a folder's own code; load the tokenizer). Loading is strict: a checkpoint that lacks weights the
+    a folder's own code; load the tokenizer). for_compute: the model is only computed with, never saved
+    (scores, evaluation, curves): dtype auto then loads bf16/fp16 weights in fp32 on a CPU that only emulates
+    the half type (hardware.compute.load_dtype), which is many times faster there. Loading is strict: a checkpoint that lacks weights the
     config calls for, stores decoder weights it has no place for, or has other shapes is refused (transformers
     would fill the gaps with random values), and so is an encoder (BERT-like) or encoder-decoder model.
     """
@@ -148,6 +151,8 @@ def load_model(
     trusted = trusts_remote_code(trust_remote_code)
     folder = model_folder(ref)
     _check_causal_lm(folder, trusted)
+    if for_compute and load_in is None and device_map is None:
+        torch_dtype = _compute_load_dtype(torch_dtype, folder, device)
     # Before the weights: a tokenizer that can't be read fails in a second, not after a long load.
     tokenizer = folder_tokenizer(folder, trust_remote_code=trusted) if loads_tokenizer(load_tokenizer) else None
     kwargs: dict[str, Any] = {
@@ -193,6 +198,22 @@ def load_model(
     if trusted:  # the provenance says the folder's own code was allowed to run (layerprune.json)
         model.config.layerprune = {**model.config.layerprune, "trust_remote_code": True}
     return LoadedModel(model=model, tokenizer=tokenizer, ref=str(ref), path=folder)
+
+
+def _compute_load_dtype(torch_dtype, folder: str, device: str | None):
+    from layerprune.hardware.compute import announce, load_dtype
+    from layerprune.models.dtypes import stored_dtype
+
+    if torch_dtype != "auto":
+        return torch_dtype
+    try:
+        config = read_model_config(folder)
+    except (LayerpruneError, OSError, ValueError):
+        return torch_dtype
+    chosen, reason = load_dtype("auto", stored_dtype(config), device or "cpu")
+    if reason:
+        announce(reason)
+    return chosen
 
 
 def _from_pretrained(auto_class, folder: str, ref, kwargs: dict):

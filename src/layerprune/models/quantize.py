@@ -47,13 +47,13 @@ def bnb_config(load_in: str, compute_dtype: torch.dtype | None = None):
 
 
 def compute_dtype_for(torch_dtype, device: str | None) -> torch.dtype:
-    """The 4-bit matmul dtype: the requested one, else bf16 (fp16 on GPUs without bf16)."""
+    """The 4-bit matmul dtype: the requested one, else what hardware.compute picks for the device (bf16
+    where native, fp16 on GPUs without bf16, fp32 on CPUs without native bf16)."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
-    on_cuda = device is not None and str(device).startswith("cuda")
-    if on_cuda and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    from layerprune.hardware.compute import compute_choice
+
+    return compute_choice(device or "cpu").torch_dtype
 
 
 def prepare_for_inference(model: nn.Module, load_in: str) -> None:

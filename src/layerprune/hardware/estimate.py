@@ -1,0 +1,259 @@
+"""Time estimates before long work, from a short timed probe of the model on this machine.
+
+The probe times one batched forward (seconds per token) and one single-token forward (what a generated
+token costs) of the loaded model, in the dtype it will compute in. Every stage's work is then counted in
+tokens through the model ("forward tokens"): calibration text per metric pass, validation text per drop-set
+a search or select auto tries, training tokens x a backward factor per healing method, perplexity windows
+and task documents per evaluation. Counts are approximate on purpose (a factor of 2 is the promise); the
+real time of every stage is printed next to its estimate when it ends, and kept in run.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# Forward + backward (+ optimizer) over a forward, per healing method: full weights backpropagate through
+# every layer and update every weight; LoRA skips the weight gradients; partial backpropagates only
+# through its last layers (measured on SmolLM2, 2 CPU cores: distill 3.9 s per step of 1,024 tokens
+# against 1.2 s forward).
+TRAIN_FACTOR = {"partial": 1.4, "lora": 2.4, "qlora": 3.5}
+DEFAULT_TRAIN_FACTOR = 3.2
+# A drop-set's validation loss resumes from cached hidden states where it can (DropSetLosses): on average
+# about this fraction of a full forward.
+DROP_SET_FRACTION = 0.6
+# lm-eval documents: subtasks and documents of each bundled task, and forward tokens per document of the
+# shared-prefix scorer (context once + every continuation; measured on SmolLM2's tokenizer: 2,580 requests
+# of 653 documents ran as ~81k tokens).
+TASK_SHAPES = {
+    "piqa": (1, 1838), "hellaswag": (1, 10042), "openbookqa": (1, 500), "arc_easy": (1, 2376),
+    "arc_challenge": (1, 1172), "mmlu": (57, 14042), "cmmlu": (67, 11582), "winogrande": (1, 1267),
+}
+TOKENS_PER_DOCUMENT = 130
+WIKITEXT2_WINDOWS_128 = 2382  # the whole WikiText-2 test text in 128-token windows (SmolLM2's tokenizer)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Seconds per token of one model here: batched forward, and one generated token."""
+
+    forward: float
+    decode: float
+    compute: str = "fp32"
+
+    def scaled(self, fraction: float) -> "Speed":
+        """The speed of a model doing `fraction` of this one's work per token (a pruned copy)."""
+        return Speed(self.forward * fraction, self.decode * max(fraction, 0.5), self.compute)
+
+
+def measure_speed(model, *, seq_len: int = 128, batch: int = 4, compute=None) -> Speed:
+    """Time a no-grad forward of batch x seq_len random tokens and of one token (after a warm-up)."""
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", None) or 1000)
+    ids = torch.randint(0, vocab, (batch, seq_len), device=device)
+    context = compute.autocast() if compute is not None else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        model(input_ids=ids[:1, :8], use_cache=False)  # warm-up: kernels, allocations
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        forward = (time.perf_counter() - start) / ids.numel()
+        start = time.perf_counter()
+        for _ in range(3):
+            model(input_ids=ids[:1, :1], use_cache=False)
+        decode = (time.perf_counter() - start) / 3
+    return Speed(forward, decode, compute.dtype if compute is not None else str(model.dtype).replace("torch.", ""))
+
+
+def work_fraction(model, kept: int) -> float:
+    """Per-token cost of the model with `kept` of its layers, over the whole model's: layers scale, the
+    head (vocabulary x hidden) stays."""
+    from layerprune.models.anatomy import count_parameters, get_anatomy
+
+    params = count_parameters(model)
+    n = get_anatomy(model).num_layers
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    head = hidden * int(getattr(model.config, "vocab_size", 0) or 0)
+    layers = max(params["non_embedding"], 1)
+    return (layers * kept / max(n, 1) + head) / (layers + head)
+
+
+# ------------------------------------------------------------------------------------------ per stage
+def score_seconds(metrics: list[str], n_layers: int, tokens: int, speed: Speed) -> float:
+    """Every requested metric's passes over the calibration text (a group's metrics share one pass)."""
+    from layerprune.importance import get_metric
+
+    passes, groups = 0.0, set()
+    for name in metrics:
+        spec = get_metric(name)
+        if not spec.needs_calibration or (spec.group is not None and spec.group in groups):
+            continue
+        groups.add(spec.group)
+        passes += spec.forward_passes(n_layers) if spec.forward_passes else 1.0
+    return passes * tokens * speed.forward
+
+
+def search_evaluations(allowed: int, k: int, beam: int = 1, swap: bool = False) -> float:
+    """Drop-sets a greedy (beam) search tries to reach k removed layers (each step tries every extension)."""
+    tried = sum(max(allowed - s, 0) for s in range(k)) * beam
+    return tried + (k * max(allowed - k, 0) if swap else 0)
+
+
+def drop_set_seconds(evaluations: float, tokens: int, speed: Speed) -> float:
+    """The intact pass plus `evaluations` drop-sets' validation losses."""
+    return (1 + evaluations * DROP_SET_FRACTION) * tokens * speed.forward
+
+
+def heal_seconds(config, speed: Speed, *, student_fraction: float, rows: int | None = None) -> float | None:
+    """Training steps x tokens per step x the method's backward factor, plus the teacher's top-k pass;
+    at most the time budget. None when the step count depends on data not read yet (epochs)."""
+    accumulation = max(1, math.ceil((config.effective_batch_size or config.batch_size) / config.batch_size))
+    rows_per_step = config.batch_size * accumulation
+    if config.method in ("replace", "block-local"):  # procedures: a teacher pass and a student pass per row
+        from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
+
+        n_rows = config.max_samples or DEFAULT_LOCAL_ROWS
+        return n_rows * config.max_length * speed.forward * (1 + student_fraction) * 1.5
+    if config.max_steps > 0:
+        steps = config.max_steps
+    elif rows is not None:
+        steps = math.ceil(config.epochs * rows / rows_per_step)
+    else:
+        return None
+    tokens = steps * rows_per_step * config.max_length
+    factor = TRAIN_FACTOR.get(config.method, DEFAULT_TRAIN_FACTOR)
+    seconds = tokens * speed.forward * student_fraction * factor
+    if config.method == "distill" and config.distill_top_k is not None:
+        seconds += tokens * speed.forward  # the unpruned teacher, once per row
+    if config.max_minutes is not None:
+        seconds = min(seconds, config.max_minutes * 60)
+    return seconds
+
+
+def eval_seconds(config, speed: Speed) -> float | None:
+    """Perplexity windows + task documents + generation samples of one evaluation."""
+    from layerprune.evaluation.generation import DEFAULT_PROMPTS
+
+    seconds = 0.0
+    for text in [t.strip() for t in (config.ppl or "").split(",") if t.strip() and t.strip() != "none"]:
+        windows = config.ppl_windows or WIKITEXT2_WINDOWS_128 * 128 // config.seq_len
+        seconds += windows * config.seq_len * speed.forward
+    documents = task_documents(config.tasks, config.limit)
+    if documents is None:
+        return None
+    seconds += documents * TOKENS_PER_DOCUMENT * speed.forward
+    if config.samples:
+        seconds += len(DEFAULT_PROMPTS) * config.max_new_tokens * speed.decode
+    return seconds
+
+
+def task_documents(tasks: str, limit: int | None) -> int | None:
+    """Documents scored for a task list ('paper', names, ''), or None for files whose size is unknown here."""
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip() and t.strip() != "none"]
+    if names == ["paper"]:
+        names = list(TASK_SHAPES)
+    total = 0
+    for name in names:
+        if name not in TASK_SHAPES:
+            return None
+        subtasks, documents = TASK_SHAPES[name]
+        total += documents if not limit else min(documents, limit * subtasks)
+    return total
+
+
+def bench_seconds(config, speed: Speed) -> float:
+    """Timed and warm-up generations of both models (prompt + new tokens each)."""
+    runs = config.warmup + config.runs
+    per_run = sum(b * config.prompt_tokens * speed.forward + n * speed.decode
+                  for b in config.batch_sizes for n in config.new_tokens)
+    return runs * per_run + 5.0  # + MACs and memory measurements
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass
+class StagePlan:
+    name: str
+    what: str
+    estimate: float | None  # seconds; None: not known before it starts
+    seconds: float | None = None  # how long it took
+    skipped: bool = False
+
+
+@dataclass
+class Plan:
+    """The stages a command will run with their estimates; `timed(name)` records how long each took."""
+
+    title: str
+    stages: list[StagePlan] = field(default_factory=list)
+
+    def add(self, name: str, what: str, estimate: float | None, skipped: bool = False) -> None:
+        self.stages.append(StagePlan(name, what, 0.0 if skipped else estimate, skipped=skipped))
+
+    @property
+    def total(self) -> float | None:
+        known = [s.estimate for s in self.stages if s.estimate is not None]
+        return sum(known) if known else None
+
+    def record(self, name: str, seconds: float) -> None:
+        for stage in self.stages:
+            if stage.name == name:
+                stage.seconds = (stage.seconds or 0.0) + seconds
+                return
+        self.stages.append(StagePlan(name, "", None, seconds))
+
+    def timed(self, name: str):
+        """Context manager: time the block as stage `name`."""
+
+        @contextlib.contextmanager
+        def timing():
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.record(name, time.perf_counter() - start)
+
+        return timing()
+
+    def lines(self, with_actual: bool = False) -> list[str]:
+        head = f"{self.title}: estimated {format_seconds(self.total)}" if not with_actual else \
+            f"{self.title}: estimated {format_seconds(self.total)}, took {format_seconds(self._actual())}"
+        rows = [head]
+        for s in self.stages:
+            left = "done before (skipped)" if s.skipped else format_seconds(s.estimate)
+            took = f"  took {format_seconds(s.seconds)}" if with_actual and s.seconds is not None else ""
+            rows.append(f"  {s.name:<14} {left:>10}{took}  {s.what}")
+        return rows
+
+    def _actual(self) -> float | None:
+        times = [s.seconds for s in self.stages if s.seconds is not None]
+        return sum(times) if times else None
+
+    def to_json(self) -> list[dict]:
+        return [{"stage": s.name, "what": s.what, "estimated_s": _round(s.estimate), "seconds": _round(s.seconds),
+                 "skipped": s.skipped} for s in self.stages]
+
+
+@contextlib.contextmanager
+def announced(what: str, seconds: float | None, log):
+    """Say the estimate of a block of work before it runs and how long it took after."""
+    log(f"{what}: estimated {format_seconds(seconds)} on this machine")
+    start = time.perf_counter()
+    yield
+    log(f"{what}: took {format_seconds(time.perf_counter() - start)} (estimated {format_seconds(seconds)})")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,100 @@
+"""The time plan of a run, a prune or a curve: each stage with its estimate on this machine (hardware/
+estimate.py), printed before the work starts; the real times are added as the stages end."""
+
+from __future__ import annotations
+
+from layerprune.hardware.estimate import (
+    Plan, Speed, bench_seconds, drop_set_seconds, eval_seconds, heal_seconds, score_seconds, search_evaluations,
+    work_fraction,
+)
+
+SAVE_BYTES_PER_S = 200e6  # writing safetensors, a conservative disk
+
+
+def choose_seconds(model, config, speed: Speed, n_drop: int | None) -> float:
+    """Scoring the metrics and choosing the drop-set of a PruneConfig (select metric | auto | search)."""
+    from layerprune.models.anatomy import get_anatomy
+
+    if config.drop is not None:
+        return 0.0
+    n = get_anatomy(model).num_layers
+    tokens = config.calibration.n_samples * config.calibration.seq_len
+    k = n_drop if n_drop is not None else n // 2  # a target decides: the search may go as far as half
+    seconds = 0.0 if config.select == "search" else score_seconds(config.metrics, n, tokens, speed)
+    allowed = n - config.protect_first - config.protect_last
+    if config.select == "search":
+        seconds += drop_set_seconds(search_evaluations(allowed, k, config.search_beam, config.search_swap), tokens,
+                                    speed)
+    elif config.select == "auto" or config.quality_target() is not None or n_drop is None:
+        seconds += drop_set_seconds(len(config.metrics) * (1 if n_drop is not None else k), tokens, speed)
+    return seconds
+
+
+def curve_seconds(model, config, speed: Speed) -> float:
+    """Every selection's path of a CurveConfig, k = 1..K, on held-out text (+ the metrics' scores)."""
+    from layerprune.curve import max_drop_count
+    from layerprune.models.anatomy import get_anatomy
+
+    n = get_anatomy(model).num_layers
+    top = max_drop_count(config.max_drop, n, config.protect_first, config.protect_last)
+    tokens = config.calibration.n_samples * config.calibration.seq_len
+    allowed = n - config.protect_first - config.protect_last
+    metrics = [name for name in config.selections if name != "search"]
+    evaluations = top * len(metrics)
+    if "search" in config.selections:
+        evaluations += search_evaluations(allowed, top, config.search_beam)
+    return score_seconds(metrics, n, tokens, speed) + drop_set_seconds(evaluations, tokens, speed)
+
+
+def save_seconds(model) -> float:
+    from layerprune.models.anatomy import parameter_bytes
+
+    return parameter_bytes(model) / SAVE_BYTES_PER_S
+
+
+def plan_run(run, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Plan:
+    """The plan of a pipeline.Run on the loaded original `model`; stages in `done` are skipped."""
+    from layerprune.models.anatomy import get_anatomy
+    from layerprune.strategies import layers_to_drop
+
+    c = run.config
+    n = get_anatomy(model).num_layers
+    n_drop = layers_to_drop(model, c.prune) if c.prune.strategy == "one-shot" else c.prune.parsed_schedule()[1]
+    fraction = work_fraction(model, n - (n_drop if n_drop is not None else n // 4))
+    pruned = speed.scaled(fraction)
+    plan = Plan(f"plan of {run.dir} on this machine ({speed.compute}, healing in {heal_speed.compute})")
+    for stage in run.stages():
+        name = stage.name
+        if name.startswith("eval-"):
+            what, seconds = "evaluate", eval_seconds(c.eval, speed if name == "eval-original" else pruned)
+        elif name == "curve":
+            what, seconds = "trade-off curve", curve_seconds(model, c.curve, speed)
+        elif name == "prune":
+            what = f"score + choose ({c.prune.select}) + save"
+            seconds = choose_seconds(model, c.prune, speed, n_drop) + save_seconds(model) * fraction
+        elif name.startswith("healed-"):
+            config = c.heal[int(name.split("-")[1]) - 1]
+            what, seconds = f"heal ({config.method})", heal_seconds(config, heal_speed, student_fraction=fraction)
+        elif name == "rounds":
+            what, seconds = f"iterative {c.prune.schedule}", _rounds_seconds(run, model, speed, heal_speed, fraction)
+        elif name == "bench":
+            what, seconds = "benchmark", bench_seconds(c.bench, speed) + bench_seconds(c.bench, pruned)
+        else:
+            what, seconds = stage.name, 2.0
+        plan.add(name, what, seconds, skipped=name in done)
+    return plan
+
+
+def _rounds_seconds(run, model, speed: Speed, heal_speed: Speed, fraction: float) -> float | None:
+    from layerprune.strategies import iterative_rounds
+
+    c = run.config
+    total = 0.0
+    for step in iterative_rounds(c.prune):
+        total += choose_seconds(model, c.prune, speed, step) + save_seconds(model)
+        for config in c.heal:
+            seconds = heal_seconds(config, heal_speed, student_fraction=fraction)
+            if seconds is None:
+                return None
+            total += seconds
+    return total
