@@ -1,6 +1,6 @@
 """How long healing will take on this machine, measured before it starts, and a time budget it keeps.
 
-Before the Trainer starts, one forward + backward of a real micro-batch is timed (the loss as the trainer
+Before the Trainer starts, a forward + backward of a real micro-batch is timed (twice: the first warms up) (the loss as the trainer
 computes it, under the chosen autocast; the gradients are thrown away), and, when the teacher's top-k
 targets must be computed, one teacher batch. That gives an honest estimate of the whole stage on this
 machine, printed before any long work; with `max_minutes`, it also fits the number of steps into the
@@ -36,7 +36,6 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
                teacher=None, top_k: int | None = None) -> HealProbe:
     """Time one forward + backward of a micro-batch of `model` (gradients discarded) and, with a teacher,
     its top-k pass over one batch."""
-    from layerprune.finetune.losses import causal_lm_parts, chunked_cross_entropy, labelled_positions
     from layerprune.finetune.trainer import PadCollator
 
     batch = PadCollator(pad_id)(rows[:batch_size])
@@ -45,13 +44,7 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
     was_training = model.training
     model.train()
     with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift the training run's randomness
-        start = time.perf_counter()
-        with compute.autocast():
-            hidden, targets = labelled_positions(model, ids, mask, labels)
-            _, head, softcap = causal_lm_parts(model)
-            loss = chunked_cross_entropy(head, hidden, targets, softcap=softcap) / max(len(targets), 1)
-        loss.backward()
-        micro = time.perf_counter() - start
+        micro = min(_forward_backward(model, ids, mask, labels, compute) for _ in range(2))  # the 1st warms up
     for p in model.parameters():
         p.grad = None
     model.train(was_training)
@@ -64,6 +57,19 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
                                 compute=compute)
         teacher_row = (time.perf_counter() - start) / len(rows[:batch_size])
     return HealProbe(step_seconds=micro * accumulation * (1 + OPTIMIZER_SHARE), teacher_row_seconds=teacher_row)
+
+
+def _forward_backward(model, ids, mask, labels, compute: ComputeChoice) -> float:
+    """Seconds of one forward + backward with the trainer's loss (gradients left for the caller to drop)."""
+    from layerprune.finetune.losses import causal_lm_parts, chunked_cross_entropy, labelled_positions
+
+    start = time.perf_counter()
+    with compute.autocast():
+        hidden, targets = labelled_positions(model, ids, mask, labels)
+        _, head, softcap = causal_lm_parts(model)
+        loss = chunked_cross_entropy(head, hidden, targets, softcap=softcap) / max(len(targets), 1)
+    loss.backward()
+    return time.perf_counter() - start
 
 
 def fit_steps(probe: HealProbe, budget_s: float, wanted_steps: int, rows_per_step: int) -> int:

@@ -69,12 +69,13 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
         lines.append("")
     heals = sorted(run_dir.glob("healed-*/heal.json"))
     if heals:
-        lines += ["| healing stage | method | data | steps | trainable params | time (s) | final loss |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| healing stage | method | data | steps | trainable params | time (s) | computed in | final loss |",
+                  "|---|---|---|---|---|---|---|---|"]
         for path in heals:
             h = read_json(path)
-            lines.append(f"| {path.parent.name} | {h['method']} | {h['data']['source']} | {h['steps']} | "
-                         f"{h['trainable_params']:,} | {h['seconds']:.0f} | "
+            notes = h.get("notes") or {}
+            lines.append(f"| {path.parent.name} | {h['method']} | {h['data']['source']} | {_steps(h)} | "
+                         f"{h['trainable_params']:,} | {h['seconds']:.0f} | {notes.get('compute', {}).get('dtype', '-')} | "
                          f"{'-' if h['final_loss'] is None else format(h['final_loss'], '.4f')} |")
         lines.append("")
     bench_md = run_dir / "bench" / "bench.md"
@@ -83,6 +84,14 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     lines += ["Files: config.yaml, versions.json, scores.json, selection.json, pruned/, healed-*/ (model, heal.json, "
               "loss.csv/png), eval-*/ (eval.json, eval.md, samples.json), bench/ (bench.json/md/png), run.json.", ""]
     return "\n".join(lines), summary
+
+
+def _steps(heal: dict) -> str:
+    """The steps a heal ran, and under a time budget how many were wanted."""
+    budget = (heal.get("notes") or {}).get("time_budget")
+    if not budget:
+        return str(heal["steps"])
+    return f"{heal['steps']} of {budget['steps_wanted']} ({budget['minutes']:g}-min budget)"
 
 
 def _search_lines(selection: dict) -> list[str]:
