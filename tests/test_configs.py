@@ -165,3 +165,52 @@ def test_bench_settings_are_the_same_through_cli_and_yaml(workspace):
     cli_config = json.loads((workspace / "cli" / "bench.json").read_text())["models"][0]["config"]
     run_config = json.loads((workspace / "run" / "bench" / "bench.json").read_text())["models"][0]["config"]
     assert cli_config == run_config == BenchConfig(new_tokens=[2], seq_len=8, warmup=0, runs=1).model_dump(mode="json")
+
+
+ONE_PATH_CASES = {
+    "search": ({"select": "search", "num_layers": 2}, ["--select", "search", "--num-layers", "2"]),
+    "quality target": ({"select": "search", "max_ppl_ratio": 50.0}, ["--select", "search", "--max-ppl-ratio", "50"]),
+    "iterative 1:4:8 healed between rounds": ({"metric": "block-influence", "schedule": "1:4:8"},
+                                              ["--metric", "block-influence", "--schedule", "1:4:8"]),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", list(ONE_PATH_CASES))
+def test_one_prune_path_gives_the_same_layers_and_weights_through_api_cli_and_yaml(case, tmp_path):
+    """The API, the CLI and a YAML run prune through strategies.prune: same drop-set, same final weights."""
+    from layerprune.api import prune_model
+
+    save_model(tiny_model("llama", num_hidden_layers=10), tiny_tokenizer(), tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(TEXT)
+    calib = {"source": str(tmp_path / "text.txt"), "n_samples": 4, "seq_len": 32}
+    prune, flags = ONE_PATH_CASES[case]
+    prune = {**prune, "calibration": calib}
+    iterative = "schedule" in prune
+    heal = {"method": "cpt", "data": str(tmp_path / "text.txt"), "max_steps": 2, "batch_size": 2, "warmup_steps": 0,
+            "max_length": 32, "bf16": False}
+    (tmp_path / "heal.yaml").write_text(yaml.safe_dump(heal))
+    api = prune_model(str(tmp_path / "tiny"), out=str(tmp_path / "api"), log=lambda m: None,
+                      heal=heal if iterative else None, **prune)
+    cli = runner.invoke(app, ["prune", str(tmp_path / "tiny"), "--out", str(tmp_path / "cli"), *flags,
+                              "--calib", calib["source"], "--n-samples", "4", "--seq-len", "32",
+                              *(["--heal-config", str(tmp_path / "heal.yaml")] if iterative else [])])
+    assert cli.exit_code == 0, cli.output
+    run_yaml(tmp_path, prune=prune, heal=[heal] if iterative else [])
+    cli_record = json.loads((tmp_path / "cli" / "layerprune.json").read_text())
+    if iterative:
+        rounds = [json.loads((tmp_path / "run" / "rounds" / f"round-{r}" / "selection.json").read_text())["dropped"]
+                  for r in (1, 2)]
+        assert [r["dropped"] for r in api.rounds] == rounds and len(rounds[0]) == len(rounds[1]) == 4
+        assert api.dropped == cli_record["dropped_layers"] == sorted(rounds[0] + rounds[1])
+        final = tmp_path / "run" / "rounds" / "round-2" / "healed-1"
+        for folder in (tmp_path / "api", tmp_path / "cli", final):  # every round was healed, in order
+            history = json.loads((folder / "layerprune.json").read_text())["history"]
+            assert [h.get("round", h.get("healed")) for h in history] == [1, "cpt", 2, "cpt"], folder
+    else:
+        selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+        assert api.dropped == selection["dropped"] == cli_record["dropped_layers"]
+        assert api.how["constraints"] == selection["constraints"]
+        final = tmp_path / "run" / "pruned"
+    assert_same_weights(tmp_path / "api", tmp_path / "cli")
+    assert_same_weights(tmp_path / "api", final)

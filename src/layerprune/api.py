@@ -70,10 +70,7 @@ def prune_model(
     calibration={"n_samples": 20}, ...) says what to remove; `heal` is the healing run between the rounds
     of an iterative schedule (default: HealConfig()). prompts: generate samples before and after.
     """
-    from layerprune.models.sublayer import remove_units
-    from layerprune.strategies import (
-        choose, history_entry, in_memory_scores, iterative_prune, layers_to_drop, needs_calibration,
-    )
+    from layerprune.strategies import PruneHooks, choose, in_memory_scores, layers_to_drop, needs_calibration, prune
 
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
@@ -91,22 +88,23 @@ def prune_model(
         calibration = load_calibration_for(loaded, config.calibration)
         validation = lambda: load_calibration_for(loaded, config.calibration, validation=True)  # noqa: E731
     samples_before = _samples(loaded, prompts, max_new_tokens)
-    rounds = []
-    if config.strategy == "iterative":
-        def heal_round(current, number):
-            log(f"round {number}: healing with {heal_config.method}")
-            loaded.model = current
-            return heal_loaded(loaded, heal_config, default_teacher=model_ref)[0].model
 
-        loaded.model, rounds = iterative_prune(model, config, calibration=calibration, validation=validation,
-                                               heal=heal_round, log=log)
-        dropped = sorted(d for r in rounds for d in r["dropped"])
-        how = {"dropped": dropped, "chosen_by": config.metrics[0], "schedule": config.schedule, "rounds": rounds}
+    def select(number: int, current, n_drop: int | None) -> dict:
+        with _announced_choice(current, config, n_drop, log):
+            return choose(current, config, score=in_memory_scores(current, calibration), validation=validation,
+                          n_drop=n_drop, log=log)
+
+    def heal_round(current, number: int):
+        log(f"round {number}: healing with {heal_config.method}")
+        loaded.model = current
+        return heal_loaded(loaded, heal_config, default_teacher=model_ref, log=log)[0].model
+
+    loaded.model, records = prune(model, config, PruneHooks(select=select, heal=heal_round), log=log)
+    dropped = sorted(d for r in records for d in r["dropped"])
+    if config.strategy == "iterative":
+        how = {"dropped": dropped, "chosen_by": config.metrics[0], "schedule": config.schedule, "rounds": records}
     else:
-        with _announced_choice(model, config, log):
-            how = choose(model, config, score=in_memory_scores(model, calibration), validation=validation, log=log)
-        dropped = how["dropped"]
-        remove_units(model, dropped, config.granularity, how=history_entry(how))
+        how = records[0]
     samples_after = _samples(loaded, prompts, max_new_tokens)
     after = count_parameters(loaded.model)
     save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra={"selection": how})
@@ -122,11 +120,11 @@ def prune_model(
         samples_after=samples_after,
         how=how,
         granularity=config.granularity,
-        rounds=rounds,
+        rounds=records if config.strategy == "iterative" else [],
     )
 
 
-def _announced_choice(model, config: PruneConfig, log):
+def _announced_choice(model, config: PruneConfig, n_drop: int | None, log):
     """Print the estimate of choosing the layers (scores, select auto, search) when it reads text."""
     import contextlib
 
@@ -136,7 +134,8 @@ def _announced_choice(model, config: PruneConfig, log):
 
     if not needs_calibration(config):
         return contextlib.nullcontext()
-    seconds = choose_seconds(model, config, measure_speed(model), layers_to_drop(model, config))
+    count = n_drop if n_drop is not None else layers_to_drop(model, config)
+    seconds = choose_seconds(model, config, measure_speed(model), count)
     return announced(f"choosing the layers (select {config.select})", seconds, log)
 
 

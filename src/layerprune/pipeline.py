@@ -23,13 +23,12 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import compute_many, get_metric
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions, save_model
-from layerprune.models.sublayer import remove_units
 from layerprune.outputs import (
     MARKER, atomic_output_dir, check_not_input, is_layerprune_output, mark_output_dir, read_json, write_json,
 )
 from layerprune.run_lock import run_folder_lock
 from layerprune.run_stages import Stage, settings_digest, settle
-from layerprune.strategies import history_entry
+from layerprune.strategies import iterative_rounds
 
 Log = Callable[[str], None]
 
@@ -223,6 +222,9 @@ class Run:
         return plan
 
     def one_shot(self, original: LoadedModel) -> None:
+        """Choose on the original (scores cached in scores.json), cut a copy loaded as stored, save it."""
+        from layerprune.strategies import PruneHooks, prune
+
         selection, pruned_dir = self.path("selection.json"), self.path("pruned")
         if self.shared_dir is not None:  # a study: selection and pruned model live in the shared folder
             where = self.shared_path("prune", self._key("calibration", "prune"))
@@ -230,14 +232,19 @@ class Run:
         if pruned_dir.is_dir():
             self.log("pruned model exists: skipping score/select/prune")
         else:
-            record = read_json(selection, missing_ok=True) or self.choose(original)
             pruned = self.load(self.config.model, saved=True)
-            granularity = self.config.prune.granularity  # block, or attention/MLP only (models/sublayer.py)
-            remove_units(pruned.model, record["dropped"], granularity, how=history_entry(record))
-            write_json(selection, record)  # only once it applied: a selection that fails must not be reused
-            save_model(pruned.model, pruned.tokenizer, pruned_dir, overwrite=True, extra={"selection": record})
-            what = "pruned" if granularity == "block" else f"removed the {granularity} of"
-            self.log(f"{what} original layers {record['dropped']} ({record['chosen_by']})")
+
+            def select(number, model, n_drop):
+                return read_json(selection, missing_ok=True) or self.choose(original)
+
+            def saved(number, model, record):
+                write_json(selection, record)  # only once it applied: a selection that fails must not be reused
+                save_model(model, pruned.tokenizer, pruned_dir, overwrite=True, extra={"selection": record})
+                granularity = self.config.prune.granularity  # block, or attention/MLP only (models/sublayer.py)
+                what = "pruned" if granularity == "block" else f"removed the {granularity} of"
+                self.log(f"{what} original layers {record['dropped']} ({record['chosen_by']})")
+
+            prune(pruned.model, self.config.prune, PruneHooks(select=select, saved=saved), log=self.log)
         self.expose("selection.json", selection)
         self.expose("pruned", pruned_dir)
 
@@ -317,31 +324,44 @@ class Run:
         return ref
 
     def iterative(self, original: LoadedModel) -> str:
-        """Score -> drop `step` layers -> heal, until `total` are gone; each round is a folder."""
-        from layerprune.strategies import iterative_rounds
+        """Score -> drop `step` layers -> heal, until `total` are gone; each round is a folder
+        (rounds/round-N: scores.json, selection.json, pruned/, healed-*/, done.json) and resumes from it."""
+        from layerprune.strategies import PruneHooks, prune
 
-        steps = iterative_rounds(self.config.prune)
-        ref, rounds = self.config.model, len(steps)
-        for r, step in enumerate(steps, 1):
-            round_dir = self.path(f"rounds/round-{r}")
-            if (round_dir / "done.json").exists():
-                ref = read_json(round_dir / "done.json")["model"]
-                continue
-            round_dir.mkdir(parents=True, exist_ok=True)
-            current = self.load(ref, original, saved=True)
-            selection = round_dir / "selection.json"
-            record = read_json(selection, missing_ok=True)
-            pruned_dir = round_dir / "pruned"
-            if not pruned_dir.is_dir():
-                record = record or self.choose(current, step, scores_name=f"rounds/round-{r}/scores.json")
-                remove_units(current.model, record["dropped"], "block", how={**history_entry(record), "round": r})
-                write_json(selection, record)  # only once it applied
-                save_model(current.model, current.tokenizer, pruned_dir, overwrite=True, extra={"selection": record})
-            self.log(f"round {r}/{rounds}: dropped original layers {record['dropped']}")
-            ref = self.heal_chain(str(pruned_dir), original, prefix=f"rounds/round-{r}/healed",
-                                  base={**self.stage_base(), "round": r})
-            write_json(round_dir / "done.json", {"model": ref, "dropped": record["dropped"]})
-        return ref
+        def round_dir(number: int) -> Path:
+            return self.path(f"rounds/round-{number}")
+
+        def finished(number: int) -> dict | None:
+            done = read_json(round_dir(number) / "done.json", missing_ok=True)
+            return read_json(round_dir(number) / "selection.json") if done else None
+
+        def reload(number: int):
+            ref = read_json(round_dir(number) / "done.json")["model"] if number else self.config.model
+            return self.load(ref, original, saved=True).model
+
+        def select(number, model, n_drop):
+            round_dir(number).mkdir(parents=True, exist_ok=True)
+            scores = f"rounds/round-{number}/scores.json"
+            current = LoadedModel(model=model, tokenizer=original.tokenizer, ref="", path="")
+            return read_json(round_dir(number) / "selection.json", missing_ok=True) or \
+                self.choose(current, n_drop, scores_name=scores)
+
+        def saved(number, model, record):
+            write_json(round_dir(number) / "selection.json", record)  # only once it applied
+            save_model(model, original.tokenizer, round_dir(number) / "pruned", overwrite=True,
+                       extra={"selection": record})
+
+        def heal(model, number):
+            ref = self.heal_chain(str(round_dir(number) / "pruned"), original,
+                                  prefix=f"rounds/round-{number}/healed", base={**self.stage_base(), "round": number})
+            selection = read_json(round_dir(number) / "selection.json")
+            write_json(round_dir(number) / "done.json", {"model": ref, "dropped": selection["dropped"]})
+            return self.load(ref, original, saved=True).model if number < rounds else None  # the last: read later
+
+        rounds = len(iterative_rounds(self.config.prune))
+        prune(None, self.config.prune, PruneHooks(select=select, finished=finished, reload=reload, saved=saved,
+                                                  heal=heal), log=self.log)
+        return read_json(round_dir(rounds) / "done.json")["model"]
 
     def evaluate(self, name: str, loaded: LoadedModel, key: dict | None = None) -> dict:
         from layerprune.evaluation.run import plan_eval, run_eval, write_eval

@@ -7,12 +7,14 @@
   judged by that loss directly (search.py);
 - iterative `step:total` ("1:4:8" in arXiv 2411.15558): score, drop `step` layers, heal, repeat.
 
-Nothing here reads or writes files: `score` is a callback, so a run can cache scores on disk and the
-Python API can compute them in memory through the same code.
+`prune` is the one loop behind every door (api.prune_model, the CLI, pipeline.Run): its steps are
+callbacks (PruneHooks), so a run caches scores, selections and models in its folder and resumes, while the
+Python API computes them in memory. Nothing here reads or writes files.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
@@ -20,7 +22,8 @@ from torch import nn
 from layerprune.config import PruneConfig
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, compute_many, get_metric
-from layerprune.models.surgery import kept_layers, remove_layers, validate_drop
+from layerprune.models.sublayer import remove_units
+from layerprune.models.surgery import kept_layers, validate_drop
 from layerprune.scoring import prune_metric_requests
 from layerprune.selection import count_to_drop
 
@@ -154,8 +157,9 @@ def _choose_branches(model: nn.Module, config: PruneConfig, score: ScoreFn) -> d
 
 
 def history_entry(record: dict) -> dict:
-    """What a pruned model's provenance history keeps of its selection record."""
-    return {"chosen_by": record["chosen_by"], **record.get("constraints", {})}
+    """What a pruned model's provenance history keeps of its selection record (and its round)."""
+    entry = {"chosen_by": record["chosen_by"], **record.get("constraints", {})}
+    return {**entry, "round": record["round"]} if "round" in record else entry
 
 
 def iterative_rounds(config: PruneConfig) -> list[int]:
@@ -164,33 +168,48 @@ def iterative_rounds(config: PruneConfig) -> list[int]:
     return [step] * (total // step)
 
 
-def prune_round(model: nn.Module, config: PruneConfig, step: int, round_number: int, *, score: ScoreFn,
-                validation=None, log: Log = print) -> dict:
-    """One round of an iterative schedule on `model` (in place): choose `step` layers and remove them."""
-    record = choose(model, config, score=score, validation=validation, n_drop=step, log=log)
-    remove_layers(model, record["dropped"], how={**history_entry(record), "round": round_number})
-    log(f"round {round_number}: dropped original layers {record['dropped']} ({record['chosen_by']})")
-    return {**record, "round": round_number}
+@dataclass
+class PruneHooks:
+    """How the one prune loop meets its caller: the API computes every step in memory, a run
+    (pipeline.Run) caches every step in its folder and resumes from it."""
+
+    # (round, current model, layers to drop or None for the config's count) -> the selection record
+    select: Callable[[int, nn.Module, int | None], dict]
+    # the record of a round finished earlier (its model lives on disk), or None
+    finished: Callable[[int], dict | None] = lambda number: None
+    # the model as round `number` left it (after finished rounds); only called after a finished round
+    reload: Callable[[int], nn.Module] | None = None
+    # after each removal (a run saves the pruned model here)
+    saved: Callable[[int, nn.Module, dict], None] = lambda number, model, record: None
+    # healing between the rounds of an iterative schedule: (model, round) -> healed model
+    heal: Callable[[nn.Module, int], nn.Module] | None = None
 
 
-def iterative_prune(
-    model: nn.Module,
-    config: PruneConfig,
-    *,
-    calibration=None,
-    validation=None,
-    heal: Callable[[nn.Module, int], nn.Module] | None = None,
-    log: Log = print,
-) -> tuple[nn.Module, list[dict]]:
-    """Score -> drop `step` layers -> heal, until the schedule's total is gone; re-scores every round.
+def prune(model: nn.Module, config: PruneConfig, hooks: PruneHooks, *, log: Log = print
+          ) -> tuple[nn.Module | None, list[dict]]:
+    """The one prune loop of the API, the CLI and runs. One-shot is one round that removes the config's
+    count; an iterative schedule `step:total` ("1:4:8" in arXiv 2411.15558) is total/step rounds of
+    choose -> remove -> heal, re-scoring the healed model every round. Removal happens in place.
 
-    `heal(model, round_number)` returns the healed model (None: no healing between rounds).
-    Returns the final model and each round's selection record.
-    """
-    rounds = []
-    for number, step in enumerate(iterative_rounds(config), 1):
-        rounds.append(prune_round(model, config, step, number, score=in_memory_scores(model, calibration),
-                                  validation=validation, log=log))
-        if heal is not None:
-            model = heal(model, number)
-    return model, rounds
+    Returns the final model (None when every round had finished earlier) and each round's record."""
+    steps = iterative_rounds(config) if config.strategy == "iterative" else [None]
+    records = []
+    for number, step in enumerate(steps, 1):
+        record = hooks.finished(number)
+        if record is not None:
+            model = None
+            records.append(record)
+            continue
+        if model is None:
+            model = hooks.reload(number - 1)
+        record = hooks.select(number, model, step)
+        if step is not None:
+            record = {**record, "round": number}
+        remove_units(model, record["dropped"], config.granularity, how=history_entry(record))
+        hooks.saved(number, model, record)
+        if step is not None:
+            log(f"round {number}/{len(steps)}: dropped original layers {record['dropped']} ({record['chosen_by']})")
+            if hooks.heal is not None:
+                model = hooks.heal(model, number)
+        records.append(record)
+    return model, records
