@@ -365,3 +365,21 @@ def test_cli_switches_to_disk_when_the_weights_exceed_memory(tmp_path, monkeypat
 def test_available_memory_is_read():
     available = memory_policy.available_memory_bytes()
     assert available is None or available > 0
+
+
+def test_the_api_prunes_on_disk_when_the_weights_exceed_memory(tmp_path, monkeypatch):
+    """The automatic on-disk choice lives in the API: Python users get it as the CLI does, with one result type."""
+    from layerprune.api import PruneResult, prune_model
+
+    src = sharded(tmp_path / "src")
+    said = []
+    monkeypatch.setattr(memory_policy, "available_memory_bytes", lambda: 1000)
+    result = prune_model(str(src), out=str(tmp_path / "auto"), drop=DROP, log=said.append)
+    assert isinstance(result, PruneResult) and result.on_disk and result.shards >= 1
+    assert result.dropped == DROP and result.layers_after == N_LAYERS - len(DROP)
+    assert any("pruning the checkpoint on disk" in line for line in said)
+    monkeypatch.undo()
+    loaded = prune_model(str(src), out=str(tmp_path / "loaded"), drop=DROP, log=said.append)
+    assert not loaded.on_disk and loaded.dropped == result.dropped
+    on_disk, in_memory = tensors(tmp_path / "auto"), tensors(tmp_path / "loaded")
+    assert on_disk.keys() == in_memory.keys() and all(torch.equal(on_disk[k], in_memory[k]) for k in on_disk)

@@ -7,7 +7,6 @@ config's fields as keyword arguments; both are checked before any model loads.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerprune.config import DEFAULT_DTYPE, PruneConfig, as_config
@@ -16,24 +15,9 @@ from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.loading import load_model
+from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
 from layerprune.models.saving import save_model, write_model_files
 from layerprune.outputs import check_output_dir
-
-
-@dataclass
-class PruneResult:
-    out: Path
-    dropped: list[int]
-    chosen_by: str
-    layers_before: int
-    layers_after: int
-    params_before: int
-    params_after: int
-    samples_before: list[dict] = field(default_factory=list)
-    samples_after: list[dict] = field(default_factory=list)
-    how: dict = field(default_factory=dict)  # the selection record (budgets keep their measured numbers here)
-    granularity: str = "block"  # what went from each dropped layer: the whole block, its attention or its MLP
-    rounds: list[dict] = field(default_factory=list)  # an iterative schedule: each round's selection record
 
 
 def choose_layers(model, config: PruneConfig | dict | None = None, *, calibration=None, log=print,
@@ -61,6 +45,7 @@ def prune_model(
     prompts: list[str] | None = None,
     max_new_tokens: int = 40,
     overwrite: bool = False,
+    no_load: bool = False,
     log=print,
     **fields,
 ) -> PruneResult:
@@ -69,13 +54,23 @@ def prune_model(
     `config` (or its fields as keywords: ratio=0.25, metric="angular", select="auto", schedule="1:4:8",
     calibration={"n_samples": 20}, ...) says what to remove; `heal` is the healing run between the rounds
     of an iterative schedule (default: HealConfig()). prompts: generate samples before and after.
+    no_load: prune the safetensors checkpoint on disk, tensor by tensor (only with `drop`); the same
+    happens by itself when a local checkpoint's weights exceed 80% of the available memory and `drop`
+    is given (models/memory_policy.py), and `log` says so.
     """
+    from layerprune.models.checkpoint import prune_checkpoint
+    from layerprune.models.memory_policy import on_disk_folder
     from layerprune.strategies import PruneHooks, choose, in_memory_scores, layers_to_drop, needs_calibration, prune
 
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
     check_output_dir(out, overwrite, inputs=[model_ref, config.calibration.source,
                                              *((heal_config.data, heal_config.teacher) if heal_config else ())])
+    folder = on_disk_folder(model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
+        "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
+        "--granularity": config.granularity != "block"})
+    if folder is not None:
+        return prune_checkpoint(folder, config.drop, out, overwrite=overwrite, source=model_ref)
     loaded = load_model(model_ref, dtype=dtype, device_map=device_map)
     model = loaded.model
     if prompts and loaded.tokenizer is None:

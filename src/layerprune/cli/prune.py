@@ -74,8 +74,6 @@ def prune(
     """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
     from layerprune.api import prune_model
     from layerprune.config import read_yaml_mapping
-    from layerprune.models.checkpoint import prune_checkpoint
-    from layerprune.models.memory_policy import on_disk_folder
     from layerprune.outputs import check_output_dir
 
     config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics},
@@ -85,17 +83,9 @@ def prune(
         raise LayerpruneError("--heal-config sets the healing between the rounds of --schedule; give a schedule")
     check_output_dir(out, overwrite, inputs=[model, config.calibration.source, heal_config,
                                              *((heal or {}).get(key) for key in ("data", "teacher"))])
-    folder = on_disk_folder(
-        model, no_load=no_load, drop_given=drop is not None, say=lambda line: console.print(line, highlight=False),
-        model_options={"--sample": bool(sample), "--dtype": dtype != DEFAULT_DTYPE,
-                       "--device-map": device_map is not None, "--granularity": config.granularity != "block"},
-    )
-    if folder is not None:
-        result = prune_checkpoint(folder, config.drop, out, overwrite=overwrite, source=model)
-    else:
-        result = prune_model(model, out=out, config=config, heal=heal, dtype=dtype, device_map=device_map,
-                             prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite,
-                             log=lambda message: console.print(f"[dim]»[/] {message}", highlight=False))
+    say = lambda message: console.print(f"[dim]»[/] {message}", highlight=False)  # noqa: E731
+    result = prune_model(model, out=out, config=config, heal=heal, dtype=dtype, device_map=device_map,
+                         prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite, no_load=no_load, log=say)
     table = Table(title="layerprune prune")
     table.add_column("")
     table.add_column("before", justify="right")
@@ -104,14 +94,13 @@ def prune(
     pct = 100 * (1 - result.params_after / result.params_before)
     table.add_row("parameters", f"{result.params_before:,}", f"{result.params_after:,} (-{pct:.1f}%)")
     console.print(table)
-    what = {"attention": "removed the attention of", "mlp": "removed the MLP of"}.get(
-        getattr(result, "granularity", "block"), "dropped")
+    what = {"attention": "removed the attention of", "mlp": "removed the MLP of"}.get(result.granularity, "dropped")
     console.print(f"{what} original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
-    constraints = getattr(result, "how", {}).get("constraints", {})
+    constraints = result.how.get("constraints", {})
     if "estimated_latency_ratio" in constraints:
         console.print(f"estimated {constraints['latency']['mode']} latency: {constraints['estimated_latency_ratio']:.3f} "
                       f"of the original's (target {constraints['target_latency']})")
-    validation = getattr(result, "how", {}).get("validation")
+    validation = result.how.get("validation")
     if validation:
         console.print(f"validation loss {validation['loss']:.4f} (unpruned {validation['unpruned_loss']:.4f}, "
                       f"perplexity x{validation['ppl_ratio']:.3f}) on held-out calibration text")
@@ -120,5 +109,5 @@ def prune(
         console.print(f"  [cyan]original:[/] {escape(repr(before['completion']))}", highlight=False)
         console.print(f"  [magenta]pruned:[/]   {escape(repr(after['completion']))}", highlight=False)
     reload = ("layerprune.load_model only: stock transformers cannot describe a layer without attention or MLP"
-              if getattr(result, "granularity", "block") != "block" else "AutoModelForCausalLM.from_pretrained")
+              if result.granularity != "block" else "AutoModelForCausalLM.from_pretrained")
     console.print(f"\npruned model saved to [bold]{result.out}[/] (reload: {reload})")

@@ -27,12 +27,13 @@ import math
 import os
 import shutil
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import family_spec, supported_model_types
+from layerprune.models.prune_result import PruneResult
 from layerprune.models.saving import RECORD_FILE, write_record_file
 from layerprune.models.surgery import check_drop, config_provenance, pruned_provenance, rewrite_config
 from layerprune.outputs import atomic_output_dir, check_output_dir, read_json, write_json
@@ -342,24 +343,6 @@ def write_shard(folder: Path, path: Path, tensors: list[OutputTensor], metadata:
             handle.close()
 
 
-@dataclass
-class CheckpointPruneResult:
-    """What `prune_checkpoint` did (fields shared with api.PruneResult, so the CLI prints either)."""
-
-    out: Path
-    dropped: list[int]
-    chosen_by: str
-    layers_before: int
-    layers_after: int
-    params_before: int  # values stored in the checkpoint (tied weights are stored once)
-    params_after: int
-    bytes_before: int
-    bytes_after: int
-    shards: int
-    samples_before: list[dict] = field(default_factory=list)
-    samples_after: list[dict] = field(default_factory=list)
-
-
 def _read_config(folder: Path):
     from layerprune.models.model_config import read_model_config
 
@@ -453,7 +436,7 @@ def prune_checkpoint(
     how: dict | None = None,
     source: str | None = None,
     tokenizer: bool | None = None,
-) -> CheckpointPruneResult:
+) -> PruneResult:
     """Write a copy of the checkpoint in `src_dir` without the layers of ORIGINAL indices `drop`.
 
     The output is what loading, `remove_layers` and `save_model` would write: the kept layers'
@@ -526,10 +509,12 @@ def prune_checkpoint(
                 "copied_files": copied,
             },
         })
-    return CheckpointPruneResult(
+    return PruneResult(
         out=Path(out_dir),
         dropped=drop,
         chosen_by=how["chosen_by"],
+        how=how,
+        on_disk=True,
         layers_before=n_layers,
         layers_after=len(keep_positions),
         params_before=sum(e.numel for e in entries),
