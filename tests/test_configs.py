@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from layerprune import save_model
 from layerprune.cli import app
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options
-from layerprune.config import BenchConfig, CalibrationConfig, EvalConfig, PruneConfig, load_run_config
+from layerprune.config import (
+    BenchConfig, CalibrationConfig, EvalConfig, PruneConfig, ScoreConfig, load_run_config,
+)
 from layerprune.finetune import HealConfig
 from layerprune.pipeline import run_pipeline
 from tiny_models import tiny_model, tiny_tokenizer
@@ -24,8 +26,9 @@ TEXT = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("c
 
 # Fields set only from YAML or the API (a dict per metric has no sensible flag), per command.
 NOT_ON_THE_COMMAND_LINE = {"prune": {"metric_params", "calibration"}, "finetune": set(), "eval": set(),
-                           "bench": set()}
-COMMAND_CONFIGS = {"prune": PruneConfig, "finetune": HealConfig, "eval": EvalConfig, "bench": BenchConfig}
+                           "bench": set(), "score": {"calibration", "stability"}}  # stability: lists of --calib ...
+COMMAND_CONFIGS = {"prune": PruneConfig, "finetune": HealConfig, "eval": EvalConfig, "bench": BenchConfig,
+                   "score": ScoreConfig}
 
 
 def command_params(name: str) -> dict:
@@ -37,7 +40,7 @@ def command_params(name: str) -> dict:
 def test_every_config_field_is_an_option_that_defers_to_the_config_default(command):
     config_cls, params = COMMAND_CONFIGS[command], command_params(command)
     expected = set(config_cls.model_fields) - NOT_ON_THE_COMMAND_LINE[command]
-    if command == "prune":
+    if command in ("prune", "score"):
         expected |= set(CALIBRATION_OPTIONS.values())
     missing = sorted(expected - set(params))
     assert not missing, f"`layerprune {command}` has no option for {missing}"
@@ -214,3 +217,33 @@ def test_one_prune_path_gives_the_same_layers_and_weights_through_api_cli_and_ya
         final = tmp_path / "run" / "pruned"
     assert_same_weights(tmp_path / "api", tmp_path / "cli")
     assert_same_weights(tmp_path / "api", final)
+
+
+@pytest.mark.integration
+def test_score_is_the_same_through_api_cli_and_yaml_in_one_schema(workspace):
+    """score_model, `layerprune score` and a run's prune stage write one scores.json schema with equal scores,
+    and `layerprune report` reads the run's back."""
+    from layerprune.api import score_model
+    from layerprune.importance.scores_file import read_scores_json
+
+    calib = {"source": str(workspace / "text.txt"), "n_samples": 4, "seq_len": 32}
+    metrics = ["block-influence", "angular", "magnitude-l1"]
+    api = score_model(str(workspace / "tiny"), out=str(workspace / "api"), metric=metrics, num_layers=2,
+                      calibration=calib, log=lambda m: None)
+    cli = runner.invoke(app, ["score", str(workspace / "tiny"), "--out", str(workspace / "cli"), "--metric",
+                              ",".join(metrics), "--num-layers", "2", "--calib", calib["source"], "--n-samples", "4",
+                              "--seq-len", "32"])
+    assert cli.exit_code == 0, cli.output
+    run_yaml(workspace, prune={"metric": metrics, "select": "auto", "num_layers": 2, "calibration": calib})
+    (cli_scores, cli_selections), (run_scores, _) = (read_scores_json(workspace / "cli" / "scores.json"),
+                                                     read_scores_json(workspace / "run" / "scores.json"))
+    def same(a, b) -> bool:  # NaN marks an impossible angular block start: compare as written
+        return json.dumps(a.to_json(), sort_keys=True) == json.dumps(b.to_json(), sort_keys=True)
+
+    api_file = read_scores_json(workspace / "api" / "scores.json")[0]
+    for name in metrics:
+        assert same(api.scores[name], api_file[name]) and same(api_file[name], cli_scores[name]), name
+        assert same(cli_scores[name], run_scores[name]), name
+        assert api.selections[name].dropped == cli_selections[name]["dropped"], name
+    assert runner.invoke(app, ["report", str(workspace / "run")]).exit_code == 0
+    assert (workspace / "run" / "scores.png").exists()

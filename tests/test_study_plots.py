@@ -161,6 +161,7 @@ def test_report_of_an_iterative_run_built_from_files(tmp_path):
     import json
 
     from layerprune import LayerScores
+    from layerprune.importance.scores_file import write_scores_json
 
     run = tmp_path / "run"
     for r, dropped in ((1, [4]), (2, [3])):
@@ -171,7 +172,7 @@ def test_report_of_an_iterative_run_built_from_files(tmp_path):
         write_loss_curve([{"step": s, "loss": 2.0 / s, "learning_rate": 1e-4} for s in (1, 2, 3)], folder / "healed-1")
         layers = list(range(N_LAYERS - r + 1))
         scores = LayerScores("reverse-order", layers, [float(len(layers) - i) for i in layers])
-        (folder / "scores.json").write_text(json.dumps({"reverse-order": scores.to_json()}))
+        write_scores_json(folder / "scores.json", "tiny", {"reverse-order": scores})
     (run / "config.yaml").write_text("model: tiny\n")
     result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output

@@ -7,9 +7,10 @@ config's fields as keyword arguments; both are checked before any model loads.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.config import DEFAULT_DTYPE, PruneConfig, as_config
+from layerprune.config import DEFAULT_DTYPE, PruneConfig, ScoreConfig, as_config
 from layerprune.data.calibration import load_calibration_for
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
@@ -18,6 +19,91 @@ from layerprune.models.loading import load_model
 from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
 from layerprune.models.saving import save_model, write_model_files
 from layerprune.outputs import check_output_dir
+
+
+@dataclass
+class ScoreResult:
+    scores: dict  # metric -> LayerScores (one score per layer, ORIGINAL indices)
+    selections: dict  # metric -> selection.Selection: the layers it would drop
+    stability: dict | None = None  # the calibration-stability study, when asked for
+    out: Path | None = None
+
+
+def score_model(
+    model_ref: str,
+    *,
+    out: str | None = None,
+    config: ScoreConfig | dict | None = None,
+    dtype: str = DEFAULT_DTYPE,
+    device_map: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+    log=print,
+    **fields,
+) -> ScoreResult:
+    """Score every layer with each metric of `config` (or its fields: metric="all", calibration={...},
+    num_layers=, streaming=True, stability={...}); with `out`, write scores.json/csv/md and plots there
+    (and stability.json/md). streaming reads one layer at a time from the checkpoint, for models bigger
+    than memory. progress(): called after each setting of the stability study."""
+    from layerprune.data.calibration import load_calibration
+    from layerprune.importance import compute_many, get_metric
+    from layerprune.models.surgery import kept_layers
+    from layerprune.scoring import metric_requests, select_for_each, stability_study
+
+    config = as_config(ScoreConfig, config, **fields)
+    c = config.calibration
+    if out is not None:
+        check_output_dir(out, overwrite, inputs=[model_ref, c.source, *(config.stability.sources
+                                                                         if config.stability else [])])
+    loaded = _load_for_scores(model_ref, config, dtype, device_map)
+    n_layers = len(kept_layers(loaded.model))
+    n_drop = config.n_drop(n_layers)
+    requests = metric_requests(config.metrics, n_layers, seed=c.seed, block_size=config.block_size or n_drop)
+    calibration = None
+    if any(get_metric(n).needs_calibration for n in config.metrics):
+        if loaded.tokenizer is None:
+            raise LayerpruneError(f"{model_ref} has no tokenizer, so calibration text cannot be encoded")
+        calibration = load_calibration(loaded.tokenizer, c.source, n_samples=c.n_samples, seq_len=c.seq_len,
+                                       seed=c.seed, field=c.field)
+    log(f"scoring {n_layers} layers with {', '.join(config.metrics)}"
+        + (f" on {calibration.description}" if calibration else ""))
+    if config.streaming:
+        from layerprune.importance.streaming import stream_scores
+
+        scores = stream_scores(loaded.path, calibration, requests, dtype=dtype)
+    else:
+        scores = compute_many(loaded.model, requests, calibration)
+    result = ScoreResult(scores, select_for_each(scores, n_drop))
+    if config.stability is not None:
+        st = config.stability
+        result.stability = stability_study(loaded.model, loaded.tokenizer, config.metrics, sources=st.sources,
+                                           n_samples_list=st.n_samples, seeds=st.seeds, seq_len=c.seq_len,
+                                           n_drop=n_drop, block_size=config.block_size or n_drop, progress=progress)
+    if out is not None:
+        result.out = _write_scores(out, result, model_ref, overwrite)
+    return result
+
+
+def _load_for_scores(model_ref: str, config: ScoreConfig, dtype: str, device_map):
+    if not config.streaming:
+        return load_model(model_ref, dtype=dtype, device_map=device_map, for_compute=True)
+    if device_map is not None:
+        raise LayerpruneError("streaming scores one layer at a time on the CPU; device_map needs the loaded model")
+    from layerprune.importance.streaming import load_skeleton
+
+    return load_skeleton(model_ref, dtype=dtype, metrics=config.metrics)  # weights stay on disk
+
+
+def _write_scores(out: str, result: ScoreResult, model_ref: str, overwrite: bool) -> Path:
+    from layerprune.outputs import atomic_output_dir, write_json
+    from layerprune.scoring import stability_markdown, write_score_files
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_score_files(Path(tmp), result.scores, result.selections, model_ref)
+        if result.stability is not None:
+            write_json(Path(tmp) / "stability.json", result.stability)
+            (Path(tmp) / "stability.md").write_text(stability_markdown(result.stability))
+    return Path(out)
 
 
 def choose_layers(model, config: PruneConfig | dict | None = None, *, calibration=None, log=print,

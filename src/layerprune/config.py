@@ -276,6 +276,64 @@ def curve_selections(metric) -> list[str]:
 
 
 
+class StabilityConfig(_Strict):
+    """The calibration-stability study of `layerprune score` (Table 6 of arXiv 2411.15558): every metric
+    scored and selected under each (source, n_samples, seed), with the Jaccard overlap of the drop-sets."""
+
+    sources: list[str] = Field(..., min_length=1, description="Calibration sources to compare.")
+    n_samples: list[int] = Field(..., min_length=1, description="Calibration sample counts to compare.")
+    seeds: int = Field(1, ge=1, description="Calibration seeds per (source, n_samples).")
+
+
+class ScoreConfig(_Strict):
+    """`layerprune score` / api.score_model: every layer's score under each metric, and the layers each
+    metric would drop."""
+
+    metric: str | list[str] = Field("all", description="Metric name(s), comma separated, or 'all' (every "
+                                    "whole-layer metric; see `layerprune metrics`).")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
+                                           description="Text the data-driven metrics read.")
+    num_layers: int | None = Field(None, ge=1, description="Layers each metric would drop (default: 25%).")
+    ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of the layers each metric would drop.")
+    block_size: int | None = Field(None, ge=1, description="Angular distance block size m (default: the number of "
+                                   "layers to drop; its table covers every m).")
+    streaming: bool = Field(False, description="Read one layer at a time from the checkpoint, for models bigger than "
+                            "memory (block-influence, relative-magnitude, angular, magnitude-l1/-l2, the baselines).")
+    stability: StabilityConfig | None = Field(None, description="Also run the calibration-stability study.")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metrics(cls, value):
+        from layerprune.scoring import parse_metrics
+
+        try:
+            parse_metrics(value if isinstance(value, str) else ",".join(value))
+        except LayerpruneError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_count(self) -> "ScoreConfig":
+        if self.num_layers is not None and self.ratio is not None:
+            raise ValueError("give num_layers or ratio, not both")
+        if self.streaming and self.stability is not None:
+            raise ValueError("streaming scores one calibration setting; the stability study needs the loaded model")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        from layerprune.scoring import parse_metrics
+
+        return parse_metrics(self.metric if isinstance(self.metric, str) else ",".join(self.metric))
+
+    def n_drop(self, n_layers: int) -> int:
+        """How many layers each metric's selection drops: num_layers, ratio, or 25% of the layers."""
+        from layerprune.selection import count_to_drop
+
+        ratio = 0.25 if self.num_layers is None and self.ratio is None else self.ratio
+        return count_to_drop(n_layers, num_layers=self.num_layers, ratio=ratio)
+
+
 class CurveConfig(_Strict):
     """`layerprune curve`: validation perplexity against the number of layers removed (layerprune.curve)."""
 

@@ -260,17 +260,17 @@ class Run:
 
     def choose(self, loaded: LoadedModel, n_drop: int | None = None, scores_name: str = "scores.json") -> dict:
         """The selection record (strategies.choose), with every metric's scores cached in `scores_name`."""
-        from layerprune.importance import LayerScores
         from layerprune.data.calibration import VALIDATION_SEED_OFFSET
+        from layerprune.importance.scores_file import read_scores_json, write_scores_json
         from layerprune.strategies import choose
 
         scores_path = self.path(scores_name)
 
         def cached_scores(requests: dict[str, dict]) -> dict:
             if scores_path.exists():
-                return {n: LayerScores.from_json(s) for n, s in read_json(scores_path).items()}
+                return read_scores_json(scores_path)[0]
             scores = self.scores(loaded, requests, share=scores_name == "scores.json")
-            write_json(scores_path, {n: s.to_json() for n, s in scores.items()})
+            write_scores_json(scores_path, self.config.model, scores)
             return scores
 
         return choose(loaded.model, self.config.prune, score=cached_scores, n_drop=n_drop, log=self.log,

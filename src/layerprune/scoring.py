@@ -10,8 +10,8 @@ from pathlib import Path
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, available_metrics, compute_many, get_metric
 from layerprune.models.surgery import kept_layers
-from layerprune.outputs import write_json
-from layerprune.selection import Selection, count_to_drop, select_layers
+from layerprune.importance.scores_file import write_scores_json
+from layerprune.selection import Selection, select_layers
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -62,14 +62,7 @@ def write_score_files(
     """scores.json, scores.csv (layer x metric), scores.md, scores.png, angular.png; returns the paths."""
     from layerprune.report.plots import plot_angular_heatmap, plot_scores
 
-    write_json(
-        out / "scores.json",
-        {
-            "model": model_ref,
-            "scores": {name: s.to_json() for name, s in all_scores.items()},
-            "selections": {name: sel.to_json() for name, sel in selections.items()},
-        },
-    )
+    write_scores_json(out / "scores.json", model_ref, all_scores, selections)
     (out / "scores.csv").write_text(scores_csv(all_scores))
     (out / "scores.md").write_text(scores_markdown(all_scores, selections))
     paths = [out / "scores.json", out / "scores.csv", out / "scores.md"]
@@ -162,9 +155,3 @@ def stability_markdown(study: dict) -> str:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 1.0
-
-
-def default_n_drop(n_layers: int, num_layers: int | None, ratio: float | None) -> int:
-    if num_layers is None and ratio is None:
-        ratio = 0.25
-    return count_to_drop(n_layers, num_layers=num_layers, ratio=ratio)

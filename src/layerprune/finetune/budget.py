@@ -36,7 +36,7 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
                teacher=None, top_k: int | None = None) -> HealProbe:
     """Time one forward + backward of a micro-batch of `model` (gradients discarded) and, with a teacher,
     its top-k pass over one batch."""
-    from layerprune.finetune.trainer import PadCollator
+    from layerprune.finetune.collate import PadCollator
 
     batch = PadCollator(pad_id)(rows[:batch_size])
     device = next(model.parameters()).device

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from layerprune.data.instructions import IGNORE_INDEX
+from layerprune.finetune.collate import PadCollator, TokenizedDataset  # noqa: F401  (PadCollator: public here)
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 from layerprune.hardware.compute import announce
@@ -22,39 +23,6 @@ from layerprune.finetune.losses import (
 from layerprune.finetune.methods import HealContext, get_method, heal_compute, trainable_parameters
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import pad_token_id
-
-
-class TokenizedDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.rows[index], "row": index}  # the row number finds its cached teacher targets
-
-
-@dataclass
-class PadCollator:
-    """Right-pad input_ids with pad_id, labels with IGNORE_INDEX; build the attention mask."""
-
-    pad_id: int
-
-    def __call__(self, rows: list[dict]) -> dict:
-        length = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        if all("row" in r for r in rows):
-            batch["row"] = torch.tensor([r["row"] for r in rows])
-        return batch
 
 
 def _trainer_class():

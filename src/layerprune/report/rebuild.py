@@ -6,6 +6,7 @@ from pathlib import Path
 
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
+from layerprune.importance.scores_file import read_scores_json
 from layerprune.outputs import read_json
 from layerprune.report import study_plots
 from layerprune.report.plots import plot_angular_heatmap, plot_scores
@@ -18,10 +19,8 @@ def _round_number(path: Path) -> int:
 
 
 def _scores(path: Path) -> dict[str, LayerScores]:
-    """A run's scores.json ({name: scores}) or the score command's ({"scores": {name: scores}, ...})."""
-    data = read_json(path, missing_ok=True) or {}
-    data = data.get("scores", data) if isinstance(data.get("scores"), dict) else data
-    return {name: LayerScores.from_json(s) for name, s in data.items()}
+    """The scores of a scores.json (importance/scores_file.py), or none when the file is missing."""
+    return read_scores_json(path)[0] if path.exists() else {}
 
 
 def _candidate_drops(selection: dict | None) -> dict[str, list[int]]:
