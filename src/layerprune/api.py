@@ -6,7 +6,6 @@ config's fields as keyword arguments; both are checked before any model loads.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from layerprune.models.anatomy import count_parameters
 from layerprune.models.loading import load_model
 from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
 from layerprune.models.saving import save_model, write_model_files
-from layerprune.outputs import check_output_dir
+from layerprune.outputs import check_output_dir, is_main_process
 
 
 @dataclass
@@ -320,7 +319,7 @@ def finetune_model(
     loaded = load_model(model_ref, dtype=config.train_dtype)
     work_dir = Path(f"{Path(out)}.checkpoints")
     result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resume)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return result, Path(out)  # under accelerate/torchrun only the main process writes
     write_healed(result, record, loaded.tokenizer, out, overwrite=overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)

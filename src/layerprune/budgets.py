@@ -175,23 +175,6 @@ def metric_drop_at(scores: LayerScores, *, protect_first: int = 0, protect_last:
     return drop_at
 
 
-def fewest_layers(
-    scores: LayerScores,
-    value_after: Callable[[list[int]], float],
-    target: float,
-    *,
-    protect_first: int = 0,
-    protect_last: int = 0,
-) -> tuple[Selection | None, tuple[list[int], float] | None]:
-    """(the smallest drop-set whose value_after(dropped) <= target or None, the last drop-set tried and its value)."""
-    drop_at = metric_drop_at(scores, protect_first=protect_first, protect_last=protect_last)
-    dropped, last = fewest_along(drop_at, value_after, target, len(scores.layers))
-    if dropped is None:
-        return None, last
-    return select_layers(scores, num_layers=len(dropped), protect_first=protect_first,
-                         protect_last=protect_last), last
-
-
 def _per_layer(model: nn.Module, scores: LayerScores | None, values: list) -> dict[int, float]:
     """Map per-position numbers of the current model onto ORIGINAL indices, checking the scores match it."""
     from layerprune.models.surgery import kept_layers

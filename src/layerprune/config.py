@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from layerprune.config_base import QualityTargetMixin, StrictConfig, apply_preset, comma_list
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 
@@ -32,8 +33,7 @@ PRUNE_PRESETS: dict[str, dict] = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictConfig
 
 
 class CalibrationConfig(_Strict):
@@ -45,7 +45,7 @@ class CalibrationConfig(_Strict):
     seed: int = Field(0, description="Seed of calibration sampling and of the random metric.")
 
 
-class PruneConfig(_Strict):
+class PruneConfig(QualityTargetMixin, _Strict):
     preset: str | None = Field(None, description="Named recipe whose settings fill what is not given: paper.")
     metric: str | list[str] | None = Field(
         None, description="Importance metric (see `layerprune metrics`), or several with select auto. Default: "
@@ -94,10 +94,7 @@ class PruneConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") is not None:
-            if data["preset"] not in PRUNE_PRESETS:
-                raise ValueError(f"unknown preset {data['preset']!r}; available: {', '.join(PRUNE_PRESETS)}")
-            data = {**PRUNE_PRESETS[data["preset"]], **{k: v for k, v in data.items() if v is not None}}
+        data = apply_preset(data, PRUNE_PRESETS)
         if isinstance(data, dict) and data.get("schedule") is not None and data.get("strategy") is None:
             data = {**data, "strategy": "iterative"}  # a schedule means iterative pruning
         return data
@@ -135,8 +132,7 @@ class PruneConfig(_Strict):
         budgets = (self.num_layers, self.ratio, self.target_params, self.target_latency)
         given = [x is not None for x in (self.drop, *budgets)]
         quality = self.max_loss_increase is not None or self.max_ppl_ratio is not None
-        if self.max_loss_increase is not None and self.max_ppl_ratio is not None:
-            raise ValueError("give max_loss_increase or max_ppl_ratio, not both")
+        self._check_one_quality_target()
         # a quality target stands alone, or guards a size/speed target (which then sets the count)
         guards = quality and (self.target_params is not None or self.target_latency is not None)
         if self.schedule is None and sum(given) + (quality and not guards) != 1:
@@ -181,14 +177,6 @@ class PruneConfig(_Strict):
             return None  # only a quality target (quality_target)
         return Budget(num_layers=self.num_layers, ratio=self.ratio, target_params=self.target_params,
                       target_latency=self.target_latency, latency_mode=self.latency_mode)
-
-    def quality_target(self):
-        """The budgets.QualityTarget of this prune, or None."""
-        from layerprune.budgets import QualityTarget
-
-        if self.max_loss_increase is None and self.max_ppl_ratio is None:
-            return None
-        return QualityTarget(max_loss_increase=self.max_loss_increase, max_ppl_ratio=self.max_ppl_ratio)
 
     def _check_search(self) -> None:
         if self.select != "search" and (self.search_beam != 1 or self.search_swap):
@@ -263,7 +251,7 @@ def curve_selections(metric) -> list[str]:
     """Names from 'a,b' or a list: whole-layer metrics and `search`; unknown names are one error."""
     from layerprune.importance import available_metrics, get_metric
 
-    names = [n.strip() for n in (metric.split(",") if isinstance(metric, str) else metric) if n.strip()]
+    names = comma_list(metric)
     if not names:
         raise LayerpruneError("no selection given")
     whole = [m for m in available_metrics() if "block" in get_metric(m).granularities]
@@ -334,7 +322,7 @@ class ScoreConfig(_Strict):
         return count_to_drop(n_layers, num_layers=self.num_layers, ratio=ratio)
 
 
-class CurveConfig(_Strict):
+class CurveConfig(QualityTargetMixin, _Strict):
     """`layerprune curve`: validation perplexity against the number of layers removed (layerprune.curve)."""
 
     metric: str | list[str] = Field(
@@ -366,8 +354,7 @@ class CurveConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_target(self) -> "CurveConfig":
-        if self.max_loss_increase is not None and self.max_ppl_ratio is not None:
-            raise ValueError("give max_loss_increase or max_ppl_ratio, not both")
+        self._check_one_quality_target()
         if self.max_drop >= 1 and self.max_drop != int(self.max_drop):
             raise ValueError(f"max_drop is a fraction below 1 or a whole number of layers, got {self.max_drop}")
         return self
@@ -376,17 +363,10 @@ class CurveConfig(_Strict):
     def selections(self) -> list[str]:
         return curve_selections(self.metric)
 
-    def quality_target(self):
-        """The budgets.QualityTarget whose chosen k the curve reports, or None."""
-        from layerprune.budgets import QualityTarget
-
-        if self.max_loss_increase is None and self.max_ppl_ratio is None:
-            return None
-        return QualityTarget(max_loss_increase=self.max_loss_increase, max_ppl_ratio=self.max_ppl_ratio)
 
 
-# A bare `layerprune eval` takes a few minutes for the embedded 135M model on 2 CPU cores (docs/results.md,
-# "Evaluation at the speed limit"): the paper's 8 tasks on the first 5 documents of each (sub)task and the
+# A bare `layerprune eval` is a quick look (its time on the embedded model: docs/results.md, "Evaluation at
+# the speed limit"): the paper's 8 tasks on the first 5 documents of each (sub)task and the
 # first 300 perplexity windows. `--limit 0 --ppl-windows 0` is the full protocol.
 DEFAULT_TASK_LIMIT = 5
 DEFAULT_PPL_WINDOWS = 300
@@ -407,10 +387,10 @@ class EvalConfig(_Strict):
         "auto", description="BOS per perplexity window: auto | always | never | first (once, at the start).")
     ppl_windows: int | None = Field(
         DEFAULT_PPL_WINDOWS, ge=0, description="Only the first N perplexity windows; 0: the whole text (WikiText-2: "
-        "2,382 windows of 128 SmolLM2 tokens, about 9 min for a ~100M model on 2 CPU cores).")
+        "2,382 windows of 128 SmolLM2 tokens).")
     limit: int | None = Field(
         DEFAULT_TASK_LIMIT, ge=0, description="First N documents of each (sub)task and first N HumanEval problems; "
-        "0: every document ('paper' in full: 165,062 requests, 61 min for a 135M model on 2 CPU cores in bf16).")
+        "0: every document ('paper' in full: 165,062 requests; docs/results.md has the measured times).")
     batch_size: int = Field(8, ge=1, description="Batch size of perplexity windows and lm-eval requests (the fast "
                             "scorer: rows of up to 256 tokens).")
     avg_metric: Literal["acc", "acc_norm"] = Field("acc", description="Metric averaged into Avg Acc.")

@@ -264,3 +264,8 @@ def read_json(path: str | os.PathLike, *, missing_ok: bool = False) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise LayerpruneError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def is_main_process() -> bool:
+    """Under accelerate/torchrun only rank 0 writes outputs; a single process is rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0

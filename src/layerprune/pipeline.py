@@ -24,7 +24,8 @@ from layerprune.importance import compute_many, get_metric
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions, save_model
 from layerprune.outputs import (
-    MARKER, atomic_output_dir, check_not_input, is_layerprune_output, mark_output_dir, read_json, write_json,
+    MARKER, atomic_output_dir, check_not_input, is_layerprune_output, is_main_process, mark_output_dir, read_json,
+    write_json,
 )
 from layerprune.run_lock import run_folder_lock
 from layerprune.run_stages import Stage, settings_digest, settle
@@ -76,10 +77,13 @@ class Run:
             key["eval"] = c.eval.model_dump(mode="json", exclude={"original", "before_healing"})
         return key
 
-    def load(self, ref: str, tokenizer_from: LoadedModel | None = None, *, saved: bool = False) -> LoadedModel:
-        """saved: the model's weights will be written (pruned), so they keep their dtype; otherwise it is only
-        computed with, and dtype auto takes fp32 where the CPU only emulates the stored half type."""
-        loaded = load_model(ref, dtype=self.config.dtype, for_compute=not saved)
+    def load(self, ref: str, tokenizer_from: LoadedModel | None = None, *, saved: bool = False,
+             dtype: str | None = None) -> LoadedModel:
+        """The model at `ref` (in the run's dtype unless given), with `tokenizer_from`'s tokenizer when its
+        folder has none. saved: its weights will be written (pruned, healed), so they keep their dtype;
+        otherwise it is only computed with, and dtype auto takes fp32 where the CPU only emulates the stored
+        half type."""
+        loaded = load_model(ref, dtype=dtype or self.config.dtype, for_compute=not saved)
         if loaded.tokenizer is None and tokenizer_from is not None:
             loaded.tokenizer = tokenizer_from.tokenizer
         return loaded
@@ -93,7 +97,7 @@ class Run:
 
     # ------------------------------------------------------------------ stages
     def execute(self) -> dict:
-        main = _main_process()
+        main = is_main_process()
         if main:
             self.claim_folder()
         with run_folder_lock(self.dir) if main else nullcontext():
@@ -308,15 +312,13 @@ class Run:
                 self.log(f"{out.name} exists: skipping")
                 ref = str(out)
                 continue
-            loaded = load_model(ref, dtype=stage.train_dtype)
-            if loaded.tokenizer is None:
-                loaded.tokenizer = tokenizer_from.tokenizer
+            loaded = self.load(ref, tokenizer_from, saved=True, dtype=stage.train_dtype)
             self.log(f"healing with {stage.method} ({out.name})")
             work = out.with_name(_work_dir_name(out.name, self.heal_settings(base, number)))
             with self.plan.timed(out.name) if prefix == "healed" else nullcontext():
                 result, record = heal_loaded(loaded, stage, default_teacher=self.config.model, work_dir=work,
                                              resume=work.exists(), log=self.log)
-            if not _main_process():
+            if not is_main_process():
                 return str(out)  # under accelerate/torchrun only the main process writes
             write_healed(result, record, loaded.tokenizer, out, overwrite=True)
             shutil.rmtree(work, ignore_errors=True)
@@ -395,10 +397,6 @@ class Run:
 
         summary, _ = write_run_report(self.dir, final_ref)
         return summary
-
-
-def _main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes
 
 
 def _work_dir_name(output_name: str, settings: dict) -> str:

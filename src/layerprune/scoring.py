@@ -7,6 +7,7 @@ import io
 import itertools
 from pathlib import Path
 
+from layerprune.config_base import comma_list
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, available_metrics, compute_many, get_metric
 from layerprune.models.surgery import kept_layers
@@ -19,7 +20,7 @@ def parse_metrics(text: str) -> list[str]:
     if text.strip() == "all":
         names = [n for n in available_metrics() if "block" in get_metric(n).granularities]
     else:
-        names = [n.strip() for n in text.split(",") if n.strip()]
+        names = comma_list(text)
     if not names:
         raise LayerpruneError("no metric given")
     for name in names:

@@ -28,6 +28,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores
 from layerprune.importance.perplexity import DropSetLosses
 from layerprune.models.surgery import kept_layers
+from layerprune.selection import protected_layers
 
 Log = Callable[[str], None]
 
@@ -43,7 +44,9 @@ class Point:
 
 
 def allowed_positions(n_layers: int, protect_first: int = 0, protect_last: int = 0) -> list[int]:
-    return [p for p in range(n_layers) if protect_first <= p < n_layers - protect_last]
+    """Positions of the current model a search may drop (selection.protected_layers keeps the others)."""
+    protected = protected_layers(list(range(n_layers)), protect_first, protect_last)
+    return [p for p in range(n_layers) if p not in protected]
 
 
 class SearchPath:

@@ -34,6 +34,14 @@ def count_to_drop(n_layers: int, *, num_layers: int | None = None, ratio: float 
     return num_layers
 
 
+def protected_layers(layers: list[int], protect_first: int = 0, protect_last: int = 0) -> set[int]:
+    """The layers never dropped: the first/last `protect_*` of the CURRENT model, whose layers (original
+    indices or positions) are given in order."""
+    if protect_first < 0 or protect_last < 0:
+        raise LayerpruneError("protect_first and protect_last must be >= 0")
+    return set(layers[:protect_first]) | set(layers[len(layers) - protect_last:] if protect_last else [])
+
+
 def select_layers(
     scores: LayerScores,
     *,
@@ -48,9 +56,7 @@ def select_layers(
     """
     n = len(scores.layers)
     k = count_to_drop(n, num_layers=num_layers, ratio=ratio)
-    if protect_first < 0 or protect_last < 0:
-        raise LayerpruneError("protect_first and protect_last must be >= 0")
-    protected = set(scores.layers[:protect_first]) | set(scores.layers[n - protect_last :] if protect_last else [])
+    protected = protected_layers(scores.layers, protect_first, protect_last)
     if scores.params.get("block_size"):
         return _select_block(scores, k, protected, protect_first, protect_last)
     candidates = [layer for layer in scores.ranking() if layer not in protected]

@@ -25,7 +25,7 @@ from layerprune.importance import LayerScores, compute_many, get_metric
 from layerprune.models.sublayer import remove_units
 from layerprune.models.surgery import kept_layers, validate_drop
 from layerprune.scoring import prune_metric_requests
-from layerprune.selection import count_to_drop
+from layerprune.selection import count_to_drop, protected_layers
 
 ScoreFn = Callable[[dict[str, dict]], dict[str, LayerScores]]  # {metric: params} -> scores of the current model
 Log = Callable[[str], None]
@@ -138,8 +138,7 @@ def _choose_branches(model: nn.Module, config: PruneConfig, score: ScoreFn) -> d
     candidates = removable_layers(record, kind)
     k = count_to_drop(len(candidates), num_layers=config.num_layers, ratio=config.ratio)
     kept = record["kept_layers"]
-    protected = set(kept[:config.protect_first]) | set(kept[len(kept) - config.protect_last:]
-                                                       if config.protect_last else [])
+    protected = protected_layers(kept, config.protect_first, config.protect_last)
     scores = score({metric: dict(config.metric_params.get(metric, {}))})[metric]
     pairs = [(layer, v) for layer, v in zip(scores.layers, scores.values)
              if layer in candidates and layer not in protected]

@@ -13,6 +13,7 @@ from layerprune.cli.app import (
 )
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
 from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, PruneConfig
+from layerprune.config_base import comma_list
 from layerprune.errors import LayerpruneError
 
 
@@ -21,7 +22,7 @@ C = CalibrationConfig
 
 
 def _metrics(text: str) -> str | list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = comma_list(text)
     return names[0] if len(names) == 1 else names
 
 

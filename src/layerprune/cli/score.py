@@ -10,6 +10,7 @@ from rich.table import Table
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_int_list
 from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, ScoreConfig, StabilityConfig
+from layerprune.config_base import comma_list
 from layerprune.errors import LayerpruneError
 
 
@@ -46,7 +47,7 @@ def score(
 
     from layerprune.api import score_model
 
-    sources = [c.strip() for c in calib.split(",") if c.strip()] if calib is not None else [C().source]
+    sources = comma_list(calib) if calib is not None else [C().source]
     sample_counts = parse_int_list(n_samples, "--n-samples") if n_samples is not None else [C().n_samples]
     stability = None
     if len(sample_counts) > 1 or seeds > 1 or len(sources) > 1:

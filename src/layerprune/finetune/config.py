@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from layerprune.config_base import StrictConfig, apply_preset
 
 # Named recipes: a preset fills every setting it names unless the setting is given explicitly.
 HEAL_PRESETS: dict[str, dict] = {
@@ -27,9 +29,7 @@ HEAL_PRESETS: dict[str, dict] = {
 }
 
 
-class HealConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HealConfig(StrictConfig):
     preset: str | None = Field(None, description="Named recipe whose settings fill what is not given: paper.")
     method: str = Field("distill", description="Healing method: partial | lora | qlora | full | cpt | distill | replace "
                         "| block-local.")
@@ -99,11 +99,7 @@ class HealConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") is not None:
-            if data["preset"] not in HEAL_PRESETS:
-                raise ValueError(f"unknown preset {data['preset']!r}; available: {', '.join(HEAL_PRESETS)}")
-            data = {**HEAL_PRESETS[data["preset"]], **{k: v for k, v in data.items() if v is not None}}
-        return data
+        return apply_preset(data, HEAL_PRESETS)
 
     @field_validator("method")
     @classmethod

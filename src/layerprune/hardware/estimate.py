@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layerprune.config_base import comma_list
+
 # Forward + backward (+ optimizer) over a forward, per healing method: full weights backpropagate through
 # every layer and update every weight; LoRA skips the weight gradients; partial backpropagates only
 # through its last layers (measured on SmolLM2, 2 CPU cores: distill 3.9 s per step of 1,024 tokens
@@ -138,7 +140,7 @@ def eval_seconds(config, speed: Speed) -> float | None:
     from layerprune.evaluation.generation import DEFAULT_PROMPTS
 
     seconds = 0.0
-    for text in [t.strip() for t in (config.ppl or "").split(",") if t.strip() and t.strip() != "none"]:
+    for text in [t for t in comma_list(config.ppl) if t != "none"]:
         windows = config.ppl_windows or WIKITEXT2_WINDOWS_128 * 128 // config.seq_len
         seconds += windows * config.seq_len * speed.forward
     documents = task_documents(config.tasks, config.limit)
@@ -152,7 +154,7 @@ def eval_seconds(config, speed: Speed) -> float | None:
 
 def task_documents(tasks: str, limit: int | None) -> int | None:
     """Documents scored for a task list ('paper', names, ''), or None for files whose size is unknown here."""
-    names = [t.strip() for t in (tasks or "").split(",") if t.strip() and t.strip() != "none"]
+    names = [t for t in comma_list(tasks) if t != "none"]
     if names == ["paper"]:
         names = list(TASK_SHAPES)
     total = 0

@@ -115,7 +115,8 @@ def check_granularity(name: str, granularity: str) -> None:
         )
 
 
-def _to_scores(model, metric: str, result, params: dict, calibration) -> LayerScores:
+def to_layer_scores(model, metric: str, result, params: dict, calibration) -> LayerScores:
+    """A metric function's output (values, or (values, extra)) as LayerScores of the model's current layers."""
     values, extra = result if isinstance(result, tuple) else (result, {})
     return LayerScores(
         metric=metric,
@@ -135,7 +136,7 @@ def _check_calibration(name: str, calibration) -> None:
 def compute_scores(model, metric: str, calibration=None, **params) -> LayerScores:
     """Score every current layer of `model` with one metric; indices come out in original numbering."""
     _check_calibration(metric, calibration)
-    return _to_scores(model, metric, get_metric(metric).fn(model, calibration, **params), params, calibration)
+    return to_layer_scores(model, metric, get_metric(metric).fn(model, calibration, **params), params, calibration)
 
 
 def compute_many(model, metrics: dict[str, dict], calibration=None) -> dict[str, LayerScores]:
@@ -153,5 +154,5 @@ def compute_many(model, metrics: dict[str, dict], calibration=None) -> dict[str,
     for group, requests in by_group.items():
         outputs = _GROUPS[group](model, calibration, requests)
         for name, params in requests.items():
-            results[name] = _to_scores(model, name, outputs[name], params, calibration)
+            results[name] = to_layer_scores(model, name, outputs[name], params, calibration)
     return {name: results[name] for name in metrics}

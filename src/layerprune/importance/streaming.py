@@ -41,7 +41,7 @@ from layerprune.importance.activations import (
     layer_input,
 )
 from layerprune.importance.base import LayerScores
-from layerprune.importance.registry import _to_scores, compute_scores, get_metric
+from layerprune.importance.registry import to_layer_scores, compute_scores, get_metric
 from layerprune.importance.weights import frobenius_norms_sum, l1_norm, scored_parameters
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import TensorEntry, find_layers_prefix, read_checkpoint
@@ -109,7 +109,7 @@ def stream_scores(
         if name in ORDER_METRICS:
             scores[name] = compute_scores(model, name, None, **params)  # they read the layer count only
         else:
-            scores[name] = _to_scores(model, name, results[name], params, calibration)
+            scores[name] = to_layer_scores(model, name, results[name], params, calibration)
     return scores
 
 
@@ -157,11 +157,11 @@ def _skeleton(folder: Path, dtype, entries: dict[str, TensorEntry]) -> nn.Module
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from layerprune.models.loading import _check_causal_lm
+    from layerprune.models.loading import check_causal_lm
     from layerprune.models.model_config import read_model_config, trusts_remote_code
 
     trusted = trusts_remote_code()
-    _check_causal_lm(str(folder), trusted)  # encoders and encoder-decoders are refused as in load_model
+    check_causal_lm(str(folder), trusted)  # encoders and encoder-decoders are refused as in load_model
     config = read_model_config(folder, trust_remote_code=trusted)
     torch_dtype = _resolve_dtype(config, dtype, entries)
     try:

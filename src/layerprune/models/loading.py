@@ -150,7 +150,7 @@ def load_model(
     load_in = check_load_in(load_in)
     trusted = trusts_remote_code(trust_remote_code)
     folder = model_folder(ref)
-    _check_causal_lm(folder, trusted)
+    check_causal_lm(folder, trusted)
     if for_compute and load_in is None and device_map is None:
         torch_dtype = _compute_load_dtype(torch_dtype, folder, device)
     # Before the weights: a tokenizer that can't be read fails in a second, not after a long load.
@@ -307,7 +307,7 @@ def _describe_keys(model, keys: list[str]) -> str:
     return f"{len(keys)} tensor{'s' if len(keys) > 1 else ''}{where}, e.g. {keys[0]}"
 
 
-def _check_causal_lm(folder: str, trusted: bool = False) -> None:
+def check_causal_lm(folder: str, trusted: bool = False) -> None:
     """Fail with one clear line for configs transformers can't build as a decoder-only causal LM."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,

@@ -79,7 +79,7 @@ def check_layer_indices(record: dict, indices: Iterable[int]) -> list[int]:
 def remove_layers(model: nn.Module, drop: Iterable[int], *, how: dict | None = None) -> nn.Module:
     """Remove the blocks with the given ORIGINAL indices, in place; returns the model.
 
-    `how` (e.g. {"metric": "block-influence"}) is stored with the provenance.
+    `how` (e.g. {"chosen_by": "block-influence", "num_layers": 8}) is stored in the provenance history.
     Works on models dispatched over several devices: the kept blocks stay where they are.
     """
     drop = validate_drop(model, drop)
