@@ -113,7 +113,7 @@ def heal(
     the Trainer runs data-parallel (DDP/FSDP) with no change here. Before training, one timed step gives
     the estimate printed through `log`, and fits the steps into `config.max_minutes` when set (budget.py).
     """
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     if not rows:
         raise LayerpruneError("no training examples")
@@ -149,33 +149,7 @@ def heal(
         targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute)
 
     work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=accumulation,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.scheduler,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        optim="adamw_torch_fused",  # one fused kernel: ~0.1 s less per step than foreach on 2 CPU cores (SmolLM2 partial)
-        # qlora computes in the 4-bit layers' own compute dtype (methods.QLora), so no autocast on top
-        bf16=compute.dtype == "bf16" and config.method != "qlora",
-        fp16=compute.dtype == "fp16" and compute.device == "cuda" and config.method != "qlora",
-        activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "no",
-        save_steps=config.save_steps or 500,
-        report_to=[],
-        seed=config.seed,
-        data_seed=config.seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
+    args = _training_arguments(config, work_dir, compute, accumulation)
     trainer = _trainer_class()(
         model=trainable_model,
         args=args,
@@ -219,6 +193,39 @@ def heal(
         final_loss=curve[-1]["loss"] if curve else output.training_loss,
         loss_curve=curve,
         notes={**{k: v for k, v in context.notes.items() if k != "full_precision"}, "gradient_accumulation": accumulation},
+    )
+
+
+def _training_arguments(config, work_dir: Path, compute, accumulation: int):
+    """The Trainer's arguments of a healing config, computing as hardware.compute decided."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=accumulation,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.scheduler,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch_fused",  # one fused kernel: ~0.1 s less per step than foreach on 2 CPU cores (SmolLM2 partial)
+        # qlora computes in the 4-bit layers' own compute dtype (methods.QLora), so no autocast on top
+        bf16=compute.dtype == "bf16" and config.method != "qlora",
+        fp16=compute.dtype == "fp16" and compute.device == "cuda" and config.method != "qlora",
+        activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
