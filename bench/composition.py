@@ -14,7 +14,7 @@ Per setting:
 - perplexity on WikiText-2 (bundled test text), the first --windows non-overlapping windows of --seq-len
   tokens of `layerprune.evaluation.perplexity` (BOS as the tokenizer does it). Every row scores the SAME
   token ids: llama.cpp is fed the transformers tokenizer's ids (its own tokenizer is compared once and the
-  result printed) and scores them from its logits (`layerprune.llamacpp.perplexity_windows`);
+  result printed) and scores them from its logits (`layerprune.export.llamacpp.perplexity_windows`);
 - size: fp32 rows, the safetensors files of the model folder (when they are stored in fp32, else the
   parameter bytes); bitsandbytes rows, the packed weights plus their scales and the unquantized
   embeddings/norms (`layerprune.models.anatomy.parameter_bytes`, what `layerprune bench` reports); GGUF
@@ -168,7 +168,7 @@ def hf_runner(model, prompt: torch.Tensor, new_tokens: int, pad_id: int):
 
 
 def gguf_runner(llm, prompt: list[int], new_tokens: int):
-    from layerprune.llamacpp import greedy_tokens
+    from layerprune.export.llamacpp import greedy_tokens
 
     def run() -> tuple[float, float, int]:
         llm.reset()  # no KV-cache reuse between runs: every run processes the prompt again
@@ -207,8 +207,8 @@ def measure_transformers(refs: dict, tokenizer, text: str, args, prompt: torch.T
 
 
 def ensure_gguf(which: str, folder: str, quant: str, cache: Path) -> Path:
-    from layerprune.export import export_gguf
-    from layerprune.llamacpp import quantize_gguf
+    from layerprune.export.gguf import export_gguf
+    from layerprune.export.llamacpp import quantize_gguf
 
     stem = f"{which}-{fingerprint(folder)}"
     target = cache / f"{stem}-{quant}.gguf"
@@ -234,7 +234,7 @@ def quantize_log(target: Path) -> Path:
 
 def quantize_fallbacks(target: Path) -> dict | None:
     """What llama.cpp's quantizer said about tensors it could not store as asked (its log, kept beside the file)."""
-    from layerprune.llamacpp import quantize_fallbacks as parse
+    from layerprune.export.llamacpp import quantize_fallbacks as parse
 
     try:
         return parse(quantize_log(target).read_text(errors="replace"))
@@ -264,7 +264,7 @@ def tokenizer_check(llm, tokenizer, text: str, planned) -> dict:
 
 
 def measure_llamacpp(refs: dict, tokenizer, text: str, planned, args, prompt: list[int]) -> tuple[list[Setting], dict]:
-    from layerprune.llamacpp import open_gguf, perplexity_windows
+    from layerprune.export.llamacpp import open_gguf, perplexity_windows
 
     cache = Path(args.out) / "gguf"
     cache.mkdir(parents=True, exist_ok=True)
@@ -418,7 +418,7 @@ def run(args, backends: set[str], out: Path) -> None:
     if "transformers" in backends:
         rows += measure_transformers(refs, tokenizer, text, args, prompt)
     if "llama.cpp" in backends:
-        from layerprune.llamacpp import INSTALL_HINT, have_llama_cpp
+        from layerprune.export.llamacpp import INSTALL_HINT, have_llama_cpp
 
         if have_llama_cpp():
             gguf_rows, check = measure_llamacpp(refs, tokenizer, text, planned, args, prompt[0].tolist())

@@ -34,9 +34,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from layerprune.config import CurveConfig
-    from layerprune.curve import curve_for_loaded, write_curve_files
+    from layerprune.selection.curve import curve_for_loaded, write_curve_files
     from layerprune.models.loading import load_model
-    from layerprune.scoring import parse_metrics
+    from layerprune.selection.scores import parse_metrics
 
     names = parse_metrics(args.metrics) + ([] if args.no_search else ["search"])
     config = CurveConfig(metric=names, max_drop=args.max_drop, max_ppl_ratio=args.max_ppl_ratio,

@@ -48,8 +48,8 @@ def main() -> None:
     from layerprune.importance.perplexity import DropSetLosses
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import kept_layers
-    from layerprune.scoring import metric_requests, parse_metrics, select_for_each
-    from layerprune.search import SearchPath, swap_pass
+    from layerprune.selection.scores import metric_requests, parse_metrics, select_for_each
+    from layerprune.selection.search import SearchPath, swap_pass
 
     loaded = load_model(args.model, dtype=args.dtype)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
-from layerprune.user_files import iter_jsonl, read_text
+from layerprune.files.user_files import iter_jsonl, read_text
 from tiny_models import tiny_model
 from cli_asserts import assert_one_line_error
 

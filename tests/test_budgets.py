@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from layerprune import LayerpruneError, LayerScores, choose_layers, compute_scores, remove_layers
-from layerprune.budgets import Budget, measure_layer_costs, parse_param_count, select_with_budget
+from layerprune.selection.budgets import Budget, measure_layer_costs, parse_param_count, select_with_budget
 from layerprune.cli import app
 from layerprune.config import load_run_config
 from layerprune.data.calibration import CalibrationData
@@ -141,9 +141,9 @@ def test_cli_prunes_to_a_parameter_target(tiny_dir, tmp_path):
 
 
 def test_cli_prunes_to_a_latency_target(tiny_dir, tmp_path, monkeypatch):
-    import layerprune.budgets
+    import layerprune.selection.budgets
 
-    monkeypatch.setattr(layerprune.budgets, "measure_layer_costs", lambda model, mode: {**COSTS, "mode": mode})
+    monkeypatch.setattr(layerprune.selection.budgets, "measure_layer_costs", lambda model, mode: {**COSTS, "mode": mode})
     result = runner.invoke(app, ["prune", str(tiny_dir), "--target-latency", "0.5", "--latency-mode", "prefill",
                                  "--metric", "reverse-order",
                                  "--out", str(tmp_path / "out")])

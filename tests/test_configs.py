@@ -17,7 +17,7 @@ from layerprune.config import (
     BenchConfig, CalibrationConfig, EvalConfig, PruneConfig, ScoreConfig, load_run_config,
 )
 from layerprune.finetune import HealConfig
-from layerprune.pipeline import run_pipeline
+from layerprune.runs.pipeline import run_pipeline
 from tiny_models import tiny_model, tiny_tokenizer
 
 runner = CliRunner()

@@ -15,13 +15,13 @@ from layerprune import save_model
 from layerprune.cli import app
 from layerprune.cli.options import CALIBRATION_OPTIONS
 from layerprune.config import CurveConfig
-from layerprune.curve import knee, max_drop_count
+from layerprune.selection.curve import knee, max_drop_count
 from layerprune.data.calibration import load_calibration
 from layerprune.importance import compute_scores
 from layerprune.importance.perplexity import DropSetLosses
 from layerprune.models.loading import load_model
-from layerprune.search import SearchPath
-from layerprune.selection import select_layers
+from layerprune.selection.search import SearchPath
+from layerprune.selection.ranking import select_layers
 from cli_asserts import assert_one_line_error
 from test_search import full_forward_loss
 from tiny_models import N_LAYERS, tiny_model, tiny_tokenizer
@@ -145,7 +145,7 @@ def test_a_run_traces_the_curve_as_a_stage(tmp_path):
     import yaml
 
     from layerprune.config import load_run_config
-    from layerprune.pipeline import run_pipeline
+    from layerprune.runs.pipeline import run_pipeline
 
     save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny")
     (tmp_path / "text.txt").write_text(TEXT)

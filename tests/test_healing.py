@@ -173,7 +173,7 @@ def test_block_local_changes_only_the_layers_before_each_cut_and_learns():
 
 def test_a_heal_chain_records_every_step(tmp_path):
     from layerprune.config import load_run_config
-    from layerprune.pipeline import run_pipeline
+    from layerprune.runs.pipeline import run_pipeline
 
     save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny")
     (tmp_path / "text.txt").write_text("\n\n".join(f"the {w} sat on the mat." for w in ("cat", "dog", "owl")) * 40)

@@ -9,8 +9,8 @@ import torch
 from layerprune import LayerpruneError
 from layerprune.models.dtypes import parse_dtype, stored_dtype
 from layerprune.models.tokens import pad_token_id
-from layerprune.outputs import read_json, write_json
-from layerprune.pypi import last_line, pip_download
+from layerprune.files.outputs import read_json, write_json
+from layerprune.files.pypi import last_line, pip_download
 
 
 def test_read_json_reads_what_write_json_wrote(tmp_path):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
-from layerprune.export import export_gguf
+from layerprune.export.gguf import export_gguf
 from layerprune.models.saving import save_model
 from layerprune.models.surgery import remove_layers
 from cli_asserts import assert_one_line_error
@@ -32,7 +32,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def test_llama_cpp_continues_a_tiny_pruned_model_like_transformers(converter, tmp_path):
-    from layerprune.llamacpp import greedy_tokens, open_gguf
+    from layerprune.export.llamacpp import greedy_tokens, open_gguf
 
     tokenizer = llama2_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=None, **SHAPES)
@@ -49,7 +49,7 @@ def test_llama_cpp_continues_a_tiny_pruned_model_like_transformers(converter, tm
 def test_llama_cpp_perplexity_of_the_same_windows_equals_transformers(converter, tmp_path):
     """perplexity_windows on the f32 export == evaluation.perplexity on the model (same token windows)."""
     from layerprune.evaluation.perplexity import perplexity, window_inputs
-    from layerprune.llamacpp import open_gguf, perplexity_windows
+    from layerprune.export.llamacpp import open_gguf, perplexity_windows
 
     tokenizer = llama2_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=None, **SHAPES)
@@ -90,7 +90,7 @@ def test_generate_cli_errors(tmp_path):
 @pytest.mark.slow
 def test_llama_cpp_matches_transformers_on_pruned_smollm2_f16(converter, tmp_path):
     """The serving check: the f16 export of SmolLM2 minus 8 layers, 16 greedy tokens, llama.cpp == transformers."""
-    from layerprune.llamacpp import greedy_tokens, open_gguf
+    from layerprune.export.llamacpp import greedy_tokens, open_gguf
 
     loaded, gguf_file = export_pruned_smollm2(tmp_path, tmp_path / "pruned-f16.gguf")
     # transformers on the same f16-rounded weights (computed in fp32), which is what llama.cpp runs
@@ -118,7 +118,7 @@ def test_quantizer_fallbacks_are_summarised_not_printed(converter, tmp_path, cap
     said = " ".join(result.output.split())  # rich wraps long lines
     assert "tensors in other types" in said and "multiples of 256" in said
     assert "llama_model_quantize" not in capfd.readouterr().err  # llama.cpp's per-tensor lines went to its log
-    from layerprune.llamacpp import greedy_tokens, open_gguf
+    from layerprune.export.llamacpp import greedy_tokens, open_gguf
 
     assert len(greedy_tokens(open_gguf(tmp_path / "q4.gguf", n_ctx=64, threads=1), [1, 5, 6], 4,
                              stop_at_eos=False).tokens) == 4

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import layerprune.renames as renames
+import layerprune.files.renames as renames
 from layerprune import LayerpruneError, save_model
 from layerprune.cli import app
-from layerprune.outputs import MARKER, atomic_output_dir, check_output_dir, write_json
+from layerprune.files.outputs import MARKER, atomic_output_dir, check_output_dir, write_json
 from tiny_models import tiny_model, tiny_tokenizer
 from cli_asserts import assert_one_line_error
 
@@ -137,7 +137,7 @@ def test_a_failed_move_into_place_leaves_nothing_behind(tmp_path, monkeypatch):
     def busy(src, dst):
         raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(dst))
 
-    monkeypatch.setattr("layerprune.outputs.rename_noreplace", busy)
+    monkeypatch.setattr("layerprune.files.outputs.rename_noreplace", busy)
     with pytest.raises(LayerpruneError, match="cannot write the output .*busy"):
         with atomic_output_dir(tmp_path / "out") as tmp:
             (tmp / "a.txt").write_text("a")
@@ -205,7 +205,7 @@ def test_outputs_have_the_permissions_of_the_umask(tmp_path):
 
 WRITER = textwrap.dedent("""
     import os, signal, sys, time
-    from layerprune.outputs import atomic_output_dir
+    from layerprune.files.outputs import atomic_output_dir
     # a shell's background job starts with SIGINT ignored; give the writer Python's usual Ctrl-C behaviour
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with atomic_output_dir(sys.argv[1]) as tmp:

@@ -7,7 +7,7 @@ import yaml
 
 from layerprune import LayerpruneError, save_model
 from layerprune.config import load_run_config
-from layerprune.pipeline import run_pipeline
+from layerprune.runs.pipeline import run_pipeline
 from tiny_models import N_LAYERS, tiny_model, tiny_tokenizer
 
 TEXT = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl") for v in ("sun", "sky", "sea")) * 20
@@ -84,7 +84,7 @@ def test_iterative_schedule_drops_one_layer_per_round_in_original_indices(worksp
 def test_interrupted_iterative_run_resumes_from_its_last_round(workspace, monkeypatch):
     path = write_config(workspace, prune={"metric": "reverse-order", "strategy": "iterative", "schedule": "1:1:2"},
                         heal=[], eval=None, bench=None)
-    import layerprune.pipeline as pipeline
+    import layerprune.runs.pipeline as pipeline
 
     original_choose = pipeline.Run.choose
     calls = []
@@ -133,7 +133,7 @@ def test_example_configs_are_valid(name):
 def test_example_studies_are_valid(name, settings):
     from pathlib import Path
 
-    from layerprune.study import load_study
+    from layerprune.runs.study import load_study
 
     study = load_study(Path(__file__).parent.parent / "examples" / f"{name}.yaml")
     assert len(study.settings) == settings

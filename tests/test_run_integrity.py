@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from layerprune import LayerpruneError
 from layerprune.cli import app
 from layerprune.config import load_run_config
-from layerprune.outputs import MARKER
-from layerprune.pipeline import run_pipeline
-from layerprune.run_lock import LOCK_FILE, run_folder_lock
+from layerprune.files.outputs import MARKER
+from layerprune.runs.pipeline import run_pipeline
+from layerprune.runs.lock import LOCK_FILE, run_folder_lock
 from cli_asserts import assert_one_line_error
 from test_pipeline import make_workspace, write_config
 
@@ -127,7 +127,7 @@ def test_a_selection_that_fails_leaves_nothing_that_blocks_the_fixed_config(work
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from layerprune.run_lock import run_folder_lock
+    from layerprune.runs.lock import run_folder_lock
     with run_folder_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)
@@ -155,7 +155,7 @@ def test_a_second_run_on_a_folder_in_use_refuses_at_once(workspace):
 
 
 def test_a_study_folder_in_use_is_refused(workspace):
-    from layerprune.study import load_study
+    from layerprune.runs.study import load_study
 
     study_yaml = workspace / "study.yaml"
     study_yaml.write_text(yaml.safe_dump({"model": str(workspace / "tiny"), "out": str(workspace / "study"),

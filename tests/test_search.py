@@ -20,8 +20,8 @@ from layerprune.config import PruneConfig
 from layerprune.data.calibration import CalibrationData, calibration_from_texts
 from layerprune.importance.perplexity import DropSetLosses
 from layerprune.models.surgery import bypass_layers
-from layerprune.search import SearchPath, swap_pass
-from layerprune.strategies import choose, in_memory_scores
+from layerprune.selection.search import SearchPath, swap_pass
+from layerprune.selection.strategies import choose, in_memory_scores
 from cli_asserts import assert_one_line_error
 from tiny_models import N_LAYERS, tiny_input, tiny_model, tiny_tokenizer
 
@@ -213,7 +213,7 @@ def test_an_unreachable_quality_target_is_one_error_saying_what_is_reachable(tra
 
 def test_search_record_reaches_selection_json_and_layerprune_json(trained, tmp_path):
     from layerprune.config import load_run_config
-    from layerprune.pipeline import run_pipeline
+    from layerprune.runs.pipeline import run_pipeline
 
     model, _ = trained
     save_model(model, tiny_tokenizer(), tmp_path / "model")

@@ -8,8 +8,8 @@ import yaml
 
 from layerprune import LayerpruneError
 from layerprune.report.study_report import rebuild_study_report
-from layerprune.study import Study, load_study, setting_name
-from layerprune.study.similarity import similarity_stage
+from layerprune.runs.study import Study, load_study, setting_name
+from layerprune.runs.study.similarity import similarity_stage
 from test_pipeline import workspace, write_config  # noqa: F401  (fixture + config writer)
 
 

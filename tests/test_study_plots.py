@@ -14,7 +14,7 @@ from layerprune.report.study_plots import (
     plot_layer_map, plot_loss_curves, plot_metric_vs_removed, plot_similarity, read_loss_csv,
 )
 from layerprune.report.study_report import rebuild_study_report
-from layerprune.study.similarity import final_hidden_states, hidden_state_similarity, linear_cka
+from layerprune.runs.study.similarity import final_hidden_states, hidden_state_similarity, linear_cka
 from cli_asserts import assert_one_line_error
 from tiny_models import N_LAYERS, tiny_input, tiny_model
 
@@ -134,7 +134,7 @@ def test_report_rebuilds_a_run_folder(tmp_path):
     from test_pipeline import TEXT, write_config
     from layerprune import save_model
     from layerprune.config import load_run_config
-    from layerprune.pipeline import run_pipeline
+    from layerprune.runs.pipeline import run_pipeline
     from tiny_models import tiny_tokenizer
 
     save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny")

@@ -17,7 +17,7 @@ from layerprune import LayerpruneError, get_anatomy, kept_layers, load_model, re
 from layerprune.cli import app
 from layerprune.config import PruneConfig, build_config, load_run_config
 from layerprune.data.calibration import CalibrationData
-from layerprune.export import check_exportable
+from layerprune.export.gguf import check_exportable
 from layerprune.importance import compute_many, compute_scores
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.sublayer import (
@@ -29,7 +29,7 @@ from layerprune.models.sublayer import (
     remove_mlp,
     removed_sublayers,
 )
-from layerprune.pipeline import run_pipeline
+from layerprune.runs.pipeline import run_pipeline
 from tiny_models import N_LAYERS, tiny_input, tiny_model, tiny_tokenizer
 
 # Every family whose blocks are two sequential pre-norm residual branches (anatomy attention_norms/mlp_norms).

@@ -10,7 +10,7 @@ from layerprune.models.anatomy import Anatomy, count_parameters, get_anatomy, re
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import save_model
 from layerprune.models.surgery import bypass_layers, kept_layers, remove_layers, untie_embeddings
-from layerprune.selection import Selection, select_layers
+from layerprune.selection.ranking import Selection, select_layers
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ from layerprune.models.anatomy import count_parameters
 from layerprune.models.loading import load_model
 from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
 from layerprune.models.saving import save_model, write_model_files
-from layerprune.outputs import check_output_dir, is_main_process
+from layerprune.files.outputs import check_output_dir, is_main_process
 
 
 @dataclass
@@ -47,7 +47,7 @@ def score_model(
     from layerprune.data.calibration import load_calibration
     from layerprune.importance import compute_many, get_metric
     from layerprune.models.surgery import kept_layers
-    from layerprune.scoring import metric_requests, select_for_each, stability_study
+    from layerprune.selection.scores import metric_requests, select_for_each, stability_study
 
     config = as_config(ScoreConfig, config, **fields)
     c = config.calibration
@@ -94,8 +94,8 @@ def _load_for_scores(model_ref: str, config: ScoreConfig, dtype: str, device_map
 
 
 def _write_scores(out: str, result: ScoreResult, model_ref: str, overwrite: bool) -> Path:
-    from layerprune.outputs import atomic_output_dir, write_json
-    from layerprune.scoring import stability_markdown, write_score_files
+    from layerprune.files.outputs import atomic_output_dir, write_json
+    from layerprune.selection.scores import stability_markdown, write_score_files
 
     with atomic_output_dir(out, overwrite) as tmp:
         write_score_files(Path(tmp), result.scores, result.selections, model_ref)
@@ -112,7 +112,7 @@ def choose_layers(model, config: PruneConfig | dict | None = None, *, calibratio
     calibration: the CalibrationData that data-driven metrics read (select auto draws its held-out text
     from config.calibration, so it needs the tokenizer: use `prune_model` for that).
     """
-    from layerprune.strategies import choose, in_memory_scores
+    from layerprune.selection.strategies import choose, in_memory_scores
 
     config = as_config(PruneConfig, config, **fields)
     record = choose(model, config, score=in_memory_scores(model, calibration), log=log)
@@ -145,7 +145,7 @@ def prune_model(
     """
     from layerprune.models.checkpoint import prune_checkpoint
     from layerprune.models.memory_policy import on_disk_folder
-    from layerprune.strategies import PruneHooks, choose, in_memory_scores, layers_to_drop, needs_calibration, prune
+    from layerprune.selection.strategies import PruneHooks, choose, in_memory_scores, layers_to_drop, needs_calibration, prune
 
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
@@ -209,8 +209,8 @@ def _announced_choice(model, config: PruneConfig, n_drop: int | None, log):
     import contextlib
 
     from layerprune.hardware.estimate import announced, measure_speed
-    from layerprune.run_plan import choose_seconds
-    from layerprune.strategies import layers_to_drop, needs_calibration
+    from layerprune.runs.plan import choose_seconds
+    from layerprune.selection.strategies import layers_to_drop, needs_calibration
 
     if not needs_calibration(config):
         return contextlib.nullcontext()
@@ -289,7 +289,7 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
 def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = False) -> Path:
     """The healed model folder: stock checkpoint + heal.json + loss curve, written atomically."""
     from layerprune.finetune.trainer import write_loss_curve
-    from layerprune.outputs import atomic_output_dir, write_json
+    from layerprune.files.outputs import atomic_output_dir, write_json
 
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(result.model, tokenizer, tmp, extra={"heal": record})

@@ -116,7 +116,7 @@ class PruneConfig(QualityTargetMixin, _Strict):
     @field_validator("target_params")
     @classmethod
     def _readable_count(cls, value):
-        from layerprune.budgets import parse_param_count
+        from layerprune.selection.budgets import parse_param_count
 
         if value is not None:
             try:
@@ -168,7 +168,7 @@ class PruneConfig(QualityTargetMixin, _Strict):
 
     def budget(self):
         """The budgets.Budget of this prune (None for an explicit drop list or an iterative schedule)."""
-        from layerprune.budgets import Budget
+        from layerprune.selection.budgets import Budget
 
         if self.drop is not None or self.schedule is not None:
             return None
@@ -292,7 +292,7 @@ class ScoreConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _known_metrics(cls, value):
-        from layerprune.scoring import parse_metrics
+        from layerprune.selection.scores import parse_metrics
 
         try:
             parse_metrics(value if isinstance(value, str) else ",".join(value))
@@ -310,20 +310,20 @@ class ScoreConfig(_Strict):
 
     @property
     def metrics(self) -> list[str]:
-        from layerprune.scoring import parse_metrics
+        from layerprune.selection.scores import parse_metrics
 
         return parse_metrics(self.metric if isinstance(self.metric, str) else ",".join(self.metric))
 
     def n_drop(self, n_layers: int) -> int:
         """How many layers each metric's selection drops: num_layers, ratio, or 25% of the layers."""
-        from layerprune.selection import count_to_drop
+        from layerprune.selection.ranking import count_to_drop
 
         ratio = 0.25 if self.num_layers is None and self.ratio is None else self.ratio
         return count_to_drop(n_layers, num_layers=self.num_layers, ratio=ratio)
 
 
 class CurveConfig(QualityTargetMixin, _Strict):
-    """`layerprune curve`: validation perplexity against the number of layers removed (layerprune.curve)."""
+    """`layerprune curve`: validation perplexity against the number of layers removed (layerprune.selection.curve)."""
 
     metric: str | list[str] = Field(
         ["block-influence", "angular", "search"], description="Selections to trace, comma separated: whole-layer "
@@ -460,7 +460,7 @@ class RunConfig(_Strict):
 
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file that must hold a mapping; one LayerpruneError otherwise."""
-    from layerprune.user_files import read_text
+    from layerprune.files.user_files import read_text
 
     path = Path(path)
     try:

@@ -28,7 +28,7 @@ class QualityTargetMixin:
 
     def quality_target(self):
         """The budgets.QualityTarget these settings name, or None."""
-        from layerprune.budgets import QualityTarget
+        from layerprune.selection.budgets import QualityTarget
 
         if self.max_loss_increase is None and self.max_ppl_ratio is None:
             return None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from layerprune.models.anatomy import parameter_bytes
-from layerprune.timing import cuda_devices, synchronize
+from layerprune.benchmark.timing import cuda_devices, synchronize
 
 def _status_kb(field_name: str) -> int | None:
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerprune.benchmark.compare import compare, figures
-from layerprune.outputs import write_json
-from layerprune.plotting import pyplot
+from layerprune.files.outputs import write_json
+from layerprune.report.plotting import pyplot
 
 
 def format_value(value: float | None, unit: str) -> str:

@@ -21,7 +21,7 @@ from layerprune.benchmark.memory import measure_memory, weight_memory
 from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype
 from layerprune.models.quantize import quantization_record
 from layerprune.models.tokens import pad_token_id
-from layerprune.timing import model_device
+from layerprune.benchmark.timing import model_device
 
 Log = Callable[[str], None]
 

@@ -48,7 +48,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from layerprune.user_files import os_error_message
+        from layerprune.files.user_files import os_error_message
 
         try:
             with _loading_options(kwargs):

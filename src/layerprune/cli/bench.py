@@ -92,7 +92,7 @@ def bench(
     """Measure parameters, MACs, memory, prefill latency and generation speed; with --compare, the speedups."""
     from layerprune.benchmark import write_outputs
     from layerprune.models.quantize import check_load_in
-    from layerprune.outputs import atomic_output_dir, check_output_dir
+    from layerprune.files.outputs import atomic_output_dir, check_output_dir
 
     config = config_from_options(BenchConfig, locals(), convert={
         "batch_sizes": lambda text: parse_int_list(text, "--batch-sizes"),

@@ -38,11 +38,11 @@ def curve(
 ) -> None:
     """How many layers, and which: validation perplexity for k = 0..max-drop layers removed, per selection."""
     from layerprune.config import curve_selections
-    from layerprune.curve import curve_for_loaded, write_curve_files
+    from layerprune.selection.curve import curve_for_loaded, write_curve_files
     from layerprune.hardware.estimate import announced, measure_speed
-    from layerprune.run_plan import curve_seconds
+    from layerprune.runs.plan import curve_seconds
     from layerprune.models.loading import load_model
-    from layerprune.outputs import check_output_dir
+    from layerprune.files.outputs import check_output_dir
 
     config = config_from_options(CurveConfig, locals(), convert={"metric": curve_selections},
                                  nested={"calibration": CALIBRATION_OPTIONS})

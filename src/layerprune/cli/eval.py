@@ -54,7 +54,7 @@ def eval_command(
     from layerprune.hardware.estimate import eval_seconds, format_seconds, measure_speed
     from layerprune.models.loading import load_model
     from layerprune.models.quantize import check_load_in
-    from layerprune.outputs import check_output_dir
+    from layerprune.files.outputs import check_output_dir
 
     check_output_dir(out, overwrite, inputs=[model, tasks, ppl])
     load_in = check_load_in(load_in)  # before the plan reads any data
@@ -112,7 +112,7 @@ def eval_compare(
     )
 
     if out is not None:
-        from layerprune.outputs import check_not_input
+        from layerprune.files.outputs import check_not_input
 
         check_not_input(out, [a, b])
         if Path(out).exists() and not overwrite:

@@ -24,7 +24,7 @@ def export_command(
     trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Export a model to GGUF with llama.cpp's own converter (fetched from PyPI once)."""
-    from layerprune.export import export_gguf
+    from layerprune.export.gguf import export_gguf
     from layerprune.models.loading import check_remote_code, model_folder, resolve_model_ref
 
     if format.lower() != "gguf":
@@ -50,7 +50,7 @@ def generate_command(
 ) -> None:
     """Greedy generation from a GGUF file with llama.cpp (needs layerprune[llamacpp]) or from a model folder."""
     if model.endswith(".gguf"):
-        from layerprune.llamacpp import greedy_tokens, open_gguf, prompt_tokens
+        from layerprune.export.llamacpp import greedy_tokens, open_gguf, prompt_tokens
 
         if not Path(model).is_file():
             raise LayerpruneError(f"GGUF file not found: {model}")

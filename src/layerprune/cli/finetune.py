@@ -73,7 +73,7 @@ def finetune(
 ) -> None:
     """Heal a pruned model by fine-tuning: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation."""
     from layerprune.api import finetune_model
-    from layerprune.outputs import check_output_dir
+    from layerprune.files.outputs import check_output_dir
 
     heal_config = config_from_options(HealConfig, locals(), yaml_path=config,
                                       convert={"train_layers": parse_indices, "lora_target": _targets})

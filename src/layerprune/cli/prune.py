@@ -75,7 +75,7 @@ def prune(
     """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
     from layerprune.api import prune_model
     from layerprune.config import read_yaml_mapping
-    from layerprune.outputs import check_output_dir
+    from layerprune.files.outputs import check_output_dir
 
     config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics},
                                  nested={"calibration": CALIBRATION_OPTIONS})

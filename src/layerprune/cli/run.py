@@ -22,8 +22,8 @@ def run(
     A YAML with a `grid:` of lists is a study: one run per combination, sharing work, ending in
     study.md/.csv/.html and plots."""
     from layerprune.config import load_run_config, read_yaml_mapping
-    from layerprune.pipeline import run_pipeline
-    from layerprune.study import is_study, load_study
+    from layerprune.runs.pipeline import run_pipeline
+    from layerprune.runs.study import is_study, load_study
 
     if is_study(read_yaml_mapping(config)):
         _run_study(load_study(config, {"out": out} if out else None, sets))

@@ -66,7 +66,7 @@ def score(
                              progress=lambda: bar.advance(task), log=console.print)
     _print_scores(result.scores, result.selections)
     if result.stability is not None:
-        from layerprune.scoring import stability_markdown
+        from layerprune.selection.scores import stability_markdown
 
         console.print(stability_markdown(result.stability))
     console.print(f"wrote scores.json/csv/md and plots{', stability.json/md' if result.stability else ''} to "

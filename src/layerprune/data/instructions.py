@@ -103,7 +103,7 @@ def _read_records(source: str) -> list[dict]:
     if path.is_dir():
         raise LayerpruneError(f"{path} is a folder, not an instruction data file (.json/.jsonl)")
     if path.is_file():
-        from layerprune.user_files import parse_json_object, read_text
+        from layerprune.files.user_files import parse_json_object, read_text
 
         text = read_text(path, "instruction data file")
         if text.lstrip().startswith("["):  # alpaca_data_cleaned.json is one JSON list

@@ -95,7 +95,7 @@ def read_texts(source: str, *, field: str = "text") -> list[str]:
 
 
 def _read_file(path: Path, field: str) -> list[str]:
-    from layerprune.user_files import iter_jsonl, read_text
+    from layerprune.files.user_files import iter_jsonl, read_text
 
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if stem_suffix == ".jsonl":

@@ -93,7 +93,7 @@ def load_ppl_text(source: str, *, field: str = "text", data_source: str = "bundl
         raise LayerpruneError(f"unknown perplexity text {source!r}: not one of {known} or an existing .txt/.jsonl file")
     import hashlib
 
-    from layerprune.user_files import decode, read_bytes
+    from layerprune.files.user_files import decode, read_bytes
 
     raw = read_bytes(path, "perplexity text")  # gunzipped; a corrupt file is one error naming it
     data = {"file": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}  # = sha256_uncompressed
@@ -182,7 +182,7 @@ def window_inputs(
 ) -> WindowInputs:
     """The token windows of `text` under this module's protocol, for any backend that returns logits.
 
-    `perplexity` scores exactly these; llama.cpp's `layerprune.llamacpp.perplexity_windows` takes them too,
+    `perplexity` scores exactly these; llama.cpp's `layerprune.export.llamacpp.perplexity_windows` takes them too,
     so both backends see the same token ids (the transformers tokenizer's).
     """
     bos_used = resolve_bos(tokenizer, bos)

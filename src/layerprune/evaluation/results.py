@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.outputs import read_json
+from layerprune.files.outputs import read_json
 
 
 def plus_minus(value: float | None, stderr: float | None) -> str:

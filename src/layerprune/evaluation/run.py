@@ -169,7 +169,7 @@ def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite
     """eval.json, eval.md, lm_eval_results.json, samples.json, humaneval.jsonl and generated task YAMLs,
     atomically in `out`."""
     from layerprune.evaluation.results import eval_markdown
-    from layerprune.outputs import atomic_output_dir, write_json
+    from layerprune.files.outputs import atomic_output_dir, write_json
 
     with atomic_output_dir(out, overwrite) as tmp:
         write_json(tmp / "eval.json", result.record)

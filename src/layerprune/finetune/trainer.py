@@ -348,7 +348,7 @@ def write_loss_curve(curve: list[dict], out_dir: Path) -> list[Path]:
         writer.writerows(curve)
     paths = [out_dir / "loss.csv"]
     if curve:
-        from layerprune.plotting import pyplot
+        from layerprune.report.plotting import pyplot
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
-from layerprune.outputs import read_json, write_json
+from layerprune.files.outputs import read_json, write_json
 
 
 def write_scores_json(path: str | Path, model_ref: str, scores: dict[str, LayerScores],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.pypi import pip_download
+from layerprune.files.pypi import pip_download
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from layerprune.models.anatomy import family_spec, supported_model_types
 from layerprune.models.prune_result import PruneResult
 from layerprune.models.saving import RECORD_FILE, write_record_file
 from layerprune.models.surgery import check_drop, config_provenance, pruned_provenance, rewrite_config
-from layerprune.outputs import atomic_output_dir, check_output_dir, read_json, write_json
+from layerprune.files.outputs import atomic_output_dir, check_output_dir, read_json, write_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -450,7 +450,7 @@ def prune_checkpoint(
     leaves the tokenizer files out (None: the setting of `loading.loading_options`, default True).
     """
     from layerprune.models.model_config import loads_tokenizer, trusts_remote_code
-    from layerprune.user_files import check_free_space
+    from layerprune.files.user_files import check_free_space
 
     src = Path(src_dir)
     if not src.is_dir():

@@ -13,7 +13,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import family_spec
 from layerprune.models.checkpoint import weight_files
 from layerprune.models.loading import model_folder, resolve_model_ref
-from layerprune.outputs import read_json
+from layerprune.files.outputs import read_json
 
 # Weights bigger than this share of available memory switch `layerprune prune` to disk.
 MEMORY_FRACTION = 0.8

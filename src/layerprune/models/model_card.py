@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from layerprune.budgets import describe_quality_target
+from layerprune.selection.budgets import describe_quality_target
 
 _LOAD_STOCK = """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from layerprune.models.surgery import provenance
-from layerprune.outputs import atomic_output_dir, read_json, write_json
+from layerprune.files.outputs import atomic_output_dir, read_json, write_json
 
 RECORD_FILE = "layerprune.json"
 _RECORDED_PACKAGES = ("layerprune", "torch", "transformers", "accelerate", "safetensors", "peft")
@@ -67,7 +67,7 @@ def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = Fa
     """Write the model folder atomically; it reloads with `AutoModelForCausalLM.from_pretrained(out)`
     (a model with attention-only/MLP-only removals reloads with `layerprune.load_model(out)` only)."""
     from layerprune.models.anatomy import parameter_bytes
-    from layerprune.user_files import check_free_space
+    from layerprune.files.user_files import check_free_space
 
     check_free_space(out, parameter_bytes(model), "the model")  # a full disk: one error before writing
     with atomic_output_dir(out, overwrite) as tmp:

@@ -38,7 +38,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import FamilySpec, get_anatomy, supported_model_types
 from layerprune.models.dtypes import parse_dtype, stored_dtype
 from layerprune.models.surgery import check_layer_indices, provenance, remove_layers
-from layerprune.outputs import read_json
+from layerprune.files.outputs import read_json
 
 KINDS = ("attention", "mlp")
 GRANULARITIES = ("block", *KINDS)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from layerprune.importance.base import LayerScores
-from layerprune.plotting import pyplot
+from layerprune.report.plotting import pyplot
 
 
 def plot_scores(all_scores: dict[str, LayerScores], path: str | Path, dropped: dict[str, list[int]] | None = None) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune.budgets import describe_quality_target
-from layerprune.outputs import read_json
+from layerprune.selection.budgets import describe_quality_target
+from layerprune.files.outputs import read_json
 
 ROWS = (("original", "eval-original"), ("pruned, before healing", "eval-pruned"), ("final", "eval-final"))
 

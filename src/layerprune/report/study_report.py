@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune.outputs import read_json
+from layerprune.files.outputs import read_json
 from layerprune.report import study_plots as sp
 from layerprune.report.study_tables import study_rows, write_tables
 

@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.outputs import read_json
+from layerprune.files.outputs import read_json
 
 
 def study_rows(study_dir: Path) -> tuple[list[str], list[dict]]:

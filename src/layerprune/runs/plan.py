@@ -32,7 +32,7 @@ def choose_seconds(model, config, speed: Speed, n_drop: int | None) -> float:
 
 def curve_seconds(model, config, speed: Speed) -> float:
     """Every selection's path of a CurveConfig, k = 1..K, on held-out text (+ the metrics' scores)."""
-    from layerprune.curve import max_drop_count
+    from layerprune.selection.curve import max_drop_count
     from layerprune.models.anatomy import get_anatomy
 
     n = get_anatomy(model).num_layers
@@ -55,7 +55,7 @@ def save_seconds(model) -> float:
 def plan_run(run, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Plan:
     """The plan of a pipeline.Run on the loaded original `model`; stages in `done` are skipped."""
     from layerprune.models.anatomy import get_anatomy
-    from layerprune.strategies import layers_to_drop
+    from layerprune.selection.strategies import layers_to_drop
 
     c = run.config
     n = get_anatomy(model).num_layers
@@ -86,7 +86,7 @@ def plan_run(run, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Pla
 
 
 def _rounds_seconds(run, model, speed: Speed, heal_speed: Speed, fraction: float) -> float | None:
-    from layerprune.strategies import iterative_rounds
+    from layerprune.selection.strategies import iterative_rounds
 
     c = run.config
     total = 0.0

@@ -28,7 +28,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores
 from layerprune.importance.perplexity import DropSetLosses
 from layerprune.models.surgery import kept_layers
-from layerprune.selection import protected_layers
+from layerprune.selection.ranking import protected_layers
 
 Log = Callable[[str], None]
 
@@ -106,7 +106,7 @@ class MetricPath:
 
     def __init__(self, losses: DropSetLosses, scores: LayerScores, *, protect_first: int = 0,
                  protect_last: int = 0) -> None:
-        from layerprune.budgets import metric_drop_at
+        from layerprune.selection.budgets import metric_drop_at
 
         self.losses, self.scores, self.label = losses, scores, scores.metric
         self.drop_at = metric_drop_at(scores, protect_first=protect_first, protect_last=protect_last)
@@ -218,7 +218,7 @@ def _path(config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers
     """The path of the config's select, and the metric scores it read ({} for a search)."""
     if config.select == "search":
         return SearchPath(losses, allowed, layers, beam=config.search_beam, log=log), {}
-    from layerprune.scoring import prune_metric_requests
+    from layerprune.selection.scores import prune_metric_requests
 
     scores = score(prune_metric_requests(config, len(layers), None))
     paths = [MetricPath(losses, s, protect_first=config.protect_first, protect_last=config.protect_last)
@@ -229,7 +229,7 @@ def _path(config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers
 def _count(model, config: PruneConfig, path, losses: DropSetLosses, layers: list[int], n_drop: int | None
            ) -> tuple[Point, dict]:
     """The path's drop-set of the count the config asks for, and what the budgets measured."""
-    from layerprune.budgets import latency_along, most_within, params_along
+    from layerprune.selection.budgets import latency_along, most_within, params_along
 
     def point_at(k: int) -> Point:
         point = path.at(k)
@@ -284,7 +284,7 @@ class _SizeLeft:
     """What a drop-set leaves of the size/speed target's measure, written as the target it would meet."""
 
     def __init__(self, model, config: PruneConfig, layers: list[int]) -> None:
-        from layerprune.budgets import measure_layer_costs
+        from layerprune.selection.budgets import measure_layer_costs
         from layerprune.models.anatomy import count_parameters
 
         self.costs = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from layerprune.config import RunConfig, apply_sets, build_config, read_yaml_mapping, set_dotted
 from layerprune.errors import LayerpruneError
-from layerprune.outputs import write_json
+from layerprune.files.outputs import write_json
 
 # Short names for the axes the papers vary; anything else is a dotted path into the run config.
 GRID_ALIASES = {
@@ -95,14 +95,14 @@ class Study:
         return settings
 
     def execute(self, log=print) -> dict:
-        from layerprune.run_lock import run_folder_lock
+        from layerprune.runs.lock import run_folder_lock
 
         self.out.mkdir(parents=True, exist_ok=True)
         with run_folder_lock(self.out):  # one `layerprune run` per study folder at a time
             return self._execute(log)
 
     def _execute(self, log) -> dict:
-        from layerprune.pipeline import Run
+        from layerprune.runs.pipeline import Run
         from layerprune.report.study_report import rebuild_study_report
 
         started = time.perf_counter()
@@ -119,7 +119,7 @@ class Study:
                 log(f"  setting {name} failed: {err}")
             self._write_index(status)
         if self.report_options.get("similarity") and final_models:
-            from layerprune.study.similarity import similarity_stage
+            from layerprune.runs.study.similarity import similarity_stage
 
             similarity_stage(self.out / "similarity.json", self.settings[0]["config"], final_models, log)
         record = rebuild_study_report(self.out)

@@ -23,13 +23,13 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import compute_many, get_metric
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions, save_model
-from layerprune.outputs import (
+from layerprune.files.outputs import (
     MARKER, atomic_output_dir, check_not_input, is_layerprune_output, is_main_process, mark_output_dir, read_json,
     write_json,
 )
-from layerprune.run_lock import run_folder_lock
-from layerprune.run_stages import Stage, settings_digest, settle
-from layerprune.strategies import iterative_rounds
+from layerprune.runs.lock import run_folder_lock
+from layerprune.runs.stages import Stage, settings_digest, settle
+from layerprune.selection.strategies import iterative_rounds
 
 Log = Callable[[str], None]
 
@@ -212,7 +212,7 @@ class Run:
         """Time a forward of the original here, estimate every stage from it and print the plan."""
         from layerprune.hardware.compute import compute_choice
         from layerprune.hardware.estimate import measure_speed
-        from layerprune.run_plan import plan_run
+        from layerprune.runs.plan import plan_run
 
         speed = measure_speed(original.model)
         heal_speed = speed
@@ -227,7 +227,7 @@ class Run:
 
     def one_shot(self, original: LoadedModel) -> None:
         """Choose on the original (scores cached in scores.json), cut a copy loaded as stored, save it."""
-        from layerprune.strategies import PruneHooks, prune
+        from layerprune.selection.strategies import PruneHooks, prune
 
         selection, pruned_dir = self.path("selection.json"), self.path("pruned")
         if self.shared_dir is not None:  # a study: selection and pruned model live in the shared folder
@@ -253,8 +253,8 @@ class Run:
         self.expose("pruned", pruned_dir)
 
     def curve(self, original: LoadedModel) -> None:
-        """The trade-off curve of the unpruned model (layerprune.curve): curve/curve.json, .csv and .png."""
-        from layerprune.curve import curve_for_loaded, write_curve_files
+        """The trade-off curve of the unpruned model (layerprune.selection.curve): curve/curve.json, .csv and .png."""
+        from layerprune.selection.curve import curve_for_loaded, write_curve_files
 
         if (self.path("curve") / "curve.json").exists():
             return
@@ -266,7 +266,7 @@ class Run:
         """The selection record (strategies.choose), with every metric's scores cached in `scores_name`."""
         from layerprune.data.calibration import VALIDATION_SEED_OFFSET
         from layerprune.importance.scores_file import read_scores_json, write_scores_json
-        from layerprune.strategies import choose
+        from layerprune.selection.strategies import choose
 
         scores_path = self.path(scores_name)
 
@@ -328,7 +328,7 @@ class Run:
     def iterative(self, original: LoadedModel) -> str:
         """Score -> drop `step` layers -> heal, until `total` are gone; each round is a folder
         (rounds/round-N: scores.json, selection.json, pruned/, healed-*/, done.json) and resumes from it."""
-        from layerprune.strategies import PruneHooks, prune
+        from layerprune.selection.strategies import PruneHooks, prune
 
         def round_dir(number: int) -> Path:
             return self.path(f"rounds/round-{number}")

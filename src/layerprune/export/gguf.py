@@ -33,8 +33,8 @@ from typing import Callable
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.builtin import cache_dir
-from layerprune.outputs import check_not_input, read_json
-from layerprune.pypi import last_line, pip_download
+from layerprune.files.outputs import check_not_input, read_json
+from layerprune.files.pypi import last_line, pip_download
 
 # llama-cpp-python 0.3.36 is the newest release on PyPI when this was written; its vendored
 # llama.cpp converter writes llama.block_count etc. in the format current llama.cpp and
@@ -166,7 +166,7 @@ def export_gguf(
     check_not_input(out, [model])
     quantize = None
     if quant == "q4_k_m":
-        from layerprune.llamacpp import INSTALL_HINT, have_llama_cpp
+        from layerprune.export.llamacpp import INSTALL_HINT, have_llama_cpp
 
         quantize = find_llama_quantize() or ("llama_cpp" if have_llama_cpp() else None)
         if quantize is None:
@@ -200,7 +200,7 @@ def export_gguf(
         if result.returncode != 0:
             raise LayerpruneError(f"llama.cpp's converter could not export {model}: {_converter_error(result)}")
         if quantize == "llama_cpp":  # the library call behind llama-quantize, from llama-cpp-python
-            from layerprune.llamacpp import quantize_gguf
+            from layerprune.export.llamacpp import quantize_gguf
 
             fallbacks = quantize_gguf(staged_f16, tmp, "Q4_K_M")
             if fallbacks["fallback_tensors"] and log is not None:

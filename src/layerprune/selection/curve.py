@@ -47,12 +47,12 @@ def knee(losses: list[float], slope: float) -> int:
 def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=print) -> dict:
     """The curve of a CurveConfig on an in-memory model: every selection's drop-set and validation loss for
     k = 0..K, knees, chosen counts and the work done (block forwards, seconds)."""
-    from layerprune.budgets import most_within
+    from layerprune.selection.budgets import most_within
     from layerprune.importance import compute_many
     from layerprune.importance.perplexity import DropSetLosses
     from layerprune.models.surgery import kept_layers
-    from layerprune.scoring import metric_requests
-    from layerprune.search import MetricPath, SearchPath, allowed_positions
+    from layerprune.selection.scores import metric_requests
+    from layerprune.selection.search import MetricPath, SearchPath, allowed_positions
 
     started = time.perf_counter()
     layers = kept_layers(model)
@@ -138,7 +138,7 @@ PLOT_CLIP = 100
 def plot_curve(record: dict, path: str | Path) -> Path:
     """Validation perplexity (log scale) against layers removed: one line per selection (the search in
     black), a circle at each knee (also in the legend), a dashed line at the quality target."""
-    from layerprune.plotting import pyplot
+    from layerprune.report.plotting import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -180,7 +180,7 @@ def plot_curve(record: dict, path: str | Path) -> Path:
 
 def write_curve_files(out: str | Path, record: dict, overwrite: bool = False, inputs=()) -> list[Path]:
     """curve.json, curve.csv and curve.png in `out`, written atomically (never over one of `inputs`)."""
-    from layerprune.outputs import atomic_output_dir, write_json
+    from layerprune.files.outputs import atomic_output_dir, write_json
 
     with atomic_output_dir(out, overwrite, inputs) as tmp:
         tmp = Path(tmp)

@@ -11,8 +11,8 @@ from torch import nn
 
 from layerprune.config import RunConfig
 from layerprune.errors import LayerpruneError
-from layerprune.outputs import read_json, write_json
-from layerprune.timing import model_device
+from layerprune.files.outputs import read_json, write_json
+from layerprune.benchmark.timing import model_device
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -86,7 +86,7 @@ def similarity_stage(path: Path, config: RunConfig, final_models: dict[str, str]
     Skipped when `path` already compares the same models (a rerun recomputes it only when the set of
     finished settings changed).
     """
-    from layerprune.pipeline import Run
+    from layerprune.runs.pipeline import Run
 
     names = ["original", *final_models]
     if (read_json(path, missing_ok=True) or {}).get("names") == names:

@@ -24,8 +24,8 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, compute_many, get_metric
 from layerprune.models.sublayer import remove_units
 from layerprune.models.surgery import kept_layers, validate_drop
-from layerprune.scoring import prune_metric_requests
-from layerprune.selection import count_to_drop, protected_layers
+from layerprune.selection.scores import prune_metric_requests
+from layerprune.selection.ranking import count_to_drop, protected_layers
 
 ScoreFn = Callable[[dict[str, dict]], dict[str, LayerScores]]  # {metric: params} -> scores of the current model
 Log = Callable[[str], None]
@@ -75,12 +75,12 @@ def choose(
         return {"dropped": dropped, "chosen_by": "explicit", "granularity": config.granularity}
     if config.granularity != "block":
         return _choose_branches(model, config, score)
-    from layerprune.budgets import Budget, measure_layer_costs, select_with_budget
+    from layerprune.selection.budgets import Budget, measure_layer_costs, select_with_budget
 
     if n_drop is None:
         n_drop = layers_to_drop(model, config)
     if config.select == "search" or config.quality_target() is not None:
-        from layerprune.search import choose_by_loss
+        from layerprune.selection.search import choose_by_loss
 
         return choose_by_loss(model, config, score=score, validation=validation, n_drop=n_drop, log=log)
     scores = score(prune_metric_requests(config, len(kept_layers(model)), n_drop))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from layerprune.outputs import read_json, write_json
+from layerprune.files.outputs import read_json, write_json
 
 RECORD_FILE = "stages.json"
 STALE_DIR = "stale"

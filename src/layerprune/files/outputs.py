@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from layerprune.errors import LayerpruneError
-from layerprune.renames import exchange, rename_noreplace
+from layerprune.files.renames import exchange, rename_noreplace
 
 # Every folder layerprune writes carries this file; --overwrite replaces only such folders (or empty ones).
 MARKER = ".layerprune-output"

@@ -12,7 +12,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, available_metrics, compute_many, get_metric
 from layerprune.models.surgery import kept_layers
 from layerprune.importance.scores_file import write_scores_json
-from layerprune.selection import Selection, select_layers
+from layerprune.selection.ranking import Selection, select_layers
 
 
 def parse_metrics(text: str) -> list[str]:

@@ -25,8 +25,8 @@ from torch import nn
 
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
-from layerprune.selection import Selection, count_to_drop, select_layers
-from layerprune.timing import model_device, synchronize, timed
+from layerprune.selection.ranking import Selection, count_to_drop, select_layers
+from layerprune.benchmark.timing import model_device, synchronize, timed
 
 BUDGET_KEYS = ("num_layers", "ratio", "target_params", "target_latency")
 LATENCY_MODES = ("decode", "prefill")

@@ -17,6 +17,6 @@ grid.py        loading, expanding and executing the grid
 similarity.py  the CKA stage: hidden states of every final model -> similarity.json
 """
 
-from layerprune.study.grid import Study, is_study, load_study, setting_name
+from layerprune.runs.study.grid import Study, is_study, load_study, setting_name
 
 __all__ = ["Study", "is_study", "load_study", "setting_name"]
