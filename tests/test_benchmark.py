@@ -167,6 +167,7 @@ def test_existing_output_is_refused(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.integration
 def test_bench_compare_writes_json_markdown_and_plot(tmp_path):
     model = tiny_model("llama")
     save_model(model, None, tmp_path / "full")

@@ -132,6 +132,7 @@ def tiny_dir(tmp_path):
     return tmp_path / "tiny"
 
 
+@pytest.mark.integration
 def test_cli_prunes_to_a_parameter_target(tiny_dir, tmp_path):
     result = runner.invoke(app, ["prune", str(tiny_dir), "--target-params", "40k", "--metric", "reverse-order", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -140,6 +141,7 @@ def test_cli_prunes_to_a_parameter_target(tiny_dir, tmp_path):
     assert record["history"][-1]["params_after"] == 54_624 - 2 * LLAMA_LAYER
 
 
+@pytest.mark.integration
 def test_cli_prunes_to_a_latency_target(tiny_dir, tmp_path, monkeypatch):
     import layerprune.selection.budgets
 

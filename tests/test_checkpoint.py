@@ -333,6 +333,7 @@ def one_line_error(result, fragment):
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in result.stderr, result.stderr
 
 
+@pytest.mark.integration
 def test_cli_no_load_prunes_on_disk(tmp_path):
     src = sharded(tmp_path / "src")
     result = run("prune", src, "--drop", "1,3", "--out", tmp_path / "out", "--no-load")
@@ -353,6 +354,7 @@ def test_cli_no_load_refuses_what_needs_the_model(extra, fragment, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_cli_switches_to_disk_when_the_weights_exceed_memory(tmp_path, monkeypatch):
     src = sharded(tmp_path / "src")
     monkeypatch.setattr(memory_policy, "available_memory_bytes", lambda: 1000)
@@ -362,9 +364,15 @@ def test_cli_switches_to_disk_when_the_weights_exceed_memory(tmp_path, monkeypat
     assert "pruned_on_disk" in json.loads((tmp_path / "out" / "layerprune.json").read_text())
 
 
-def test_available_memory_is_read():
-    available = memory_policy.available_memory_bytes()
-    assert available is None or available > 0
+def test_available_memory_is_read_from_meminfo(tmp_path, monkeypatch):
+    import builtins
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   12345678 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                           *a, **k))
+    assert memory_policy.available_memory_bytes() == 12345678 * 1024
 
 
 def test_the_api_prunes_on_disk_when_the_weights_exceed_memory(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ def run(*args):
 
 
 
+@pytest.mark.integration
 def test_prune_writes_a_reloadable_model(tiny_dir, tmp_path):
     result = run("prune", tiny_dir, "--drop", "1,3", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -38,6 +39,7 @@ def test_prune_writes_a_reloadable_model(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "layerprune.json").read_text())["dropped_layers"] == [1, 3]
 
 
+@pytest.mark.integration
 def test_prune_by_metric_drops_the_last_layers(tiny_dir, tmp_path):
     result = run("prune", tiny_dir, "--num-layers", "2", "--metric", "reverse-order", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -45,12 +47,14 @@ def test_prune_by_metric_drops_the_last_layers(tiny_dir, tmp_path):
     assert record["dropped_layers"] == [N_LAYERS - 2, N_LAYERS - 1]
 
 
+@pytest.mark.integration
 def test_info_shows_layers_and_parameters(tiny_dir):
     result = run("info", tiny_dir)
     assert result.exit_code == 0, result.output
     assert "LlamaForCausalLM" in result.output and f"{N_LAYERS} (original {N_LAYERS})" in result.output
 
 
+@pytest.mark.integration
 def test_existing_output_is_refused_and_kept(tiny_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

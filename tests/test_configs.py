@@ -18,11 +18,10 @@ from layerprune.config import (
 )
 from layerprune.finetune import HealConfig
 from layerprune.runs.pipeline import run_pipeline
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import CORPUS, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
-TEXT = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl")
-                   for v in ("sun", "sky", "sea")) * 20
+TEXT = CORPUS  # tiny_models.CORPUS, shared
 
 # Fields set only from YAML or the API (a dict per metric has no sensible flag), per command.
 NOT_ON_THE_COMMAND_LINE = {"prune": {"metric_params", "calibration"}, "finetune": set(), "eval": set(),
@@ -73,7 +72,7 @@ def test_one_default_per_setting_everywhere():
     assert inspect.signature(prune_model).parameters["dtype"].default == DEFAULT_DTYPE
     for command in ("prune", "eval", "bench", "score", "info"):
         assert command_params(command)["dtype"].default == DEFAULT_DTYPE, command
-    assert "config" in inspect.signature(finetune_model).parameters  # HealConfig() unless given
+    assert inspect.signature(finetune_model).parameters["config"].default is None  # None: HealConfig() itself
     assert PruneConfig(ratio=0.25).metric == "block-influence"
 
 
@@ -104,6 +103,7 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[name], wb[name]), name
 
 
+@pytest.mark.integration
 def test_prune_is_the_same_through_api_cli_and_yaml(workspace):
     from layerprune.api import prune_model
 
@@ -123,6 +123,7 @@ def test_prune_is_the_same_through_api_cli_and_yaml(workspace):
     assert_same_weights(workspace / "api", workspace / "run" / "pruned")
 
 
+@pytest.mark.integration
 def test_heal_is_the_same_through_api_cli_and_yaml(workspace):
     from layerprune.api import finetune_model
 
@@ -143,6 +144,7 @@ def test_heal_is_the_same_through_api_cli_and_yaml(workspace):
         assert history[-1]["healed"] == "lora", folder
 
 
+@pytest.mark.integration
 def test_eval_is_the_same_through_api_cli_and_yaml(workspace):
     from layerprune.evaluation.run import plan_eval, run_eval
     from layerprune.models.loading import load_model
@@ -160,6 +162,7 @@ def test_eval_is_the_same_through_api_cli_and_yaml(workspace):
     assert ppl[0] == ppl[1] == ppl[2]
 
 
+@pytest.mark.integration
 def test_bench_settings_are_the_same_through_cli_and_yaml(workspace):
     cli = runner.invoke(app, ["bench", str(workspace / "tiny"), "--out", str(workspace / "cli"), "--new-tokens", "2",
                               "--seq-len", "8", "--warmup", "0", "--runs", "1"])
@@ -180,17 +183,16 @@ ONE_PATH_CASES = {
 
 @pytest.mark.integration
 @pytest.mark.parametrize("case", list(ONE_PATH_CASES))
-def test_one_prune_path_gives_the_same_layers_and_weights_through_api_cli_and_yaml(case, tmp_path):
+def test_one_prune_path_gives_the_same_layers_and_weights_through_api_cli_and_yaml(case, tmp_path, corpus_file):
     """The API, the CLI and a YAML run prune through strategies.prune: same drop-set, same final weights."""
     from layerprune.api import prune_model
 
     save_model(tiny_model("llama", num_hidden_layers=10), tiny_tokenizer(), tmp_path / "tiny")
-    (tmp_path / "text.txt").write_text(TEXT)
-    calib = {"source": str(tmp_path / "text.txt"), "n_samples": 4, "seq_len": 32}
+    calib = {"source": str(corpus_file), "n_samples": 4, "seq_len": 32}
     prune, flags = ONE_PATH_CASES[case]
     prune = {**prune, "calibration": calib}
     iterative = "schedule" in prune
-    heal = {"method": "cpt", "data": str(tmp_path / "text.txt"), "max_steps": 2, "batch_size": 2, "warmup_steps": 0,
+    heal = {"method": "cpt", "data": str(corpus_file), "max_steps": 2, "batch_size": 2, "warmup_steps": 0,
             "max_length": 32, "bf16": False}
     (tmp_path / "heal.yaml").write_text(yaml.safe_dump(heal))
     api = prune_model(str(tmp_path / "tiny"), out=str(tmp_path / "api"), log=lambda m: None,

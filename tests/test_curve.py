@@ -24,11 +24,10 @@ from layerprune.selection.search import SearchPath
 from layerprune.selection.ranking import select_layers
 from cli_asserts import assert_one_line_error
 from test_search import full_forward_loss
-from tiny_models import N_LAYERS, tiny_model, tiny_tokenizer
+from tiny_models import CORPUS, N_LAYERS, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
-TEXT = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl")
-                   for v in ("sun", "sky", "sea")) * 20
+TEXT = CORPUS  # tiny_models.CORPUS, shared
 SELECTIONS = ["block-influence", "angular", "search"]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
                     reason="accelerate launcher not installed")
+@pytest.mark.integration
 def test_two_process_ddp_run_agrees_on_the_final_weights(tmp_path):
     launcher = Path(sys.executable).with_name("accelerate")
     script = Path(__file__).with_name("distributed_heal.py")

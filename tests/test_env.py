@@ -24,7 +24,7 @@ PACKAGES = {"torch", "transformers", "peft", "lm_eval", "accelerate", "datasets"
 @pytest.fixture
 def wide_console(monkeypatch):
     """A console wide enough that no table cell wraps (the test runner's terminal is 80 columns)."""
-    monkeypatch.setattr(console, "_width", 250)
+    monkeypatch.setattr(console, "width", 250)  # rich's public setter
 
 
 def test_env_json_reports_this_machine(monkeypatch, tmp_path):

@@ -426,6 +426,7 @@ def test_cli_malformed_custom_file(tiny_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_cli_eval_writes_results_and_compare_shows_deltas(tiny_dir, tmp_path):
     quiz = tmp_path / "quiz.jsonl"
     quiz.write_text(json.dumps({"question": "2+2?", "choices": ["4", "five"], "answer": 0}) + "\n")

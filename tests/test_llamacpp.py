@@ -108,6 +108,7 @@ def test_llama_cpp_matches_transformers_on_pruned_smollm2_f16(converter, tmp_pat
     assert "tokens/s" in result.output
 
 
+@pytest.mark.integration
 def test_quantizer_fallbacks_are_summarised_not_printed(converter, tmp_path, capfd):
     """q4_K needs 256-value rows; a 64-wide tiny model falls back, and the CLI says so in one line."""
     tokenizer = llama2_tokenizer()

@@ -8,9 +8,9 @@ import yaml
 from layerprune import LayerpruneError, save_model
 from layerprune.config import load_run_config
 from layerprune.runs.pipeline import run_pipeline
-from tiny_models import N_LAYERS, tiny_model, tiny_tokenizer
+from tiny_models import CORPUS, N_LAYERS, tiny_model, tiny_tokenizer
 
-TEXT = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl") for v in ("sun", "sky", "sea")) * 20
+TEXT = CORPUS  # tiny_models.CORPUS, shared
 
 
 @pytest.fixture
@@ -50,6 +50,7 @@ def write_config(tmp_path, **overrides):
     return path
 
 
+@pytest.mark.integration
 def test_one_shot_run_writes_every_stage_and_resumes(workspace):
     config = load_run_config(write_config(workspace))
     summary = run_pipeline(config, log=lambda m: None)
@@ -71,6 +72,7 @@ def test_one_shot_run_writes_every_stage_and_resumes(workspace):
     assert (run / "healed-1" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.integration
 def test_iterative_schedule_drops_one_layer_per_round_in_original_indices(workspace):
     path = write_config(workspace, prune={"metric": "reverse-order", "strategy": "iterative", "schedule": "1:1:2"},
                         eval=None, bench=None)
@@ -81,6 +83,7 @@ def test_iterative_schedule_drops_one_layer_per_round_in_original_indices(worksp
     assert final["dropped_layers"] == [N_LAYERS - 2, N_LAYERS - 1]
 
 
+@pytest.mark.integration
 def test_interrupted_iterative_run_resumes_from_its_last_round(workspace, monkeypatch):
     path = write_config(workspace, prune={"metric": "reverse-order", "strategy": "iterative", "schedule": "1:1:2"},
                         heal=[], eval=None, bench=None)
@@ -124,8 +127,17 @@ def test_config_errors_name_the_key(workspace, overrides, message):
 def test_example_configs_are_valid(name):
     from pathlib import Path
 
-    config = load_run_config(Path(__file__).parent.parent / "examples" / f"{name}.yaml")
-    assert config.prune and config.heal
+    import yaml
+
+    path = Path(__file__).parent.parent / "examples" / f"{name}.yaml"
+    config, written = load_run_config(path), yaml.safe_load(path.read_text())
+    # every setting the file writes reaches the config (a key the schema dropped would fail here)
+    assert config.model == written["model"] and len(config.heal) == len(written["heal"]) >= 1
+    for key, value in written["prune"].items():
+        if key != "calibration":
+            assert getattr(config.prune, key) == value, key
+    for stage, settings in zip(config.heal, written["heal"]):
+        assert all(getattr(stage, key) == value for key, value in settings.items()), settings
 
 
 @pytest.mark.parametrize("name, settings", [("paper-table1", 7), ("paper-table2", 3), ("paper-table5", 12),
@@ -139,6 +151,7 @@ def test_example_studies_are_valid(name, settings):
     assert len(study.settings) == settings
 
 
+@pytest.mark.integration
 def test_run_killed_during_healing_resumes_to_the_same_weights(workspace, monkeypatch):
     """An injected failure at optimizer step 3 (checkpoints every step), then a rerun: it resumes from the
     last checkpoint, and the healed weights equal those of an uninterrupted run with the same seed."""
@@ -198,6 +211,7 @@ def test_set_overrides_reach_nested_keys_and_bad_ones_name_themselves(workspace)
         load_run_config(path, sets=["heal.0.learning_rate=fast"])
 
 
+@pytest.mark.integration
 def test_cli_run_prints_the_report_verbatim(workspace):
     """report.md is printed as written (rich markup off: `![scores](scores.png)` must survive)."""
     from typer.testing import CliRunner

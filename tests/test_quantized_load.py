@@ -102,6 +102,7 @@ def test_bad_load_in_is_refused_before_loading(tiny_dir, tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.integration
 def test_eval_cli_records_the_quantization(tiny_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
@@ -115,6 +116,7 @@ def test_eval_cli_records_the_quantization(tiny_dir, tmp_path):
     assert "4bit (nf4, bitsandbytes)" in (out / "eval.md").read_text()
 
 
+@pytest.mark.integration
 def test_bench_compares_full_and_quantized(tiny_dir, tmp_path):
     out = tmp_path / "bench"
     result = runner.invoke(app, [

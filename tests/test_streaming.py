@@ -121,6 +121,7 @@ def test_missing_calibration_and_converted_checkpoints_are_refused(tmp_path):
         stream_scores(tmp_path / "moe", None, ["magnitude-l1"])
 
 
+@pytest.mark.integration
 def test_cli_score_streaming_writes_the_same_scores(tmp_path):
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir, max_shard_size="20KB")

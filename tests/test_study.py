@@ -48,6 +48,7 @@ def test_bad_grids_fail_before_anything_runs(workspace, grid, message):
     assert not (workspace / "study").exists()
 
 
+@pytest.mark.integration
 def test_two_by_two_grid_shares_work_and_writes_table_and_plots(workspace):
     study = load_study(study_yaml(workspace, grid={"metric": ["block-influence", "reverse-order"],
                                                    "heal_method": ["partial", "lora"]}))
@@ -94,6 +95,7 @@ def test_two_by_two_grid_shares_work_and_writes_table_and_plots(workspace):
     assert (setting / "healed-1" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.integration
 def test_cli_run_dispatches_a_study(workspace):
     from typer.testing import CliRunner
 
@@ -106,6 +108,7 @@ def test_cli_run_dispatches_a_study(workspace):
     assert "study.md" in result.output and (workspace / "study" / "study.csv").exists()
 
 
+@pytest.mark.integration
 def test_grid_over_layer_counts_plots_perplexity_against_layers_removed(workspace):
     study = load_study(study_yaml(workspace, heal=[], grid={"metric": ["block-influence", "reverse-order"],
                                                             "num_layers": [1, 2]}, report={"similarity": True}))

@@ -130,6 +130,7 @@ def test_similarity_heatmap(tmp_path):
 runner = CliRunner()
 
 
+@pytest.mark.integration
 def test_report_rebuilds_a_run_folder(tmp_path):
     from test_pipeline import TEXT, write_config
     from layerprune import save_model
@@ -157,6 +158,7 @@ def test_report_rebuilds_a_run_folder(tmp_path):
     assert "![layer_map](layer_map.png)" in report
 
 
+@pytest.mark.integration
 def test_report_of_an_iterative_run_built_from_files(tmp_path):
     import json
 

@@ -403,6 +403,7 @@ def tiny_dir(tmp_path):
     return tmp_path / "tiny"
 
 
+@pytest.mark.integration
 def test_cli_prunes_attention_only_and_the_result_reloads(tiny_dir, tmp_path):
     result = runner.invoke(app, ["prune", str(tiny_dir), "--granularity", "attention", "--drop", "1,3",
                                  "--out", str(tmp_path / "out")])
@@ -415,6 +416,7 @@ def test_cli_prunes_attention_only_and_the_result_reloads(tiny_dir, tmp_path):
     assert info.exit_code == 0 and "attention removed" in info.output
 
 
+@pytest.mark.integration
 def test_cli_mlp_granularity_defaults_to_mlp_influence(tiny_dir, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("the cat sat on the mat and looked at the sun. " * 40)
@@ -462,6 +464,7 @@ def test_prune_config_granularity_defaults_and_refusals():
             build_config(PruneConfig, data)
 
 
+@pytest.mark.integration
 def test_one_shot_run_removes_attention_only(tiny_dir, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("the dog sat on the mat and looked at the sky. " * 40)

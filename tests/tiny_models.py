@@ -115,3 +115,8 @@ def tiny_tokenizer(chat_template: bool = True):
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+# The calibration / training text of the pipeline, config and curve tests: 9 short sentences, 20 times.
+CORPUS = "\n\n".join(f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl")
+                       for v in ("sun", "sky", "sea")) * 20
