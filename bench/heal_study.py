@@ -100,7 +100,7 @@ def heal_recipe(name: str, pruned: Path, original: str, out: Path, minutes: floa
 
 
 def evaluate(model_dir: Path | str, out: Path, args) -> dict:
-    from layerprune.evaluation.run import plan_eval, run_eval, write_eval
+    from layerprune.evaluation.protocol import plan_eval, run_eval, write_eval
     from layerprune.models.loading import load_model
 
     if (out / "eval.json").exists():

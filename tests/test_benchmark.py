@@ -12,7 +12,7 @@ from layerprune.benchmark.latency import generation_latency
 from layerprune.benchmark.macs import count_macs
 from layerprune.benchmark.memory import measure_memory
 from layerprune.benchmark.render import markdown
-from layerprune.benchmark.run import benchmark
+from layerprune.benchmark.measure import benchmark
 from layerprune.cli import app
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.saving import save_model

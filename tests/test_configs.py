@@ -146,7 +146,7 @@ def test_heal_is_the_same_through_api_cli_and_yaml(workspace):
 
 @pytest.mark.integration
 def test_eval_is_the_same_through_api_cli_and_yaml(workspace):
-    from layerprune.evaluation.run import plan_eval, run_eval
+    from layerprune.evaluation.protocol import plan_eval, run_eval
     from layerprune.models.loading import load_model
 
     settings = {"ppl": str(workspace / "text.txt"), "tasks": "none", "seq_len": 32, "ppl_windows": 4, "samples": False}

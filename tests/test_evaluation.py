@@ -348,7 +348,7 @@ def test_malformed_custom_file_names_the_line(tmp_path, line, message):
 
 def test_default_evaluation_is_the_paper_tasks_on_a_few_documents():
     from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalConfig, EvalStage
-    from layerprune.evaluation.run import describe_plan, plan_eval
+    from layerprune.evaluation.protocol import describe_plan, plan_eval
 
     plan = plan_eval()
     assert [t.name for t in plan.tasks] == list(PAPER_TASKS) and plan.limit == DEFAULT_TASK_LIMIT

@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from layerprune.config_base import QualityTargetMixin, StrictConfig, apply_preset, comma_list
+from layerprune.common.config_base import QualityTargetMixin, StrictConfig, apply_preset, comma_list
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 

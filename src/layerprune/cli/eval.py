@@ -50,7 +50,7 @@ def eval_command(
     --limit 0 --ppl-windows 0 is the full protocol."""
     from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
     from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT
-    from layerprune.evaluation.run import describe_plan, plan_eval, run_eval, write_eval
+    from layerprune.evaluation.protocol import describe_plan, plan_eval, run_eval, write_eval
     from layerprune.hardware.estimate import eval_seconds, format_seconds, measure_speed
     from layerprune.models.loading import load_model
     from layerprune.models.quantize import check_load_in

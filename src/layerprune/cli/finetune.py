@@ -9,7 +9,7 @@ from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option, parse_indices
-from layerprune.config_base import comma_list
+from layerprune.common.config_base import comma_list
 from layerprune.finetune.config import HealConfig
 
 

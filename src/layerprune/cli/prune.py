@@ -13,7 +13,7 @@ from layerprune.cli.app import (
 )
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
 from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, PruneConfig
-from layerprune.config_base import comma_list
+from layerprune.common.config_base import comma_list
 from layerprune.errors import LayerpruneError
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from layerprune.config_base import StrictConfig, apply_preset
+from layerprune.common.config_base import StrictConfig, apply_preset
 
 # Named recipes: a preset fills every setting it names unless the setting is given explicitly.
 HEAL_PRESETS: dict[str, dict] = {

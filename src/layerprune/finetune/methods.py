@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.quantize import bnb_config, disable_cpu_repacking
@@ -42,7 +43,7 @@ class HealMethod:
     distills: bool = False  # the Trainer's loss is distillation toward the teacher's logits
 
 
-_METHODS: dict[str, HealMethod] = {}
+_METHODS: Registry[HealMethod] = Registry("healing method")
 
 
 def register_method(name: str, *, raw_text: bool = False, default_data: str | None = None,
@@ -50,20 +51,16 @@ def register_method(name: str, *, raw_text: bool = False, default_data: str | No
     """Register a class with `prepare`/`finalize` (trained by the Trainer) or with `run` (its own procedure)."""
 
     def decorate(cls):
-        if name in _METHODS:
-            raise ValueError(f"healing method {name!r} is already registered")
         data = default_data or ("c4" if raw_text else "dolly")
-        _METHODS[name] = HealMethod(name, getattr(cls, "prepare", None), getattr(cls, "finalize", None), raw_text,
-                                    data, needs_teacher or distills, getattr(cls, "run", None), distills)
+        _METHODS.add(name, HealMethod(name, getattr(cls, "prepare", None), getattr(cls, "finalize", None), raw_text,
+                                    data, needs_teacher or distills, getattr(cls, "run", None), distills))
         return cls
 
     return decorate
 
 
 def get_method(name: str) -> HealMethod:
-    if name not in _METHODS:
-        raise LayerpruneError(f"unknown healing method {name!r}; available: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    return _METHODS.lookup(name)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerprune.config_base import comma_list
+from layerprune.common.config_base import comma_list
 
 # Forward + backward (+ optimizer) over a forward, per healing method: full weights backpropagate through
 # every layer and update every weight; LoRA skips the weight gradients; partial backpropagates only

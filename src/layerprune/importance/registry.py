@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
 from layerprune.models.surgery import kept_layers
@@ -57,8 +58,8 @@ class MetricSpec:
     forward_passes: Callable[[int], float] | None = None
 
 
-_METRICS: dict[str, MetricSpec] = {}
-_GROUPS: dict[str, GroupFn] = {}
+_METRICS: Registry[MetricSpec] = Registry("metric")
+_GROUPS: Registry[GroupFn] = Registry("metric group")
 
 
 def register_metric(
@@ -72,10 +73,8 @@ def register_metric(
     forward_passes: Callable[[int], float] | None = None,
 ):
     def decorate(fn: MetricFn) -> MetricFn:
-        if name in _METRICS:
-            raise ValueError(f"metric {name!r} is already registered")
-        _METRICS[name] = MetricSpec(name, fn, needs_calibration, description, group, tuple(granularities),
-                                    default_params, forward_passes)
+        _METRICS.add(name, MetricSpec(name, fn, needs_calibration, description, group, tuple(granularities),
+                                      default_params, forward_passes))
         return fn
 
     return decorate
@@ -85,9 +84,7 @@ def register_group(name: str):
     """Register the function that computes every metric of a group in one pass."""
 
     def decorate(fn: GroupFn) -> GroupFn:
-        if name in _GROUPS:
-            raise ValueError(f"metric group {name!r} is already registered")
-        _GROUPS[name] = fn
+        _GROUPS.add(name, fn)
         return fn
 
     return decorate
@@ -98,9 +95,7 @@ def available_metrics() -> list[str]:
 
 
 def get_metric(name: str) -> MetricSpec:
-    if name not in _METRICS:
-        raise LayerpruneError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
-    return _METRICS[name]
+    return _METRICS.lookup(name)
 
 
 def check_granularity(name: str, granularity: str) -> None:

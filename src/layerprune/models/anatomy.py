@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
 
 # A config rewrite: (config, kept positions of the current model) -> None, in place.
@@ -40,14 +41,12 @@ class FamilySpec:
     mlp_norms: tuple[str, ...] | None = None
 
 
-_FAMILIES: dict[str, FamilySpec] = {}
+_FAMILIES: Registry[FamilySpec] = Registry("model_type")
 
 
 def register_family(spec: FamilySpec, model_types: list[str]) -> FamilySpec:
     for model_type in model_types:
-        if model_type in _FAMILIES:
-            raise ValueError(f"model_type {model_type!r} is already registered to family {_FAMILIES[model_type].name!r}")
-        _FAMILIES[model_type] = spec
+        _FAMILIES.add(model_type, spec)
     return spec
 
 

@@ -366,7 +366,7 @@ class Run:
         return read_json(round_dir(rounds) / "done.json")["model"]
 
     def evaluate(self, name: str, loaded: LoadedModel, key: dict | None = None) -> dict:
-        from layerprune.evaluation.run import plan_eval, run_eval, write_eval
+        from layerprune.evaluation.protocol import plan_eval, run_eval, write_eval
 
         out = self.shared_path(name, key) if key is not None else self.path(name)
         if (out / "eval.json").exists():

@@ -7,7 +7,7 @@ import io
 import itertools
 from pathlib import Path
 
-from layerprune.config_base import comma_list
+from layerprune.common.config_base import comma_list
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, available_metrics, compute_many, get_metric
 from layerprune.models.surgery import kept_layers

@@ -1,4 +1,4 @@
-"""One evaluation run: plan (checked before any model loads) -> scores -> eval.json, eval.md, samples.json.
+"""One evaluation: the protocol (checked before any model loads) -> scores -> eval.json, eval.md, samples.json.
 
 The plan is the whole protocol; eval.json records it with the data files' sha256, the model's layer
 provenance, package versions and wall times, so every number in a report traces back to its inputs.
