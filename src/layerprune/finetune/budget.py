@@ -19,10 +19,10 @@ import torch
 from layerprune.hardware.compute import ComputeChoice
 
 OPTIMIZER_SHARE = 0.05  # AdamW's update on top of forward + backward (measured ~3% for full weights on SmolLM2)
-# A process's first forward + backward passes run slower than its steady state (kernel and allocator warm-up):
-# the quickstart's probe said 6.7 s per step where its 71 steps took 5.8 s (AVX2 only) and 6.0 s against 5.2 s
-# (AVX512-BF16). The deadline callback still stops at a step boundary if a machine is slower than fitted.
-WARM_FACTOR = 0.88
+# No correction for warm-up: the probe's second pass ran 0-15% slower than the steps that followed on the
+# quickstart (AVX2 only: 6.7 s vs 5.8 s; AVX512-BF16: 3.9 s probe vs 4.3 s per step with the Trainer's own
+# overhead), and a budget that fits slightly fewer steps completes its schedule where one that fits too many
+# is cut by the deadline.
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,7 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
         compute_teacher_targets(teacher, rows[:batch_size], top_k, pad_id=pad_id, batch_size=batch_size,
                                 compute=compute)
         teacher_row = (time.perf_counter() - start) / len(rows[:batch_size])
-    return HealProbe(step_seconds=micro * WARM_FACTOR * accumulation * (1 + OPTIMIZER_SHARE),
-                     teacher_row_seconds=teacher_row)
+    return HealProbe(step_seconds=micro * accumulation * (1 + OPTIMIZER_SHARE), teacher_row_seconds=teacher_row)
 
 
 def _forward_backward(model, ids, mask, labels, compute: ComputeChoice) -> float:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from layerprune.data.instructions import IGNORE_INDEX
+from layerprune.finetune.collate import PadCollator
 from layerprune.finetune.losses import causal_lm_parts, head_logits, labelled_positions
 from layerprune.hardware.compute import ComputeChoice
 
@@ -68,13 +69,8 @@ def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            length = max(len(r["input_ids"]) for r in batch)
-            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), length), dtype=torch.long)
-            for i, r in enumerate(batch):
-                n = len(r["input_ids"])
-                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            padded = PadCollator(pad_id)(batch)  # as the trainer pads, so the targets line up with its batches
+            ids, labels, mask = padded["input_ids"], padded["labels"], padded["attention_mask"]
             with compute.autocast() if compute is not None else contextlib.nullcontext():
                 hidden, _ = labelled_positions(teacher, ids.to(device), mask.to(device), labels.to(device))
                 for chunk in hidden.split(1024):
