@@ -67,7 +67,8 @@ def measure_speed(model, *, seq_len: int = 128, batch: int = 4, compute=None) ->
         for _ in range(3):
             model(input_ids=ids[:1, :1], use_cache=False)
         decode = (time.perf_counter() - start) / 3
-    return Speed(forward, decode, compute.dtype if compute is not None else str(model.dtype).replace("torch.", ""))
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return Speed(forward, decode, compute.dtype if compute is not None else names.get(model.dtype, str(model.dtype)))
 
 
 def work_fraction(model, kept: int) -> float:
