@@ -25,7 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from layerprune.data.calibration import load_calibration  # noqa: E402
-from layerprune.importance.perplexity import _forward, _StandIn, _swapped, perplexity  # noqa: E402
+from layerprune.importance.perplexity import forward_logits, perplexity
+from layerprune.models.bypass import StandIn, swapped  # noqa: E402
 from layerprune.models.anatomy import get_anatomy  # noqa: E402
 from layerprune.models.loading import load_model  # noqa: E402
 
@@ -42,10 +43,10 @@ def _head_share(model, calibration) -> tuple[float, float]:
     anatomy = get_anatomy(model)
     ids, mask = calibration.input_ids, calibration.attention_mask
     with torch.no_grad():
-        _forward(model, ids, mask)  # warm-up
-        full = min(_timed(_forward, model, ids, mask)[2] for _ in range(3))
-        with _swapped(anatomy, {p: _StandIn(None) for p in range(anatomy.num_layers)}):
-            head = min(_timed(_forward, model, ids, mask)[2] for _ in range(3))
+        forward_logits(model, ids, mask)  # warm-up
+        full = min(_timed(forward_logits, model, ids, mask)[2] for _ in range(3))
+        with swapped(anatomy, {p: StandIn(None) for p in range(anatomy.num_layers)}):
+            head = min(_timed(forward_logits, model, ids, mask)[2] for _ in range(3))
     return full, head
 
 

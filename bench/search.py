@@ -45,7 +45,7 @@ def main() -> None:
 
     from layerprune.data.calibration import load_calibration
     from layerprune.importance import compute_many
-    from layerprune.importance.perplexity import DropSetLosses
+    from layerprune.selection.drop_set_losses import DropSetLosses
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import kept_layers
     from layerprune.selection.scores import metric_requests, parse_metrics, select_for_each

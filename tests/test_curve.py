@@ -18,7 +18,7 @@ from layerprune.config import CurveConfig
 from layerprune.selection.curve import knee, max_drop_count
 from layerprune.data.calibration import load_calibration
 from layerprune.importance import compute_scores
-from layerprune.importance.perplexity import DropSetLosses
+from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.models.loading import load_model
 from layerprune.selection.search import SearchPath
 from layerprune.selection.ranking import select_layers

@@ -10,10 +10,12 @@ import torch
 
 from layerprune.data.calibration import CalibrationData
 from layerprune.errors import LayerpruneError
-from layerprune.importance.perplexity import _StandIn, perplexity, token_nll
+from layerprune.importance.perplexity import perplexity, token_nll
+from layerprune.models.bypass import StandIn
 from layerprune.importance.registry import compute_scores, get_metric
 from layerprune.models.anatomy import get_anatomy
-from layerprune.models.surgery import bypass_layers, remove_layers
+from layerprune.models.bypass import bypass_layers
+from layerprune.models.surgery import remove_layers
 from tiny_models import FAMILIES, N_LAYERS, VOCAB, tiny_input, tiny_model
 
 N = N_LAYERS
@@ -216,20 +218,20 @@ def test_token_nll_ignores_padding_and_sums():
 def test_stand_in_keeps_the_block_output_form():
     hidden = torch.randn(2, 3, 4)
     cached = torch.randn(2, 3, 4)
-    assert _StandIn(None)(hidden) is hidden
-    assert _StandIn((None,), cached)(hidden)[0] is not hidden
-    out = _StandIn((None,), cached)(hidden_states=hidden)
+    assert StandIn(None)(hidden) is hidden
+    assert StandIn((None,), cached)(hidden)[0] is not hidden
+    out = StandIn((None,), cached)(hidden_states=hidden)
     assert isinstance(out, tuple) and torch.equal(out[0], cached) and out[1] is None
     with pytest.raises(RuntimeError, match="do not match"):
-        _StandIn(None, cached)(torch.randn(1, 3, 4))
+        StandIn(None, cached)(torch.randn(1, 3, 4))
     # Attributes a model forward may read from its blocks come from the original block.
     block = torch.nn.Linear(2, 2)
     block.attention_type = "sliding_attention"
-    stand_in = _StandIn(None, block=block)
+    stand_in = StandIn(None, block=block)
     assert stand_in.attention_type == "sliding_attention"
     assert list(stand_in.modules()) == [stand_in]
     with pytest.raises(AttributeError):
-        _StandIn(None).attention_type
+        StandIn(None).attention_type
 
 
 @torch.no_grad()
@@ -249,7 +251,7 @@ def bypassed_loss(model, calibration, drop: list[int]) -> float:
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "gpt2"])
 def test_drop_set_losses_equal_bypassed_forwards_and_skip_the_prefix(family):
     """select: auto's cheap candidate losses equal a full forward with the layers bypassed."""
-    from layerprune.importance.perplexity import drop_set_losses
+    from layerprune.selection.drop_set_losses import drop_set_losses
 
     model = tiny_model(family).eval()
     calibration = _calibration()

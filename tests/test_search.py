@@ -18,8 +18,8 @@ from layerprune import LayerpruneError, save_model
 from layerprune.cli import app
 from layerprune.config import PruneConfig
 from layerprune.data.calibration import CalibrationData, calibration_from_texts
-from layerprune.importance.perplexity import DropSetLosses
-from layerprune.models.surgery import bypass_layers
+from layerprune.selection.drop_set_losses import DropSetLosses
+from layerprune.models.bypass import bypass_layers
 from layerprune.selection.search import SearchPath, swap_pass
 from layerprune.selection.strategies import choose, in_memory_scores
 from cli_asserts import assert_one_line_error

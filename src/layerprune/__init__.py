@@ -9,7 +9,8 @@ from layerprune.importance import LayerScores, available_metrics, compute_scores
 from layerprune.models.anatomy import Anatomy, count_parameters, get_anatomy, register_family
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import save_model
-from layerprune.models.surgery import bypass_layers, kept_layers, remove_layers, untie_embeddings
+from layerprune.models.bypass import bypass_layers
+from layerprune.models.surgery import kept_layers, remove_layers, untie_embeddings
 from layerprune.selection.ranking import Selection, select_layers
 
 __version__ = "0.1.0"

@@ -11,8 +11,7 @@ Invariants kept by `remove_layers` (each one checked by a reload test):
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from torch import nn
 
@@ -190,29 +189,3 @@ def untie_embeddings(model: nn.Module) -> bool:
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
     return True
-
-
-@contextlib.contextmanager
-def bypass_layers(model: nn.Module, positions: Iterable[int]) -> Iterator[None]:
-    """Make the blocks at these positions pass their input through unchanged (SLEB's `turn_off`).
-
-    The model's structure is untouched, so this is a reference for surgery and a cheap
-    way to try a candidate. Use with use_cache=False: bypassed blocks write no cache.
-    """
-    anatomy = get_anatomy(model)
-    handles = []
-
-    def passthrough(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if isinstance(output, tuple):
-            return (hidden,) + tuple(output[1:])
-        return hidden
-
-    try:
-        for pos in positions:
-            handles.append(anatomy.layers[pos].register_forward_hook(passthrough, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-

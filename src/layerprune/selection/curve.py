@@ -49,7 +49,7 @@ def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=pr
     k = 0..K, knees, chosen counts and the work done (block forwards, seconds)."""
     from layerprune.selection.budgets import most_within
     from layerprune.importance import compute_many
-    from layerprune.importance.perplexity import DropSetLosses
+    from layerprune.selection.drop_set_losses import DropSetLosses
     from layerprune.models.surgery import kept_layers
     from layerprune.selection.scores import metric_requests
     from layerprune.selection.search import MetricPath, SearchPath, allowed_positions

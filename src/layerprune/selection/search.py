@@ -12,7 +12,7 @@
 
 Every loss is measured on held-out calibration text (the validation text of select auto, drawn with
 data.calibration.VALIDATION_SEED_OFFSET), never on the text that ranks the metrics, and comes from one
-importance.perplexity.DropSetLosses, so all passes share its cached hidden states.
+selection.drop_set_losses.DropSetLosses, so all passes share its cached hidden states.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from layerprune.config import PruneConfig
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores
-from layerprune.importance.perplexity import DropSetLosses
+from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.models.surgery import kept_layers
 from layerprune.selection.ranking import protected_layers
 

@@ -106,7 +106,7 @@ def choose(
 
 def candidate_losses(model: nn.Module, drop_sets: dict[str, list[int]], validation) -> dict[str, float]:
     """Mean next-token loss on `validation` of the model without each drop-set (ORIGINAL indices)."""
-    from layerprune.importance.perplexity import drop_set_losses
+    from layerprune.selection.drop_set_losses import drop_set_losses
 
     if validation is None:
         raise LayerpruneError("select auto needs held-out calibration text to compare candidates")
