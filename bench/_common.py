@@ -34,3 +34,18 @@ def run_child(script: str, path: str, *args: str) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_seconds"] = time.perf_counter() - start
     return result
+
+
+def cache_without_teacher_targets(prefix: str) -> str:
+    """A fresh layerprune cache folder that links the converted models of the real one, so a child reuses the
+    model but computes the teacher's targets anew."""
+    import os
+    import tempfile
+
+    from layerprune.models.builtin import cache_dir
+
+    cache = tempfile.mkdtemp(prefix=prefix)
+    for kept in ("models", "gguf"):
+        if (cache_dir() / kept).is_dir():
+            os.symlink(cache_dir() / kept, Path(cache) / kept)
+    return cache

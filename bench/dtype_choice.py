@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import run_child  # noqa: E402
+from _common import cache_without_teacher_targets, run_child  # noqa: E402
 
 DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 SETTINGS = {"auto": "auto", "bf16": True, "fp32": False}
@@ -76,17 +76,13 @@ def main() -> None:
         child(args.child, args.steps, args.cache)
         return
     from layerprune.hardware.compute import bf16_matmul_ratio
-    from layerprune.models.builtin import cache_dir
 
     print(cpu_kind())
     print(f"bf16 / fp32 time of a 64x256 @ 256x512 matmul here: {bf16_matmul_ratio():.2f}")
     times: dict[str, float] = {}
     for _ in range(args.repeat):
         for name in args.settings.split(","):
-            cache = tempfile.mkdtemp(prefix="dtype-choice-")  # an empty teacher cache: every setting runs the teacher
-            for kept in ("models", "gguf"):
-                if (cache_dir() / kept).is_dir():
-                    os.symlink(cache_dir() / kept, Path(cache) / kept)
+            cache = cache_without_teacher_targets("dtype-choice-")  # every setting runs the teacher
             r = run_child(__file__, name, "--steps", str(args.steps), "--cache", cache)
             shutil.rmtree(cache, ignore_errors=True)
             times[name] = min(times.get(name, float("inf")), r["seconds"])

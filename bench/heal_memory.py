@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mb, rss_mb, run_child  # noqa: E402
+from _common import cache_without_teacher_targets, peak_rss_mb, rss_mb, run_child  # noqa: E402
 
 DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 CONFIGS = {
@@ -64,12 +64,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps, args.cache)
         return
-    cache = tempfile.mkdtemp(prefix="heal-memory-cache-")  # no teacher targets: the first distillation runs the teacher
-    from layerprune.models.builtin import cache_dir
-
-    for kept in ("models", "gguf"):  # the converted model is reused; only the teacher cache starts empty
-        if (cache_dir() / kept).is_dir():
-            os.symlink(cache_dir() / kept, Path(cache) / kept)
+    cache = cache_without_teacher_targets("heal-memory-cache-")  # the first distillation runs the teacher
     print(f"{'configuration':34} {'peak RSS increase':>18} {'s/step':>7} {'teacher s':>10} {'teacher share':>14}")
     for name in CONFIGS:
         r = run_child(__file__, name, "--steps", str(args.steps), "--cache", cache)
