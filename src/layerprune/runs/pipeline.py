@@ -66,16 +66,14 @@ class Run:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(target, link.parent))
 
-    def _key(self, *parts: str) -> dict:
+    def base_settings(self) -> dict:
+        """What every stage's output depends on: the model, its dtype and the seed."""
         c = self.config
-        key = {"model": c.model, "dtype": c.dtype, "seed": c.seed}
-        if "calibration" in parts:
-            key["calibration"] = c.prune.calibration.model_dump(mode="json")
-        if "prune" in parts:
-            key["prune"] = c.prune.model_dump(mode="json")
-        if "eval" in parts and c.eval is not None:
-            key["eval"] = c.eval.model_dump(mode="json", exclude={"original", "before_healing"})
-        return key
+        return {"model": c.model, "dtype": c.dtype, "seed": c.seed}
+
+    def stage_settings(self, name: str) -> dict:
+        """The settings of stage `name`: one key for the stage ledger (stages.json) and the study's shared cache."""
+        return next(stage.settings for stage in self.stages() if stage.name == name)
 
     def load(self, ref: str, tokenizer_from: LoadedModel | None = None, *, saved: bool = False,
              dtype: str | None = None) -> LoadedModel:
@@ -131,7 +129,7 @@ class Run:
     def stages(self) -> list[Stage]:
         """The stages this config runs, each with everything its output depends on and the names it writes."""
         c = self.config
-        base = {"model": c.model, "dtype": c.dtype, "seed": c.seed}
+        base = self.base_settings()
         pruned = self.stage_base()
         final = self.heal_settings(pruned, len(c.heal))
         evaluation = c.eval.model_dump(mode="json", exclude={"original", "before_healing"}) if c.eval else None
@@ -161,8 +159,7 @@ class Run:
 
     def stage_base(self) -> dict:
         """The settings the pruned model depends on."""
-        c = self.config
-        return {"model": c.model, "dtype": c.dtype, "seed": c.seed, "prune": c.prune.model_dump(mode="json")}
+        return {**self.base_settings(), "prune": self.config.prune.model_dump(mode="json")}
 
     def heal_settings(self, base: dict, number: int) -> dict:
         """What heal stage `number` (1-based) depends on: its input's settings and heal stages 1..number."""
@@ -177,7 +174,7 @@ class Run:
         torch.manual_seed(self.config.seed)
         if self.config.eval and self.config.eval.original:
             with self.plan.timed("eval-original"):
-                self.evaluate("eval-original", original, key=self._key("eval"))
+                self.evaluate("eval-original", original, key=self.stage_settings("eval-original"))
         if self.config.curve:
             with self.plan.timed("curve"):
                 self.curve(original)
@@ -190,7 +187,7 @@ class Run:
             if self.config.eval and self.config.eval.before_healing and self.config.heal:
                 with self.plan.timed("eval-pruned"):
                     self.evaluate("eval-pruned", self.load(str(self.path("pruned")), original),
-                                  key=self._key("calibration", "prune", "eval"))
+                                  key=self.stage_settings("eval-pruned"))
             final_ref = self.heal_chain(str(self.path("pruned")), original, base=self.stage_base())
         final = self.load(final_ref, original)
         if self.config.eval:
@@ -231,7 +228,7 @@ class Run:
 
         selection, pruned_dir = self.path("selection.json"), self.path("pruned")
         if self.shared_dir is not None:  # a study: selection and pruned model live in the shared folder
-            where = self.shared_path("prune", self._key("calibration", "prune"))
+            where = self.shared_path("prune", self.stage_settings("prune"))
             selection, pruned_dir = where / "selection.json", where / "pruned"
         if pruned_dir.is_dir():
             self.log("pruned model exists: skipping score/select/prune")
@@ -284,8 +281,8 @@ class Run:
         """Scores of each requested metric; in a study, each metric's scores are computed once and shared."""
         from layerprune.importance import LayerScores
 
-        paths = {name: self.shared_path(f"scores-{name}.json", {**self._key("calibration"), "metric": name,
-                                                                "params": params})
+        text = {**self.base_settings(), "calibration": self.config.prune.calibration.model_dump(mode="json")}
+        paths = {name: self.shared_path(f"scores-{name}.json", {**text, "metric": name, "params": params})
                  for name, params in requests.items()} if share and self.shared_dir else {}
         found = {n: LayerScores.from_json(read_json(p)) for n, p in paths.items() if p.exists()}
         missing = {n: params for n, params in requests.items() if n not in found}
