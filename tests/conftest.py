@@ -33,3 +33,20 @@ def corpus_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(CORPUS)
     return path
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures saved during a test, in order: plot tests assert what was drawn (lines, image
+    cells, labels), not only that a PNG file appeared."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+
+    def recording_savefig(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    return figures

@@ -168,7 +168,7 @@ def test_existing_output_is_refused(tmp_path):
 
 
 @pytest.mark.integration
-def test_bench_compare_writes_json_markdown_and_plot(tmp_path):
+def test_bench_compare_writes_json_markdown_and_plot(tmp_path, drawn):
     model = tiny_model("llama")
     save_model(model, None, tmp_path / "full")
     save_model(remove_layers(model, [1, 2]), None, tmp_path / "pruned")
@@ -187,3 +187,7 @@ def test_bench_compare_writes_json_markdown_and_plot(tmp_path):
     assert {r["key"] for r in data["comparison"]["rows"]} >= {"prefill", "gen_latency_M2_L4", "gen_throughput_M1_L4"}
     assert "of ideal" in (out / "bench.md").read_text() and "of ideal" in result.output
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    throughput = {line.get_label(): list(line.get_ydata()) for line in drawn[-1].axes[1].lines}
+    for model in data["models"]:  # one throughput line per model and length, a point per batch size
+        runs = sorted(model["generation"], key=lambda g: g["batch_size"])
+        assert throughput[f"{model['model']} (L=4)"] == [g["throughput_tok_s"] for g in runs]

@@ -56,6 +56,23 @@ def test_curve_files_hold_one_row_per_selection_and_k(curve_run):
         assert len(row["dropped"].split()) == int(row["k"])
 
 
+def test_curve_plot_draws_each_selection_its_knee_and_the_target(curve_run, drawn):
+    from layerprune.selection.curve import plot_curve
+
+    tmp, record = curve_run
+    plot_curve(record, tmp / "again.png")
+    ax = drawn[0].axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    for name, rows in record["curves"].items():
+        line = lines[f"{name} (knee {record['knees'][name]})"]
+        assert list(line.get_xdata()) == [r["k"] for r in rows]
+        assert list(line.get_ydata()) == pytest.approx([r["perplexity"] for r in rows])
+    target = lines[record["target"]["name"]]  # the dashed line at the allowed perplexity
+    allowed = record["unpruned_perplexity"] * math.exp(record["target"]["allowed_loss_increase"])
+    assert list(target.get_ydata()) == pytest.approx([allowed, allowed])
+    assert ax.get_yscale() == "log"
+
+
 def test_k0_is_the_unpruned_model_and_every_point_is_a_real_forward(curve_run):
     tmp, record = curve_run
     loaded = load_model(str(tmp / "tiny"))

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from layerprune import LayerpruneError, save_model
@@ -87,18 +88,18 @@ def test_iterative_schedule_drops_one_layer_per_round_in_original_indices(worksp
 def test_interrupted_iterative_run_resumes_from_its_last_round(workspace, monkeypatch):
     path = write_config(workspace, prune={"metric": "reverse-order", "strategy": "iterative", "schedule": "1:1:2"},
                         heal=[], eval=None, bench=None)
-    import layerprune.runs.pipeline as pipeline
+    import layerprune.runs.steps as steps
 
-    original_choose = pipeline.Run.choose
+    original_choose = steps.choose
     calls = []
 
-    def failing_choose(self, loaded, n_drop, scores_name="scores.json"):
+    def failing_choose(run, loaded, n_drop=None, scores_name="scores.json"):
         calls.append(scores_name)
         if len(calls) == 2:
             raise RuntimeError("injected failure")
-        return original_choose(self, loaded, n_drop, scores_name)
+        return original_choose(run, loaded, n_drop, scores_name)
 
-    monkeypatch.setattr(pipeline.Run, "choose", failing_choose)
+    monkeypatch.setattr(steps, "choose", failing_choose)
     with pytest.raises(RuntimeError, match="injected"):
         run_pipeline(load_run_config(path), log=lambda m: None)
     assert (workspace / "run" / "rounds" / "round-1" / "done.json").exists()
@@ -223,3 +224,25 @@ def test_cli_run_prints_the_report_verbatim(workspace):
     assert result.exit_code == 0, result.output
     assert "![scores](scores.png)" in result.output
     assert (workspace / "run" / "report.md").read_text().strip() in result.output
+
+
+@pytest.mark.integration
+def test_a_run_cuts_the_checkpoint_on_disk_when_a_second_copy_does_not_fit(workspace, monkeypatch):
+    """Same drop-set and byte-identical weights as the in-memory prune; the report still comes out."""
+    import layerprune.models.memory_policy as memory_policy
+    from safetensors.torch import load_file
+
+    overrides = dict(heal=[], eval=None, bench=None)
+    in_memory = load_run_config(write_config(workspace, out=str(workspace / "in-memory"), **overrides))
+    run_pipeline(in_memory, log=lambda m: None)
+    monkeypatch.setattr(memory_policy, "available_memory_bytes", lambda: 1000)  # nothing fits
+    messages = []
+    run_pipeline(load_run_config(write_config(workspace, **overrides)), log=messages.append)
+    assert any("cut from the checkpoint on disk" in m for m in messages)
+    selection = json.loads((workspace / "run" / "selection.json").read_text())
+    assert selection["dropped"] == json.loads((workspace / "in-memory" / "selection.json").read_text())["dropped"]
+    on_disk = load_file(workspace / "run" / "pruned" / "model.safetensors")
+    reference = load_file(workspace / "in-memory" / "pruned" / "model.safetensors")
+    assert on_disk.keys() == reference.keys()
+    assert all(torch.equal(on_disk[name], reference[name]) for name in reference)
+    assert (workspace / "run" / "report.md").exists()

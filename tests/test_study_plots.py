@@ -87,40 +87,67 @@ def test_final_hidden_states_are_taken_before_the_final_norm():
 # ----------------------------------------------------------------------------- plots
 
 
-def test_metric_vs_removed_plots(tmp_path):
+def lines_of(figure) -> dict:
+    """{legend label: (xs, ys)} of every line on the figure's first axes."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in figure.axes[0].lines}
+
+
+def test_metric_vs_removed_plots(tmp_path, drawn):
     rows = [{"metric": m, "layers_removed": k, "acc": 0.6 - 0.05 * k * (i + 1), "wikitext2 ppl": 20 * 3**k}
-            for i, m in enumerate(["block-influence", "reverse-order"]) for k in (1, 2, 4)]
+            for i, m in enumerate(["block-influence", "reverse-order"]) for k in (4, 1, 2)]
     rows.append({"metric": "taylor", "layers_removed": 2, "acc": None})
     assert is_png(plot_metric_vs_removed(rows, "acc", tmp_path / "acc.png"))
     assert is_png(plot_metric_vs_removed(rows, "wikitext2 ppl", tmp_path / "ppl.png"))
+    accuracy, perplexity = drawn
+    # one line per metric with a value (taylor has none), points in order of layers removed
+    assert lines_of(accuracy) == {"block-influence": ([1, 2, 4], pytest.approx([0.55, 0.5, 0.4])),
+                                  "reverse-order": ([1, 2, 4], pytest.approx([0.5, 0.4, 0.2]))}
+    assert accuracy.axes[0].get_yscale() == "linear" and perplexity.axes[0].get_yscale() == "log"
+    assert lines_of(perplexity)["reverse-order"][1] == [60, 180, 1620]
     with pytest.raises(LayerpruneError, match="no rows with a 'missing' value"):
         plot_metric_vs_removed(rows, "missing", tmp_path / "none.png")
 
 
-def test_layer_map_takes_lists_and_sub_layer_drops(tmp_path):
+def test_layer_map_takes_lists_and_sub_layer_drops(tmp_path, drawn):
     settings = {"bi 25%": [12, 13, 14], "reverse": [27, 28, 29],
-                "sub-layer": {"block": [3], "attention": [10, 11], "mlp": [20]}}
+                "sub-layer": {"block": [3], "attention": [10, 11], "mlp": [20, 3]}}
     assert is_png(plot_layer_map(settings, 30, tmp_path / "map.png"))
+    cells = drawn[0].axes[0].images[0].get_array()
+    assert cells.shape == (3, 30)
+    # 0 kept, 1 block, 2 attention, 3 MLP; a block drop wins over an MLP drop of the same layer
+    assert {layer: int(cells[0][layer]) for layer in range(30) if cells[0][layer]} == {12: 1, 13: 1, 14: 1}
+    assert {layer: int(cells[1][layer]) for layer in range(30) if cells[1][layer]} == {27: 1, 28: 1, 29: 1}
+    assert {layer: int(cells[2][layer]) for layer in range(30) if cells[2][layer]} == {3: 1, 10: 2, 11: 2, 20: 3}
+    assert [t.get_text() for t in drawn[0].axes[0].get_yticklabels()] == list(settings)
     with pytest.raises(LayerpruneError, match="layer 30 is outside 0..29"):
         plot_layer_map({"x": [30]}, 30, tmp_path / "bad.png")
     with pytest.raises(LayerpruneError, match="unknown drop kind"):
         plot_layer_map({"x": {"heads": [1]}}, 30, tmp_path / "bad.png")
 
 
-def test_loss_csv_round_trip_and_curves(tmp_path):
+def test_loss_csv_round_trip_and_curves(tmp_path, drawn):
     curve = [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-4} for s in range(1, 6)]
     write_loss_curve(curve, tmp_path)
     points = read_loss_csv(tmp_path / "loss.csv")
     assert points == [(c["step"], pytest.approx(c["loss"])) for c in curve]
     assert is_png(plot_loss_curves({"lora": points, "partial": [(1, 2.0), (2, 1.5)], "empty": []},
                                    tmp_path / "curves.png"))
+    assert lines_of(drawn[-1]) == {"lora": ([1, 2, 3, 4, 5], pytest.approx([3.0, 1.5, 1.0, 0.75, 0.6])),
+                                  "partial": ([1, 2], [2.0, 1.5])}  # the empty curve is left out
     with pytest.raises(LayerpruneError, match="no loss curve at"):
         read_loss_csv(tmp_path / "nowhere.csv")
 
 
-def test_similarity_heatmap(tmp_path):
-    assert is_png(plot_similarity(["a", "b", "c"], [[1, 0.9, 0.5], [0.9, 1, 0.6], [0.5, 0.6, 1]], tmp_path / "s.png"))
+def test_similarity_heatmap(tmp_path, drawn):
+    matrix = [[1, 0.9, 0.5], [0.9, 1, 0.6], [0.5, 0.6, 1]]
+    assert is_png(plot_similarity(["a", "b", "c"], matrix, tmp_path / "s.png"))
+    axes = drawn[0].axes[0]
+    assert axes.images[0].get_array().tolist() == matrix
+    assert axes.images[0].get_clim() == (0.5, 1.0)  # the colour range starts at the lowest similarity
+    assert [t.get_text() for t in axes.texts] == ["1.00", "0.90", "0.50", "0.90", "1.00", "0.60", "0.50", "0.60",
+                                                  "1.00"]
     assert is_png(plot_similarity(["a"], [[1.0]], tmp_path / "one.png"))
+    assert drawn[1].axes[0].images[0].get_clim() == (0.0, 1.0)  # all ones: a colour range is kept
     with pytest.raises(LayerpruneError, match="must be 2 x 2"):
         plot_similarity(["a", "b"], [[1.0]], tmp_path / "bad.png")
 

@@ -36,7 +36,7 @@ def plot_scores(all_scores: dict[str, LayerScores], path: str | Path, dropped: d
 
 
 def plot_angular_heatmap(scores: LayerScores, path: str | Path) -> Path | None:
-    """Angular distance d(i, i+m) over start layer i and block size m (as in the CS224N seed's figures)."""
+    """Angular distance d(i, i+m) over start layer i and block size m (the figure of the angular-distance pruning papers, e.g. arXiv 2403.17887)."""
     table = scores.extra.get("distances")
     if not table:
         return None

@@ -52,18 +52,19 @@ def save_seconds(model) -> float:
     return parameter_bytes(model) / SAVE_BYTES_PER_S
 
 
-def plan_run(run, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Plan:
-    """The plan of a pipeline.Run on the loaded original `model`; stages in `done` are skipped."""
+def plan_run(config, run_dir, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Plan:
+    """The time plan of a run of `config` on the loaded original `model`; stages in `done` are skipped."""
     from layerprune.models.anatomy import get_anatomy
+    from layerprune.runs.planner import plan_stages
     from layerprune.selection.strategies import layers_to_drop
 
-    c = run.config
+    c = config
     n = get_anatomy(model).num_layers
     n_drop = layers_to_drop(model, c.prune) if c.prune.strategy == "one-shot" else c.prune.parsed_schedule()[1]
     fraction = work_fraction(model, n - (n_drop if n_drop is not None else n // 4))
     pruned = speed.scaled(fraction)
-    plan = Plan(f"plan of {run.dir} on this machine ({speed.compute}, healing in {heal_speed.compute})")
-    for stage in run.stages():
+    plan = Plan(f"plan of {run_dir} on this machine ({speed.compute}, healing in {heal_speed.compute})")
+    for stage in plan_stages(c):
         name = stage.name
         if name.startswith("eval-"):
             what, seconds = "evaluate", eval_seconds(c.eval, speed if name == "eval-original" else pruned)
@@ -72,11 +73,11 @@ def plan_run(run, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Pla
         elif name == "prune":
             what = f"score + choose ({c.prune.select}) + save"
             seconds = choose_seconds(model, c.prune, speed, n_drop) + save_seconds(model) * fraction
-        elif name.startswith("healed-"):
-            config = c.heal[int(name.split("-")[1]) - 1]
+        elif stage.step == "heal":
+            config = c.heal[stage.number - 1]
             what, seconds = f"heal ({config.method})", heal_seconds(config, heal_speed, student_fraction=fraction)
         elif name == "rounds":
-            what, seconds = f"iterative {c.prune.schedule}", _rounds_seconds(run, model, speed, heal_speed, fraction)
+            what, seconds = f"iterative {c.prune.schedule}", _rounds_seconds(c, model, speed, heal_speed, fraction)
         elif name == "bench":
             what, seconds = "benchmark", bench_seconds(c.bench, speed) + bench_seconds(c.bench, pruned)
         else:
@@ -85,10 +86,9 @@ def plan_run(run, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Pla
     return plan
 
 
-def _rounds_seconds(run, model, speed: Speed, heal_speed: Speed, fraction: float) -> float | None:
+def _rounds_seconds(c, model, speed: Speed, heal_speed: Speed, fraction: float) -> float | None:
     from layerprune.selection.strategies import iterative_rounds
 
-    c = run.config
     total = 0.0
     for step in iterative_rounds(c.prune):
         total += choose_seconds(model, c.prune, speed, step) + save_seconds(model)

@@ -33,6 +33,8 @@ class Stage:
     name: str
     settings: dict
     outputs: tuple[str, ...]  # names in the run folder
+    step: str = ""  # the function that makes the outputs (runs/steps.py)
+    number: int = 0  # which heal stage (1-based), for step "heal"
 
     @property
     def digest(self) -> str:
