@@ -142,16 +142,29 @@ def prune_model(
     no_load: prune the safetensors checkpoint on disk, tensor by tensor (only with `drop`); the same
     happens by itself when a local checkpoint's weights exceed 80% of the available memory and `drop`
     is given (models/memory_policy.py), and `log` says so.
+    out ending in .gguf (the model a GGUF file or a built-in alias): the layers are chosen as usual (on the
+    dequantized model) and cut from the GGUF file itself, every kept tensor copied in its quantization type
+    (models/gguf_file.py); with `drop` the file is never dequantized.
     """
+    from layerprune.files.outputs import check_output_file
     from layerprune.models.checkpoint import prune_checkpoint
+    from layerprune.models.gguf_file import gguf_output_source, prune_gguf
     from layerprune.models.memory_policy import on_disk_folder
-    from layerprune.selection.strategies import PruneHooks, choose, in_memory_scores, layers_to_drop, needs_calibration, prune
+    from layerprune.selection.strategies import (
+        PruneHooks, choose, history_entry, in_memory_scores, layers_to_drop, needs_calibration, prune,
+    )
 
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
-    check_output_dir(out, overwrite, inputs=[model_ref, config.calibration.source,
-                                             *((heal_config.data, heal_config.teacher) if heal_config else ())])
-    folder = on_disk_folder(model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
+    inputs = [model_ref, config.calibration.source, *((heal_config.data, heal_config.teacher) if heal_config else ())]
+    gguf_source = gguf_output_source(model_ref, out, config)
+    if gguf_source is not None:
+        check_output_file(out, overwrite, inputs=inputs)
+        if config.drop is not None and not prompts:  # nothing to compute: no need to dequantize the file
+            return prune_gguf(gguf_source, config.drop, out, overwrite=overwrite, source=model_ref, inputs=inputs)
+    else:
+        check_output_dir(out, overwrite, inputs=inputs)
+    folder = None if gguf_source is not None else on_disk_folder(model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
         "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
         "--granularity": config.granularity != "block"})
     if folder is not None:
@@ -186,6 +199,11 @@ def prune_model(
     else:
         how = records[0]
     samples_after = _samples(loaded, prompts, max_new_tokens)
+    if gguf_source is not None:  # the same layers cut from the GGUF file, its tensors as stored
+        result = prune_gguf(gguf_source, dropped, out, overwrite=overwrite, how=history_entry(how), source=model_ref,
+                            inputs=inputs)
+        result.how, result.samples_before, result.samples_after = how, samples_before, samples_after
+        return result
     after = count_parameters(loaded.model)
     save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra={"selection": how})
     return PruneResult(

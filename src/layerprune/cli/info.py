@@ -15,7 +15,11 @@ def info(
     dtype: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32"),
     trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
-    """Show a model's architecture, layers, parameters and pruning history."""
+    """Show a model's architecture, layers, parameters and pruning history (of a .gguf file: also the
+    quantization types of its tensor groups, read from the header without loading it)."""
+    if model.endswith(".gguf"):
+        _gguf_info(model)
+        return
     from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import provenance
@@ -36,4 +40,29 @@ def info(
     table.add_row("parameters", f"{params['total']:,} ({params['non_embedding']:,} non-embedding)")
     table.add_row("tied embeddings", str(anatomy.tied_embeddings))
     table.add_row("dtype", str(model_dtype(loaded.model)).replace("torch.", ""))
+    console.print(table)
+
+
+def _gguf_info(path: str) -> None:
+    from pathlib import Path
+
+    from layerprune.errors import LayerpruneError
+    from layerprune.models.gguf_file import layout, reader, tensor_groups
+
+    if not Path(path).is_file():
+        raise LayerpruneError(f"GGUF file not found: {path}")
+    shape = layout(reader(path))
+    record = shape.provenance
+    table = Table(title=path, show_header=False)
+    table.add_row("architecture", f"{shape.arch} (GGUF)")
+    table.add_row("layers", f"{shape.block_count} (original {record['original_num_layers']})")
+    if record["dropped_layers"]:
+        table.add_row("dropped (original indices)", ",".join(map(str, record["dropped_layers"])))
+        for number, step in enumerate(record.get("history", []), 1):
+            how = ", ".join(f"{k}={v}" for k, v in step.items() if k != "dropped")
+            table.add_row(f"prune {number}", f"dropped {','.join(map(str, step['dropped']))} ({how})")
+    if shape.sliding is not None:
+        table.add_row("global-attention layers", ",".join(str(i) for i, s in enumerate(shape.sliding) if not s))
+    for group, kinds in tensor_groups(path).items():
+        table.add_row(f"{group} tensors", ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items())))
     console.print(table)

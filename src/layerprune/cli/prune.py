@@ -30,7 +30,8 @@ def _metrics(text: str) -> str | list[str]:
 @user_errors
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out: str = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist unless --overwrite)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist unless --overwrite), "
+                            "or a .gguf file: a GGUF model is then cut in place of its quantized tensors."),
     drop: Optional[str] = config_option(P, "drop", help="ORIGINAL layer indices to drop, e.g. 21,22,23 or 22-29."),
     num_layers: Optional[int] = config_option(P, "num_layers", "--num-layers", "-n"),
     ratio: Optional[float] = config_option(P, "ratio"),
@@ -75,15 +76,18 @@ def prune(
     """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
     from layerprune.api import prune_model
     from layerprune.config import read_yaml_mapping
-    from layerprune.files.outputs import check_output_dir
+    from layerprune.files.outputs import check_output_dir, check_output_file
 
     config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics},
                                  nested={"calibration": CALIBRATION_OPTIONS})
     heal = read_yaml_mapping(heal_config) if heal_config else None
     if heal is not None and config.strategy != "iterative":
         raise LayerpruneError("--heal-config sets the healing between the rounds of --schedule; give a schedule")
-    check_output_dir(out, overwrite, inputs=[model, config.calibration.source, heal_config,
-                                             *((heal or {}).get(key) for key in ("data", "teacher"))])
+    inputs = [model, config.calibration.source, heal_config, *((heal or {}).get(key) for key in ("data", "teacher"))]
+    if out.endswith(".gguf"):
+        check_output_file(out, overwrite, inputs=inputs)
+    else:
+        check_output_dir(out, overwrite, inputs=inputs)
     say = lambda message: console.print(f"[dim]»[/] {message}", highlight=False)  # noqa: E731
     result = prune_model(model, out=out, config=config, heal=heal, dtype=dtype, device_map=device_map,
                          prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite, no_load=no_load, log=say)
@@ -111,4 +115,8 @@ def prune(
         console.print(f"  [magenta]pruned:[/]   {escape(repr(after['completion']))}", highlight=False)
     reload = ("layerprune.load_model only: stock transformers cannot describe a layer without attention or MLP"
               if result.granularity != "block" else "AutoModelForCausalLM.from_pretrained")
+    if str(result.out).endswith(".gguf"):
+        console.print(f"GGUF: {result.bytes_before / 2**20:,.1f} MB -> {result.bytes_after / 2**20:,.1f} MB of tensors, "
+                      "every kept tensor in its original quantization")
+        reload = "llama.cpp, Ollama, LM Studio, `layerprune generate`, or layerprune.load_model"
     console.print(f"\npruned model saved to [bold]{result.out}[/] (reload: {reload})")

@@ -225,6 +225,50 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
         raise
 
 
+def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable = ()) -> Path:
+    """Refuse, before any heavy work, an output file that is an input, a folder, or exists (a dangling link
+    too) without overwrite; returns its absolute path."""
+    check_not_input(out, inputs)
+    target = Path(out).absolute()
+    if target.is_dir():
+        raise LayerpruneError(f"output {out} is a folder; pass a file path")
+    if os.path.lexists(target) and not overwrite:
+        raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
+    """Yield a temporary file path beside the output file `out`; on success it replaces `out` in one rename.
+
+    Refused: an input, a folder, and an existing path (a dangling link too) unless overwrite; a link at
+    `out` is replaced by the file, never written through. On any error, SIGTERM or SIGINT the temporary
+    file is removed and `out` is untouched."""
+    target = check_output_file(out, overwrite, inputs)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(target)
+        tmp = _temp_path(target)
+        tmp.touch(exist_ok=False)  # mode 0666 less the umask, like any file the user makes
+    except OSError as err:
+        raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
+    try:
+        with _signals_raise():
+            yield tmp
+            with _signals_blocked():
+                try:
+                    os.replace(tmp, target)
+                except OSError as err:
+                    raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
+    except _Signalled as caught:
+        _remove(tmp)
+        signal.raise_signal(caught.signum)
+        raise SystemExit(128 + caught.signum) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def mark_output_dir(folder: str | os.PathLike) -> None:
     """Mark a folder that layerprune fills in place (a run folder) as its own."""
     (Path(folder) / MARKER).write_text(_MARKER_TEXT)

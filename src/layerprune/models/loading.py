@@ -397,6 +397,9 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
     # The dequantized weights are plain tensors; without this, save_pretrained/peft/Trainer refuse the model.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    from layerprune.models.gguf_file import apply_layout
+
+    apply_layout(model.config, gguf_path)  # a pruned GGUF: original layer numbers, sliding-window layers
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         model.save_pretrained(tmp)

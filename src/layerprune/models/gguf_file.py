@@ -1,0 +1,250 @@
+"""Prune a GGUF file directly: the kept blocks' tensors are copied byte for byte in their quantization type.
+
+GGUF in, GGUF out, with llama.cpp's own container library (`gguf` on PyPI). Each kept `blk.N.*` tensor
+is renamed to its new block number and written with the exact bytes and type it had; every other tensor
+(embeddings, output, norms, rope factors) is copied as it is. In the metadata, `{arch}.block_count` and
+every per-layer array (any `{arch}.*` array with one entry per block: head counts, feed-forward lengths,
+sliding-window flags) keep the kept layers' entries; everything else (tokenizer, chat template, general.*)
+is copied unchanged. Architectures whose sliding-window layers llama.cpp derives from the layer number
+(Gemma-2 every 2nd, Gemma-3 every 6th layer global) get the kept layers' flags as an explicit
+`{arch}.attention.sliding_window_pattern` array, because after a cut the numbering no longer tells.
+`layerprune.dropped_layers` and `layerprune.provenance` record what was removed, in ORIGINAL indices,
+so a second prune, `layerprune info` and layerprune's loader still speak original layer numbers.
+
+Only headers and one tensor at a time are read (the file is memory-mapped); nothing is dequantized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerprune.errors import LayerpruneError
+from layerprune.models.prune_result import PruneResult
+
+# GGUF architectures that transformers reads and layerprune supports (mistral files mostly say "llama").
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+# llama.cpp's default sliding-window rule when a file has no per-layer array: layer il is sliding when
+# il % n < n - 1 (models/gemma2.cpp, models/gemma3.cpp: load_swa_pattern).
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6}
+PROVENANCE_KEY = "layerprune.provenance"
+DROPPED_KEY = "layerprune.dropped_layers"
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+@dataclass
+class GgufLayout:
+    """What layerprune needs to know of a GGUF file's layers."""
+
+    arch: str
+    block_count: int
+    provenance: dict  # as config.json's `layerprune` entry: original_num_layers, kept_layers, dropped_layers
+    sliding: list[bool] | None  # per current block, for architectures with interleaved sliding windows
+
+
+def gguf_output_source(model_ref: str, out, config=None) -> Path | None:
+    """The GGUF file to cut when the output `out` is a .gguf file (None for a folder output); refuses what
+    a GGUF output cannot hold."""
+    from layerprune.models.builtin import builtin_gguf_path
+    from layerprune.models.loading import resolve_model_ref
+
+    if not str(out).endswith(".gguf"):
+        return None
+    resolved = resolve_model_ref(model_ref)
+    if resolved.kind not in ("gguf", "builtin"):
+        raise LayerpruneError(f"a .gguf output is cut from a GGUF model (a .gguf file or a built-in alias), and "
+                              f"{model_ref} is not one; prune to a folder, then `layerprune export --format gguf`")
+    if config is not None and config.granularity != "block":
+        raise LayerpruneError("GGUF and llama.cpp need whole decoder layers: --granularity attention/mlp cannot be "
+                              "written to a .gguf file")
+    if config is not None and config.strategy == "iterative":
+        raise LayerpruneError("an iterative schedule heals between rounds, which changes the weights: prune to a "
+                              "folder, then `layerprune export --quant same-as:MODEL.gguf`")
+    path = Path(resolved.location) if resolved.kind == "gguf" else builtin_gguf_path(resolved.location)
+    layout(path)  # refuses an unsupported architecture before any work
+    return path
+
+
+def reader(path: str | os.PathLike):
+    """gguf.GGUFReader of `path`, with one clear error for what is not a readable GGUF file."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as err:
+        raise LayerpruneError(f"could not read {path} as a GGUF file: {err}") from err
+
+
+def field_value(field):
+    """A metadata value as the writer takes it: numbers as Python numbers, strings as their exact bytes."""
+    import gguf
+
+    kind = field.types[0]
+    if kind == gguf.GGUFValueType.ARRAY:
+        if len(field.types) > 1 and field.types[1] == gguf.GGUFValueType.ARRAY:
+            raise LayerpruneError(f"metadata {field.name} is an array of arrays, which layerprune cannot copy")
+        if len(field.types) > 1 and field.types[1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]) for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if kind == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]])
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def _scalar(fields, key: str, default=None):
+    field = fields.get(key)
+    return default if field is None else field_value(field)
+
+
+def layout(source) -> GgufLayout:
+    """The layers of a GGUF file (a path or a gguf.GGUFReader); refuses an architecture layerprune does not
+    prune."""
+    r = source if hasattr(source, "fields") else reader(source)
+    arch_value = _scalar(r.fields, "general.architecture")
+    arch = arch_value.decode("utf-8", "replace") if isinstance(arch_value, bytes) else str(arch_value)
+    if arch not in SUPPORTED_ARCHS:
+        raise LayerpruneError(f"GGUF architecture {arch!r} is not supported for pruning "
+                              f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    count = _scalar(r.fields, f"{arch}.block_count")
+    if not isinstance(count, int) or count < 1:
+        raise LayerpruneError(f"GGUF file has no valid {arch}.block_count")
+    stored = _scalar(r.fields, PROVENANCE_KEY)
+    if stored is not None:
+        try:
+            record = json.loads(stored)
+            assert len(record["kept_layers"]) == count
+        except (ValueError, KeyError, TypeError, AssertionError) as err:
+            raise LayerpruneError(f"GGUF metadata {PROVENANCE_KEY} is damaged or does not match "
+                                  f"{arch}.block_count={count}") from err
+    else:
+        record = {"original_num_layers": count, "kept_layers": list(range(count)), "dropped_layers": []}
+    return GgufLayout(arch, count, record, _sliding_flags(r.fields, arch, count))
+
+
+def _sliding_flags(fields, arch: str, count: int) -> list[bool] | None:
+    """Which current blocks use sliding-window attention, as llama.cpp reads the file."""
+    if arch not in SWA_PATTERNS:
+        return None
+    stored = _scalar(fields, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(stored, list):
+        return [bool(flag) for flag in stored]
+    n = stored if isinstance(stored, int) else SWA_PATTERNS[arch]
+    return [n == 0 or i % n < n - 1 for i in range(count)]
+
+
+def apply_layout(config, path: str | os.PathLike) -> None:
+    """Complete the config transformers built from a GGUF file with what its loader does not read: the
+    layerprune provenance (original layer numbers) and, for Gemma-2/3, which layers use sliding windows
+    (transformers derives them from the layer number, which a cut file no longer tells)."""
+    try:
+        shape = layout(path)
+    except LayerpruneError:
+        return  # an architecture layerprune does not prune: nothing to add
+    text = config.get_text_config()
+    if shape.provenance["dropped_layers"]:
+        config.layerprune = shape.provenance
+    if shape.sliding is not None and getattr(text, "layer_types", None) is not None:
+        text.layer_types = ["sliding_attention" if flag else "full_attention" for flag in shape.sliding]
+
+
+def pruned_metadata(fields, arch: str, keep: list[int], count: int, swa: list[bool] | None, record: dict) -> dict:
+    """{key: (value, type, sub_type)} of the output: per-layer values cut to `keep` (positions), the rest as is."""
+    import gguf
+
+    out = {}
+    for key, field in fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":  # the reader's header, the writer's own
+            continue
+        value = field_value(field)
+        kind = field.types[0]
+        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
+        if key == f"{arch}.block_count":
+            value = len(keep)
+        elif kind == gguf.GGUFValueType.ARRAY and key.startswith(f"{arch}.") and len(value) == count:
+            value = [value[p] for p in keep]  # one entry per block
+        out[key] = (value, kind, sub)
+    if swa is not None:
+        out[f"{arch}.attention.sliding_window_pattern"] = (
+            [swa[p] for p in keep], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+    out[DROPPED_KEY] = (record["dropped_layers"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    out[PROVENANCE_KEY] = (json.dumps(record), gguf.GGUFValueType.STRING, None)
+    return out
+
+
+def prune_gguf(
+    src: str | os.PathLike,
+    drop: list[int],
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    how: dict | None = None,
+    source: str | None = None,
+    inputs=(),
+) -> PruneResult:
+    """Write `src` without the layers of ORIGINAL indices `drop` to the GGUF file `out` (atomically).
+
+    how: the selection record kept in the provenance history ({"chosen_by": "explicit"} by default);
+    source: the name the original is recorded under (default: the file's path)."""
+    import gguf
+
+    from layerprune.files.outputs import atomic_output_file
+    from layerprune.files.user_files import check_free_space
+    from layerprune.models.surgery import check_drop, pruned_provenance
+
+    r = reader(src)
+    shape = layout(r)
+    record = {**shape.provenance}
+    record.setdefault("source", source or str(src))
+    drop = check_drop(record, drop)
+    how = {"chosen_by": "explicit", **(how or {})}
+    keep, new_record = pruned_provenance(record, drop, how)
+    positions = {old: new for new, old in enumerate(keep)}
+    tensors = []
+    for tensor in r.tensors:
+        match = _BLOCK.match(tensor.name)
+        if match is None:
+            tensors.append((tensor.name, tensor))
+        elif int(match.group(1)) in positions:
+            tensors.append((f"blk.{positions[int(match.group(1))]}.{match.group(2)}", tensor))
+        elif int(match.group(1)) >= shape.block_count:
+            raise LayerpruneError(f"{src} has tensor {tensor.name} beyond its {shape.block_count} blocks")
+    metadata = pruned_metadata(r.fields, shape.arch, keep, shape.block_count, shape.sliding, new_record)
+    check_free_space(Path(out).parent, sum(int(t.n_bytes) for _, t in tensors), "the pruned GGUF")
+    with atomic_output_file(out, overwrite, inputs=[src, *inputs]) as tmp:
+        writer = gguf.GGUFWriter(tmp, shape.arch, endianess=r.endianess)
+        alignment = _scalar(r.fields, "general.alignment")
+        if isinstance(alignment, int):
+            writer.data_alignment = alignment
+        for key, (value, kind, sub) in metadata.items():
+            writer.add_key_value(key, value, kind, sub_type=sub)
+        for name, tensor in tensors:
+            writer.add_tensor(name, tensor.data, raw_dtype=tensor.tensor_type, tensor_endianess=r.endianess)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return PruneResult(
+        out=Path(out), dropped=drop, chosen_by=how["chosen_by"], how=how, on_disk=True,
+        layers_before=shape.block_count, layers_after=len(keep),
+        params_before=sum(int(t.n_elements) for t in r.tensors),
+        params_after=sum(int(t.n_elements) for _, t in tensors),
+        bytes_before=sum(int(t.n_bytes) for t in r.tensors), bytes_after=sum(int(t.n_bytes) for _, t in tensors),
+        shards=1,
+    )
+
+
+def tensor_groups(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """{group: {quantization type: tensor count}}: embeddings, attention, feed-forward, norms, output, other."""
+    groups: dict[str, dict[str, int]] = {}
+    for tensor in reader(path).tensors:
+        name = tensor.name
+        part = name.split(".", 2)[2] if name.startswith("blk.") else name
+        group = ("norms" if "norm" in part else "attention" if part.startswith("attn") else
+                 "feed-forward" if part.startswith("ffn") else "embeddings" if part.startswith("token_embd") else
+                 "output" if part.startswith("output") else "other")
+        kinds = groups.setdefault(group, {})
+        kinds[tensor.tensor_type.name] = kinds.get(tensor.tensor_type.name, 0) + 1
+    return groups
