@@ -179,7 +179,7 @@ def test_choosing_by_a_metric_cuts_the_same_layers_as_a_folder_prune(tmp_path):
 
 def test_llama_cpp_runs_the_pruned_gemma3_like_transformers(tmp_path):
     """The explicit sliding-window flags are what make llama.cpp agree: without them it differs."""
-    llama_cpp = pytest.importorskip("llama_cpp")  # noqa: F841
+    pytest.importorskip("llama_cpp")
     from layerprune.export.llamacpp import open_gguf, perplexity_windows
     from layerprune.models.loading import load_model
 
