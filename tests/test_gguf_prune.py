@@ -210,3 +210,16 @@ def test_llama_cpp_runs_the_pruned_gemma3_like_transformers(tmp_path):
     writer.close()
     wrong = perplexity_windows(open_gguf(tmp_path / "no-flags.gguf", n_ctx=256, threads=1, logits_all=True), [ids], 1)
     assert wrong["nll"] != pytest.approx(expected, rel=1e-3)
+
+
+def test_same_as_reads_the_file_type_and_the_embedding_type(tmp_path):
+    from layerprune.export.gguf import same_quantization_as
+
+    q8 = write_gguf(tmp_path / "q8.gguf", "llama", n_blocks=2)
+    assert same_quantization_as(q8) == ("q8_0", {})  # the converter writes q8_0 itself
+    q4_1 = write_gguf(tmp_path / "q4_1.gguf", "llama", n_blocks=2, extra_metadata={
+        "general.file_type": (int(gguf.LlamaFileType.MOSTLY_Q4_1), gguf.GGUFValueType.UINT32, None)})
+    q8_type = int(gguf.GGMLQuantizationType.Q8_0)
+    assert same_quantization_as(q4_1) == ("q4_1", {"token_embedding_type": q8_type, "output_tensor_type": q8_type})
+    with pytest.raises(LayerpruneError, match="no such GGUF file"):
+        same_quantization_as(tmp_path / "missing.gguf")

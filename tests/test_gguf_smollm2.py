@@ -62,3 +62,20 @@ def test_llama_cpp_generates_from_it(pruned):
     assert result.exit_code == 0, result.output
     count = re.search(r"(\d+) tokens, .* \(llama\.cpp, greedy\)", result.output)
     assert count and 1 <= int(count.group(1)) <= 8, result.output  # it may stop at the end-of-turn token
+
+
+def test_a_model_comes_back_in_the_quantization_it_started_from(tmp_path):
+    """export --quant same-as:the Q4_1 file: Q4_1 blocks and the Q8_0 embeddings of the original file."""
+    pytest.importorskip("llama_cpp")
+    from layerprune import load_model, remove_layers, save_model
+
+    loaded = load_model("smollm2-135m", dtype="fp32")
+    save_model(remove_layers(loaded.model, [12, 13, 14, 15]), loaded.tokenizer, tmp_path / "pruned")
+    source = builtin_gguf_path("smollm2-135m")
+    result = runner.invoke(app, ["export", str(tmp_path / "pruned"), "--quant", f"same-as:{source}",
+                                 "--out", str(tmp_path / "back.gguf")])
+    assert result.exit_code == 0, result.output
+    back = gguf.GGUFReader(tmp_path / "back.gguf")
+    types = {t.name: t.tensor_type.name for t in back.tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_1"
+    assert back.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_1)

@@ -17,7 +17,9 @@ def export_command(
     format: str = typer.Option("gguf", "--format", help="Output format (gguf)."),
     quant: str = typer.Option(
         "f16", "--quant",
-        help="f16, bf16, f32, q8_0, or q4_k_m (needs layerprune[llamacpp] or llama.cpp's llama-quantize).",
+        help="f16, bf16, f32, q8_0 (llama.cpp's converter); q4_k_m, q4_1, q5_k_m, q6_k, ... (llama.cpp's quantizer: "
+        "layerprune[llamacpp] or llama-quantize); or same-as:MODEL.gguf, the quantization of the GGUF you started "
+        "from.",
     ),
     out: Path = typer.Option(..., "--out", help="The .gguf file to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),

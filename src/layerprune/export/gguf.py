@@ -43,9 +43,11 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 _SDIST_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
 _KEEP = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE")
 
-# --outtype values of convert_hf_to_gguf.py; q4_k_m goes through llama-quantize.
+# --outtype values of convert_hf_to_gguf.py; the others go through llama.cpp's quantizer (from f16).
 CONVERTER_QUANTS = ("f16", "bf16", "f32", "q8_0")
-QUANTS = (*CONVERTER_QUANTS, "q4_k_m")
+QUANTIZER_QUANTS = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k", "q4_0", "q4_1", "q5_0", "q5_1")
+QUANTS = (*CONVERTER_QUANTS, *QUANTIZER_QUANTS)
+SAME_AS = "same-as:"  # --quant same-as:MODEL.gguf: the quantization of a GGUF file
 
 # Config records of sub-layer removal (attention-only / MLP-only): llama.cpp has no way to express it.
 _SUBLAYER_KEYS = ("removed_sublayers", "removed_attention", "removed_mlp", "sublayers")
@@ -153,9 +155,16 @@ def export_gguf(
     """
     from layerprune.models.loading import model_folder, resolve_model_ref
 
+    keep_types = {}
+    if quant.lower().startswith(SAME_AS):
+        quant, keep_types = same_quantization_as(quant[len(SAME_AS):])
+        if log is not None:
+            log(f"quantizing as {quant} (the reference's file type"
+                f"{', and its embedding/output tensor types' if keep_types else ''})")
     quant = quant.lower()
     if quant not in QUANTS:
-        raise LayerpruneError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+        raise LayerpruneError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(QUANTS)}, or "
+                              f"{SAME_AS}MODEL.gguf")
     out = Path(out_file)
     if out.suffix != ".gguf":
         raise LayerpruneError(f"output {out} must be a .gguf file")
@@ -165,14 +174,15 @@ def export_gguf(
         raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
     check_not_input(out, [model])
     quantize = None
-    if quant == "q4_k_m":
+    if quant in QUANTIZER_QUANTS:
         from layerprune.export.llamacpp import INSTALL_HINT, have_llama_cpp
 
         quantize = find_llama_quantize() or ("llama_cpp" if have_llama_cpp() else None)
         if quantize is None:
             raise LayerpruneError(
-                f"q4_k_m needs llama.cpp's quantizer: {INSTALL_HINT}, or put llama.cpp's llama-quantize on PATH "
-                "(or set LLAMA_QUANTIZE), or export --quant f16 and run `llama-quantize model.gguf out.gguf Q4_K_M`"
+                f"{quant} needs llama.cpp's quantizer: {INSTALL_HINT}, or put llama.cpp's llama-quantize on PATH "
+                f"(or set LLAMA_QUANTIZE), or export --quant f16 and run `llama-quantize model.gguf out.gguf "
+                f"{quant.upper()}`"
             )
     if resolve_model_ref(model).kind == "hub":
         raise LayerpruneError(f"{model} is a hub id; export needs a local model folder, .gguf file or built-in alias")
@@ -202,14 +212,16 @@ def export_gguf(
         if quantize == "llama_cpp":  # the library call behind llama-quantize, from llama-cpp-python
             from layerprune.export.llamacpp import quantize_gguf
 
-            fallbacks = quantize_gguf(staged_f16, tmp, "Q4_K_M")
+            fallbacks = quantize_gguf(staged_f16, tmp, quant.upper(), **keep_types)
             if fallbacks["fallback_tensors"] and log is not None:
                 kinds = ", ".join(f"{n} x {k}" for k, n in fallbacks["fallback_types"].items())
                 log(f"llama.cpp stored {fallbacks['fallback_tensors']} of {fallbacks['tensors']} tensors in other "
                     f"types ({kinds}): q4_K needs rows that are multiples of 256 values "
                     f"(rows here: {', '.join(map(str, fallbacks['row_lengths']))})")
         elif quantize:
-            result = subprocess.run([quantize, str(staged_f16), str(tmp), "Q4_K_M"], capture_output=True, text=True)
+            options = [f"--{key.replace('_', '-')}={_ggml_type_name(value)}" for key, value in keep_types.items()]
+            result = subprocess.run([quantize, *options, str(staged_f16), str(tmp), quant.upper()], capture_output=True,
+                                    text=True)
             if result.returncode != 0:
                 raise LayerpruneError(f"llama-quantize failed: {last_line(result.stderr or result.stdout)}")
         umask = os.umask(0)
@@ -221,6 +233,42 @@ def export_gguf(
         if staged_f16 is not None:
             staged_f16.unlink(missing_ok=True)
     return out
+
+
+def same_quantization_as(reference: str | os.PathLike) -> tuple[str, dict]:
+    """(--quant value, quantizer options) that write a model as the GGUF file `reference` is stored: its file
+    type (general.file_type: q4_1, q4_k_m, ...) and, for the quantizer, the types of its token embedding and
+    output tensors (SmolLM2's Q4_1 file keeps its embeddings in Q8_0)."""
+    import gguf
+
+    from layerprune.models.gguf_file import reader
+
+    if not Path(reference).is_file():
+        raise LayerpruneError(f"{SAME_AS}{reference}: no such GGUF file")
+    r = reader(reference)
+    field = r.fields.get("general.file_type")
+    try:
+        name = gguf.LlamaFileType(field.contents()).name if field is not None else None
+    except ValueError:
+        name = None
+    quant = {"ALL_F32": "f32", "MOSTLY_F16": "f16", "MOSTLY_BF16": "bf16"}.get(name, (name or "").removeprefix("MOSTLY_"))
+    if quant.lower() not in QUANTS:
+        raise LayerpruneError(f"{reference} is stored as {name or 'an unrecorded file type'}, which layerprune cannot "
+                              f"write; choose --quant from {', '.join(QUANTS)}")
+    quant = quant.lower()
+    if quant not in QUANTIZER_QUANTS:
+        return quant, {}
+    types = {t.name: int(t.tensor_type) for t in r.tensors if t.name in ("token_embd.weight", "output.weight")}
+    keep = {"token_embedding_type": types.get("token_embd.weight")}
+    if "output.weight" in types:
+        keep["output_tensor_type"] = types["output.weight"]
+    return quant, {key: value for key, value in keep.items() if value is not None}
+
+
+def _ggml_type_name(value: int) -> str:
+    import gguf
+
+    return gguf.GGMLQuantizationType(value).name.lower()
 
 
 def _converter_error(result: subprocess.CompletedProcess) -> str:

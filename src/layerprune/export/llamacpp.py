@@ -41,7 +41,8 @@ def have_llama_cpp() -> bool:
 
 
 def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, kind: str = "Q4_K_M",
-                  log_file: str | os.PathLike | None = None) -> dict:
+                  log_file: str | os.PathLike | None = None, *, token_embedding_type: int | None = None,
+                  output_tensor_type: int | None = None) -> dict:
     """llama.cpp's quantizer (the library call behind `llama-quantize`) on an f16/f32 GGUF file.
 
     llama.cpp writes a line per tensor; that goes to `log_file` (or a temp file), and
@@ -53,6 +54,10 @@ def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, kind: st
         raise LayerpruneError(f"llama.cpp does not know the quantization {kind!r}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
+    if token_embedding_type is not None:  # ggml type numbers, as gguf.GGMLQuantizationType
+        params.token_embedding_type = token_embedding_type
+    if output_tensor_type is not None:
+        params.output_tensor_type = output_tensor_type
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(log_file) if log_file else Path(tmp) / "quantize.log"
         # llama-cpp-python forwards llama.cpp's log to Python's sys.stderr; C code may also write to fd 2
