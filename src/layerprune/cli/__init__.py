@@ -2,7 +2,7 @@
 
 # Each command module registers its commands on `app` when imported; this order is the order of `--help`.
 from layerprune.cli import info, prune, score, curve, finetune, run, listing  # noqa: F401
-from layerprune.cli import bench, eval, export, report, env  # noqa: F401
+from layerprune.cli import bench, eval, export, report, env, plan  # noqa: F401
 from layerprune.cli.app import app
 
 

@@ -1,0 +1,65 @@
+"""`layerprune plan`: the memory, disk and time plan of prune -> heal -> eval, before any weight is read."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
+
+
+@app.command("plan")
+@user_errors
+def plan_command(
+    model: str = typer.Argument(..., help=MODEL_HELP + " Only its config is read."),
+    ratio: Optional[float] = typer.Option(None, help="Share of the layers to remove (default 0.25)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Layers to remove."),
+    method: str = typer.Option("distill", help="Healing method (as finetune --method)."),
+    adapter: str = typer.Option("auto", help="auto (full weights where they fit, else LoRA, QLoRA on a GPU, else "
+                                "layer-local) | none | lora."),
+    batch_size: int = typer.Option(4, help="Healing micro-batch per device."),
+    max_length: int = typer.Option(256, help="Healing tokens per example."),
+    gradient_checkpointing: bool = typer.Option(False, help="Plan with activation recomputation."),
+    gpus: Optional[int] = typer.Option(None, help="Plan for this many GPUs instead of this machine."),
+    gpu_memory: str = typer.Option("80GB", help="Memory of each GPU given by --gpus."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    trust_remote_code: bool = trust_remote_code_option(),
+) -> None:
+    """Peak memory per device, disk and time of score -> prune -> teacher -> heal -> eval, and the healing that
+    fits, from the model's config alone (nothing is loaded)."""
+    from layerprune.errors import LayerpruneError
+    from layerprune.finetune.config import HealConfig
+    from layerprune.hardware.estimate import format_seconds
+    from layerprune.hardware.job_plan import model_shape, plan_job, this_machine
+    from layerprune.hardware.memory_plan import Devices, parse_memory
+    from layerprune.selection.ranking import count_to_drop
+
+    if gpus is not None and gpus < 1:
+        raise LayerpruneError("--gpus must be at least 1")
+    shape = model_shape(model, trust_remote_code=trust_remote_code)
+    drop = count_to_drop(shape.layers, num_layers=num_layers, ratio=ratio if ratio is not None or num_layers else 0.25)
+    devices = Devices("cuda", gpus, parse_memory(gpu_memory)) if gpus else this_machine()
+    if adapter not in ("auto", "none", "lora"):
+        raise LayerpruneError(f"unknown --adapter {adapter!r}; choose auto, none or lora")
+    heal = HealConfig(method=method, batch_size=batch_size, max_length=max_length,
+                      gradient_checkpointing=gradient_checkpointing)
+    plan = plan_job(shape, shape.layers - drop, devices, heal, adapter=adapter)
+    if as_json:
+        print(json.dumps(plan.to_json(), indent=2))
+        return
+    table = Table(title=f"plan: {model}, {plan.layers} -> {plan.layers_kept} layers "
+                        f"({plan.params / 1e9:.2f}B -> {plan.params_kept / 1e9:.2f}B params) on {plan.devices}")
+    for column in ("stage", "peak per device", "fits", "time", "how"):
+        table.add_column(column, justify="right" if column in ("peak per device", "time") else "left")
+    for row in plan.stages:
+        table.add_row(row["stage"], f"{row['peak_gib']:.1f} GiB", "yes" if row["fits"] else "[red]no[/]",
+                      format_seconds(row["seconds"]), row["detail"])
+    console.print(table)
+    choice = plan.heal
+    console.print(f"healing: {choice['option']}" + ("" if choice["fits"] else " [red](does not fit: nothing does)[/]")
+                  + f"; disk for the pruned and healed models: {plan.disk_bytes / 2**30:.1f} GiB")
+    if plan.gpus_for_full_heal:
+        console.print(f"a full-weight heal needs {plan.gpus_for_full_heal} of these GPUs (FSDP)")

@@ -1,0 +1,145 @@
+"""`layerprune plan`: before any weight is read, each stage's peak memory per device, the disk it needs, a
+time estimate, and the healing that fits (hardware/memory_plan.py) on this machine or on `--gpus N
+--gpu-memory 80GB`.
+
+Times come from the model's FLOPs per token (2 x parameters, plus the logits) over a measured throughput:
+this CPU's matmul rate in the dtype it computes in, or a nominal 40% of 400 TFLOPS per GPU (an H100's bf16
+at a typical training utilisation) for GPUs given on the command line. A factor of 2 is the promise; the
+stage estimates of the job itself (`run`, `finetune`) are measured on the loaded model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from layerprune.errors import LayerpruneError
+from layerprune.hardware.memory_plan import (
+    GiB, Devices, Job, ModelShape, gpus_for_full_heal, plan_memory, shape_from_config,
+)
+
+GPU_FLOPS = 0.4 * 400e12
+
+
+@dataclass
+class JobPlan:
+    model: str
+    devices: str
+    layers: int
+    layers_kept: int
+    params: int
+    params_kept: int
+    stages: list[dict]
+    heal: dict
+    gpus_for_full_heal: int | None
+    disk_bytes: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def model_shape(ref: str, *, trust_remote_code: bool = False) -> ModelShape:
+    """The shape of a model reference from its config alone: a local folder, an alias (its converted
+    folder), or a hub id whose config is in the local cache."""
+    from layerprune.models.loading import model_folder, resolve_model_ref
+    from layerprune.models.memory_policy import checkpoint_bytes
+    from layerprune.models.model_config import read_model_config
+
+    resolved = resolve_model_ref(ref)
+    if resolved.kind == "hub":
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(ref, local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise LayerpruneError(f"the config of {ref} is not in the local cache (plan reads no weights, but needs "
+                                  "config.json): download it once, or pass a local folder") from err
+        return shape_from_config(config, ref)
+    folder = model_folder(ref)
+    shape = shape_from_config(read_model_config(folder, trust_remote_code=trust_remote_code), ref)
+    stored = checkpoint_bytes(folder)
+    if stored:
+        from dataclasses import replace
+
+        shape = replace(shape, stored_bytes=stored / shape.params())
+    return shape
+
+
+def this_machine() -> Devices:
+    """The GPUs here (the first one's memory, times their count), else the CPU with its available memory."""
+    import torch
+
+    from layerprune.hardware.compute import cpu_native_bf16
+    from layerprune.models.memory_policy import available_memory_bytes
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Devices("cuda", torch.cuda.device_count(), props.total_memory, torch.cuda.is_bf16_supported())
+    return Devices("cpu", 1, available_memory_bytes() or 0, cpu_native_bf16())
+
+
+def device_flops(devices: Devices) -> tuple[float, str]:
+    """Floating-point operations per second of the devices, and where the number comes from."""
+    if devices.kind == "cuda":
+        return GPU_FLOPS * devices.count, f"nominal {GPU_FLOPS / 1e12:.0f} TFLOPS per GPU"
+    import torch
+
+    dtype = torch.bfloat16 if devices.bf16 else torch.float32
+    a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 256 * 1024 * 1024 / max(best, 1e-9) * 0.5, "this CPU's matmul rate, halved for a whole model"
+
+
+def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *, adapter: str = "auto", prune=None,
+             evaluation=None) -> JobPlan:
+    """The plan of prune -> heal -> eval of `shape` down to `layers_kept` layers on `devices`; adapter: auto
+    (the first healing that fits: full weights, LoRA, QLoRA on a GPU, layer-local) | none | lora."""
+    from layerprune.config import EvalConfig, PruneConfig
+    from layerprune.finetune.config import HealConfig
+    from layerprune.hardware.estimate import Speed, eval_seconds, heal_seconds, score_seconds
+
+    heal = heal or HealConfig()
+    prune = prune or PruneConfig(num_layers=shape.layers - layers_kept or 1)
+    evaluation = evaluation or EvalConfig()
+    if not 1 <= layers_kept <= shape.layers:
+        raise LayerpruneError(f"cannot keep {layers_kept} of {shape.layers} layers")
+    job = Job(layers_kept=layers_kept, batch=heal.batch_size, seq_len=heal.max_length, loss_chunk=heal.loss_chunk,
+              gradient_checkpointing=heal.gradient_checkpointing, lora_r=heal.lora_r,
+              train_last_layers=heal.train_last_layers)
+    wanted = {"auto": "auto", "lora": "lora", "none": "full"}[adapter]
+    if heal.method in ("replace", "block-local"):
+        wanted = "layer-local"
+    elif heal.method in ("lora", "qlora"):
+        wanted = heal.method
+    stages = plan_memory(shape, job, devices, heal=wanted, teacher=heal.method == "distill")
+    flops, source = device_flops(devices)
+    per_token = 2 * shape.params() + 2 * shape.hidden * shape.vocab
+    speed = Speed(forward=per_token / flops, decode=per_token / flops * 50, compute=f"{devices.compute_bytes * 8}-bit")
+    fraction = shape.params(layers_kept) / shape.params()
+    tokens = prune.calibration.n_samples * prune.calibration.seq_len
+    seconds = {"score": score_seconds(prune.metrics, shape.layers, tokens, speed),
+               "score (streaming)": score_seconds(prune.metrics, shape.layers, tokens, speed) * 1.2,
+               "prune (on disk)": shape.params(layers_kept) * shape.stored_bytes / 200e6,
+               "teacher pass": 0.0,
+               "heal": heal_seconds(heal, speed, student_fraction=fraction),
+               "eval": eval_seconds(evaluation, speed.scaled(fraction))}
+    if heal.method == "distill" and heal.distill_top_k is not None and heal.max_steps > 0:
+        rows = heal.max_steps * (heal.effective_batch_size or heal.batch_size)
+        seconds["teacher pass"] = rows * heal.max_length * speed.forward
+    rows = []
+    for stage in stages:
+        rows.append({"stage": stage.stage, "peak_gib": round(stage.bytes_per_device / GiB, 2), "fits": stage.fits,
+                     "detail": stage.detail, "settings": stage.settings, "seconds": seconds.get(stage.stage),
+                     "time_source": source})
+    heal_row = next(stage for stage in stages if stage.stage == "heal")
+    full_gpus = gpus_for_full_heal(shape, job, devices.memory) if devices.kind == "cuda" else None
+    return JobPlan(model=shape.name, devices=devices.describe(), layers=shape.layers, layers_kept=layers_kept,
+                   params=shape.params(), params_kept=shape.params(layers_kept), stages=rows,
+                   heal={"option": heal_row.settings.get("option"), "fits": heal_row.fits, **heal_row.settings},
+                   gpus_for_full_heal=full_gpus,
+                   disk_bytes=round(shape.params(layers_kept) * shape.stored_bytes * (2 if heal else 1)))

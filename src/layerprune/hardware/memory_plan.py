@@ -1,0 +1,236 @@
+"""The memory plan of a job, from the model's config alone (a meta-device model: no weight is read).
+
+Peak memory per device is counted stage by stage from the model's shape:
+
+- weights: parameters x bytes per value (bf16/fp16 2, fp32 4, 4-bit NF4 ~0.56 with its scales);
+- training states: AdamW with fp32 master weights keeps 16 bytes per trained parameter (weight 4, gradient
+  4, two moments 8); FSDP shards them over the GPUs, DDP does not;
+- activations of training: per layer and token, 34 x hidden bytes in 16-bit (x2 in fp32) without
+  recomputation, 2 x hidden with gradient checkpointing ("Reducing Activation Recomputation in Large
+  Transformer Models", arXiv 2205.05198, with fused attention so the score matrix is never stored), plus
+  the logits of `loss_chunk` positions;
+- activations of inference: a few hidden-size buffers, one MLP's intermediate and one logits chunk per token;
+- layer by layer (`replace`, `block-local`, streaming scores and perplexity): the largest layer (trained:
+  x16), the embeddings, and the hidden states of every calibration row held in fp32.
+
+`choose_heal` is `adapter: auto`: full weights where they fit (sharded with FSDP over several GPUs), else
+LoRA, else QLoRA (a GPU: bitsandbytes), else layer-local healing; nothing fits: the plan says so before any
+load. The numbers are estimates with stated formulas; bench/scale_rehearsal.py measures them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GiB = 2**30
+USABLE = 0.9  # of a device's memory: what the allocator, the CUDA context and the OS leave
+ADAM_BYTES = 16  # fp32 weight + fp32 gradient + two fp32 moments
+NF4_BYTES = 0.5625  # 4-bit values + one fp32 absmax per 64 (bitsandbytes, double quantization off)
+HEAL_ORDER = ("full", "lora", "qlora", "layer-local")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on: parameter counts by part and the sizes activations scale with."""
+
+    name: str
+    per_layer: tuple[int, ...]  # parameters of each decoder layer (MoE: every expert)
+    embedding: int
+    head: int  # lm_head parameters; 0 when tied to the embeddings
+    other: int  # final norm and the rest
+    hidden: int
+    intermediate: int
+    vocab: int
+    linear_dims: tuple[tuple[int, int], ...]  # (in, out) of each Linear in one layer (LoRA's size)
+    stored_bytes: float = 2.0  # per value as stored on disk
+
+    @property
+    def layers(self) -> int:
+        return len(self.per_layer)
+
+    def params(self, layers: int | None = None) -> int:
+        """All parameters with `layers` decoder layers kept (the average layer's size each)."""
+        kept = self.layers if layers is None else layers
+        return round(sum(self.per_layer) * kept / self.layers) + self.embedding + self.head + self.other
+
+    def layer_params(self, layers: int | None = None) -> int:
+        kept = self.layers if layers is None else layers
+        return round(sum(self.per_layer) * kept / self.layers)
+
+
+@dataclass(frozen=True)
+class Devices:
+    kind: str  # "cpu" or "cuda"
+    count: int
+    memory: int  # bytes per device (the CPU: available RAM)
+    bf16: bool = True  # computes bf16 natively (a CPU without AVX512-BF16/AMX: fp32)
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.bf16 or self.kind == "cuda" else 4
+
+    def describe(self) -> str:
+        size = f"{self.memory / GiB:.0f} GiB"
+        return f"{self.count} x GPU {size}" if self.kind == "cuda" else f"CPU, {size} available"
+
+
+@dataclass
+class StageMemory:
+    stage: str
+    bytes_per_device: int
+    detail: str
+    fits: bool = True
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    """The parts of a job's settings that memory depends on."""
+
+    layers_kept: int
+    batch: int = 4
+    seq_len: int = 256
+    loss_chunk: int = 1024
+    gradient_checkpointing: bool = False
+    lora_r: int = 8
+    train_last_layers: int = 3
+    rows: int = 256  # calibration / layer-local rows held as hidden states
+    train_dtype_bytes: int = 4  # fp32 master weights (HealConfig.train_dtype fp32)
+
+
+def shape_from_config(config, name: str = "model", stored_bytes: float | None = None) -> ModelShape:
+    """The shape of a transformers config, counted on the meta device (nothing is allocated)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.models.anatomy import count_parameters, get_anatomy
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    counts = count_parameters(model)
+    anatomy = get_anatomy(model)
+    embedding = sum(p.numel() for p in anatomy.embeddings.parameters())
+    head = 0 if anatomy.tied_embeddings or anatomy.lm_head is None else sum(p.numel() for p in anatomy.lm_head.parameters())
+    dims = tuple((m.in_features, m.out_features) for m in anatomy.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    text = config.get_text_config()
+    dtype = getattr(text, "dtype", None)
+    if stored_bytes is None:
+        stored_bytes = 4.0 if str(dtype) in ("float32", "torch.float32") else 2.0
+    return ModelShape(
+        name=name, per_layer=tuple(counts["per_layer"]), embedding=embedding, head=head,
+        other=counts["total"] - sum(counts["per_layer"]) - embedding - head, hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
+        linear_dims=dims, stored_bytes=stored_bytes,
+    )
+
+
+def inference_activations(shape: ModelShape, job: Job, value_bytes: int) -> int:
+    """One batch forward: hidden buffers, one MLP intermediate, one logits chunk (fp32), per token."""
+    tokens = job.batch * job.seq_len
+    return tokens * (8 * shape.hidden + 2 * shape.intermediate) * value_bytes + \
+        min(tokens, job.loss_chunk) * shape.vocab * 4 * 2
+
+
+def training_activations(shape: ModelShape, job: Job, layers: int, value_bytes: int) -> int:
+    tokens = job.batch * job.seq_len
+    per_layer = (2 if job.gradient_checkpointing else 34) * shape.hidden * tokens * value_bytes // 2
+    recompute = 34 * shape.hidden * tokens * value_bytes // 2 if job.gradient_checkpointing else 0
+    logits = min(tokens, job.loss_chunk) * shape.vocab * 4 * 3  # logits, softmax, their gradient
+    return per_layer * layers + recompute + logits
+
+
+def lora_params(shape: ModelShape, layers: int, r: int) -> int:
+    return layers * sum(r * (i + o) for i, o in shape.linear_dims)
+
+
+def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> StageMemory:
+    """Peak bytes per device of healing the pruned model (job.layers_kept layers) with `option`."""
+    kept = job.layers_kept
+    compute = devices.compute_bytes
+    params = shape.params(kept)
+    if option == "full":
+        sharded = devices.kind == "cuda" and devices.count > 1
+        states = ADAM_BYTES * params // (devices.count if sharded else 1)
+        acts = training_activations(shape, job, kept, compute)
+        how = f"{params / 1e9:.2f}B params x {ADAM_BYTES} B (AdamW, fp32 master)" + (
+            f" / {devices.count} GPUs (FSDP)" if sharded else "")
+        return StageMemory("heal", states + acts, how, settings={"adapter": "none", "fsdp": sharded})
+    if option in ("lora", "qlora"):
+        frozen_bytes = NF4_BYTES if option == "qlora" else job.train_dtype_bytes
+        trained = lora_params(shape, kept, job.lora_r)
+        frozen = round(shape.layer_params(kept) * frozen_bytes) + (shape.params(kept) - shape.layer_params(kept)) * \
+            job.train_dtype_bytes
+        acts = training_activations(shape, job, kept, compute)
+        how = f"frozen weights {frozen / GiB:.1f} GiB + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
+        return StageMemory("heal", frozen + trained * ADAM_BYTES + acts, how,
+                           settings={"method": option if option == "qlora" else None, "adapter": "lora"})
+    # layer-local: one layer trained (block-local) or fitted (replace) at a time
+    layer = max(shape.per_layer)
+    rows = job.rows * job.seq_len * shape.hidden * 4 * 2
+    total = layer * ADAM_BYTES + (shape.embedding + shape.head) * compute + rows
+    how = f"one layer x {ADAM_BYTES} B + embeddings + {job.rows} rows of hidden states"
+    return StageMemory("heal", total, how, settings={"method": "block-local", "streaming": True})
+
+
+def choose_heal(shape: ModelShape, job: Job, devices: Devices, wanted: str = "auto") -> StageMemory:
+    """`adapter: auto`: the first of full weights, LoRA, QLoRA (GPU), layer-local that fits; `wanted` forces one
+    (its plan says whether it fits)."""
+    limit = USABLE * devices.memory
+    options = [wanted] if wanted != "auto" else [o for o in HEAL_ORDER if o != "qlora" or devices.kind == "cuda"]
+    plans = [heal_memory(option, shape, job, devices) for option in options]
+    for plan in plans:
+        plan.fits = plan.bytes_per_device <= limit
+        plan.settings["option"] = options[plans.index(plan)]
+        if plan.fits:
+            return plan
+    return plans[-1]
+
+
+def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto", teacher: bool = True
+                ) -> list[StageMemory]:
+    """Peak bytes per device of each stage: score, prune, teacher pass, heal, eval."""
+    compute = devices.compute_bytes
+    full, kept = shape.params(), shape.params(job.layers_kept)
+    infer = inference_activations(shape, job, compute)
+    per_device = max(1, devices.count) if devices.kind == "cuda" else 1
+    stages = [
+        StageMemory("score", full * compute // per_device + infer,
+                    f"{full / 1e9:.2f}B params x {compute} B + one calibration batch"),
+        StageMemory("score (streaming)", max(shape.per_layer) * 4 + shape.embedding * 4 +
+                    job.rows * job.seq_len * shape.hidden * 4 * 2, "one layer + embeddings + every row's hidden state"),
+        StageMemory("prune (on disk)", max(shape.embedding, shape.head, max(shape.per_layer)) * int(shape.stored_bytes),
+                    "one tensor at a time"),
+    ]
+    if teacher:
+        stages.append(StageMemory("teacher pass", full * compute // per_device + infer,
+                                  "the unpruned model alone (the student is loaded after)"))
+    stages.append(choose_heal(shape, job, devices, heal))
+    stages.append(StageMemory("eval", kept * compute // per_device + infer, f"{kept / 1e9:.2f}B params x {compute} B"))
+    limit = USABLE * devices.memory
+    for stage in stages:
+        if stage.stage != "heal":
+            stage.fits = stage.bytes_per_device <= limit
+    return stages
+
+
+def gpus_for_full_heal(shape: ModelShape, job: Job, gpu_memory: int) -> int | None:
+    """The fewest GPUs of `gpu_memory` that hold a full-weight heal with FSDP (None: more than 64)."""
+    for n in range(1, 65):
+        if heal_memory("full", shape, job, Devices("cuda", n, gpu_memory)).bytes_per_device <= USABLE * gpu_memory:
+            return n
+    return None
+
+
+def parse_memory(text: str) -> int:
+    """'80GB', '24 GiB', '512MB' -> bytes (GB and GiB both read as 2**30: how GPU memory is quoted)."""
+    import re
+
+    from layerprune.errors import LayerpruneError
+
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?)?\s*", str(text), flags=re.I)
+    if not match or not math.isfinite(float(match.group(1))):
+        raise LayerpruneError(f"cannot read the memory size {text!r}; write e.g. 80GB")
+    unit = (match.group(2) or "G").upper()[0]
+    return int(float(match.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])

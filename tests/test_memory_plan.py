@@ -1,0 +1,99 @@
+"""The memory plan from configs alone (meta device) at the papers' scale, against hand computations."""
+
+import json
+
+import pytest
+from transformers import LlamaConfig, MixtralConfig, Qwen2Config
+from typer.testing import CliRunner
+
+from cli_asserts import assert_one_line_error
+from layerprune.cli import app
+from layerprune.hardware.memory_plan import (
+    ADAM_BYTES, GiB, USABLE, Devices, Job, choose_heal, gpus_for_full_heal, heal_memory, parse_memory, plan_memory,
+    shape_from_config, training_activations,
+)
+
+runner = CliRunner()
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+MIXTRAL = dict(LLAMA_8B, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return shape_from_config(LlamaConfig(**LLAMA_8B), "llama-3.1-8b")
+
+
+def test_parameter_counts_equal_a_hand_count(llama8b):
+    h, i, kv, v = 4096, 14336, 8 * 128, 128256
+    layer = h * (h + kv + kv + h) + 3 * h * i + 2 * h  # q, k, v, o + gate, up, down + two norms
+    assert llama8b.per_layer == (layer,) * 32
+    assert (llama8b.embedding, llama8b.head, llama8b.other) == (v * h, v * h, h)
+    assert llama8b.params() == 32 * layer + 2 * v * h + h == 8_030_261_248  # Llama-3.1-8B
+    assert llama8b.params(24) == 24 * layer + 2 * v * h + h
+    assert shape_from_config(Qwen2Config(**QWEN_7B)).params() == 7_615_616_512  # Qwen2.5-7B
+    assert shape_from_config(MixtralConfig(**MIXTRAL)).params() == 46_702_792_704  # Mixtral-8x7B: every expert
+    assert shape_from_config(LlamaConfig(**LLAMA_70B)).params() == 70_553_706_496  # Llama-3.1-70B
+
+
+def test_full_weight_states_are_sixteen_bytes_per_parameter(llama8b):
+    job = Job(layers_kept=24)
+    one_gpu = Devices("cuda", 1, 80 * GiB)
+    plan = heal_memory("full", llama8b, job, one_gpu)
+    assert plan.bytes_per_device - training_activations(llama8b, job, 24, 2) == ADAM_BYTES * llama8b.params(24)
+    eight = heal_memory("full", llama8b, job, Devices("cuda", 8, 80 * GiB))  # FSDP shards the states
+    assert eight.bytes_per_device - training_activations(llama8b, job, 24, 2) == ADAM_BYTES * llama8b.params(24) // 8
+
+
+def test_an_8b_on_one_80gb_gpu_takes_lora_on_eight_full_weights_and_on_24gb_cpu_layer_local(llama8b):
+    job = Job(layers_kept=24)
+    one = choose_heal(llama8b, job, Devices("cuda", 1, 80 * GiB))
+    assert one.settings["option"] == "lora" and one.fits
+    refused = choose_heal(llama8b, job, Devices("cuda", 1, 80 * GiB), wanted="full")
+    assert not refused.fits and refused.bytes_per_device > USABLE * 80 * GiB  # ~96 GiB of states alone
+    eight = choose_heal(llama8b, job, Devices("cuda", 8, 80 * GiB))
+    assert eight.settings == {"adapter": "none", "fsdp": True, "option": "full"} and eight.fits
+    cpu = choose_heal(llama8b, job, Devices("cpu", 1, 24 * GiB))
+    assert cpu.settings["option"] == "layer-local" and cpu.fits
+    assert gpus_for_full_heal(llama8b, job, 80 * GiB) == 2
+
+
+def test_a_70b_on_one_gpu_needs_qlora_and_nothing_fits_a_small_cpu():
+    shape = shape_from_config(LlamaConfig(**LLAMA_70B))
+    job = Job(layers_kept=60)
+    assert choose_heal(shape, job, Devices("cuda", 1, 80 * GiB)).settings["option"] == "qlora"
+    nothing = choose_heal(shape, job, Devices("cpu", 1, 16 * GiB))
+    assert nothing.settings["option"] == "layer-local" and not nothing.fits
+
+
+def test_the_teacher_pass_holds_the_unpruned_model_alone(llama8b):
+    stages = {s.stage: s for s in plan_memory(llama8b, Job(layers_kept=24), Devices("cuda", 1, 80 * GiB))}
+    assert stages["teacher pass"].bytes_per_device < stages["score"].bytes_per_device + 1
+    assert stages["eval"].bytes_per_device < stages["teacher pass"].bytes_per_device  # 24 layers, not 32
+    assert stages["prune (on disk)"].bytes_per_device == 128256 * 4096 * 2  # the largest tensor, bf16
+
+
+def test_memory_sizes_parse_and_refuse_nonsense():
+    assert parse_memory("80GB") == parse_memory("80 GiB") == 80 * GiB
+    assert parse_memory("512MB") == 512 * 2**20
+    with pytest.raises(Exception, match="cannot read the memory size"):
+        parse_memory("lots")
+
+
+def test_cli_plan_prints_json_for_a_local_folder(tiny_dir):
+    result = runner.invoke(app, ["plan", str(tiny_dir), "--num-layers", "2", "--gpus", "2", "--gpu-memory", "1GB",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert (plan["layers"], plan["layers_kept"], plan["devices"]) == (5, 3, "2 x GPU 1 GiB")
+    assert [s["stage"] for s in plan["stages"]] == ["score", "score (streaming)", "prune (on disk)", "teacher pass",
+                                                    "heal", "eval"]
+    assert plan["heal"]["option"] == "full" and plan["heal"]["fsdp"] is True
+
+
+def test_cli_plan_errors_in_one_line(tiny_dir):
+    assert_one_line_error(runner.invoke(app, ["plan", str(tiny_dir), "--gpus", "0"]), "--gpus must be at least 1")
+    assert_one_line_error(runner.invoke(app, ["plan", "nobody/not-cached-model"]), "not in the local cache")
