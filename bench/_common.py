@@ -49,3 +49,15 @@ def cache_without_teacher_targets(prefix: str) -> str:
         if (cache_dir() / kept).is_dir():
             os.symlink(cache_dir() / kept, Path(cache) / kept)
     return cache
+
+
+def cpu_kind() -> str:
+    """The CPU a timing was measured on, as every published time names it."""
+    import os
+
+    from layerprune.hardware.compute import compute_choice, cpu_model_name, isa_names, cpu_flags, torch_cpu_capability
+
+    choice = compute_choice("cpu")
+    return (f"{cpu_model_name()}, {os.cpu_count()} cores, flags {'/'.join(isa_names(cpu_flags()))}, torch kernels "
+            f"{torch_cpu_capability()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}: auto -> "
+            f"{choice.dtype} ({choice.reason})")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cache_without_teacher_targets, run_child  # noqa: E402
+from _common import cache_without_teacher_targets, cpu_kind, run_child  # noqa: E402
 
 DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 SETTINGS = {"auto": "auto", "bf16": True, "fp32": False}
@@ -53,15 +53,6 @@ def child(name: str, steps: int, cache: str) -> None:
                       log=lambda line: None)
         seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "compute": result.notes["compute"], "estimate": result.notes["estimate"]}))
-
-
-def cpu_kind() -> str:
-    from layerprune.hardware.compute import compute_choice, cpu_model_name, isa_names, cpu_flags, torch_cpu_capability
-
-    choice = compute_choice("cpu")
-    return (f"{cpu_model_name()}, {os.cpu_count()} cores, flags {'/'.join(isa_names(cpu_flags()))}, torch kernels "
-            f"{torch_cpu_capability()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}: auto -> "
-            f"{choice.dtype} ({choice.reason})")
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def test_streamed_scores_equal_in_memory_scores(family, tmp_path):
 def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
     tiny_model("llama").save_pretrained(tmp_path, max_shard_size="20KB")
     built, seen = {}, []
-    make_skeleton, run_layer = streaming._skeleton, streaming._run_layer
+    make_skeleton, run_layer = streaming.skeleton, streaming.observe_layer
 
     def spy_skeleton(*args):
         built["model"] = make_skeleton(*args)
@@ -81,8 +81,8 @@ def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
         seen.append((real, get_anatomy(model).embeddings.weight.is_meta))
         return run_layer(block, i, batches, acc)
 
-    monkeypatch.setattr(streaming, "_skeleton", spy_skeleton)
-    monkeypatch.setattr(streaming, "_run_layer", spy_run_layer)
+    monkeypatch.setattr(streaming, "skeleton", spy_skeleton)
+    monkeypatch.setattr(streaming, "observe_layer", spy_run_layer)
     stream_scores(tmp_path, calibration(), ["block-influence"])
     assert seen == [([i], True) for i in range(N_LAYERS)]
     assert all(p.is_meta for p in built["model"].parameters())

@@ -148,7 +148,7 @@ def prune_model(
     """
     from layerprune.files.outputs import check_output_file
     from layerprune.models.checkpoint import prune_checkpoint
-    from layerprune.models.gguf_file import gguf_output_source, prune_gguf
+    from layerprune.models.gguf_file import prune_gguf
     from layerprune.models.memory_policy import on_disk_folder
     from layerprune.selection.strategies import (
         PruneHooks, choose, history_entry, in_memory_scores, layers_to_drop, needs_calibration, prune,
@@ -220,6 +220,30 @@ def prune_model(
         granularity=config.granularity,
         rounds=records if config.strategy == "iterative" else [],
     )
+
+
+def gguf_output_source(model_ref: str, out, config=None) -> Path | None:
+    """The GGUF file to cut when the output `out` is a .gguf file (None for a folder output); refuses what
+    a GGUF output cannot hold."""
+    from layerprune.models.builtin import builtin_gguf_path
+    from layerprune.models.gguf_file import layout
+    from layerprune.models.loading import resolve_model_ref
+
+    if not str(out).endswith(".gguf"):
+        return None
+    resolved = resolve_model_ref(model_ref)
+    if resolved.kind not in ("gguf", "builtin"):
+        raise LayerpruneError(f"a .gguf output is cut from a GGUF model (a .gguf file or a built-in alias), and "
+                              f"{model_ref} is not one; prune to a folder, then `layerprune export --format gguf`")
+    if config is not None and config.granularity != "block":
+        raise LayerpruneError("GGUF and llama.cpp need whole decoder layers: --granularity attention/mlp cannot be "
+                              "written to a .gguf file")
+    if config is not None and config.strategy == "iterative":
+        raise LayerpruneError("an iterative schedule heals between rounds, which changes the weights: prune to a "
+                              "folder, then `layerprune export --quant same-as:MODEL.gguf`")
+    path = Path(resolved.location) if resolved.kind == "gguf" else builtin_gguf_path(resolved.location)
+    layout(path)  # refuses an unsupported architecture before any work
+    return path
 
 
 def _announced_choice(model, config: PruneConfig, n_drop: int | None, log):

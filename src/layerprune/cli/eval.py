@@ -44,6 +44,9 @@ def eval_command(
         None, help="Quantize the linear layers while loading (bitsandbytes): 4bit (NF4) | 8bit (LLM.int8)."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
+    streaming: bool = typer.Option(
+        False, "--streaming", help="Perplexity with one decoder layer in memory at a time, for models bigger than "
+        "memory (needs --tasks none; chosen by itself when the weights do not fit and --tasks none)."),
 ) -> None:
     """WikiText-2 perplexity and the paper's 8 zero-shot tasks (lm-evaluation-harness), and opt-in HumanEval of a
     model. By default a quick look: the first 300 perplexity windows and 5 documents of each (sub)task;
@@ -66,10 +69,19 @@ def eval_command(
     if quick:
         console.print("(the quick default: a few minutes for a ~100M model on 2 CPU cores; --limit 0 --ppl-windows 0 "
                       "is the full protocol, --tasks none skips the zero-shot tasks)", highlight=False)
-    loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in, for_compute=True)
-    estimate = eval_seconds(eval_config, measure_speed(loaded.model))
-    console.print(f"estimated {format_seconds(estimate)} on this machine (from a timed forward)", highlight=False)
-    result = run_eval(loaded, plan)
+    streaming = streaming or _does_not_fit(model, plan)
+    if streaming:
+        from layerprune.evaluation.protocol import check_streamable_plan
+        from layerprune.importance.streaming import load_skeleton
+
+        check_streamable_plan(plan)
+        loaded, estimate = load_skeleton(model, dtype=dtype), None
+        console.print("streaming: one decoder layer in memory at a time (perplexity only)", highlight=False)
+    else:
+        loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in, for_compute=True)
+        estimate = eval_seconds(eval_config, measure_speed(loaded.model))
+        console.print(f"estimated {format_seconds(estimate)} on this machine (from a timed forward)", highlight=False)
+    result = run_eval(loaded, plan, streaming=streaming)
     write_eval(out, result, plan, overwrite=overwrite)
     record = result.record
     if record.get("average"):
@@ -129,3 +141,17 @@ def eval_compare(
     if out is not None:
         Path(out).write_text(compare_markdown(ra, rb, a, b), encoding="utf-8")
         console.print(f"wrote {out}")
+
+
+def _does_not_fit(model: str, plan) -> bool:
+    """Stream by itself when only perplexity is asked and the local weights exceed the memory available."""
+    from layerprune.models.loading import resolve_model_ref
+    from layerprune.models.memory_policy import too_big_to_load
+
+    if plan.lm_eval_tasks or plan.humaneval or not plan.ppl or resolve_model_ref(model).kind != "folder":
+        return False
+    big = too_big_to_load(resolve_model_ref(model).location)
+    if big:
+        console.print(f"the weights ({big[0] / 2**30:.1f} GiB) do not fit in the available memory "
+                      f"({big[1] / 2**30:.1f} GiB): streaming", highlight=False)
+    return big is not None

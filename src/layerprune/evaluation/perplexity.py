@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from layerprune.errors import LayerpruneError, first_line
+from layerprune.models.anatomy import get_anatomy
 from layerprune.models.tokens import pad_token_id
 
 BOS_MODES = ("auto", "always", "never", "first")
@@ -202,6 +203,45 @@ def window_inputs(
     return WindowInputs(inputs, score_from, bos_used, len(ids) - (1 if bos_used == "first" else 0))
 
 
+@dataclass
+class WindowBatch:
+    """Windows padded into one batch, and which logits predict which scored token."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    rows: list[int]
+    cols: list[int]
+    targets: list[int]
+
+
+def window_batches(planned: WindowInputs, pad: int, batch_size: int) -> list[WindowBatch]:
+    windows = list(zip(planned.inputs, planned.score_from))
+    out = []
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        width = max(len(x) for x, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        # The logits at input position p - 1 predict input position p; keep only the scored ones.
+        rows, cols, targets = [], [], []
+        for b, (x, first) in enumerate(batch):
+            input_ids[b, : len(x)] = torch.tensor(x)
+            mask[b, : len(x)] = 1
+            for p in range(first, len(x)):
+                rows.append(b)
+                cols.append(p - 1)
+                targets.append(x[p])
+        out.append(WindowBatch(input_ids, mask, rows, cols, targets))
+    return out
+
+
+def batch_nll_sum(logits: torch.Tensor, batch: WindowBatch) -> float:
+    """Summed cross-entropy (fp32) of a batch's scored tokens."""
+    picked = logits[torch.tensor(batch.rows, device=logits.device), torch.tensor(batch.cols, device=logits.device)]
+    labels = torch.tensor(batch.targets, device=logits.device)
+    return torch.nn.functional.cross_entropy(picked.float(), labels, reduction="sum").item()
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -220,36 +260,81 @@ def perplexity(
     from tqdm.auto import tqdm
 
     planned = window_inputs(tokenizer, text, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows)
-    windows = list(zip(planned.inputs, planned.score_from))
     device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
     nll_sum, scored = 0.0, 0
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        width = max(len(x) for x, _ in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        # The logits at input position p - 1 predict input position p; keep only the scored ones.
-        rows, cols, targets = [], [], []
-        for b, (x, first) in enumerate(batch):
-            input_ids[b, : len(x)] = torch.tensor(x)
-            mask[b, : len(x)] = 1
-            for p in range(first, len(x)):
-                rows.append(b)
-                cols.append(p - 1)
-                targets.append(x[p])
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()
-        labels = torch.tensor(targets, device=picked.device)
-        nll_sum += torch.nn.functional.cross_entropy(picked, labels, reduction="sum").item()
-        scored += len(targets)
+    for batch in tqdm(window_batches(planned, pad_token_id(tokenizer), batch_size), desc=desc, disable=not progress,
+                      unit="batch"):
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.mask.to(device)).logits
+        nll_sum += batch_nll_sum(logits, batch)
+        scored += len(batch.targets)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return _record(nll_sum, scored, planned, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows,
+                   dtype=dtype)
+
+
+@torch.no_grad()
+def streaming_perplexity(
+    model_ref: str,
+    tokenizer,
+    text: str,
+    *,
+    seq_len: int = 128,
+    stride: int | None = None,
+    bos: str = "auto",
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    dtype: str | torch.dtype = "auto",
+    progress: bool = True,
+    desc: str = "perplexity (streaming)",
+) -> dict:
+    """`perplexity` of a checkpoint on disk with one decoder layer in memory at a time (models/layer_stream.py):
+    the windows' hidden states stay in memory, each layer is read, applied to every window and dropped; then
+    the model's own forward, its layers replaced by the final hidden states, gives the logits."""
+    from tqdm.auto import tqdm
+
+    from layerprune.models.layer_stream import (
+        CheckpointWeights, layer_inputs, local_folder, outside_parameters, replayed_layers, required, run_layer,
+        skeleton, tied_head,
+    )
+    from layerprune.models.checkpoint import read_checkpoint
+
+    planned = window_inputs(tokenizer, text, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows)
+    batches = window_batches(planned, pad_token_id(tokenizer), batch_size)
+    folder = local_folder(model_ref)
+    entries = {entry.name: entry for entry in read_checkpoint(folder)}
+    model = skeleton(folder, dtype, entries)
+    anatomy = get_anatomy(model)
+    weights = CheckpointWeights(folder, entries, model, anatomy.layers_path)
+    recorded = layer_inputs(model, weights, [(b.input_ids, b.mask) for b in batches], batch_size)
+    for i, block in enumerate(tqdm(anatomy.layers, desc=desc, disable=not progress, unit="layer")):
+        loaded = weights.load(f"{anatomy.layers_path}.{i}.", block)
+        try:
+            run_layer(block, i, recorded)
+        finally:
+            weights.unload(loaded)
+    loaded = weights.read({name: required(weights, name) for name in outside_parameters(model, with_head=True)})
+    nll_sum, scored = 0.0, 0
+    try:
+        for batch, record in zip(batches, recorded):
+            with replayed_layers(anatomy, record["hidden"]), tied_head(model):
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.mask, use_cache=False).logits
+            nll_sum += batch_nll_sum(logits, batch)
+            scored += len(batch.targets)
+    finally:
+        weights.unload(loaded)
+    dtype_name = str(next(iter(anatomy.layers[0].parameters())).dtype).replace("torch.", "")
+    return {**_record(nll_sum, scored, planned, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows,
+                      dtype=dtype_name), "streaming": True}
+
+
+def _record(nll_sum: float, scored: int, planned: WindowInputs, *, seq_len, stride, bos, max_windows, dtype) -> dict:
     nll = nll_sum / scored
     return {
         "ppl": math.exp(nll) if nll < 700 else float("inf"),
         "nll": nll,
         "nll_sum": nll_sum,
         "tokens": scored,
-        "windows": len(windows),
+        "windows": len(planned.inputs),
         "text_tokens": planned.text_tokens,
         "seq_len": seq_len,
         "stride": stride,
@@ -257,6 +342,6 @@ def perplexity(
         "bos": bos,
         "bos_used": planned.bos_used,
         "max_windows": max_windows,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype,
         "nll_dtype": "float32",
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -100,23 +100,42 @@ def _require_lm_eval() -> None:
         ) from None
 
 
-def run_eval(loaded, plan: EvalPlan) -> EvalResult:
-    """Score a loaded model: perplexities, lm-eval tasks, generation samples."""
+def check_streamable_plan(plan: EvalPlan) -> None:
+    """Streaming (one layer in memory at a time) computes perplexities only."""
+    if plan.lm_eval_tasks or plan.humaneval:
+        raise LayerpruneError("--streaming computes perplexity one layer at a time; tasks need the whole model: pass "
+                              "--tasks none")
+    if not plan.ppl:
+        raise LayerpruneError("--streaming computes perplexity, and the plan has none (--ppl)")
+
+
+def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False) -> EvalResult:
+    """Score a loaded model: perplexities, lm-eval tasks, generation samples. streaming: `loaded` is a
+    skeleton whose weights stay on disk (importance.streaming.load_skeleton); perplexities only, each
+    computed one layer in memory at a time."""
+    from functools import partial
+
     from layerprune.evaluation.generation import generate_samples
     from layerprune.evaluation.harness import evaluate_tasks
-    from layerprune.evaluation.perplexity import perplexity, resolve_bos
+    from layerprune.evaluation.perplexity import perplexity, resolve_bos, streaming_perplexity
 
     if loaded.tokenizer is None:
         raise LayerpruneError(f"{loaded.ref} has no tokenizer, so it cannot be evaluated on text")
     resolve_bos(loaded.tokenizer, plan.bos)  # fail before minutes of work
+    if streaming:
+        check_streamable_plan(plan)
+        plan = replace(plan, samples=False)
+    if streaming:
+        score = partial(streaming_perplexity, loaded.path, dtype=next(loaded.model.parameters()).dtype)
+    else:
+        score = partial(perplexity, loaded.model)
     started = time.perf_counter()
     walls: dict[str, float] = {}
     record: dict = {"model": model_record(loaded), "perplexity": {}, "tasks": {}}
     for text in plan.ppl:
         t0 = time.perf_counter()
-        result = perplexity(loaded.model, loaded.tokenizer, text.text, seq_len=plan.seq_len, stride=plan.stride,
-                            bos=plan.bos, batch_size=plan.batch_size, max_windows=plan.ppl_windows,
-                            desc=f"perplexity {text.name}")
+        result = score(loaded.tokenizer, text.text, seq_len=plan.seq_len, stride=plan.stride, bos=plan.bos,
+                       batch_size=plan.batch_size, max_windows=plan.ppl_windows, desc=f"perplexity {text.name}")
         walls[f"ppl:{text.name}"] = round(time.perf_counter() - t0, 2)
         record["perplexity"][text.name] = {**result, "text": text.description, "data": text.data}
     if plan.lm_eval_tasks:

@@ -45,29 +45,6 @@ class GgufLayout:
     sliding: list[bool] | None  # per current block, for architectures with interleaved sliding windows
 
 
-def gguf_output_source(model_ref: str, out, config=None) -> Path | None:
-    """The GGUF file to cut when the output `out` is a .gguf file (None for a folder output); refuses what
-    a GGUF output cannot hold."""
-    from layerprune.models.builtin import builtin_gguf_path
-    from layerprune.models.loading import resolve_model_ref
-
-    if not str(out).endswith(".gguf"):
-        return None
-    resolved = resolve_model_ref(model_ref)
-    if resolved.kind not in ("gguf", "builtin"):
-        raise LayerpruneError(f"a .gguf output is cut from a GGUF model (a .gguf file or a built-in alias), and "
-                              f"{model_ref} is not one; prune to a folder, then `layerprune export --format gguf`")
-    if config is not None and config.granularity != "block":
-        raise LayerpruneError("GGUF and llama.cpp need whole decoder layers: --granularity attention/mlp cannot be "
-                              "written to a .gguf file")
-    if config is not None and config.strategy == "iterative":
-        raise LayerpruneError("an iterative schedule heals between rounds, which changes the weights: prune to a "
-                              "folder, then `layerprune export --quant same-as:MODEL.gguf`")
-    path = Path(resolved.location) if resolved.kind == "gguf" else builtin_gguf_path(resolved.location)
-    layout(path)  # refuses an unsupported architecture before any work
-    return path
-
-
 def reader(path: str | os.PathLike):
     """gguf.GGUFReader of `path`, with one clear error for what is not a readable GGUF file."""
     import gguf

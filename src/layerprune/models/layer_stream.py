@@ -1,0 +1,285 @@
+"""Run a checkpoint on disk one decoder layer at a time: for models bigger than memory.
+
+The model is built as a skeleton on the meta device (accelerate's `init_empty_weights`: parameters take no
+memory, buffers such as rotary frequencies are real). `layer_inputs` sends the batches through a forward
+whose decoder layers are stand-ins: each records the arguments the model hands it (causal or
+sliding-window mask, rotary position embeddings, ...; computed by the model's own code, so no
+family-specific knowledge is needed) and the last one stops the forward. Then each layer's weights are
+read from the shards (`CheckpointWeights`: safetensors `safe_open`, one layer's tensors), every batch's
+hidden states go through it with the recorded arguments, and its weights are dropped again.
+
+Used by streaming scores (importance/streaming.py) and streaming perplexity (evaluation/perplexity.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerprune.errors import LayerpruneError, first_line
+from layerprune.importance.activations import last_logits_kwargs, layer_input
+from layerprune.models.anatomy import get_anatomy
+from layerprune.models.checkpoint import TensorEntry, find_layers_prefix
+from layerprune.models.dtypes import parse_dtype, stored_dtype
+
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def local_folder(ref: str | os.PathLike) -> Path:
+    """The Hugging Face folder of a reference (aliases and GGUF files are converted once); no hub ids."""
+    from layerprune.models.loading import model_folder, resolve_model_ref
+
+    if resolve_model_ref(ref).kind == "hub":
+        raise LayerpruneError(f"streaming reads a local checkpoint; {ref} is a hub id (download it first)")
+    return Path(model_folder(ref))
+
+
+def skeleton(folder: Path, dtype, entries: dict[str, TensorEntry]) -> nn.Module:
+    """The model with parameters on the meta device and real buffers (rotary frequencies, ...)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.models.loading import check_causal_lm
+    from layerprune.models.model_config import read_model_config, trusts_remote_code
+
+    trusted = trusts_remote_code()
+    check_causal_lm(str(folder), trusted)  # encoders and encoder-decoders are refused as in load_model
+    config = read_model_config(folder, trust_remote_code=trusted)
+    torch_dtype = resolve_dtype(config, dtype, entries)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trusted)
+    except ValueError as err:
+        raise LayerpruneError(
+            f"unsupported architecture {config.model_type!r} in {folder}: {first_line(err)}"
+        ) from err
+    return model.eval()
+
+
+def resolve_dtype(config, dtype, entries: dict[str, TensorEntry]) -> torch.dtype:
+    """dtype "auto" as from_pretrained reads it: the config's dtype, else the first stored float tensor's."""
+    dtype = parse_dtype(dtype)
+    if dtype != "auto":
+        return dtype
+    stored = stored_dtype(config)
+    if stored is not None:
+        return stored
+    for entry in entries.values():
+        if entry.dtype in _SAFETENSORS_FLOATS:
+            return _SAFETENSORS_FLOATS[entry.dtype]
+    return torch.float32
+
+
+class CheckpointWeights:
+    """Puts tensors of the checkpoint into the skeleton and takes them out again.
+
+    Names are matched as stored, or without the *ForCausalLM wrapper prefix (GPT-2's `h.0...`
+    for `transformer.h.0...`). Each load opens the shard files it needs with safe_open and lets
+    them go with the tensors, so mapped pages are released with the layer.
+    """
+
+    def __init__(self, folder: Path, entries: dict[str, TensorEntry], model: nn.Module, layers_path: str):
+        self.folder = folder
+        self.entries = entries
+        self.model = model
+        prefix = find_layers_prefix(entries, layers_path)
+        self.wrapper = layers_path[: len(layers_path) - len(prefix)]  # "transformer." or ""
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if name in self.entries:
+            return name
+        if self.wrapper and name.startswith(self.wrapper) and name[len(self.wrapper):] in self.entries:
+            return name[len(self.wrapper):]
+        return None
+
+    def load(self, prefix: str, module: nn.Module) -> list[str]:
+        """Materialise every parameter (and stored buffer) of `module`, whose full name starts with prefix."""
+        wanted: dict[str, str] = {}
+        missing = []
+        for local, _ in module.named_parameters():
+            stored = self.checkpoint_name(prefix + local)
+            if stored is None:
+                missing.append(prefix + local)
+            wanted[prefix + local] = stored
+        if missing:
+            raise LayerpruneError(
+                f"the checkpoint has no tensor for {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; streaming needs tensors stored under the model's own parameter names (models whose weights "
+                "transformers converts on load, such as fused MoE experts, are scored in memory)"
+            )
+        for local, _ in module.named_buffers():
+            stored = self.checkpoint_name(prefix + local)
+            if stored is not None:
+                wanted[prefix + local] = stored
+        return self.read(wanted)
+
+    def read(self, wanted: dict[str, str]) -> list[str]:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[tuple[str, str]]] = {}
+        for name, stored in wanted.items():
+            by_file.setdefault(self.entries[stored].file, []).append((name, stored))
+        for file, pairs in by_file.items():
+            with safe_open(self.folder / file, framework="pt", device="cpu") as f:
+                for name, stored in pairs:
+                    set_tensor(self.model, name, f.get_tensor(stored))
+        return list(wanted)
+
+    def unload(self, names: list[str]) -> None:
+        for name in names:
+            set_tensor(self.model, name, None)
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Replace a parameter or buffer by `value` cast to its dtype; None puts it back on the meta device."""
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    old = module._parameters.get(attr) if attr in module._parameters else module._buffers[attr]
+    if value is None:
+        value = torch.empty_like(old, device="meta")
+    elif value.is_floating_point() and old.is_floating_point():
+        value = value.to(old.dtype)
+    if value.shape != old.shape:
+        raise LayerpruneError(
+            f"tensor {name} has shape {tuple(value.shape)} in the checkpoint, {tuple(old.shape)} in the model"
+        )
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+class _Recorded(Exception):
+    """Stops the capture forward once the last layer's arguments are recorded."""
+
+
+def layer_inputs(model: nn.Module, weights: CheckpointWeights, calibration, batch_size: int) -> list[dict]:
+    """Per calibration batch (a CalibrationData, or a list of (input_ids, attention_mask)): the first layer's
+    input and every layer's other arguments.
+
+    A forward of the model with its layers replaced by recorders, so masks (causal, sliding window)
+    and position embeddings come from the model's own code, exactly as in a normal forward.
+    """
+    if batch_size < 1:
+        raise LayerpruneError(f"batch_size must be >= 1, got {batch_size}")
+    layers = get_anatomy(model).layers
+    n = len(layers)
+    outside = outside_parameters(model)
+    current: dict = {}
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = layer_input(args, kwargs)
+            rest = args[1:] if args else ()
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"} if not args else kwargs
+            if i == 0:
+                current["hidden"] = hidden
+            current["calls"].append((rest, kwargs))
+            if i == n - 1:
+                raise _Recorded
+            return hidden
+
+        return forward
+
+    batches = []
+    loaded = []
+    extra = last_logits_kwargs(model)
+    try:
+        for name in outside:
+            loaded += weights.read({name: required(weights, name)})
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        with torch.no_grad():
+            given = calibration.nonempty_batches(batch_size) if hasattr(calibration, "nonempty_batches") else calibration
+            for ids, mask in given:
+                current.clear()
+                current["calls"] = []
+                try:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+                except _Recorded:
+                    pass
+                if len(current["calls"]) != n:
+                    raise LayerpruneError(f"the model called {len(current['calls'])} of its {n} layers in a forward")
+                batches.append({"hidden": current["hidden"], "mask": mask, "calls": current["calls"]})
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        weights.unload(loaded)
+    return batches
+
+
+def required(weights: CheckpointWeights, name: str) -> str:
+    stored = weights.checkpoint_name(name)
+    if stored is None:
+        raise LayerpruneError(f"the checkpoint has no tensor for {name}")
+    return stored
+
+
+def outside_parameters(model: nn.Module, with_head: bool = False) -> list[str]:
+    """The parameters outside the decoder layers: what the forward touches before layer 0 (embeddings), and
+    with_head also the final norm and an untied lm_head."""
+    anatomy = get_anatomy(model)
+    layer_ids = {id(p) for p in anatomy.layers.parameters()}
+    head = anatomy.lm_head
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    embedding_ids = {id(p) for p in anatomy.embeddings.parameters()}
+    head_too = with_head and not ties_head(model)  # a tied head is the embeddings (see tied_head)
+    return [name for name, p in model.named_parameters()
+            if id(p) not in layer_ids and (head_too or id(p) not in head_ids or id(p) in embedding_ids)]
+
+
+def ties_head(model: nn.Module) -> bool:
+    """Whether the lm_head is the embeddings: said by the config (the meta skeleton does not tie them)."""
+    return get_anatomy(model).tied_embeddings or bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+@contextlib.contextmanager
+def tied_head(model: nn.Module):
+    """A tied lm_head shares the loaded embeddings' weight for a while."""
+    anatomy = get_anatomy(model)
+    head = anatomy.lm_head
+    if head is None or not ties_head(model) or head.weight is anatomy.embeddings.weight:
+        yield
+        return
+    own = head.weight
+    head.weight = anatomy.embeddings.weight
+    try:
+        yield
+    finally:
+        head.weight = own
+
+
+def run_layer(block: nn.Module, i: int, batches: list[dict]) -> None:
+    """Push every recorded batch's hidden states through layer i; its output becomes the next layer's input."""
+    from layerprune.importance.activations import hidden_of
+
+    with torch.no_grad():
+        for batch in batches:
+            rest, kwargs = batch["calls"][i]
+            batch["hidden"] = hidden_of(block(batch["hidden"], *rest, **kwargs))
+
+
+@contextlib.contextmanager
+def replayed_layers(anatomy, final_hidden: torch.Tensor):
+    """The model's forward with its layers standing in: each passes its input on and the last returns
+    `final_hidden`, so the model's own code applies the final norm, the head and any logit soft-capping."""
+    n = len(anatomy.layers)
+
+    def stand_in(i: int):
+        def forward(*args, **kwargs):
+            return final_hidden if i == n - 1 else layer_input(args, kwargs)
+
+        return forward
+
+    for i, layer in enumerate(anatomy.layers):
+        layer.forward = stand_in(i)
+    try:
+        yield
+    finally:
+        for layer in anatomy.layers:
+            layer.__dict__.pop("forward", None)
