@@ -328,6 +328,38 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     return result, record
 
 
+def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool):
+    """`replace` healing one layer at a time: the student and the teacher stay on disk."""
+    from layerprune.finetune.streaming_local import stream_replace
+    from layerprune.models.checkpoint_rewrite import rewrite_checkpoint
+    from layerprune.models.layer_stream import local_folder
+    from layerprune.models.loading import folder_tokenizer
+    from layerprune.models.model_config import read_model_config
+    from layerprune.models.surgery import config_provenance
+    from layerprune.models.tokens import pad_token_id
+
+    if config.method != "replace":
+        raise LayerpruneError(f"--streaming heals with method replace (one layer at a time); {config.method} "
+                              "trains the whole model at once")
+    student = local_folder(model_ref)
+    model_config = read_model_config(student)
+    record = config_provenance(model_config, model_config.get_text_config().num_hidden_layers)
+    teacher_ref = config.teacher or record.get("source")
+    if not teacher_ref:
+        raise LayerpruneError("replace needs a teacher: set teacher (the unpruned model)")
+    tokenizer = folder_tokenizer(student)
+    if tokenizer is None:
+        raise LayerpruneError(f"{model_ref} has no tokenizer, so the healing text cannot be encoded")
+    rows, data_info = prepare_training_rows(config, tokenizer)
+    replaced, notes = stream_replace(student, local_folder(teacher_ref), rows, config, pad_id=pad_token_id(tokenizer))
+    heal_record = {"method": config.method, "notes": notes, "config": config.model_dump(mode="json"),
+                   "data": data_info}
+    history = [*record.get("history", []), {"healed": config.method, "data": data_info["source"]}]
+    rewrite_checkpoint(student, out, replaced, overwrite=overwrite, provenance={**record, "history": history},
+                       record_extra={"heal": heal_record}, files={"heal.json": heal_record}, inputs=[teacher_ref])
+    return None, Path(out)
+
+
 def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = False) -> Path:
     """The healed model folder: stock checkpoint + heal.json + loss curve, written atomically."""
     from layerprune.finetune.trainer import write_loss_curve
@@ -347,17 +379,22 @@ def finetune_model(
     config: HealConfig | dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    streaming: bool = False,
     **fields,
 ):
     """Load a (pruned) model, heal it, save a stock checkpoint + loss curve + heal.json.
 
     `config` (or its fields as keywords: method="lora", learning_rate=1e-4, data="dolly", ...) is the
     healing run; HealConfig() is the measured default. Returns (HealResult, output folder).
+    streaming: method replace on a checkpoint on disk, one layer in memory at a time (models bigger than
+    memory; finetune/streaming_local.py); returns (None, output folder).
     """
     import shutil
 
     config = as_config(HealConfig, config, **fields)
     check_output_dir(out, overwrite, inputs=[model_ref, config.data, config.teacher])
+    if streaming:
+        return _heal_streaming(model_ref, out, config, overwrite=overwrite)
     loaded = load_model(model_ref, dtype=config.train_dtype)
     work_dir = Path(f"{Path(out)}.checkpoints")
     result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resume)

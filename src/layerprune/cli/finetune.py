@@ -69,6 +69,8 @@ def finetune(
     save_steps: Optional[int] = config_option(H, "save_steps"),
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT.checkpoints."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
+    streaming: bool = typer.Option(False, "--streaming", help="method replace, one decoder layer in memory at a "
+                                   "time: for models bigger than memory (student and teacher stay on disk)."),
     trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Heal a pruned model by fine-tuning: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation."""
@@ -78,7 +80,11 @@ def finetune(
     heal_config = config_from_options(HealConfig, locals(), yaml_path=config,
                                       convert={"train_layers": parse_indices, "lora_target": _targets})
     check_output_dir(out, overwrite, inputs=[model, config, heal_config.data, heal_config.teacher])
-    result, path = finetune_model(model, out=out, config=heal_config, resume=resume, overwrite=overwrite)
+    result, path = finetune_model(model, out=out, config=heal_config, resume=resume, overwrite=overwrite,
+                                  streaming=streaming)
+    if result is None:  # streaming: heal.json says what was fitted
+        console.print(f"healed model saved to [bold]{path}[/] (replace, one layer at a time; heal.json)")
+        return
     table = Table(title=f"layerprune finetune ({result.method})", show_header=False)
     table.add_row("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
                   f"({100 * result.trainable_params / result.total_params:.1f}%)")

@@ -82,7 +82,7 @@ def fold_linear_map(projection: nn.Module, t: torch.Tensor) -> None:
             projection.bias.copy_(projection.bias @ t)
 
 
-def _batches(rows: list[dict], pad_id: int, batch_size: int, device):
+def row_batches(rows: list[dict], pad_id: int, batch_size: int, device):
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         length = max(len(r["input_ids"]) for r in batch)
@@ -98,7 +98,7 @@ def _output(value) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
 
 
-class _Capture:
+class Capture:
     """Forward hooks that keep, for one pass, the outputs of named modules and the call arguments (args,
     kwargs) of others: a layer can then be run again on its own with exactly what the model gave it."""
 
@@ -138,7 +138,7 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dic
     return _output(layer(**{**kwargs, "hidden_states": hidden}))
 
 
-def _cut_positions(student: nn.Module, teacher: nn.Module, first: int, last: int) -> tuple[int, int] | None:
+def cut_positions(student: nn.Module, teacher: nn.Module, first: int, last: int) -> tuple[int, int] | None:
     """(student position of the kept layer before the cut, teacher position of the cut's last layer)."""
     if first == 0:
         return None  # nothing before the cut to carry what it did
@@ -160,8 +160,8 @@ def teacher_streams(teacher: nn.Module, rows: list[dict], positions: list[int], 
     streams: dict[int, list[torch.Tensor]] = {p: [] for p in positions}
     teacher.eval()
     with torch.no_grad():
-        for ids, mask in _batches(rows, pad_id, batch_size, next(teacher.parameters()).device):
-            with _Capture({str(p): layers[p] for p in positions}) as t:
+        for ids, mask in row_batches(rows, pad_id, batch_size, next(teacher.parameters()).device):
+            with Capture({str(p): layers[p] for p in positions}) as t:
                 _forward(teacher, ids, mask)
             for p in positions:
                 streams[p].append(t.values[str(p)])
@@ -173,7 +173,7 @@ def fit_cut(model: nn.Module, teacher: nn.Module, first: int, last: int, rows: l
     """(MLP output projection of the layer before the cut, the least-squares map T, tokens used), or None
     for a cut at the very start. T minimises ||M T - (teacher stream after the cut - (layer output - M))||.
     `targets`: the teacher's stream after the cut per batch (teacher_streams), computed here when None."""
-    where = _cut_positions(model, teacher, first, last)
+    where = cut_positions(model, teacher, first, last)
     if where is None:
         return None
     position, teacher_position = where
@@ -183,27 +183,41 @@ def fit_cut(model: nn.Module, teacher: nn.Module, first: int, last: int, rows: l
     layer = get_anatomy(model).layers[position]
     projection = mlp_output_projection(layer)
     device = next(model.parameters()).device
-    gram = rhs = None
-    tokens = 0
+    fit = LeastSquares()
     with torch.no_grad():
-        for (ids, mask), target in zip(_batches(rows, pad_id, batch_size, device), targets):
-            with _Capture({"layer": layer, "mlp": projection}) as s:
+        for (ids, mask), target in zip(row_batches(rows, pad_id, batch_size, device), targets):
+            with Capture({"layer": layer, "mlp": projection}) as s:
                 _forward(model, ids, mask)
-            keep = mask.bool()
-            m = s.values["mlp"][keep].double()
-            wanted = (target - (s.values["layer"] - s.values["mlp"]))[keep].double()
-            gram = m.T @ m if gram is None else gram + m.T @ m
-            rhs = m.T @ wanted if rhs is None else rhs + m.T @ wanted
-            tokens += int(keep.sum())
-    ridge = 1e-9 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return projection, torch.linalg.solve(gram + ridge, rhs).float(), tokens
+            fit.add(s.values["mlp"], s.values["layer"], target, mask)
+    return projection, fit.solve(), fit.tokens
+
+
+class LeastSquares:
+    """Accumulates, batch by batch, the normal equations of T in  M T = target - (layer output - M)  (fp64)."""
+
+    def __init__(self):
+        self.gram = self.rhs = None
+        self.tokens = 0
+
+    def add(self, mlp: torch.Tensor, layer_output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+        keep = mask.bool()
+        m = mlp[keep].double()
+        wanted = (target - (layer_output - mlp))[keep].double()
+        self.gram = m.T @ m if self.gram is None else self.gram + m.T @ m
+        self.rhs = m.T @ wanted if self.rhs is None else self.rhs + m.T @ wanted
+        self.tokens += int(keep.sum())
+
+    def solve(self) -> torch.Tensor:
+        gram = self.gram
+        ridge = 1e-9 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.solve(gram + ridge, self.rhs).float()
 
 
 def _teacher_positions(model, teacher) -> dict[tuple[int, int], int]:
     """Teacher position of the last layer of every cut that has a kept layer before it."""
     found = {}
     for first, last in cuts(model):
-        where = _cut_positions(model, teacher, first, last)
+        where = cut_positions(model, teacher, first, last)
         if where is not None:
             found[(first, last)] = where[1]
     return found
@@ -253,7 +267,7 @@ class BlockLocal:
                                   batch_size=config.batch_size)  # one teacher pass for every cut
         curve, trained, changed = [], [], 0
         for first, last in cuts(model):
-            where = _cut_positions(model, teacher, first, last)
+            where = cut_positions(model, teacher, first, last)
             if where is None:
                 context.notes.setdefault("skipped_cuts", []).append([first, last])
                 continue
@@ -262,8 +276,8 @@ class BlockLocal:
             batches = []
             model.eval()
             with torch.no_grad():  # inputs of the first trained layer, cached once per cut
-                for (ids, mask), target in zip(_batches(rows, pad, config.batch_size, device), streams[where[1]]):
-                    with _Capture({}, inputs_of={i: student_layers[i] for i in span}) as s:
+                for (ids, mask), target in zip(row_batches(rows, pad, config.batch_size, device), streams[where[1]]):
+                    with Capture({}, inputs_of={i: student_layers[i] for i in span}) as s:
                         _forward(model, ids, mask)
                     batches.append((s.inputs, target, mask.bool()))
             params = [p for i in span for p in student_layers[i].parameters()]

@@ -369,7 +369,7 @@ def _check_layer_indices(names: list[str], prefix: str, n_layers: int) -> None:
         )
 
 
-def _copy_side_files(src: Path, dst: Path | None, tokenizer: bool = True) -> list[str]:
+def copy_side_files(src: Path, dst: Path | None, tokenizer: bool = True) -> list[str]:
     """Copy the tokenizer, generation and licence files (not the tokenizer's when `tokenizer` is False);
     dst None only checks that they can be copied (before any weight is written).
 
@@ -485,9 +485,9 @@ def prune_checkpoint(
     )
     shards = plan_shards(kept, limit)
     files = shard_file_names(len(shards))
-    metadata = _source_metadata(src, entries)
+    metadata = source_metadata(src, entries)
     check_free_space(out_dir, sum(t.source.nbytes for t in kept), "the pruned checkpoint")
-    _copy_side_files(src, None, tokenizer=loads_tokenizer(tokenizer))  # links outside the folder fail here
+    copy_side_files(src, None, tokenizer=loads_tokenizer(tokenizer))  # links outside the folder fail here
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for file, shard in zip(files, shards):
             write_shard(src, tmp / file, shard, metadata)
@@ -500,7 +500,7 @@ def prune_checkpoint(
                 "weight_map": {t.name: file for file, shard in zip(files, shards) for t in shard},
             })
         config.save_pretrained(tmp)
-        copied = _copy_side_files(src, tmp, tokenizer=loads_tokenizer(tokenizer))
+        copied = copy_side_files(src, tmp, tokenizer=loads_tokenizer(tokenizer))
         write_record_file(tmp, new_record, {
             "pruned_on_disk": {
                 "from": str(src),
@@ -525,7 +525,7 @@ def prune_checkpoint(
     )
 
 
-def _source_metadata(src: Path, entries: list[TensorEntry]) -> dict:
+def source_metadata(src: Path, entries: list[TensorEntry]) -> dict:
     """The `__metadata__` of the output files: the first source file's, which says format "pt"."""
     first = entries[0].file if entries else weight_files(src)[0]
     metadata = read_safetensors_header(src / first)[0].get("__metadata__") or {}
