@@ -97,3 +97,76 @@ def test_cli_plan_prints_json_for_a_local_folder(tiny_dir):
 def test_cli_plan_errors_in_one_line(tiny_dir):
     assert_one_line_error(runner.invoke(app, ["plan", str(tiny_dir), "--gpus", "0"]), "--gpus must be at least 1")
     assert_one_line_error(runner.invoke(app, ["plan", "nobody/not-cached-model"]), "not in the local cache")
+
+
+def adapter_needs(config, model_config, devices):
+    shape = shape_from_config(model_config)
+    job = Job(layers_kept=shape.layers, batch=config.batch_size, seq_len=config.max_length,
+              loss_chunk=config.loss_chunk, lora_r=config.lora_r)
+    return {o: heal_memory(o, shape, job, devices).bytes_per_device for o in ("full", "lora")}
+
+
+def test_adapter_auto_takes_full_weights_where_they_fit_else_lora_else_refuses():
+    from layerprune.errors import LayerpruneError
+    from layerprune.finetune.config import HealConfig
+    from layerprune.hardware.job_plan import fit_heal
+    from tiny_models import tiny_config
+
+    config, model_config = HealConfig(), tiny_config("llama")
+    assert config.adapter == "auto"
+    needs = adapter_needs(config, model_config, Devices("cpu", 1, GiB))
+    assert needs["lora"] < needs["full"]
+    said = []
+    roomy = fit_heal(config, model_config, devices=Devices("cpu", 1, 64 * GiB), log=said.append)
+    assert roomy.adapter == "none" and not said
+    between = int((needs["lora"] + needs["full"]) / 2 / USABLE)
+    tight = fit_heal(config, model_config, devices=Devices("cpu", 1, between), log=said.append)
+    assert tight.adapter == "lora" and "healing a LoRA adapter" in said[0]
+    with pytest.raises(LayerpruneError, match="does not fit .* Options: --method qlora"):
+        fit_heal(config, model_config, devices=Devices("cpu", 1, int(needs["lora"] / 2)))
+    assert fit_heal(HealConfig(method="partial"), model_config, devices=Devices("cpu", 1, 1)).adapter == "none"
+    assert fit_heal(HealConfig(adapter="none"), model_config, devices=Devices("cpu", 1, 1)).adapter == "none"
+
+
+@pytest.mark.integration
+def test_finetune_heals_with_lora_when_full_weights_do_not_fit_and_refuses_before_loading(tmp_path, monkeypatch,
+                                                                                           corpus_file):
+    import layerprune.api as api
+    import layerprune.hardware.job_plan as job_plan
+    from layerprune import save_model
+    from layerprune.errors import LayerpruneError
+    from layerprune.finetune.config import HealConfig
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "model")
+    settings = dict(method="cpt", data=str(corpus_file), max_steps=2, max_length=32, batch_size=2, warmup_steps=0)
+    model_config = tiny_model("llama").config
+    needs = adapter_needs(HealConfig(**settings), model_config, Devices("cpu", 1, GiB))
+    between = int((needs["lora"] + needs["full"]) / 2 / USABLE)
+    monkeypatch.setattr(job_plan, "this_machine", lambda: Devices("cpu", 1, between))
+    import layerprune.models.anatomy as anatomy
+
+    monkeypatch.setattr(anatomy, "parameter_bytes", lambda model: 0)  # the plan's memory as given
+    api.finetune_model(str(tmp_path / "model"), out=str(tmp_path / "healed"), **settings)
+    record = json.loads((tmp_path / "healed" / "heal.json").read_text())
+    assert record["config"]["adapter"] == "lora"
+
+    monkeypatch.setattr(job_plan, "this_machine", lambda: Devices("cpu", 1, int(needs["lora"] / 2)))
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded before the plan refused"))
+    with pytest.raises(LayerpruneError, match="does not fit"):
+        api.finetune_model(str(tmp_path / "model"), out=str(tmp_path / "refused"), **settings)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_dir):
+    from layerprune.config import PruneConfig
+    from layerprune.hardware.job_plan import announce_plan
+
+    LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")  # the config alone: no weights
+    lines = []
+    announce_plan(str(tmp_path / "llama-8b"), prune=PruneConfig(num_layers=8), log=lines.append)
+    assert lines[0].startswith("memory plan (8.0B -> 6.3B params on ")
+    assert any(line.startswith("  teacher pass: ") for line in lines) and lines[-1].startswith("  healing: ")
+    quiet = []
+    announce_plan(str(tiny_dir), log=quiet.append)
+    assert quiet == []

@@ -164,6 +164,9 @@ def prune_model(
             return prune_gguf(gguf_source, config.drop, out, overwrite=overwrite, source=model_ref, inputs=inputs)
     else:
         check_output_dir(out, overwrite, inputs=inputs)
+    from layerprune.hardware.job_plan import announce_plan
+
+    announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan first
     folder = None if gguf_source is not None else on_disk_folder(model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
         "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
         "--granularity": config.granularity != "block"})
@@ -312,6 +315,10 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     from layerprune.models.loading import load_model as load
     from layerprune.models.surgery import provenance
 
+    from layerprune.hardware.job_plan import fit_heal
+    from layerprune.models.anatomy import parameter_bytes
+
+    config = fit_heal(config, loaded.model.config, loaded_bytes=parameter_bytes(loaded.model), log=log)
     rows, data_info = prepare_training_rows(config, loaded.tokenizer)
     teacher = None
     replacing = config.init == "replace" and bool(provenance(loaded.model)["dropped_layers"])  # cuts to replace
@@ -326,6 +333,18 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     history = [*provenance(result.model).get("history", []), {"healed": config.method, "data": data_info["source"]}]
     result.model.config.layerprune = {**result.model.config.layerprune, "history": history}
     return result, record
+
+
+def _check_heal_fits(model_ref: str, config: HealConfig) -> None:
+    """Refuse, from the config alone, a heal that cannot fit this machine (the check repeats after loading,
+    with the real model); print the plan of a model over 1B parameters."""
+    from layerprune.hardware.job_plan import announce_plan, fit_heal
+    from layerprune.models.loading import model_folder, resolve_model_ref
+    from layerprune.models.model_config import read_model_config
+
+    announce_plan(model_ref, config)
+    if resolve_model_ref(model_ref).kind != "hub":
+        fit_heal(config, read_model_config(model_folder(model_ref)), log=lambda line: None)
 
 
 def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool):
@@ -395,6 +414,7 @@ def finetune_model(
     check_output_dir(out, overwrite, inputs=[model_ref, config.data, config.teacher])
     if streaming:
         return _heal_streaming(model_ref, out, config, overwrite=overwrite)
+    _check_heal_fits(model_ref, config)  # before any weight is read
     loaded = load_model(model_ref, dtype=config.train_dtype)
     work_dir = Path(f"{Path(out)}.checkpoints")
     result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resume)

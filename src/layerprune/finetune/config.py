@@ -70,9 +70,10 @@ class HealConfig(StrictConfig):
     init: Literal["none", "replace"] = Field(
         "none", description="Start from a training-free linear replacement of each cut (method replace) before "
         "training.")
-    adapter: Literal["none", "lora"] = Field(
-        "none", description="full / cpt / distill: train every weight (none) or a LoRA adapter merged at the end "
-        "(lora: tied embeddings stay tied).")
+    adapter: Literal["auto", "none", "lora"] = Field(
+        "auto", description="full / cpt / distill: train every weight (none) or a LoRA adapter merged at the end "
+        "(lora: tied embeddings stay tied); auto: every weight where AdamW's states fit this machine's memory, else "
+        "LoRA (the memory plan of `layerprune plan`).")
     # distillation, replacement, block-local healing
     teacher: str | None = Field(None, description="distill / replace / block-local: the unpruned model (default: the "
                                 "model it was pruned from).")

@@ -143,3 +143,74 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
                    heal={"option": heal_row.settings.get("option"), "fits": heal_row.fits, **heal_row.settings},
                    gpus_for_full_heal=full_gpus,
                    disk_bytes=round(shape.params(layers_kept) * shape.stored_bytes * (2 if heal else 1)))
+
+
+FULL_WEIGHT_METHODS = ("full", "cpt", "distill")
+
+
+def fit_heal(config, model_config, *, devices: Devices | None = None, loaded_bytes: int = 0, log=print):
+    """`adapter: auto` resolved for this machine: every weight where full-weight training fits, else LoRA;
+    neither: one error with what each needs and the options that fit. loaded_bytes: memory the model to
+    heal already holds (it is part of the plan's count, so it is added back to what is available)."""
+    from dataclasses import replace as with_changes
+
+    from layerprune.hardware.memory_plan import USABLE, heal_memory
+
+    if config.adapter != "auto":
+        return config
+    if config.method not in FULL_WEIGHT_METHODS:
+        return config.model_copy(update={"adapter": "none"})
+    shape = shape_from_config(model_config)
+    devices = devices or this_machine()
+    if devices.kind == "cpu" and loaded_bytes:
+        devices = with_changes(devices, memory=devices.memory + loaded_bytes)
+    if devices.memory <= 0:
+        return config.model_copy(update={"adapter": "none"})  # memory unknown: the default recipe
+    job = Job(layers_kept=shape.layers, batch=config.batch_size, seq_len=config.max_length,
+              loss_chunk=config.loss_chunk, gradient_checkpointing=config.gradient_checkpointing,
+              lora_r=config.lora_r)
+    needs = {option: heal_memory(option, shape, job, devices).bytes_per_device for option in ("full", "lora")}
+    limit = USABLE * devices.memory
+    if needs["full"] <= limit:
+        return config.model_copy(update={"adapter": "none"})
+    sizes = f"full weights need {needs['full'] / GiB:.1f} GiB, LoRA {needs['lora'] / GiB:.1f} GiB"
+    if needs["lora"] <= limit:
+        log(f"adapter auto: {sizes}, {devices.describe()}: healing a LoRA adapter (merged at the end)")
+        return config.model_copy(update={"adapter": "lora"})
+    raise LayerpruneError(
+        f"healing {shape.params() / 1e9:.1f}B parameters does not fit {devices.describe()}: {sizes}. Options: "
+        "--method qlora (a GPU), --gradient-checkpointing, a smaller --batch-size, or layer by layer: "
+        "--method replace --streaming (see `layerprune plan MODEL`)")
+
+
+def plan_lines(plan: JobPlan) -> list[str]:
+    """The plan as a few lines for the start of a long job."""
+    from layerprune.hardware.estimate import format_seconds
+
+    lines = [f"memory plan ({plan.params / 1e9:.1f}B -> {plan.params_kept / 1e9:.1f}B params on {plan.devices}):"]
+    for row in plan.stages:
+        fits = "" if row["fits"] else "  DOES NOT FIT"
+        lines.append(f"  {row['stage']}: {row['peak_gib']:.1f} GiB, ~{format_seconds(row['seconds'])}{fits}")
+    lines.append(f"  healing: {plan.heal['option']}")
+    return lines
+
+
+def announce_plan(model_ref: str, heal=None, *, prune=None, log=print, min_params: float = 1e9) -> None:
+    """Print the plan at the start of a job on a model over `min_params` parameters (config read only);
+    prune: the PruneConfig whose count gives the layers kept (default: 25% removed)."""
+    from layerprune.selection.ranking import count_to_drop
+
+    try:
+        shape = model_shape(model_ref)
+    except (LayerpruneError, OSError, ValueError):
+        return  # no config to read here (a hub id not cached): the job's own loading says why
+    if shape.params() < min_params:
+        return
+    if prune is not None and prune.drop is not None:
+        kept = shape.layers - len(prune.drop)
+    elif prune is not None and (prune.num_layers or prune.ratio):
+        kept = shape.layers - count_to_drop(shape.layers, num_layers=prune.num_layers, ratio=prune.ratio)
+    else:
+        kept = shape.layers - count_to_drop(shape.layers, ratio=0.25)
+    for line in plan_lines(plan_job(shape, kept, this_machine(), heal)):
+        log(line)

@@ -69,6 +69,10 @@ class Run:
         (self.dir / "config.yaml").write_text(_yaml(self.config.model_dump(mode="json")))
         write_json(self.path("versions.json"), package_versions())
         started = time.perf_counter()
+        from layerprune.hardware.job_plan import announce_plan
+
+        announce_plan(self.config.model, self.config.heal[0] if self.config.heal else None, prune=self.config.prune,
+                      log=self.log)  # a model over 1B parameters: the memory plan before it loads
         self.original = self.load(self.config.model)
         self.plan = self.time_plan()
         torch.manual_seed(self.config.seed)
