@@ -90,7 +90,7 @@ def test_cli_plan_prints_json_for_a_local_folder(tiny_dir):
     plan = json.loads(result.output)
     assert (plan["layers"], plan["layers_kept"], plan["devices"]) == (5, 3, "2 x GPU 1 GiB")
     assert [s["stage"] for s in plan["stages"]] == ["score", "score (streaming)", "prune (on disk)", "teacher pass",
-                                                    "heal", "eval"]
+                                                    "heal", "heal (streaming)", "eval", "eval (streaming)"]
     assert plan["heal"]["option"] == "full" and plan["heal"]["fsdp"] is True
 
 

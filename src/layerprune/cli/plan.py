@@ -23,6 +23,10 @@ def plan_command(
     batch_size: int = typer.Option(4, help="Healing micro-batch per device."),
     max_length: int = typer.Option(256, help="Healing tokens per example."),
     gradient_checkpointing: bool = typer.Option(False, help="Plan with activation recomputation."),
+    max_samples: Optional[int] = typer.Option(None, help="Healing rows (layer-local methods: default 64)."),
+    n_samples: int = typer.Option(10, help="Calibration rows of the scores."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration row."),
+    ppl_windows: int = typer.Option(300, help="Perplexity windows of the evaluation."),
     gpus: Optional[int] = typer.Option(None, help="Plan for this many GPUs instead of this machine."),
     gpu_memory: str = typer.Option("80GB", help="Memory of each GPU given by --gpus."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -30,6 +34,7 @@ def plan_command(
 ) -> None:
     """Peak memory per device, disk and time of score -> prune -> teacher -> heal -> eval, and the healing that
     fits, from the model's config alone (nothing is loaded)."""
+    from layerprune.config import EvalConfig, PruneConfig
     from layerprune.errors import LayerpruneError
     from layerprune.finetune.config import HealConfig
     from layerprune.hardware.estimate import format_seconds
@@ -44,9 +49,11 @@ def plan_command(
     devices = Devices("cuda", gpus, parse_memory(gpu_memory)) if gpus else this_machine()
     if adapter not in ("auto", "none", "lora"):
         raise LayerpruneError(f"unknown --adapter {adapter!r}; choose auto, none or lora")
-    heal = HealConfig(method=method, batch_size=batch_size, max_length=max_length,
+    heal = HealConfig(method=method, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
                       gradient_checkpointing=gradient_checkpointing)
-    plan = plan_job(shape, shape.layers - drop, devices, heal, adapter=adapter)
+    prune = PruneConfig(num_layers=max(drop, 1), calibration={"n_samples": n_samples, "seq_len": seq_len})
+    plan = plan_job(shape, shape.layers - drop, devices, heal, adapter=adapter, prune=prune,
+                    evaluation=EvalConfig(ppl_windows=ppl_windows))
     if as_json:
         print(json.dumps(plan.to_json(), indent=2))
         return

@@ -108,9 +108,13 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
     evaluation = evaluation or EvalConfig()
     if not 1 <= layers_kept <= shape.layers:
         raise LayerpruneError(f"cannot keep {layers_kept} of {shape.layers} layers")
+    from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
+
     job = Job(layers_kept=layers_kept, batch=heal.batch_size, seq_len=heal.max_length, loss_chunk=heal.loss_chunk,
               gradient_checkpointing=heal.gradient_checkpointing, lora_r=heal.lora_r,
-              train_last_layers=heal.train_last_layers)
+              train_last_layers=heal.train_last_layers, rows=heal.max_samples or DEFAULT_LOCAL_ROWS,
+              calibration_rows=prune.calibration.n_samples, calibration_len=prune.calibration.seq_len,
+              windows=evaluation.ppl_windows or 300, window_len=evaluation.seq_len)
     wanted = {"auto": "auto", "lora": "lora", "none": "full"}[adapter]
     if heal.method in ("replace", "block-local"):
         wanted = "layer-local"
@@ -127,7 +131,11 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
                "prune (on disk)": shape.params(layers_kept) * shape.stored_bytes / 200e6,
                "teacher pass": 0.0,
                "heal": heal_seconds(heal, speed, student_fraction=fraction),
-               "eval": eval_seconds(evaluation, speed.scaled(fraction))}
+               "eval": eval_seconds(evaluation, speed.scaled(fraction)),
+               "heal (streaming)": heal_seconds(HealConfig(method="replace", max_samples=job.rows,
+                                                           max_length=heal.max_length), speed,
+                                                student_fraction=fraction),
+               "eval (streaming)": job.windows * job.window_len * speed.forward * fraction * 1.3}
     if heal.method == "distill" and heal.distill_top_k is not None and heal.max_steps > 0:
         rows = heal.max_steps * (heal.effective_batch_size or heal.batch_size)
         seconds["teacher pass"] = rows * heal.max_length * speed.forward

@@ -28,6 +28,7 @@ USABLE = 0.9  # of a device's memory: what the allocator, the CUDA context and t
 ADAM_BYTES = 16  # fp32 weight + fp32 gradient + two fp32 moments
 NF4_BYTES = 0.5625  # 4-bit values + one fp32 absmax per 64 (bitsandbytes, double quantization off)
 HEAL_ORDER = ("full", "lora", "qlora", "layer-local")
+RUNTIME_BYTES = int(0.6 * 2**30)  # Python + torch + transformers imported (measured: bench/scale_rehearsal.py)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,11 @@ class Job:
     gradient_checkpointing: bool = False
     lora_r: int = 8
     train_last_layers: int = 3
-    rows: int = 256  # calibration / layer-local rows held as hidden states
+    rows: int = 64  # healing rows of layer-local healing (finetune/local.py: DEFAULT_LOCAL_ROWS)
+    calibration_rows: int = 10  # scoring rows (CalibrationConfig.n_samples) of calibration_len tokens
+    calibration_len: int = 256
+    windows: int = 300  # perplexity windows (EvalConfig.ppl_windows) of window_len tokens, in batches of 8
+    window_len: int = 128
     train_dtype_bytes: int = 4  # fp32 master weights (HealConfig.train_dtype fp32)
 
 
@@ -166,12 +171,48 @@ def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> S
         how = f"frozen weights {frozen / GiB:.1f} GiB + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
         return StageMemory("heal", frozen + trained * ADAM_BYTES + acts, how,
                            settings={"method": option if option == "qlora" else None, "adapter": "lora"})
-    # layer-local: one layer trained (block-local) or fitted (replace) at a time
+    # layer-local: `replace --streaming`, one layer at a time
+    total = replace_streaming_bytes(shape, job, devices)
+    how = f"one layer in fp32 + its least-squares system ({shape.intermediate}^2 in fp64) + {job.rows} rows"
+    return StageMemory("heal", total, how, settings={"method": "replace", "streaming": True})
+
+
+def runtime_bytes(devices: Devices) -> int:
+    """Host memory of the interpreter with torch and transformers imported (counted on a CPU only)."""
+    return RUNTIME_BYTES if devices.kind == "cpu" else 0
+
+
+def stream_score_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
+    """`score --streaming`: the embeddings (first pass) or one layer, in the stored dtype, plus every
+    calibration row's hidden state (fp32, input and output of the current layer) and one batch's activations."""
+    stored = shape.stored_bytes
+    tokens = job.calibration_rows * job.calibration_len
+    weights = max(shape.embedding, max(shape.per_layer)) * stored
+    batch = min(job.calibration_rows, 8) * job.calibration_len * (8 * shape.hidden + 2 * shape.intermediate) * 4
+    return int(runtime_bytes(devices) + weights + tokens * shape.hidden * 4 * 2 + batch)
+
+
+def replace_streaming_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
+    """`finetune --method replace --streaming`: fp32 skeletons; the embeddings (first pass) or one layer (+ its
+    stored copy while read), the fp64 normal equations of the MLP's output map and the LU copy of the solve,
+    and the rows' hidden states of student and teacher."""
+    stored = shape.stored_bytes
     layer = max(shape.per_layer)
-    rows = job.rows * job.seq_len * shape.hidden * 4 * 2
-    total = layer * ADAM_BYTES + (shape.embedding + shape.head) * compute + rows
-    how = f"one layer x {ADAM_BYTES} B + embeddings + {job.rows} rows of hidden states"
-    return StageMemory("heal", total, how, settings={"method": "block-local", "streaming": True})
+    embedding = shape.embedding * (4 + stored)
+    system = 2 * shape.intermediate ** 2 * 8 + shape.intermediate * shape.hidden * 8
+    layer_step = layer * (4 + stored) + system
+    hidden = job.rows * job.seq_len * shape.hidden * 4 * 3  # student in/out + the teacher's stream at a cut
+    return int(runtime_bytes(devices) + max(embedding, layer_step) + hidden)
+
+
+def stream_eval_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
+    """`eval --streaming`: one layer, then the embeddings, final norm and head with one batch's logits; every
+    window's hidden state stays in memory."""
+    stored = shape.stored_bytes
+    batch_tokens = min(job.windows, 8) * job.window_len
+    head = (shape.embedding + shape.head) * stored + batch_tokens * shape.vocab * (stored + 4)
+    hidden = job.windows * job.window_len * shape.hidden * 4 * 2
+    return int(runtime_bytes(devices) + max(head, max(shape.per_layer) * stored) + hidden)
 
 
 def choose_heal(shape: ModelShape, job: Job, devices: Devices, wanted: str = "auto") -> StageMemory:
@@ -190,24 +231,33 @@ def choose_heal(shape: ModelShape, job: Job, devices: Devices, wanted: str = "au
 
 def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto", teacher: bool = True
                 ) -> list[StageMemory]:
-    """Peak bytes per device of each stage: score, prune, teacher pass, heal, eval."""
+    """Peak bytes per device of each stage: score, prune, teacher pass, heal, eval, and the layer-by-layer
+    variants of score, heal (replace) and eval."""
     compute = devices.compute_bytes
     full, kept = shape.params(), shape.params(job.layers_kept)
     infer = inference_activations(shape, job, compute)
     per_device = max(1, devices.count) if devices.kind == "cuda" else 1
+    runtime = runtime_bytes(devices)
     stages = [
-        StageMemory("score", full * compute // per_device + infer,
+        StageMemory("score", runtime + full * compute // per_device + infer,
                     f"{full / 1e9:.2f}B params x {compute} B + one calibration batch"),
-        StageMemory("score (streaming)", max(shape.per_layer) * 4 + shape.embedding * 4 +
-                    job.rows * job.seq_len * shape.hidden * 4 * 2, "one layer + embeddings + every row's hidden state"),
-        StageMemory("prune (on disk)", max(shape.embedding, shape.head, max(shape.per_layer)) * int(shape.stored_bytes),
-                    "one tensor at a time"),
+        StageMemory("score (streaming)", stream_score_bytes(shape, job, devices),
+                    "one layer or the embeddings + every calibration row's hidden state"),
+        StageMemory("prune (on disk)", runtime + int(max(shape.embedding, shape.head, max(shape.per_layer)) *
+                                                     shape.stored_bytes), "one tensor at a time"),
     ]
     if teacher:
         stages.append(StageMemory("teacher pass", full * compute // per_device + infer,
                                   "the unpruned model alone (the student is loaded after)"))
-    stages.append(choose_heal(shape, job, devices, heal))
-    stages.append(StageMemory("eval", kept * compute // per_device + infer, f"{kept / 1e9:.2f}B params x {compute} B"))
+    chosen = choose_heal(shape, job, devices, heal)
+    stages.append(chosen)
+    if chosen.settings.get("option") != "layer-local":  # the layer-by-layer alternative
+        stages.append(StageMemory("heal (streaming)", replace_streaming_bytes(shape, job, devices),
+                                  "replace --streaming: one layer + its least-squares system + the rows"))
+    stages.append(StageMemory("eval", runtime + kept * compute // per_device + infer,
+                              f"{kept / 1e9:.2f}B params x {compute} B"))
+    stages.append(StageMemory("eval (streaming)", stream_eval_bytes(shape, job, devices),
+                              "one layer, then embeddings + head + one batch's logits; every window's hidden state"))
     limit = USABLE * devices.memory
     for stage in stages:
         if stage.stage != "heal":
