@@ -61,3 +61,39 @@ def cpu_kind() -> str:
     return (f"{cpu_model_name()}, {os.cpu_count()} cores, flags {'/'.join(isa_names(cpu_flags()))}, torch kernels "
             f"{torch_cpu_capability()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}: auto -> "
             f"{choice.dtype} ({choice.reason})")
+
+
+def write_random_checkpoint(folder: Path, tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: float) -> None:
+    """Random bf16 tensors (norm weights near 1, matrices at std 0.02) in safetensors shards of about
+    `shard_bytes`, written one shard at a time, with the index; no model is instantiated."""
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        data = {}
+        for name, shape in shard:
+            if len(shape) == 1:
+                data[name] = 1 + 0.02 * torch.randn(shape, generator=generator).to(torch.bfloat16)
+            else:
+                data[name] = (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
+        save_file(data, folder / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in shard})
+        print(f"  wrote {file}", flush=True)
+        del data
+    total = sum(math.prod(s) * 2 for _, s in tensors)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

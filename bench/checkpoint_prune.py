@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import peak_rss_mb, rss_mb, run_child  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _common import peak_rss_mb, rss_mb, run_child, write_random_checkpoint  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 8192, 16, 16, 32000
 
@@ -63,8 +63,6 @@ def checkpoint_layout(size_gb: float) -> tuple[int, list[tuple[str, tuple[int, .
 
 def build_checkpoint(folder: Path, size_gb: float, shard_mb: float) -> Path:
     """A random Llama checkpoint written shard by shard (cached: rebuilt only when the settings change)."""
-    import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     stamp = {"size_gb": size_gb, "shard_mb": shard_mb, "hidden": HIDDEN, "intermediate": INTERMEDIATE, "v": 1}
@@ -79,32 +77,7 @@ def build_checkpoint(folder: Path, size_gb: float, shard_mb: float) -> Path:
         num_hidden_layers=n_layers, vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
         dtype="bfloat16", architectures=["LlamaForCausalLM"],
     ).save_pretrained(folder)
-    generator = torch.Generator().manual_seed(0)
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in tensors:
-        nbytes = math.prod(shape) * 2
-        if shards[-1] and size + nbytes > shard_mb * 1e6:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        data = {}
-        for name, shape in shard:
-            if len(shape) == 1:
-                data[name] = 1 + 0.02 * torch.randn(shape, generator=generator).to(torch.bfloat16)
-            else:
-                data[name] = (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
-        save_file(data, folder / file, metadata={"format": "pt"})
-        weight_map.update({name: file for name, _ in shard})
-        del data
-    total = sum(math.prod(s) * 2 for _, s in tensors)
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    write_random_checkpoint(folder, tensors, shard_mb * 1e6)
     stamp_file.write_text(json.dumps(stamp))
     return folder
 
