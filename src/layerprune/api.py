@@ -298,6 +298,12 @@ def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = Fals
     return Path(out)
 
 
+def _ref_key(ref: str) -> str:
+    """A model reference as a settings value: a local path made absolute (the same folder from anywhere)."""
+    path = Path(ref)
+    return str(path.resolve()) if path.exists() else ref
+
+
 def finetune_model(
     model_ref: str,
     *,
@@ -312,15 +318,19 @@ def finetune_model(
     `config` (or its fields as keywords: method="lora", learning_rate=1e-4, data="dolly", ...) is the
     healing run; HealConfig() is the measured default. Returns (HealResult, output folder).
     """
-    import shutil
+    from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
 
     config = as_config(HealConfig, config, **fields)
-    check_output_dir(out, overwrite, inputs=[model_ref, config.data, config.teacher])
-    loaded = load_model(model_ref, dtype=config.train_dtype)
+    inputs = [model_ref, config.data, config.teacher]
+    check_output_dir(out, overwrite, inputs=inputs)
+    # The checkpoints' folder is claimed like an output, and keyed by the settings: --resume only under them
     work_dir = Path(f"{Path(out)}.checkpoints")
-    result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resume)
+    settings = {"model": _ref_key(model_ref), "heal": config.model_dump(mode="json")}
+    resumable = claim_work_dir(work_dir, settings, inputs=inputs, resume=resume) if is_main_process() else resume
+    loaded = load_model(model_ref, dtype=config.train_dtype)
+    result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resumable)
     if not is_main_process():
         return result, Path(out)  # under accelerate/torchrun only the main process writes
     write_healed(result, record, loaded.tokenizer, out, overwrite=overwrite)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_work_dir(work_dir)
     return result, Path(out)

@@ -138,7 +138,7 @@ PLOT_CLIP = 100
 def plot_curve(record: dict, path: str | Path) -> Path:
     """Validation perplexity (log scale) against layers removed: one line per selection (the search in
     black), a circle at each knee (also in the legend), a dashed line at the quality target."""
-    from layerprune.report.plotting import pyplot
+    from layerprune.report.plotting import pyplot, save_png
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -173,7 +173,7 @@ def plot_curve(record: dict, path: str | Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
