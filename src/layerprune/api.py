@@ -278,6 +278,7 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
         if not teacher_ref or teacher_ref == loaded.ref:
             raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")
         teacher = load(teacher_ref, dtype=config.train_dtype, load_tokenizer=False).model
+        _check_same_vocabulary(loaded.model, teacher, teacher_ref)
     result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=teacher, work_dir=work_dir,
                   resume=resume, log=log)
     record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
@@ -286,11 +287,22 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     return result, record
 
 
+def _check_same_vocabulary(student, teacher, teacher_ref: str) -> None:
+    """Distillation matches logits token by token: a teacher of another vocabulary cannot teach."""
+    sizes = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)]
+    if sizes[0] != sizes[1]:
+        raise LayerpruneError(f"the teacher {teacher_ref} has a vocabulary of {sizes[1]:,} tokens and the model "
+                              f"{sizes[0]:,}: distillation needs the same tokenizer; use the unpruned original as "
+                              "the teacher")
+
+
 def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = False) -> Path:
     """The healed model folder: stock checkpoint + heal.json + loss curve, written atomically."""
     from layerprune.finetune.trainer import write_loss_curve
     from layerprune.files.outputs import atomic_output_dir, write_json
+    from layerprune.finetune.finite import check_finite_weights
 
+    check_finite_weights(result.model)  # NaN weights are never saved, whoever healed them
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(result.model, tokenizer, tmp, extra={"heal": record})
         write_json(Path(tmp) / "heal.json", record)

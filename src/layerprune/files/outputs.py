@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator
 
 from layerprune.errors import LayerpruneError
 from layerprune.files.renames import exchange, rename_noreplace
+from layerprune.files.user_files import disk_full_message
 
 # Every folder layerprune writes carries this file; --overwrite replaces only such folders (or empty ones).
 MARKER = ".layerprune-output"
@@ -223,8 +224,11 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
         _remove(tmp)
         signal.raise_signal(caught.signum)  # now with the previous handler: terminate, or KeyboardInterrupt
         raise SystemExit(128 + caught.signum) from None  # a handler that returned
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
+        message = disk_full_message(err, out) if isinstance(err, Exception) else None
+        if message is not None:  # a library's wrapped ENOSPC too: one line with the free space
+            raise LayerpruneError(message) from None
         raise
 
 
@@ -303,6 +307,8 @@ def read_json(path: str | os.PathLike, *, missing_ok: bool = False) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise LayerpruneError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise LayerpruneError(f"{path} is nested too deeply to be read") from None
 
 
 def is_main_process() -> bool:
