@@ -28,6 +28,9 @@ from layerprune.errors import LayerpruneError
 
 def max_drop_count(max_drop: float, n_layers: int, protect_first: int = 0, protect_last: int = 0) -> int:
     """K, the most layers removed: a fraction of the layers (rounded) or a count; at least one layer stays."""
+    if not math.isfinite(max_drop) or max_drop > 10 * n_layers:  # inf, or 1e308: no count, no 309-digit message
+        raise LayerpruneError(f"max_drop {max_drop:.6g} is not below the model's {n_layers} layers; give a fraction "
+                              "below 1 or a count of layers that leaves at least one")
     count = round(n_layers * max_drop) if max_drop < 1 else int(max_drop)
     allowed = n_layers - protect_first - protect_last
     if count < 1 or count >= n_layers or count > allowed:
