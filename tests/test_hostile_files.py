@@ -67,7 +67,8 @@ def test_finetune_never_deletes_its_teacher_named_like_its_checkpoints(workspace
     (workspace / "tiny").rename(teacher)
     (workspace / "tiny").symlink_to(teacher)  # the student: the same weights under another path
     before = tree(teacher)
-    result = finetune(workspace / "tiny", "--out", workspace / "tt", "--data", workspace / "sft.jsonl", "--teacher", teacher,
+    result = finetune(workspace / "tiny", "--out", workspace / "tt", "--data", workspace / "sft.jsonl",
+                      "--teacher", teacher,
                       *[a if a != "partial" else "distill" for a in HEAL])
     assert_one_line_error(result, "tt.checkpoints")
     assert tree(teacher) == before

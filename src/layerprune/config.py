@@ -328,8 +328,8 @@ class CurveConfig(QualityTargetMixin, _Strict):
     metric: str | list[str] = Field(
         ["block-influence", "angular", "search"], description="Selections to trace, comma separated: whole-layer "
         "metrics (see `layerprune metrics`) and search (the greedy drop-set search by validation loss).")
-    max_drop: float = Field(0.5, gt=0, allow_inf_nan=False, description="Most layers removed: a fraction of the layers (below 1) or a "
-                            "count.")
+    max_drop: float = Field(0.5, gt=0, allow_inf_nan=False, description="Most layers removed: a fraction of the "
+                            "layers (below 1) or a count.")
     search_beam: int = Field(1, ge=1, description="Drop-sets the search keeps at each step (beam width).")
     knee_slope: float = Field(0.1, gt=0, description="The knee is the largest k before the validation loss first "
                               "rises by more than this many nats for one more layer.")

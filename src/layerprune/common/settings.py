@@ -20,4 +20,6 @@ def changed_keys(old, new, prefix: str = "") -> list[str]:
     if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
             and all(isinstance(item, dict) for item in old + new)):
         return [line for i, (a, b) in enumerate(zip(old, new)) for line in changed_keys(a, b, f"{prefix}{i}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"]
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.')}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"]

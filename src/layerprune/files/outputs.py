@@ -169,6 +169,18 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextlib.contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise inside the body, so its `finally` blocks (temporary files) and subprocess.run
+    (which kills its child on any exception) clean up; then the signal takes its usual course."""
+    try:
+        with _signals_raise():
+            yield
+    except _Signalled as caught:
+        signal.raise_signal(caught.signum)  # now with the previous handler: terminate, or KeyboardInterrupt
+        raise SystemExit(128 + caught.signum) from None  # a handler that returned
+
+
 def _replaceable(path: Path, overwrite: bool) -> bool:
     """What may be deleted to make room: an empty folder, or with overwrite a folder layerprune wrote."""
     if path.is_symlink() or not path.is_dir():
