@@ -163,3 +163,34 @@ def test_a_grid_axis_never_names_a_folder_outside_the_study(workspace, axis):
     with contextlib.suppress(LayerpruneError):  # the setting itself may fail (x is no metric): not the point
         study.execute(log=lambda m: None)
     assert not (workspace / "outside").exists()
+
+
+# ------------------------------------------------------------------ more of an attacker's layouts
+def test_a_symlinked_marker_does_not_make_a_folder_layerprunes(workspace):
+    """A foreign folder whose .layerprune-output is a link to some marker is not layerprune's to replace."""
+    from layerprune.files.outputs import atomic_output_dir
+
+    owned = workspace / "owned"
+    owned.mkdir()
+    (owned / MARKER).write_text("")
+    foreign = workspace / "foreign"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("1,2,3")
+    (foreign / MARKER).symlink_to(owned / MARKER)
+    with pytest.raises(LayerpruneError, match="was not written by layerprune"):
+        with atomic_output_dir(foreign, overwrite=True):
+            pass
+    assert (foreign / "data.csv").read_text() == "1,2,3"
+
+
+def test_earlier_outputs_are_never_moved_through_a_symlinked_stale_folder(workspace):
+    config = fast_run(workspace)
+    run_pipeline(config, log=lambda m: None)
+    elsewhere = workspace / "elsewhere"
+    elsewhere.mkdir()
+    (Path(config.out) / "stale").symlink_to(elsewhere)
+    changed = fast_run(workspace, prune={"drop": [2]})
+    with pytest.raises(LayerpruneError, match="stale"):
+        run_pipeline(changed, log=lambda m: None)
+    assert list(elsewhere.iterdir()) == []
+    assert (Path(config.out) / "pruned" / "model.safetensors").is_file()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from layerprune.common.settings import changed_keys, settings_digest
+from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json, write_json
 
 RECORD_FILE = "stages.json"
@@ -82,6 +83,9 @@ def settle(run_dir: Path, stages: list[Stage], log: Callable[[str], None]) -> No
 
 
 def _stale_batch(run_dir: Path) -> Path:
+    if (run_dir / STALE_DIR).is_symlink():  # outputs are moved only within the run folder layerprune claimed
+        raise LayerpruneError(f"{run_dir / STALE_DIR} is a symbolic link; layerprune moves earlier outputs only into "
+                              "a folder of its own there (remove the link)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
         batch = run_dir / STALE_DIR / (stamp if n == 1 else f"{stamp}-{n}")
