@@ -82,16 +82,24 @@ def test_sigterm_during_export_removes_its_temp_files_and_its_converter(model, t
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
         time.sleep(0.1)
     converter = int(pid_file.read_text())
-    assert list((tmp_path / "out").iterdir()), "the converter is writing its temporary file"
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == -signal.SIGTERM
-    assert list((tmp_path / "out").iterdir()) == []
-    for _ in range(50):
+    try:
+        assert list((tmp_path / "out").iterdir()), "the converter is writing its temporary file"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == -signal.SIGTERM
+        assert list((tmp_path / "out").iterdir()) == []
+        assert not alive_after(converter, seconds=5), "the converter outlived the export"
+    finally:
+        if alive_after(converter, seconds=0):
+            os.kill(converter, signal.SIGKILL)
+
+
+def alive_after(pid: int, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while True:
         try:
-            os.kill(converter, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
-            break
+            return False
+        if time.time() >= deadline:
+            return True
         time.sleep(0.1)
-    else:
-        os.kill(converter, signal.SIGKILL)
-        pytest.fail("the converter outlived the export")
