@@ -136,14 +136,26 @@ def test_a_damaged_teacher_cache_is_removed_and_made_again(tmp_path, how):
 def test_a_full_disk_while_writing_the_teacher_cache_leaves_no_partial_file(tmp_path, monkeypatch):
     import safetensors.torch
 
+    teacher = tiny_model("llama")  # before the patch: transformers binds save_file when it is first imported
+
     def full(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(OSError):
-        teacher_targets(tiny_model("llama"), rows(), 8, pad_id=0, cache_dir=tmp_path)
+    with pytest.raises(LayerpruneError, match="no space left on the disk"):
+        teacher_targets(teacher, rows(), 8, pad_id=0, cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if "teacher-top" in p.name] == []
+
+    def full_in_its_own_words(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space "
+                           "left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_in_its_own_words)
+    with pytest.raises(LayerpruneError, match="no space left on the disk"):
+        teacher_targets(teacher, rows(), 8, pad_id=0, cache_dir=tmp_path)
     assert [p.name for p in tmp_path.iterdir() if "teacher-top" in p.name] == []
 
 

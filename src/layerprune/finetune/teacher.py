@@ -21,6 +21,8 @@ from torch import nn
 from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.finetune.collate import PadCollator
 from layerprune.finetune.losses import causal_lm_parts, head_logits, labelled_positions
+from layerprune.errors import LayerpruneError
+from layerprune.files.user_files import disk_full_message
 from layerprune.finetune.teacher_cache import load_cached, teacher_fingerprint
 from layerprune.hardware.compute import ComputeChoice
 
@@ -97,8 +99,11 @@ def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int
         save_file({"values": values, "indices": indices, "offsets": offsets}, str(partial),
                   metadata={k_: str(v) for k_, v in key.items()})
         os.replace(partial, path)  # a reader never sees half a file
-    except BaseException:
+    except BaseException as err:
         partial.unlink(missing_ok=True)  # a full disk must not keep half a cache file
+        full = disk_full_message(err, path.parent) if isinstance(err, Exception) else None
+        if full is not None:  # safetensors reports it in its own words
+            raise LayerpruneError(full) from None
         raise
     return TeacherTargets(values, indices, offsets, {**key, "file": str(path)}), False
 
