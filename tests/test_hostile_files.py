@@ -4,7 +4,6 @@ it did not make, and keeps every side folder (checkpoints, study folders, settin
 
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
