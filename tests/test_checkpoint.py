@@ -274,7 +274,8 @@ def test_unknown_model_type_is_refused(tmp_path):
     src = tmp_path / "src"
     config = AutoConfig.for_model("falcon", vocab_size=128, hidden_size=32, num_attention_heads=4, num_hidden_layers=3)
     config.save_pretrained(src)
-    save_file({"transformer.h.0.w": torch.zeros(2)}, src / "model.safetensors", metadata={"format": "pt"})
+    save_file({f"transformer.h.{i}.w": torch.zeros(2) for i in range(3)}, src / "model.safetensors",
+              metadata={"format": "pt"})
     with pytest.raises(LayerpruneError, match="no layout known for model_type 'falcon'"):
         prune_checkpoint(src, [0], tmp_path / "out")
     assert_nothing_written(tmp_path, tmp_path / "out")

@@ -327,6 +327,7 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
         if not teacher_ref or teacher_ref == loaded.ref:
             raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")
         teacher = load(teacher_ref, dtype=config.train_dtype, load_tokenizer=False).model
+        _check_same_vocabulary(loaded.model, teacher, teacher_ref)
     result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=teacher, work_dir=work_dir,
                   resume=resume, log=log)
     record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
@@ -379,16 +380,33 @@ def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool)
     return None, Path(out)
 
 
+def _check_same_vocabulary(student, teacher, teacher_ref: str) -> None:
+    """Distillation matches logits token by token: a teacher of another vocabulary cannot teach."""
+    sizes = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)]
+    if sizes[0] != sizes[1]:
+        raise LayerpruneError(f"the teacher {teacher_ref} has a vocabulary of {sizes[1]:,} tokens and the model "
+                              f"{sizes[0]:,}: distillation needs the same tokenizer; use the unpruned original as "
+                              "the teacher")
+
+
 def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = False) -> Path:
     """The healed model folder: stock checkpoint + heal.json + loss curve, written atomically."""
     from layerprune.finetune.trainer import write_loss_curve
     from layerprune.files.outputs import atomic_output_dir, write_json
+    from layerprune.finetune.finite import check_finite_weights
 
+    check_finite_weights(result.model)  # NaN weights are never saved, whoever healed them
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(result.model, tokenizer, tmp, extra={"heal": record})
         write_json(Path(tmp) / "heal.json", record)
         write_loss_curve(result.loss_curve, Path(tmp))
     return Path(out)
+
+
+def _ref_key(ref: str) -> str:
+    """A model reference as a settings value: a local path made absolute (the same folder from anywhere)."""
+    path = Path(ref)
+    return str(path.resolve()) if path.exists() else ref
 
 
 def finetune_model(
@@ -408,18 +426,22 @@ def finetune_model(
     streaming: method replace on a checkpoint on disk, one layer in memory at a time (models bigger than
     memory; finetune/streaming_local.py); returns (None, output folder).
     """
-    import shutil
+    from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
 
     config = as_config(HealConfig, config, **fields)
-    check_output_dir(out, overwrite, inputs=[model_ref, config.data, config.teacher])
+    inputs = [model_ref, config.data, config.teacher]
+    check_output_dir(out, overwrite, inputs=inputs)
     if streaming:
         return _heal_streaming(model_ref, out, config, overwrite=overwrite)
     _check_heal_fits(model_ref, config)  # before any weight is read
-    loaded = load_model(model_ref, dtype=config.train_dtype)
+    # The checkpoints' folder is claimed like an output, and keyed by the settings: --resume only under them
     work_dir = Path(f"{Path(out)}.checkpoints")
-    result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resume)
+    settings = {"model": _ref_key(model_ref), "heal": config.model_dump(mode="json")}
+    resumable = claim_work_dir(work_dir, settings, inputs=inputs, resume=resume) if is_main_process() else resume
+    loaded = load_model(model_ref, dtype=config.train_dtype)
+    result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resumable)
     if not is_main_process():
         return result, Path(out)  # under accelerate/torchrun only the main process writes
     write_healed(result, record, loaded.tokenizer, out, overwrite=overwrite)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_work_dir(work_dir)
     return result, Path(out)

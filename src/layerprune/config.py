@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from layerprune.common.config_base import QualityTargetMixin, StrictConfig, apply_preset, comma_list
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, shorten
 from layerprune.finetune.config import HealConfig
 
 
@@ -328,8 +328,8 @@ class CurveConfig(QualityTargetMixin, _Strict):
     metric: str | list[str] = Field(
         ["block-influence", "angular", "search"], description="Selections to trace, comma separated: whole-layer "
         "metrics (see `layerprune metrics`) and search (the greedy drop-set search by validation loss).")
-    max_drop: float = Field(0.5, gt=0, description="Most layers removed: a fraction of the layers (below 1) or a "
-                            "count.")
+    max_drop: float = Field(0.5, gt=0, allow_inf_nan=False, description="Most layers removed: a fraction of the "
+                            "layers (below 1) or a count.")
     search_beam: int = Field(1, ge=1, description="Drop-sets the search keeps at each step (beam width).")
     knee_slope: float = Field(0.1, gt=0, description="The knee is the largest k before the validation loss first "
                               "rises by more than this many nats for one more layer.")
@@ -356,7 +356,7 @@ class CurveConfig(QualityTargetMixin, _Strict):
     def _one_target(self) -> "CurveConfig":
         self._check_one_quality_target()
         if self.max_drop >= 1 and self.max_drop != int(self.max_drop):
-            raise ValueError(f"max_drop is a fraction below 1 or a whole number of layers, got {self.max_drop}")
+            raise ValueError(f"max_drop is a fraction below 1 or a whole number of layers, got {self.max_drop:.6g}")
         return self
 
     @property
@@ -485,9 +485,9 @@ def build_config(config_cls, data: dict, where_prefix: str = "", key_name=None):
         message = first["msg"].removeprefix("Value error, ")
         if not loc and key_name:  # a rule across fields: name each field as the caller spells it (CLI options)
             for name in config_cls.model_fields:
-                message = re.sub(rf"(?<![\w-]){name}\b", key_name((name,)), message)
+                message = re.sub(rf"(?<![\w-]){name}(?![\w-])", key_name((name,)), message)  # not drop-sets
             raise LayerpruneError(f"{where_prefix}{message}") from None
-        given = f" (got {first['input']!r})" if first.get("type") != "missing" and not isinstance(
+        given = f" (got {shorten(repr(first['input']))})" if first.get("type") != "missing" and not isinstance(
             first.get("input"), dict) else ""
         raise LayerpruneError(f"{where_prefix}{where}: {message}{given}") from None
 
@@ -513,12 +513,18 @@ def set_dotted(data: dict, dotted: str, value) -> None:
                 raise LayerpruneError(f"key {dotted!r}: there is no item {part} in {'.'.join(parts[:i]) or 'config'}")
             node = node[int(part)]
             continue
+        if not isinstance(node, dict):
+            raise LayerpruneError(f"key {shorten(dotted)!r}: {'.'.join(parts[:i])} is a value "
+                                  f"({shorten(repr(node), 60)}), not a section with keys")
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
         if part == "heal" and isinstance(node[part], dict):
             node[part] = [node[part]]
         node = node[part]
     last = parts[-1]
+    if not isinstance(node, (dict, list)):  # model.a=1: model is a string, not a section
+        raise LayerpruneError(f"key {shorten(dotted)!r}: {'.'.join(parts[:-1])} is a value "
+                              f"({shorten(repr(node), 60)}), not a section with keys")
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise LayerpruneError(f"key {dotted!r}: there is no item {last}")

@@ -13,3 +13,10 @@ def first_line(err: BaseException) -> str:
     run to pages, and the CLI prints one line."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """Echoed input cut to `limit` characters: a value in an error (a YAML anchor bomb, a huge list) must not
+    turn one error line into megabytes."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from layerprune.benchmark.compare import compare, figures
 from layerprune.files.outputs import write_json
-from layerprune.report.plotting import pyplot
+from layerprune.report.plotting import pyplot, save_png
 
 
 def format_value(value: float | None, unit: str) -> str:
@@ -118,7 +118,7 @@ def plot_latency(results: list[dict], path: str | Path) -> Path:
     fig.suptitle(f"generation on {results[0]['device']} ({results[0]['dtype']})")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return path
 

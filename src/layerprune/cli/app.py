@@ -74,6 +74,10 @@ def _loading_options(kwargs: dict):
 
 
 def _print_error(message: str):
+    from layerprune.errors import shorten
+
+    # one line, whatever was echoed into it
+    message = shorten(" ".join(message.split("\n")), 2000)
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Optional
 
 import typer
@@ -120,16 +120,17 @@ def eval_compare(
 ) -> None:
     """Two evaluations side by side, with deltas (B - A)."""
     from layerprune.evaluation.results import (
-        compare_markdown, compare_rows, format_row, load_eval, protocol_differences,
+        check_comparable, compare_markdown, compare_rows, format_row, load_eval, protocol_differences,
     )
 
     if out is not None:
         from layerprune.files.outputs import check_not_input
 
         check_not_input(out, [a, b])
-        if Path(out).exists() and not overwrite:
+        if os.path.lexists(out) and not overwrite:  # a dangling symlink too: writing would make its target
             raise LayerpruneError(f"{out} already exists; pass --overwrite to replace it")
     ra, rb = load_eval(a), load_eval(b)
+    check_comparable(ra, rb, a, b)
     table = Table(title=f"A = {a}   B = {b}")
     for column in ("metric", "A", "B", "B - A"):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -139,7 +140,9 @@ def eval_compare(
     for note in protocol_differences(ra, rb):
         console.print(f"[yellow]not directly comparable:[/] {note}", highlight=False)
     if out is not None:
-        Path(out).write_text(compare_markdown(ra, rb, a, b), encoding="utf-8")
+        from layerprune.files.outputs import write_text
+
+        write_text(out, compare_markdown(ra, rb, a, b))  # atomic; a symlink is replaced, never written through
         console.print(f"wrote {out}")
 
 

@@ -73,7 +73,15 @@ def load_examples(source: str, *, fields: FieldMap | None = None, max_samples: i
             if role not in record:
                 raise LayerpruneError(f"{source} record {number} has no field {role!r} (fields: {', '.join(record)})")
         context = record.get(fields.context, "") if fields.context else ""
-        examples.append(Example(str(record[fields.instruction]), str(context or ""), str(record[fields.response])))
+        texts = {fields.instruction: record[fields.instruction], fields.response: record[fields.response]}
+        if fields.context:
+            texts[fields.context] = "" if context is None else context
+        for role, value in texts.items():  # str(None) would train on the text "None"
+            if not isinstance(value, str):
+                shown = "null" if value is None else type(value).__name__
+                raise LayerpruneError(f"{source} record {number}: field {role!r} is {shown}, not text; fix or remove "
+                                      "that record")
+        examples.append(Example(texts[fields.instruction], texts.get(fields.context, ""), texts[fields.response]))
     if max_samples is not None:
         if max_samples < 1:
             raise LayerpruneError(f"max_samples must be >= 1, got {max_samples}")
@@ -111,6 +119,10 @@ def _read_records(source: str) -> list[dict]:
                 records = json.loads(text)
             except json.JSONDecodeError as err:
                 raise LayerpruneError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+            except RecursionError:
+                raise LayerpruneError(f"{path} is nested too deeply to be instruction records") from None
+            if not isinstance(records, list):
+                raise LayerpruneError(f"{path} must hold a JSON list of records")
             for number, record in enumerate(records, 1):
                 if not isinstance(record, dict):
                     raise LayerpruneError(f"{path}: record {number} of the list is not a JSON object")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json
 
 
@@ -96,7 +97,22 @@ class CompareRow:
 def load_eval(folder: str | Path) -> dict:
     """An evaluation folder's eval.json, or the given JSON file itself."""
     path = Path(folder)
-    return read_json(path / "eval.json" if path.is_dir() else path)
+    path = path / "eval.json" if path.is_dir() else path
+    record = read_json(path)
+    if not isinstance(record, dict) or any(not isinstance(record.get(key, {}), dict)
+                                           for key in ("model", "tasks", "perplexity")):
+        raise LayerpruneError(f"{path} is not an evaluation written by layerprune eval (no tasks/perplexity mapping)")
+    return record
+
+
+def check_comparable(a: dict, b: dict, name_a: str, name_b: str) -> None:
+    """Refuse two evaluations with nothing in common: their averages would be of different tasks."""
+    tasks = [set(r.get("tasks", {})) for r in (a, b)]
+    ppl = [set(r.get("perplexity", {})) for r in (a, b)]
+    if not (tasks[0] & tasks[1]) and not (ppl[0] & ppl[1]):
+        listed = [", ".join(sorted(t | p))[:200] or "nothing" for t, p in zip(tasks, ppl)]
+        raise LayerpruneError(f"{name_a} and {name_b} have no task or perplexity set in common ({name_a}: "
+                              f"{listed[0]}; {name_b}: {listed[1]}), so there is nothing to compare")
 
 
 def compare_rows(a: dict, b: dict) -> list[CompareRow]:
@@ -130,6 +146,10 @@ def protocol_differences(a: dict, b: dict) -> list[str]:
     ta, tb = pa.get("tasks") or {}, pb.get("tasks") or {}
     if ta and tb and ta.get("limit") != tb.get("limit"):
         notes.append(f"task limit: {ta.get('limit')} vs {tb.get('limit')}")
+    only = [sorted(set(x.get("tasks", {})) - set(y.get("tasks", {}))) for x, y in ((a, b), (b, a))]
+    if a.get("average") and b.get("average") and (only[0] or only[1]):
+        notes.append(f"Avg Acc averages other tasks (only in A: {', '.join(only[0]) or '-'}; only in B: "
+                     f"{', '.join(only[1]) or '-'})")
     ha, hb = pa.get("humaneval") or {}, pb.get("humaneval") or {}
     for key in ("limit", "max_new_tokens"):
         if ha and hb and ha.get(key) != hb.get(key):

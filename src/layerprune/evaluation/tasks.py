@@ -162,6 +162,8 @@ def resolve_tasks(text: str, data_source: str = "bundled") -> list[TaskEntry]:
                 f"unknown task {item!r}; choose from {known}, 'paper', humaneval (executes generated code), "
                 "or a path to a task .yaml or .jsonl file"
             )
+        if path.is_dir():
+            raise LayerpruneError(f"task {item} is a folder; give a task .yaml or .jsonl file")
         if not path.is_file():
             raise LayerpruneError(f"task file not found: {item}")
         digest = sha256_uncompressed(str(path))

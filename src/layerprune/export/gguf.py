@@ -33,7 +33,7 @@ from typing import Callable
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.builtin import cache_dir
-from layerprune.files.outputs import check_not_input, read_json
+from layerprune.files.outputs import check_not_input, cleanup_on_signals, read_json
 from layerprune.files.pypi import last_line, pip_download
 
 # llama-cpp-python 0.3.36 is the newest release on PyPI when this was written; its vendored
@@ -170,7 +170,7 @@ def export_gguf(
         raise LayerpruneError(f"output {out} must be a .gguf file")
     if out.is_dir():
         raise LayerpruneError(f"output {out} is a folder; pass a .gguf file path")
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:  # a dangling symlink too
         raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
     check_not_input(out, [model])
     quantize = None
@@ -199,39 +199,42 @@ def export_gguf(
     env.setdefault("HF_HUB_OFFLINE", "1")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    staged_f16 = tmp.with_name(tmp.name + ".f16") if quantize else None
-    try:
-        outtype = "f16" if quantize else quant
-        cmd = [sys.executable, str(script), str(folder), "--outfile", str(staged_f16 or tmp), "--outtype", outtype]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent)
-        if result.returncode != 0:
-            raise LayerpruneError(f"llama.cpp's converter could not export {model}: {_converter_error(result)}")
-        if quantize == "llama_cpp":  # the library call behind llama-quantize, from llama-cpp-python
-            from layerprune.export.llamacpp import quantize_gguf
-
-            fallbacks = quantize_gguf(staged_f16, tmp, quant.upper(), **keep_types)
-            if fallbacks["fallback_tensors"] and log is not None:
-                kinds = ", ".join(f"{n} x {k}" for k, n in fallbacks["fallback_types"].items())
-                log(f"llama.cpp stored {fallbacks['fallback_tensors']} of {fallbacks['tensors']} tensors in other "
-                    f"types ({kinds}): q4_K needs rows that are multiples of 256 values "
-                    f"(rows here: {', '.join(map(str, fallbacks['row_lengths']))})")
-        elif quantize:
-            options = [f"--{key.replace('_', '-')}={_ggml_type_name(value)}" for key, value in keep_types.items()]
-            result = subprocess.run([quantize, *options, str(staged_f16), str(tmp), quant.upper()], capture_output=True,
-                                    text=True)
+    with cleanup_on_signals():  # SIGTERM: the finally removes the temp files; subprocess.run kills its child
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        staged_f16 = tmp.with_name(tmp.name + ".f16") if quantize else None
+        try:
+            outtype = "f16" if quantize else quant
+            cmd = [sys.executable, str(script), str(folder), "--outfile", str(staged_f16 or tmp),
+                   "--outtype", outtype]
+            result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent)
             if result.returncode != 0:
-                raise LayerpruneError(f"llama-quantize failed: {last_line(result.stderr or result.stdout)}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions of a normal one
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        if staged_f16 is not None:
-            staged_f16.unlink(missing_ok=True)
+                raise LayerpruneError(f"llama.cpp's converter could not export {model}: "
+                                      f"{_converter_error(result, out)}")
+            if quantize == "llama_cpp":  # the library call behind llama-quantize, from llama-cpp-python
+                from layerprune.export.llamacpp import quantize_gguf
+
+                fallbacks = quantize_gguf(staged_f16, tmp, quant.upper(), **keep_types)
+                if fallbacks["fallback_tensors"] and log is not None:
+                    kinds = ", ".join(f"{n} x {k}" for k, n in fallbacks["fallback_types"].items())
+                    log(f"llama.cpp stored {fallbacks['fallback_tensors']} of {fallbacks['tensors']} tensors in "
+                        f"other types ({kinds}): q4_K needs rows that are multiples of 256 values "
+                        f"(rows here: {', '.join(map(str, fallbacks['row_lengths']))})")
+            elif quantize:
+                options = [f"--{key.replace('_', '-')}={_ggml_type_name(value)}" for key, value in keep_types.items()]
+                result = subprocess.run([quantize, *options, str(staged_f16), str(tmp), quant.upper()],
+                                        capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise LayerpruneError(f"llama-quantize failed: {last_line(result.stderr or result.stdout)}")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions of a normal one
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if staged_f16 is not None:
+                staged_f16.unlink(missing_ok=True)
     return out
 
 
@@ -271,7 +274,12 @@ def _ggml_type_name(value: int) -> str:
     return gguf.GGMLQuantizationType(value).name.lower()
 
 
-def _converter_error(result: subprocess.CompletedProcess) -> str:
+def _converter_error(result: subprocess.CompletedProcess, out: Path | None = None) -> str:
+    from layerprune.files.user_files import disk_full_message
+
+    full = disk_full_message(RuntimeError(result.stderr or ""), out) if out is not None else None
+    if full is not None:  # its last line is progress text; the cause is in the traceback above it
+        return full
     line = last_line(result.stderr or result.stdout)
     if "pre-tokenizer was not recognized" in line:
         line += " (llama.cpp does not support this model's tokenizer)"

@@ -17,9 +17,11 @@ from typing import Any, Iterable, Iterator
 
 from layerprune.errors import LayerpruneError
 from layerprune.files.renames import exchange, rename_noreplace
+from layerprune.files.user_files import disk_full_message
 
 # Every folder layerprune writes carries this file; --overwrite replaces only such folders (or empty ones).
 MARKER = ".layerprune-output"
+LOCK_FILE = ".layerprune-lock"  # a run or study folder's lock (runs/lock.py)
 _MARKER_TEXT = "This folder was written by layerprune; its --overwrite may replace it.\n"
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 _TEMP_TAIL = re.compile(r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")  # after ".NAME.layerprune-tmp-"
@@ -62,7 +64,9 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable = (), *, replaces: 
 
 
 def is_layerprune_output(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / MARKER).is_file()
+    """The folder carries layerprune's marker (a symlink named like it could point at anyone's file)."""
+    marker = Path(folder) / MARKER
+    return marker.is_file() and not marker.is_symlink()
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: Iterable = ()) -> Path:
@@ -165,6 +169,18 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextlib.contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise inside the body, so its `finally` blocks (temporary files) and subprocess.run
+    (which kills its child on any exception) clean up; then the signal takes its usual course."""
+    try:
+        with _signals_raise():
+            yield
+    except _Signalled as caught:
+        signal.raise_signal(caught.signum)  # now with the previous handler: terminate, or KeyboardInterrupt
+        raise SystemExit(128 + caught.signum) from None  # a handler that returned
+
+
 def _replaceable(path: Path, overwrite: bool) -> bool:
     """What may be deleted to make room: an empty folder, or with overwrite a folder layerprune wrote."""
     if path.is_symlink() or not path.is_dir():
@@ -220,8 +236,11 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
         _remove(tmp)
         signal.raise_signal(caught.signum)  # now with the previous handler: terminate, or KeyboardInterrupt
         raise SystemExit(128 + caught.signum) from None  # a handler that returned
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
+        message = disk_full_message(err, out) if isinstance(err, Exception) else None
+        if message is not None:  # a library's wrapped ENOSPC too: one line with the free space
+            raise LayerpruneError(message) from None
         raise
 
 
@@ -271,23 +290,59 @@ def atomic_output_file(out: str | os.PathLike, overwrite: bool = False, inputs: 
 
 def mark_output_dir(folder: str | os.PathLike) -> None:
     """Mark a folder that layerprune fills in place (a run folder) as its own."""
-    (Path(folder) / MARKER).write_text(_MARKER_TEXT)
+    write_text(Path(folder) / MARKER, _MARKER_TEXT)
+
+
+def claim_folder(folder: str | os.PathLike, inputs: Iterable = (), what: str = "run folder") -> Path:
+    """Take a folder that layerprune fills in place (a run or study folder): refuse one that is or holds an
+    input, or that holds files layerprune did not write (no marker); create it and mark it."""
+    folder = Path(folder)
+    check_not_input(folder, inputs, replaces=False)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise LayerpruneError(f"{what} {folder} exists and is not a folder")
+    # a lock file alone is an earlier claim's start: another run that holds it is refused by the lock
+    foreign = [p for p in folder.iterdir() if not _is_lock(p)] if folder.is_dir() else []
+    if foreign and not is_layerprune_output(folder):
+        raise LayerpruneError(f"{what} {folder} holds files that layerprune did not write (it has no {MARKER} "
+                              "file); choose another out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LayerpruneError(f"cannot make the {what} {folder}: {err.strerror or err}") from None
+    mark_output_dir(folder)
+    return folder
+
+
+def _is_lock(path: Path) -> bool:
+    return path.name == LOCK_FILE and path.is_file() and not path.is_symlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file atomically (temp file + rename). A symlink at `path` is replaced by the file, never
+    written through: in a folder layerprune fills in place, a link may point at anyone's file."""
+    path = Path(path)
+    clean_stale_temps(path)
+    tmp = _temp_path(path)
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """write_bytes of UTF-8 text."""
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
     """Write JSON atomically (temp file + rename), with the permissions of a normal file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path)
-    tmp = _temp_path(path)
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike, *, missing_ok: bool = False) -> Any:
@@ -308,6 +363,8 @@ def read_json(path: str | os.PathLike, *, missing_ok: bool = False) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise LayerpruneError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise LayerpruneError(f"{path} is nested too deeply to be read") from None
 
 
 def is_main_process() -> bool:

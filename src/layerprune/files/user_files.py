@@ -94,6 +94,8 @@ def parse_json_object(text: str, where: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise LayerpruneError(f"{where} is not valid JSON ({err.msg})") from None
+    except RecursionError:  # [[[[...]]]] thousands deep
+        raise LayerpruneError(f"{where} is nested too deeply to be a record") from None
     if not isinstance(value, dict):
         raise LayerpruneError(f"{where} is not a JSON object (it is a JSON {_json_kind(value)}); "
                               "each line must be one {...} record")
@@ -185,3 +187,20 @@ def os_error_message(err: OSError) -> str | None:
     if err.errno == errno.EROFS:
         return f"cannot write{where}: it is on a read-only file system; write the output elsewhere"
     return f"permission denied{':' + where if where else ''}; check the file's permissions or use another path"
+
+
+# How a full disk shows when a library hides the OSError: torch.save's stream writer, safetensors' Rust error.
+_DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "file write failed")
+
+
+def disk_full_message(err: BaseException, where: str | os.PathLike) -> str | None:
+    """One line for an error that is a full disk (an OSError ENOSPC/EDQUOT, or a library's error that wraps
+    one), naming `where` and its free space; None for any other error."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return os_error_message(err if err.filename is not None else OSError(err.errno, err.strerror, str(where)))
+    text = str(err).lower()
+    if isinstance(err, OSError) or not any(marker in text for marker in _DISK_FULL_TEXTS):
+        return None
+    free = free_bytes(where)
+    room = f" ({_mb(free)} MB free)" if free is not None else ""
+    return f"no space left on the disk while writing {where}{room}; free some space or write the output elsewhere"

@@ -1,8 +1,9 @@
 """The teacher's next-token targets for distillation: top-k logits of every labelled position, computed
 once and cached on disk, so more epochs, methods or reruns on the same data never run the teacher again.
 
-The cache key hashes the teacher's weights (a fingerprint), the training rows and k; the file holds the
-key's inputs next to the tensors, so a cached file says what it was made from.
+The cache key hashes the teacher's weights (every byte: teacher_cache.py), the training rows and k; the
+file holds the key's inputs next to the tensors, so a cached file says what it was made from. A damaged
+cache file is removed and made again.
 """
 
 from __future__ import annotations
@@ -20,18 +21,10 @@ from torch import nn
 from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.finetune.collate import PadCollator
 from layerprune.finetune.losses import causal_lm_parts, head_logits, labelled_positions
+from layerprune.errors import LayerpruneError
+from layerprune.files.user_files import disk_full_message
+from layerprune.finetune.teacher_cache import load_cached, teacher_fingerprint
 from layerprune.hardware.compute import ComputeChoice
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap digest of a model's weights: config, every tensor's name, shape, sum and first values."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            digest.update(f"{name}{tuple(tensor.shape)}{float(flat.double().sum()):.10e}".encode())
-            digest.update(flat[:16].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
@@ -88,20 +81,33 @@ def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int
                     batch_size: int = 8, compute: ComputeChoice | None = None,
                     log=None) -> tuple[TeacherTargets, bool]:
     """The teacher's top-k targets of `rows`, from the cache when present; returns (targets, from_cache)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    key = {"teacher": model_fingerprint(teacher), "rows": rows_fingerprint(rows), "k": k,
+    key = {"teacher": teacher_fingerprint(teacher, cache_dir), "rows": rows_fingerprint(rows), "k": k,
            "compute": compute.dtype if compute is not None else "none"}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"teacher-top{k}-{name}.safetensors"
     if path.is_file():
-        tensors = load_file(str(path))
-        return TeacherTargets(tensors["values"], tensors["indices"], tensors["offsets"], {**key, "file": str(path)}), True
+        cached = load_cached(path, len(rows), k, _vocab_size(teacher))
+        if cached is not None:
+            return TeacherTargets(*cached, {**key, "file": str(path)}), True
     values, indices, offsets = compute_teacher_targets(teacher, rows, k, pad_id=pad_id, batch_size=batch_size,
                                                        compute=compute, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"values": values, "indices": indices, "offsets": offsets}, str(partial),
-              metadata={k_: str(v) for k_, v in key.items()})
-    os.replace(partial, path)  # a reader never sees half a file
+    try:
+        save_file({"values": values, "indices": indices, "offsets": offsets}, str(partial),
+                  metadata={k_: str(v) for k_, v in key.items()})
+        os.replace(partial, path)  # a reader never sees half a file
+    except BaseException as err:
+        partial.unlink(missing_ok=True)  # a full disk must not keep half a cache file
+        full = disk_full_message(err, path.parent) if isinstance(err, Exception) else None
+        if full is not None:  # safetensors reports it in its own words
+            raise LayerpruneError(full) from None
+        raise
     return TeacherTargets(values, indices, offsets, {**key, "file": str(path)}), False
+
+
+def _vocab_size(teacher: nn.Module) -> int:
+    _, head, _ = causal_lm_parts(teacher)
+    return int(head.weight.shape[0])

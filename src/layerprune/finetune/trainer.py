@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.finetune.collate import PadCollator, TokenizedDataset  # noqa: F401  (PadCollator: public here)
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
+from layerprune.finetune.finite import check_finite_weights, check_loss, finite_guard
 from layerprune.hardware.compute import announce
 from layerprune.finetune.losses import (
     causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions,
@@ -51,6 +53,8 @@ def _trainer_class():
             # like the stock causal-LM loss: the sum over the accumulated batch's label tokens, or the mean
             count = num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1)
             loss = total / count
+            if model.training:  # a diverged heal stops here, at the step it happened
+                check_loss(loss, self.state.global_step + 1, self.args.learning_rate)
             return (loss, None) if return_outputs else loss
 
         def _teacher_topk(self, inputs):
@@ -161,13 +165,13 @@ def heal(
         alpha=config.distill_alpha,
         top_k=config.distill_top_k,
         chunk=config.loss_chunk,
-        callbacks=[deadline] if deadline is not None else None,
+        callbacks=[finite_guard(config.learning_rate), *([deadline] if deadline is not None else [])],
     )
     if distill_from is not None:
         distill_from.eval().requires_grad_(False)
     start = time.perf_counter()
     checkpoint = _last_checkpoint(work_dir) if resume else None
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    output = _train(trainer, checkpoint, work_dir)
     _close_process_group_at_exit()
     seconds = time.perf_counter() - start
     curve = [
@@ -180,6 +184,7 @@ def heal(
     context.notes["estimate"]["took_seconds"] = round(time.perf_counter() - started, 1)  # teacher pass included
     final = method.finalize(trainable_model, config, context)
     final.eval()
+    check_finite_weights(final)
     tokens = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in rows)
     epochs_done = trainer.state.epoch or 0
     return HealResult(
@@ -302,6 +307,7 @@ def _run_procedure(method, model, rows, config, context) -> HealResult:
     _, total = trainable_parameters(model)
     healed = method.run(model, rows, config, context)
     healed.eval()
+    check_finite_weights(healed)
     curve = context.notes.pop("loss_curve", [])
     return HealResult(model=healed, method=config.method, trainable_params=context.notes.pop("changed_params", 0),
                       total_params=total, steps=len(curve), tokens_seen=context.notes.pop("tokens", 0),
@@ -328,6 +334,33 @@ def _tokens_in_steps(rows, trainer, accumulation) -> int:
     per_example = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in rows) / len(rows)
     examples = trainer.state.global_step * accumulation * trainer.args.per_device_train_batch_size
     return int(per_example * examples)
+
+
+def _train(trainer, checkpoint, work_dir: Path):
+    """trainer.train; a full disk while saving a checkpoint is one error, and the checkpoint it was writing
+    (no trainer_state.json yet: the Trainer writes it last) is removed instead of left filling the disk."""
+    from layerprune.files.user_files import disk_full_message
+
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as err:
+        _close_progress_bars(trainer)  # so the error line starts on a line of its own
+        message = disk_full_message(err, work_dir)
+        if message is None:
+            raise
+        for folder in work_dir.glob("checkpoint-*") if work_dir.is_dir() else ():
+            if folder.is_dir() and not folder.is_symlink() and not (folder / "trainer_state.json").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+        raise LayerpruneError(message) from None
+
+
+def _close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
 
 
 def _last_checkpoint(work_dir: Path):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, shorten
 from layerprune.models.anatomy import family_spec, supported_model_types
 from layerprune.models.prune_result import PruneResult
 from layerprune.models.saving import RECORD_FILE, write_record_file
@@ -96,13 +96,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise LayerpruneError(f"{path} is not a safetensors file (its header is not a JSON object)")
     data_size = file_size - 8 - size
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not _valid_entry(info):
-            raise LayerpruneError(f"{path} is corrupt: the header entry of tensor {name!r} is malformed")
-        end = max(end, info["data_offsets"][1])
+    end = _check_entries(path, header)
     if end != data_size:
         what = "truncated" if end > data_size else "corrupt"
         raise LayerpruneError(
@@ -110,6 +104,43 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
             f"which holds {data_size:,} bytes"
         )
     return header, 8 + size
+
+
+# Bits per element of each safetensors dtype: a header's byte range must be exactly shape x this.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+              "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "I64": 64, "U64": 64, "F64": 64, "C64": 64}
+MAX_ELEMENTS = 2**48  # far above any real tensor; a larger shape is a lie that would overflow arithmetic
+
+
+def _check_entries(path, header: dict) -> int:
+    """Every tensor entry as strict as the safetensors loader: known dtype, a sane shape, a byte range of
+    exactly shape x dtype, and ranges that tile the data section from 0 without overlap. Returns its end."""
+    ranges = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not _valid_entry(info):
+            raise LayerpruneError(f"{path} is corrupt: the header entry of tensor {name!r:.100} is malformed")
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPE_BITS:
+            raise LayerpruneError(f"{path} is corrupt: tensor {name!r:.100} has an unknown dtype {dtype!r:.20}")
+        numel = math.prod(shape)
+        if numel > MAX_ELEMENTS:
+            raise LayerpruneError(f"{path} is corrupt: tensor {name!r:.100} claims an absurd shape {shape!s:.100}")
+        if numel * DTYPE_BITS[dtype] != (end - begin) * 8:
+            raise LayerpruneError(
+                f"{path} is corrupt: tensor {name!r:.100} is {dtype} of shape {shape}, which is "
+                f"{numel * DTYPE_BITS[dtype] / 8:,.0f} bytes, but its header gives it {end - begin:,}")
+        ranges.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise LayerpruneError(f"{path} is corrupt: the data of tensor {name!r:.100} {problem} (bytes {begin:,} "
+                                  f"to {end:,}); each tensor must have bytes of its own")
+        position = end
+    return position
 
 
 def _valid_entry(info) -> bool:
@@ -365,7 +396,8 @@ def _check_layer_indices(names: list[str], prefix: str, n_layers: int) -> None:
         missing = sorted(set(range(n_layers)) - found)
         raise LayerpruneError(
             f"the checkpoint's layer tensors don't match its config ({n_layers} layers): "
-            + (f"unexpected layer indices {extra}" if extra else f"no tensor for layers {missing}")
+            + (f"unexpected layer indices {shorten(str(extra), 80)}" if extra
+               else f"no tensor for layers {shorten(str(missing), 80)}")
         )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from layerprune.errors import LayerpruneError, first_line
+from layerprune.errors import LayerpruneError, first_line, shorten
 from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path, cache_dir
 from layerprune.models.dtypes import parse_dtype
 from layerprune.models.model_config import (  # noqa: F401  (loading_options: the public way to set them)
@@ -303,7 +303,7 @@ def _is_layer_key(model, key: str) -> bool:
 
 def _describe_keys(model, keys: list[str]) -> str:
     layers = sorted({i for key in keys if (i := _layer_of(model, key)) is not None})
-    where = f" of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else ""
+    where = f" of layer{'s' if len(layers) > 1 else ''} {shorten(', '.join(map(str, layers)), 80)}" if layers else ""
     return f"{len(keys)} tensor{'s' if len(keys) > 1 else ''}{where}, e.g. {keys[0]}"
 
 

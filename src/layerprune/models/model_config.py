@@ -66,6 +66,9 @@ def read_model_config(folder: str | os.PathLike, *, trust_remote_code: bool | No
     """The transformers config of a model folder; one LayerpruneError when it can't be read."""
     from transformers import AutoConfig
 
+    from layerprune.models.config_sanity import check_config_sanity
+
+    check_config_sanity(folder)  # before AutoConfig: some config classes already build per-layer lists
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trusts_remote_code(trust_remote_code))
     except (OSError, ValueError, KeyError) as err:

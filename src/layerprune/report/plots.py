@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from layerprune.importance.base import LayerScores
-from layerprune.report.plotting import pyplot
+from layerprune.report.plotting import pyplot, save_png
 
 
 def plot_scores(all_scores: dict[str, LayerScores], path: str | Path, dropped: dict[str, list[int]] | None = None) -> Path:
@@ -30,7 +30,7 @@ def plot_scores(all_scores: dict[str, LayerScores], path: str | Path, dropped: d
     fig.suptitle("layer importance (higher = keep; red = dropped)")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -57,6 +57,6 @@ def plot_angular_heatmap(scores: LayerScores, path: str | Path) -> Path | None:
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return path

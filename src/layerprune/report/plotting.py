@@ -11,3 +11,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_png(fig, path):
+    """The figure as a PNG at `path`, written atomically and never through a symlink (outputs.write_bytes):
+    run and study folders are filled in place."""
+    import io
+    from pathlib import Path
+
+    from layerprune.files.outputs import write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return write_bytes(Path(path), buffer.getvalue())

@@ -7,7 +7,7 @@ from pathlib import Path
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
 from layerprune.importance.scores_file import read_scores_json
-from layerprune.files.outputs import read_json
+from layerprune.files.outputs import read_json, write_text
 from layerprune.report import study_plots
 from layerprune.report.plots import plot_angular_heatmap, plot_scores
 from layerprune.report.run_report import run_report
@@ -102,7 +102,7 @@ def write_run_report(run_dir: str | Path, final_ref: str | None = None) -> tuple
     images = [p for p in made if p.parent == run_dir]
     if images:
         text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
-    (run_dir / "report.md").write_text(text)
+    write_text(run_dir / "report.md", text)  # atomic, never through a symlink: the run folder is filled in place
     return summary, [run_dir / "report.md", *made]
 
 

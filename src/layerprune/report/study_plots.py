@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.report.plotting import pyplot
+from layerprune.report.plotting import pyplot, save_png
 
 # Drop kinds of a layer map, in the order they win when one layer is listed twice.
 _KINDS = (("block", "tab:red", "whole layer"), ("attention", "tab:orange", "attention only"),
@@ -20,7 +20,7 @@ _KINDS = (("block", "tab:red", "whole layer"), ("attention", "tab:orange", "atte
 def _save(fig, plt, path: str | Path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return path
 

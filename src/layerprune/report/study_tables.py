@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.files.outputs import read_json
+from layerprune.files.outputs import read_json, write_text
 
 
 def study_rows(study_dir: Path) -> tuple[list[str], list[dict]]:
@@ -100,9 +100,9 @@ def write_tables(study_dir: Path, axes: list[str], rows: list[dict]) -> dict[str
         writer.writerow([r.get(c, "") if r.get(c) is not None else "" for c in columns] +
                         [" ".join(map(str, r.get("dropped", [])))])
     paths = {"md": study_dir / "study.md", "csv": study_dir / "study.csv", "html": study_dir / "study.html"}
-    paths["md"].write_text("\n".join(md) + "\n")
-    paths["csv"].write_text(buffer.getvalue())
-    paths["html"].write_text(_html(study_dir.name, columns, cells))
+    write_text(paths["md"], "\n".join(md) + "\n")  # atomic, never through a symlink: the folder is filled in place
+    write_text(paths["csv"], buffer.getvalue())
+    write_text(paths["html"], _html(study_dir.name, columns, cells))
     return paths
 
 

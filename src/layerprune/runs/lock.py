@@ -9,6 +9,7 @@ fake a live holder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -16,15 +17,21 @@ from pathlib import Path
 from typing import Iterator
 
 from layerprune.errors import LayerpruneError
+from layerprune.files.outputs import LOCK_FILE  # noqa: F401  (public here too)
 
-LOCK_FILE = ".layerprune-lock"
 
 
 @contextlib.contextmanager
 def run_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold the folder's lock for the body; one LayerpruneError at once when another run holds it."""
     path = Path(folder) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # never through a symlink: the lock file is truncated and written below
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise LayerpruneError(f"{path} is a symbolic link; layerprune writes its lock file only as a plain file "
+                                  "(remove the link)") from None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

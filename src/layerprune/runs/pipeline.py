@@ -19,10 +19,7 @@ from typing import Callable
 import torch
 
 from layerprune.config import RunConfig
-from layerprune.errors import LayerpruneError
-from layerprune.files.outputs import (
-    MARKER, check_not_input, is_layerprune_output, is_main_process, mark_output_dir, write_json,
-)
+from layerprune.files.outputs import claim_folder, is_main_process, write_json, write_text
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.saving import package_versions
 from layerprune.runs.lock import run_folder_lock
@@ -66,7 +63,7 @@ class Run:
     def _execute(self) -> dict:
         from layerprune.runs.steps import STEPS
 
-        (self.dir / "config.yaml").write_text(_yaml(self.config.model_dump(mode="json")))
+        write_text(self.dir / "config.yaml", _yaml(self.config.model_dump(mode="json")))
         write_json(self.path("versions.json"), package_versions())
         started = time.perf_counter()
         from layerprune.hardware.job_plan import announce_plan
@@ -88,14 +85,7 @@ class Run:
 
     def claim_folder(self) -> None:
         """Refuse a run folder that is or holds an input, or holds files layerprune did not write; mark it."""
-        check_not_input(self.dir, run_inputs(self.config), replaces=False)
-        if self.dir.exists() and not self.dir.is_dir():
-            raise LayerpruneError(f"run folder {self.dir} exists and is not a folder")
-        if self.dir.is_dir() and any(self.dir.iterdir()) and not is_layerprune_output(self.dir):
-            raise LayerpruneError(f"run folder {self.dir} holds files that layerprune did not write (it has no "
-                                  f"{MARKER} file); choose another out")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        mark_output_dir(self.dir)
+        claim_folder(self.dir, run_inputs(self.config))
 
     def time_plan(self):
         """Time a forward of the original here, estimate every stage from it and print the plan."""

@@ -9,8 +9,6 @@ them; the run folder's lock keeps a second run from writing meanwhile.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -18,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from layerprune.common.settings import changed_keys, settings_digest
+from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json, write_json
 
 RECORD_FILE = "stages.json"
 STALE_DIR = "stale"
-
-
-def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -39,18 +35,6 @@ class Stage:
     @property
     def digest(self) -> str:
         return settings_digest(self.settings)
-
-
-def changed_keys(old, new, prefix: str = "") -> list[str]:
-    """'key.path: old -> new' for each setting that differs (dotted paths, as --set writes them; a list of
-    stages such as heal is followed item by item, a list of values is one setting)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [line for key in sorted(set(old) | set(new), key=str)
-                for line in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
-            and all(isinstance(item, dict) for item in old + new)):
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in changed_keys(a, b, f"{prefix}{i}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 def settle(run_dir: Path, stages: list[Stage], log: Callable[[str], None]) -> None:
@@ -99,6 +83,9 @@ def settle(run_dir: Path, stages: list[Stage], log: Callable[[str], None]) -> No
 
 
 def _stale_batch(run_dir: Path) -> Path:
+    if (run_dir / STALE_DIR).is_symlink():  # outputs are moved only within the run folder layerprune claimed
+        raise LayerpruneError(f"{run_dir / STALE_DIR} is a symbolic link; layerprune moves earlier outputs only into "
+                              "a folder of its own there (remove the link)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
         batch = run_dir / STALE_DIR / (stamp if n == 1 else f"{stamp}-{n}")

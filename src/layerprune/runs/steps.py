@@ -10,7 +10,6 @@ output sits at a stage's path is that stage's own unfinished work.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -18,7 +17,8 @@ from layerprune.config import RunConfig
 from layerprune.files.outputs import atomic_output_dir, is_main_process, read_json, write_json
 from layerprune.models.loading import LoadedModel
 from layerprune.models.saving import save_model
-from layerprune.runs.planner import heal_settings, prune_settings, work_dir_name
+from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
+from layerprune.runs.planner import heal_settings, prune_settings, run_inputs, work_dir_name
 from layerprune.runs.stages import Stage
 
 
@@ -152,12 +152,16 @@ def heal(run: Run, number: int, ref: str, out: Path, *, base: dict) -> str:
     config = run.config.heal[number - 1]
     loaded = run.load(ref, run.original, saved=True, dtype=config.train_dtype)
     run.log(f"healing with {config.method} ({out.name})")
-    work = out.with_name(work_dir_name(out.name, heal_settings(run.config, base, number)))
+    settings = heal_settings(run.config, base, number)
+    work = out.with_name(work_dir_name(out.name, settings))
+    resume = work.exists()
+    if is_main_process():  # claimed like an output: only a folder layerprune made is resumed or deleted
+        resume = claim_work_dir(work, settings, inputs=run_inputs(run.config), resume=True, option="resume")
     result, record = heal_loaded(loaded, config, default_teacher=run.config.model, work_dir=work,
-                                 resume=work.exists(), log=run.log)
+                                 resume=resume, log=run.log)
     if is_main_process():  # under accelerate/torchrun only the main process writes
         write_healed(result, record, loaded.tokenizer, out, overwrite=True)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_dir(work)
     return str(out)
 
 

@@ -28,6 +28,9 @@ from layerprune.errors import LayerpruneError
 
 def max_drop_count(max_drop: float, n_layers: int, protect_first: int = 0, protect_last: int = 0) -> int:
     """K, the most layers removed: a fraction of the layers (rounded) or a count; at least one layer stays."""
+    if not math.isfinite(max_drop) or max_drop > 10 * n_layers:  # inf, or 1e308: no count, no 309-digit message
+        raise LayerpruneError(f"max_drop {max_drop:.6g} is not below the model's {n_layers} layers; give a fraction "
+                              "below 1 or a count of layers that leaves at least one")
     count = round(n_layers * max_drop) if max_drop < 1 else int(max_drop)
     allowed = n_layers - protect_first - protect_last
     if count < 1 or count >= n_layers or count > allowed:
@@ -138,7 +141,7 @@ PLOT_CLIP = 100
 def plot_curve(record: dict, path: str | Path) -> Path:
     """Validation perplexity (log scale) against layers removed: one line per selection (the search in
     black), a circle at each knee (also in the legend), a dashed line at the quality target."""
-    from layerprune.report.plotting import pyplot
+    from layerprune.report.plotting import pyplot, save_png
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -173,7 +176,7 @@ def plot_curve(record: dict, path: str | Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return path
 

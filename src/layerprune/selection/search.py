@@ -178,6 +178,9 @@ def choose_by_loss(model: nn.Module, config: PruneConfig, *, score, validation, 
     data = validation_data(validation)
     losses = DropSetLosses(model, data)
     allowed = allowed_positions(len(layers), config.protect_first, config.protect_last)
+    if not allowed:
+        raise LayerpruneError(f"protect_first {config.protect_first} and protect_last {config.protect_last} cover all "
+                              f"{len(layers)} layers, so no layer can be dropped; protect fewer")
     path, scores = _path(config, losses, allowed, layers, score, log)
     point, constraints = _count(model, config, path, losses, layers, n_drop)
     record = {"dropped": sorted(layers[p] for p in point.positions), "chosen_by": point.label,
@@ -252,6 +255,8 @@ def _count(model, config: PruneConfig, path, losses: DropSetLosses, layers: list
     constraints: dict = {}
     if config.target_params is None and config.target_latency is None:  # the quality target alone: the most layers
         k, over = most_within(loss_at, limit, len(layers))
+        if k == 0 and over is None:
+            raise LayerpruneError(f"{quality.describe()}: protect_first/protect_last leave no layer to drop")
         if k == 0:
             increase = over[1] - losses.intact_loss
             raise LayerpruneError(f"{quality.describe()} is unreachable: removing even one layer raises the validation "

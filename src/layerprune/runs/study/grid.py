@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ GRID_ALIASES = {
 }
 STRATEGY_AXIS = "strategy"  # one-shot | "1:k:N" / "k:N" (iterative); sets prune.strategy and prune.schedule
 REPORT_OPTIONS = {"similarity"}
+MAX_SETTINGS = 10_000  # each setting is a run: more is a typo, and expanding 10^8 of them never ends
 
 
 def _apply(base: dict, axis: str, value) -> None:
@@ -50,9 +52,13 @@ def setting_name(values: dict) -> str:
     """A folder name that says what the setting is: metric-taylor__heal_method-lora__strategy-1-4-8."""
     parts = []
     for axis, value in values.items():
-        text = re.sub(r"[^A-Za-z0-9.\-]+", "_", str(value).replace(":", "-")).strip("_") or "none"
-        parts.append(f"{axis.split('.')[-1]}-{text}")
+        # the axis too: a key ending in "/abs/path" must not make the folder name a path
+        parts.append(f"{_name_part(axis.split('.')[-1])}-{_name_part(str(value).replace(':', '-'))}")
     return "__".join(parts)
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", text).strip("_").lstrip(".") or "none"
 
 
 class Study:
@@ -75,6 +81,10 @@ class Study:
         self.grid = grid
         self.out = Path(data.pop("out", None) or Path("runs") / Path(source).stem)
         self.base = data
+        cells = math.prod(len(values) for values in grid.values())
+        if cells > MAX_SETTINGS:
+            raise LayerpruneError(f"{source}: the grid has {cells:,} settings, over the limit of {MAX_SETTINGS:,}; "
+                                  "split it into several studies")
         self.settings = self._expand()
 
     def _expand(self) -> list[dict]:
@@ -89,7 +99,10 @@ class Study:
             data = copy.deepcopy(self.base)
             for axis, value in values.items():
                 _apply(data, axis, value)
-            data["out"] = str(self.out / "settings" / name)
+            folder = self.out / "settings" / name
+            if (self.out / "settings").resolve() not in folder.resolve().parents:
+                raise LayerpruneError(f"{self.source}: grid axis names a folder outside the study ({name})")
+            data["out"] = str(folder)
             config = build_config(RunConfig, data, where_prefix=f"{self.source}: setting {name}: ")
             settings.append({"name": name, "values": values, "config": config})
         return settings
@@ -97,7 +110,11 @@ class Study:
     def execute(self, log=print) -> dict:
         from layerprune.runs.lock import run_folder_lock
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        from layerprune.files.outputs import claim_folder
+        from layerprune.runs.planner import run_inputs
+
+        # claimed like a run folder: never someone else's folder, never the model's or a data file's
+        claim_folder(self.out, [ref for s in self.settings for ref in run_inputs(s["config"])], "study folder")
         with run_folder_lock(self.out):  # one `layerprune run` per study folder at a time
             return self._execute(log)
 
