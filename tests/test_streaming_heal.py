@@ -1,5 +1,6 @@
-"""`replace` healing one layer at a time equals the in-memory `replace` and writes a stock checkpoint."""
+"""`replace` and `block-local` healing one layer at a time equal the in-memory ones and write a stock checkpoint."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -19,14 +20,14 @@ runner = CliRunner()
 DROP = [1, 3]  # two cuts: the second sees the first one healed
 
 
-def workspace(family, tmp_path):
+def workspace(family, tmp_path, method="replace"):
     tokenizer = tiny_tokenizer()
     save_model(tiny_model(family), tokenizer, tmp_path / "teacher")
     pruned = remove_layers(tiny_model(family), DROP)
     save_model(pruned, tokenizer, tmp_path / "pruned")
     (tmp_path / "text.txt").write_text(CORPUS)
-    return dict(method="replace", data=str(tmp_path / "text.txt"), teacher=str(tmp_path / "teacher"),
-                max_length=32, batch_size=4, max_samples=12)
+    return dict(method=method, data=str(tmp_path / "text.txt"), teacher=str(tmp_path / "teacher"),
+                max_length=32, batch_size=4, max_samples=12, max_steps=6, learning_rate=1e-3)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -37,8 +38,9 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_streamed_replace_equals_the_in_memory_one(family, tmp_path):
-    settings = workspace(family, tmp_path)
+@pytest.mark.parametrize("method", ["replace", "block-local"])
+def test_streamed_healing_equals_the_in_memory_one(family, method, tmp_path):
+    settings = workspace(family, tmp_path, method)
     finetune_model(str(tmp_path / "pruned"), out=str(tmp_path / "memory"), **settings)
     finetune_model(str(tmp_path / "pruned"), out=str(tmp_path / "streamed"), streaming=True, **settings)
     memory, streamed, before = (tensors(tmp_path / name) for name in ("memory", "streamed", "pruned"))
@@ -50,8 +52,13 @@ def test_streamed_replace_equals_the_in_memory_one(family, tmp_path):
         torch.testing.assert_close(streamed[name], memory[name], atol=1e-5, rtol=0)
     notes = json.loads((tmp_path / "streamed" / "heal.json").read_text())["notes"]
     assert [c["cut"] for c in notes["cuts"]] == [[1, 1], [3, 3]] and notes["streaming"] is True
+    if method == "block-local":  # the same losses, step by step
+        with open(tmp_path / "memory" / "loss.csv") as f:
+            memory_curve = [float(row["loss"]) for row in csv.DictReader(f)]
+        assert [p["loss"] for p in notes["loss_curve"]] == pytest.approx(memory_curve, abs=1e-5)
+        assert notes["loss_curve"][-1]["loss"] < notes["loss_curve"][0]["loss"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")  # a stock checkpoint
-    assert reloaded.config.layerprune["history"][-1]["healed"] == "replace"
+    assert reloaded.config.layerprune["history"][-1]["healed"] == method
 
 
 def test_cli_streaming_heals_and_refuses_trained_methods(tmp_path):

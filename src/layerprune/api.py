@@ -349,8 +349,8 @@ def _check_heal_fits(model_ref: str, config: HealConfig) -> None:
 
 
 def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool):
-    """`replace` healing one layer at a time: the student and the teacher stay on disk."""
-    from layerprune.finetune.streaming_local import stream_replace
+    """`replace` or `block-local` healing one layer at a time: the student and the teacher stay on disk."""
+    from layerprune.finetune.streaming_local import stream_heal
     from layerprune.models.checkpoint_rewrite import rewrite_checkpoint
     from layerprune.models.layer_stream import local_folder
     from layerprune.models.loading import folder_tokenizer
@@ -358,9 +358,9 @@ def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool)
     from layerprune.models.surgery import config_provenance
     from layerprune.models.tokens import pad_token_id
 
-    if config.method != "replace":
-        raise LayerpruneError(f"--streaming heals with method replace (one layer at a time); {config.method} "
-                              "trains the whole model at once")
+    if config.method not in ("replace", "block-local"):
+        raise LayerpruneError(f"--streaming heals with method replace or block-local (one layer at a time); "
+                              f"{config.method} trains the whole model at once")
     student = local_folder(model_ref)
     model_config = read_model_config(student)
     record = config_provenance(model_config, model_config.get_text_config().num_hidden_layers)
@@ -371,7 +371,7 @@ def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool)
     if tokenizer is None:
         raise LayerpruneError(f"{model_ref} has no tokenizer, so the healing text cannot be encoded")
     rows, data_info = prepare_training_rows(config, tokenizer)
-    replaced, notes = stream_replace(student, local_folder(teacher_ref), rows, config, pad_id=pad_token_id(tokenizer))
+    replaced, notes = stream_heal(student, local_folder(teacher_ref), rows, config, pad_id=pad_token_id(tokenizer))
     heal_record = {"method": config.method, "notes": notes, "config": config.model_dump(mode="json"),
                    "data": data_info}
     history = [*record.get("history", []), {"healed": config.method, "data": data_info["source"]}]

@@ -16,7 +16,8 @@ from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_optio
 def plan_command(
     model: str = typer.Argument(..., help=MODEL_HELP + " Only its config is read."),
     ratio: Optional[float] = typer.Option(None, help="Share of the layers to remove (default 0.25)."),
-    num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Layers to remove."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Layers to remove (0: the model as "
+                                             "it is, e.g. an already pruned model to heal)."),
     method: str = typer.Option("distill", help="Healing method (as finetune --method)."),
     adapter: str = typer.Option("auto", help="auto (full weights where they fit, else LoRA, QLoRA on a GPU, else "
                                 "layer-local) | none | lora."),
@@ -45,7 +46,11 @@ def plan_command(
     if gpus is not None and gpus < 1:
         raise LayerpruneError("--gpus must be at least 1")
     shape = model_shape(model, trust_remote_code=trust_remote_code)
-    drop = count_to_drop(shape.layers, num_layers=num_layers, ratio=ratio if ratio is not None or num_layers else 0.25)
+    if num_layers == 0:  # the model as it is (an already pruned model to heal and evaluate)
+        drop = 0
+    else:
+        drop = count_to_drop(shape.layers, num_layers=num_layers, ratio=ratio if ratio is not None or num_layers
+                             else 0.25)
     devices = Devices("cuda", gpus, parse_memory(gpu_memory)) if gpus else this_machine()
     if adapter not in ("auto", "none", "lora"):
         raise LayerpruneError(f"unknown --adapter {adapter!r}; choose auto, none or lora")

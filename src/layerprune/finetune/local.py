@@ -285,25 +285,42 @@ class BlockLocal:
                         _forward(model, ids, mask)
                     batches.append((s.inputs, target, mask.bool()))
             params = [p for i in span for p in student_layers[i].parameters()]
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-            steps = config.max_steps if config.max_steps > 0 else max(1, round(config.epochs * len(batches)))
-            for step in range(steps):
-                inputs, target, keep = batches[step % len(batches)]
-                with compute.autocast():
-                    hidden = _hidden_argument(*inputs[span[0]])
-                    for i in span:  # each layer with its own arguments (masks differ between layer types)
-                        hidden = _call_layer(student_layers[i], hidden, *inputs[i])
-                wanted = target[keep].float()
-                loss = (hidden[keep].float() - wanted).pow(2).mean() / wanted.pow(2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                curve.append({"step": len(curve) + 1, "loss": float(loss.detach()), "learning_rate": config.learning_rate})
+
+            def forward(j: int) -> torch.Tensor:
+                inputs = batches[j][0]
+                hidden = _hidden_argument(*inputs[span[0]])
+                for i in span:  # each layer with its own arguments (masks differ between layer types)
+                    hidden = _call_layer(student_layers[i], hidden, *inputs[i])
+                return hidden
+
+            steps = train_span(params, forward, [(b[1], b[2]) for b in batches], config, compute, curve)
             changed += sum(p.numel() for p in params)
             trained.append({"cut": [first, last], "trained_layers": [kept_layers(model)[i] for i in span],
                             "steps": steps})
         context.notes.update(cuts=trained, changed_params=changed, loss_curve=curve,
                              tokens=sum(len(r["input_ids"]) for r in rows))
         return model
+
+
+def train_span(params: list, forward, targets: list[tuple[torch.Tensor, torch.Tensor]], config, compute,
+               curve: list[dict]) -> int:
+    """AdamW on `params` so that forward(j) (the trained layers on batch j's cached input) matches batch j's
+    target (the teacher's stream after the cut) at the kept positions: relative MSE, batches in turn.
+    Returns the steps taken; each step's loss is appended to `curve`."""
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = config.max_steps if config.max_steps > 0 else max(1, round(config.epochs * len(targets)))
+    for step in range(steps):
+        target, keep = targets[step % len(targets)]
+        with compute.autocast():
+            hidden = forward(step % len(targets))
+        wanted = target[keep].float()
+        loss = (hidden[keep].float() - wanted).pow(2).mean() / wanted.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        curve.append({"step": len(curve) + 1, "loss": float(loss.detach()), "learning_rate": config.learning_rate})
+    for p in params:
+        p.requires_grad_(False)
+    return steps

@@ -49,10 +49,19 @@ def reader(path: str | os.PathLike):
     """gguf.GGUFReader of `path`, with one clear error for what is not a readable GGUF file."""
     import gguf
 
+    import struct
+
+    from layerprune.errors import first_line
+
+    if not Path(path).is_file():
+        raise LayerpruneError(f"GGUF file not found: {path}")
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as err:
-        raise LayerpruneError(f"could not read {path} as a GGUF file: {err}") from err
+    except OSError as err:
+        raise LayerpruneError(f"could not read {path}: {err.strerror or err}") from err
+    except (ValueError, IndexError, KeyError, struct.error, EOFError) as err:
+        raise LayerpruneError(f"could not read {path} as a GGUF model: it is truncated or corrupt "
+                              f"({first_line(err)})") from err
 
 
 def field_value(field):
