@@ -74,7 +74,8 @@ def main() -> None:
         pruned = work / f"{alias}-pruned"
         layerprune("prune", alias, "--ratio", "0.25", "--metric", "reverse-order", "--out", str(pruned))
         cases = [
-            ("score", alias, ["score", alias, "--n-samples", "10", "--seq-len", "256", "--out", str(work / "s")],
+            ("score", alias, ["score", alias, "--metric", "block-influence", "--n-samples", "10", "--seq-len", "256",
+                              "--out", str(work / "s")],
              planned(alias)["score"]),
             ("heal: full", str(pruned), ["finetune", str(pruned), "--method", "full", "--data", "c4", *HEAL],
              planned(str(pruned), "--method", "full", "--adapter", "none")["heal"]),

@@ -113,6 +113,38 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path, monkeypatch
         assert torch.allclose(reloaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
 
 
+def test_a_loaded_teacher_is_freed_before_training_once_its_targets_are_cached(tmp_path, monkeypatch):
+    """Given a loader, heal holds the teacher only for its top-k pass: the Trainer starts without it."""
+    import gc
+    import weakref
+
+    import layerprune.finetune.trainer as trainer_module
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    student = pruned(tiny_model("llama"), [1, 2])
+    made = []
+
+    def load_teacher():
+        teacher = tiny_model("llama")
+        made.append(weakref.ref(teacher))
+        return teacher
+
+    seen = {}
+    train = trainer_module._train
+
+    def spy_train(trainer, checkpoint, work_dir):
+        gc.collect()
+        seen["teacher alive when training starts"] = made[0]() is not None
+        return train(trainer, checkpoint, work_dir)
+
+    monkeypatch.setattr(trainer_module, "_train", spy_train)
+    config = HealConfig(method="distill", max_steps=2, batch_size=4, warmup_steps=0, bf16=False, distill_top_k=8)
+    result = heal(student, rows(8, length=24), config, tokenizer=tiny_tokenizer(), teacher=load_teacher,
+                  work_dir=tmp_path / "w")
+    assert len(made) == 1 and seen == {"teacher alive when training starts": False}
+    assert result.notes["teacher_targets"]["from_cache"] is False and result.steps == 2
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_replacement_fold_equals_the_map_applied_by_a_hook(family):
     teacher = tiny_model(family)

@@ -312,28 +312,36 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     API, YAML runs and iterative rounds. Returns (HealResult, record for heal.json); the healed model
     (result.model) carries a `healed` entry in its provenance history."""
     from layerprune.finetune import get_method, heal
-    from layerprune.models.loading import load_model as load
-    from layerprune.models.surgery import provenance
-
     from layerprune.hardware.job_plan import fit_heal
     from layerprune.models.anatomy import parameter_bytes
+    from layerprune.models.surgery import provenance
 
     config = fit_heal(config, loaded.model.config, loaded_bytes=parameter_bytes(loaded.model), log=log)
     rows, data_info = prepare_training_rows(config, loaded.tokenizer)
-    teacher = None
     replacing = config.init == "replace" and bool(provenance(loaded.model)["dropped_layers"])  # cuts to replace
+    load_teacher = None
     if get_method(config.method).needs_teacher or replacing:
         teacher_ref = config.teacher or default_teacher or provenance(loaded.model).get("source")
         if not teacher_ref or teacher_ref == loaded.ref:
             raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")
-        teacher = load(teacher_ref, dtype=config.train_dtype, load_tokenizer=False).model
-        _check_same_vocabulary(loaded.model, teacher, teacher_ref)
-    result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=teacher, work_dir=work_dir,
+        load_teacher = _teacher_loader(loaded.model, teacher_ref, config.train_dtype)
+    result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=load_teacher, work_dir=work_dir,
                   resume=resume, log=log)
     record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
     history = [*provenance(result.model).get("history", []), {"healed": config.method, "data": data_info["source"]}]
     result.model.config.layerprune = {**result.model.config.layerprune, "history": history}
     return result, record
+
+
+def _teacher_loader(student, teacher_ref: str, dtype: str):
+    """A function that loads the teacher: heal calls it, and frees the teacher once its top-k targets are
+    cached (nothing else holds it), so training peaks at the student alone."""
+    def load_teacher():
+        teacher = load_model(teacher_ref, dtype=dtype, load_tokenizer=False).model
+        _check_same_vocabulary(student, teacher, teacher_ref)
+        return teacher
+
+    return load_teacher
 
 
 def _check_heal_fits(model_ref: str, config: HealConfig) -> None:

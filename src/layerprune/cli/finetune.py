@@ -69,8 +69,9 @@ def finetune(
     save_steps: Optional[int] = config_option(H, "save_steps"),
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in OUT.checkpoints."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
-    streaming: bool = typer.Option(False, "--streaming", help="method replace, one decoder layer in memory at a "
-                                   "time: for models bigger than memory (student and teacher stay on disk)."),
+    streaming: bool = typer.Option(False, "--streaming", help="methods replace and block-local, one decoder layer in "
+                                   "memory at a time: for models bigger than memory (student and teacher stay on "
+                                   "disk)."),
     trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Heal a pruned model by fine-tuning: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation."""
@@ -83,7 +84,7 @@ def finetune(
     result, path = finetune_model(model, out=out, config=heal_config, resume=resume, overwrite=overwrite,
                                   streaming=streaming)
     if result is None:  # streaming: heal.json says what was fitted
-        console.print(f"healed model saved to [bold]{path}[/] (replace, one layer at a time; heal.json)")
+        console.print(f"healed model saved to [bold]{path}[/] ({heal_config.method}, one layer at a time; heal.json)")
         return
     table = Table(title=f"layerprune finetune ({result.method})", show_header=False)
     table.add_row("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import os
 import shutil
@@ -113,6 +114,9 @@ def heal(
 ) -> HealResult:
     """Fine-tune `model` on tokenized rows ({input_ids, labels}) with one method; returns a stock model.
 
+    teacher: the unpruned model, or a function that loads it (then nothing outside holds it, and once its
+    top-k targets are cached it is freed before training: the peak is the student's, not both).
+
     work_dir holds Trainer checkpoints (resume picks up the last one). Under `accelerate launch`
     the Trainer runs data-parallel (DDP/FSDP) with no change here. Before training, one timed step gives
     the estimate printed through `log`, and fits the steps into `config.max_minutes` when set (budget.py).
@@ -122,6 +126,8 @@ def heal(
     if not rows:
         raise LayerpruneError("no training examples")
     method = get_method(config.method)
+    if callable(teacher) and not isinstance(teacher, torch.nn.Module):  # a loader: nothing else holds the model
+        teacher = teacher()
     if method.needs_teacher and teacher is None:
         raise LayerpruneError(f"{config.method} needs a teacher model (the unpruned model)")
     started = time.perf_counter()
@@ -151,6 +157,8 @@ def heal(
         if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
             rows = rows[:config.max_steps * rows_per_step]
         targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute)
+        teacher = distill_from = context.teacher = None  # its targets are on disk: free it before training
+        gc.collect()
 
     work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
     args = _training_arguments(config, work_dir, compute, accumulation)

@@ -146,6 +146,24 @@ def training_activations(shape: ModelShape, job: Job, layers: int, value_bytes: 
     return per_layer * layers + recompute + logits
 
 
+def load_bytes(params: int, stored: float, compute: int) -> int:
+    """Weights loaded to compute in another dtype than stored: both copies exist while they are cast."""
+    return int(params * (stored + compute if stored != compute else compute))
+
+
+def autocast_copies(params: int, job: Job, compute: int) -> int:
+    """16-bit autocast over fp32 weights keeps a 16-bit copy of every weight it used until the backward."""
+    return params * compute if compute < job.train_dtype_bytes else 0
+
+
+def lora_dropout_activations(shape: ModelShape, job: Job, layers: int, value_bytes: int) -> int:
+    """LoRA's dropout keeps, per adapted Linear and token, its dropped input and mask (one layer's with
+    gradient checkpointing)."""
+    tokens = job.batch * job.seq_len
+    kept = 1 if job.gradient_checkpointing else layers
+    return kept * tokens * sum(i for i, _ in shape.linear_dims) * value_bytes * 2
+
+
 def lora_params(shape: ModelShape, layers: int, r: int) -> int:
     return layers * sum(r * (i + o) for i, o in shape.linear_dims)
 
@@ -155,21 +173,25 @@ def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> S
     kept = job.layers_kept
     compute = devices.compute_bytes
     params = shape.params(kept)
+    runtime = runtime_bytes(devices)
+    sharded = devices.kind == "cuda" and devices.count > 1
+    shards = devices.count if sharded else 1
+    acts = training_activations(shape, job, kept, compute)
     if option == "full":
-        sharded = devices.kind == "cuda" and devices.count > 1
-        states = ADAM_BYTES * params // (devices.count if sharded else 1)
-        acts = training_activations(shape, job, kept, compute)
+        states = ADAM_BYTES * params // shards
         how = f"{params / 1e9:.2f}B params x {ADAM_BYTES} B (AdamW, fp32 master)" + (
             f" / {devices.count} GPUs (FSDP)" if sharded else "")
-        return StageMemory("heal", states + acts, how, settings={"adapter": "none", "fsdp": sharded})
+        return StageMemory("heal", runtime + states + autocast_copies(params, job, compute) // shards + acts, how,
+                           settings={"adapter": "none", "fsdp": sharded})
     if option in ("lora", "qlora"):
         frozen_bytes = NF4_BYTES if option == "qlora" else job.train_dtype_bytes
         trained = lora_params(shape, kept, job.lora_r)
         frozen = round(shape.layer_params(kept) * frozen_bytes) + (shape.params(kept) - shape.layer_params(kept)) * \
             job.train_dtype_bytes
-        acts = training_activations(shape, job, kept, compute)
+        copies = autocast_copies(params, job, compute) if option == "lora" else 0
         how = f"frozen weights {frozen / GiB:.1f} GiB + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
-        return StageMemory("heal", frozen + trained * ADAM_BYTES + acts, how,
+        return StageMemory("heal", runtime + frozen + trained * ADAM_BYTES + copies + acts +
+                           lora_dropout_activations(shape, job, kept, compute), how,
                            settings={"method": option if option == "qlora" else None, "adapter": "lora"})
     # layer-local: `replace --streaming`, one layer at a time
     total = replace_streaming_bytes(shape, job, devices)
@@ -239,21 +261,22 @@ def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto
     per_device = max(1, devices.count) if devices.kind == "cuda" else 1
     runtime = runtime_bytes(devices)
     stages = [
-        StageMemory("score", runtime + full * compute // per_device + infer,
+        StageMemory("score", runtime + load_bytes(full, shape.stored_bytes, compute) // per_device + infer,
                     f"{full / 1e9:.2f}B params x {compute} B + one calibration batch"),
         StageMemory("score (streaming)", stream_score_bytes(shape, job, devices),
                     "one layer or the embeddings + every calibration row's hidden state"),
         StageMemory("prune (on disk)", runtime, "tensors copied file to file by the kernel (never in memory)"),
     ]
     if teacher:
-        stages.append(StageMemory("teacher pass", full * compute // per_device + infer,
-                                  "the unpruned model alone (the student is loaded after)"))
+        both = (full + kept) * job.train_dtype_bytes // per_device
+        stages.append(StageMemory("teacher pass", runtime + both + infer,
+                                  "the unpruned teacher beside the student; the teacher is freed before training"))
     chosen = choose_heal(shape, job, devices, heal)
     stages.append(chosen)
     if chosen.settings.get("option") != "layer-local":  # the layer-by-layer alternative
         stages.append(StageMemory("heal (streaming)", replace_streaming_bytes(shape, job, devices),
                                   "replace --streaming: one layer + its least-squares system + the rows"))
-    stages.append(StageMemory("eval", runtime + kept * compute // per_device + infer,
+    stages.append(StageMemory("eval", runtime + load_bytes(kept, shape.stored_bytes, compute) // per_device + infer,
                               f"{kept / 1e9:.2f}B params x {compute} B"))
     stages.append(StageMemory("eval (streaming)", stream_eval_bytes(shape, job, devices),
                               "one layer, then embeddings + head + one batch's logits; every window's hidden state"))
