@@ -62,11 +62,15 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--workdir", default="/tmp/layerprune-plan-acc")
     parser.add_argument("--one", default=None)
+    parser.add_argument("--report", action="store_true", help="the last measurement against a fresh plan")
     args = parser.parse_args()
     if args.one:
         one(json.loads(args.one))
         return
     work = Path(args.workdir)
+    if args.report:
+        report(json.loads((work / "measured.json").read_text()), work)
+        return
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rows = []
@@ -92,9 +96,29 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             result = measure([*command, "--out", str(out)] if "--out" not in command else command)
             shutil.rmtree(work / "s", ignore_errors=True)
-            rows.append({"model": alias, "stage": stage, **result, "plan_gib": estimate})
+            rows.append({"model": alias, "stage": stage, **result, "plan_gib": estimate, "cpu": cpu_kind()})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\nCPU: {cpu_kind()}")
+    (work / "measured.json").write_text(json.dumps(rows, indent=2))
+    print_table(rows)
+
+
+def report(rows: list[dict], work: Path) -> None:
+    """Re-plan every measured row (the pruned models are still in `work`) and print the table."""
+    for row in rows:
+        alias, pruned = row["model"], str(work / f"{row['model']}-pruned")
+        row["plan_gib"] = {
+            "score": lambda: planned(alias)["score"],
+            "heal: full": lambda: planned(pruned, "--method", "full", "--adapter", "none")["heal"],
+            "heal: LoRA": lambda: planned(pruned, "--method", "full", "--adapter", "lora")["heal"],
+            "heal: distill": lambda: max(planned(pruned, "--method", "distill", "--adapter", "none")["heal"],
+                                         planned(pruned, "--method", "distill")["teacher pass"]),
+            "eval": lambda: planned(pruned)["eval"],
+        }[row["stage"]]()
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\nCPU: {rows[0].get('cpu') or cpu_kind()}")
     print("| model | stage | wall | peak RSS | plan | plan / measured |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from cli_asserts import assert_one_line_error
 from layerprune.cli import app
 from layerprune.hardware.memory_plan import (
-    ADAM_BYTES, GiB, USABLE, Devices, Job, choose_heal, gpus_for_full_heal, heal_memory, parse_memory, plan_memory,
-    shape_from_config, training_activations,
+    ADAM_BYTES, GiB, USABLE, Devices, Job, choose_heal, gpus_for_full_heal, heal_memory, inference_activations,
+    parse_memory, plan_memory, shape_from_config, training_activations,
 )
 
 runner = CliRunner()
@@ -75,7 +75,9 @@ def test_a_70b_on_one_gpu_needs_qlora_with_checkpointing_and_nothing_fits_a_smal
 def test_the_teacher_pass_holds_teacher_and_student_and_eval_the_pruned_model(llama8b):
     stages = {s.stage: s for s in plan_memory(llama8b, Job(layers_kept=24), Devices("cuda", 1, 80 * GiB))}
     both = (llama8b.params() + llama8b.params(24)) * 4  # teacher and student in fp32 until the targets are cached
-    assert stages["teacher pass"].bytes_per_device - both == stages["score"].bytes_per_device - llama8b.params() * 2
+    job = Job(layers_kept=24)
+    assert stages["teacher pass"].bytes_per_device - both == inference_activations(llama8b, job, 2)
+    assert stages["score"].bytes_per_device == llama8b.params() * 2 + inference_activations(llama8b, job, 2, False)
     assert stages["eval"].bytes_per_device < stages["teacher pass"].bytes_per_device  # 24 layers, not 32
     assert stages["prune (on disk)"].bytes_per_device == 0  # the kernel copies file to file; no host RAM on a GPU
 

@@ -117,7 +117,10 @@ def shape_from_config(config, name: str = "model", stored_bytes: float | None = 
     counts = count_parameters(model)
     anatomy = get_anatomy(model)
     embedding = sum(p.numel() for p in anatomy.embeddings.parameters())
-    head = 0 if anatomy.tied_embeddings or anatomy.lm_head is None else sum(p.numel() for p in anatomy.lm_head.parameters())
+    in_model = 0 if anatomy.tied_embeddings or anatomy.lm_head is None else \
+        sum(p.numel() for p in anatomy.lm_head.parameters())
+    tied = anatomy.tied_embeddings or bool(getattr(config, "tie_word_embeddings", False))  # meta models do not tie
+    head = 0 if tied else in_model
     dims = tuple((m.in_features, m.out_features) for m in anatomy.layers[0].modules() if isinstance(m, torch.nn.Linear))
     text = config.get_text_config()
     dtype = getattr(text, "dtype", None)
@@ -125,17 +128,19 @@ def shape_from_config(config, name: str = "model", stored_bytes: float | None = 
         stored_bytes = 4.0 if str(dtype) in ("float32", "torch.float32") else 2.0
     return ModelShape(
         name=name, per_layer=tuple(counts["per_layer"]), embedding=embedding, head=head,
-        other=counts["total"] - sum(counts["per_layer"]) - embedding - head, hidden=text.hidden_size,
+        other=counts["total"] - sum(counts["per_layer"]) - embedding - in_model, hidden=text.hidden_size,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
         linear_dims=dims, stored_bytes=stored_bytes,
     )
 
 
-def inference_activations(shape: ModelShape, job: Job, value_bytes: int) -> int:
-    """One batch forward: hidden buffers, one MLP intermediate, one logits chunk (fp32), per token."""
+def inference_activations(shape: ModelShape, job: Job, value_bytes: int, logits: bool = True) -> int:
+    """One batch forward: hidden buffers, one MLP intermediate and (logits) three logits-sized fp32 buffers
+    (the head's output, its cast and the log-softmax; measured on SmolLM2 and Gemma-3), per token. Activation
+    metrics stop before the head (no logits)."""
     tokens = job.batch * job.seq_len
     return tokens * (8 * shape.hidden + 2 * shape.intermediate) * value_bytes + \
-        min(tokens, job.loss_chunk) * shape.vocab * 4 * 2
+        (min(tokens, job.loss_chunk) * shape.vocab * 4 * 3 if logits else 0)
 
 
 def training_activations(shape: ModelShape, job: Job, layers: int, value_bytes: int) -> int:
@@ -147,8 +152,9 @@ def training_activations(shape: ModelShape, job: Job, layers: int, value_bytes: 
 
 
 def load_bytes(params: int, stored: float, compute: int) -> int:
-    """Weights loaded to compute in another dtype than stored: both copies exist while they are cast."""
-    return int(params * (stored + compute if stored != compute else compute))
+    """Weights loaded to compute in another dtype than stored (measured on SmolLM2: the peak is about the
+    larger of the two, as tensors are read and cast one by one)."""
+    return int(params * max(stored, compute))
 
 
 def autocast_copies(params: int, job: Job, compute: int) -> int:
@@ -261,7 +267,8 @@ def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto
     per_device = max(1, devices.count) if devices.kind == "cuda" else 1
     runtime = runtime_bytes(devices)
     stages = [
-        StageMemory("score", runtime + load_bytes(full, shape.stored_bytes, compute) // per_device + infer,
+        StageMemory("score", runtime + load_bytes(full, shape.stored_bytes, compute) // per_device +
+                    inference_activations(shape, job, compute, logits=False),
                     f"{full / 1e9:.2f}B params x {compute} B + one calibration batch"),
         StageMemory("score (streaming)", stream_score_bytes(shape, job, devices),
                     "one layer or the embeddings + every calibration row's hidden state"),
