@@ -157,7 +157,7 @@ def prune_model(
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
     inputs = [model_ref, config.calibration.source, *((heal_config.data, heal_config.teacher) if heal_config else ())]
-    gguf_source = gguf_output_source(model_ref, out, config)
+    gguf_source = _gguf_output_source(model_ref, out, config)
     if gguf_source is not None:
         check_output_file(out, overwrite, inputs=inputs)
         if config.drop is not None and not prompts:  # nothing to compute: no need to dequantize the file
@@ -225,7 +225,7 @@ def prune_model(
     )
 
 
-def gguf_output_source(model_ref: str, out, config=None) -> Path | None:
+def _gguf_output_source(model_ref: str, out, config=None) -> Path | None:
     """The GGUF file to cut when the output `out` is a .gguf file (None for a folder output); refuses what
     a GGUF output cannot hold."""
     from layerprune.models.builtin import builtin_gguf_path
