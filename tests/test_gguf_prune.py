@@ -223,3 +223,13 @@ def test_same_as_reads_the_file_type_and_the_embedding_type(tmp_path):
     assert same_quantization_as(q4_1) == ("q4_1", {"token_embedding_type": q8_type, "output_tensor_type": q8_type})
     with pytest.raises(LayerpruneError, match="no such GGUF file"):
         same_quantization_as(tmp_path / "missing.gguf")
+
+
+def test_cli_format_gguf_writes_a_gguf_whatever_the_name(tmp_path):
+    source = write_gguf(tmp_path / "src.gguf", "llama", n_blocks=N)
+    result = runner.invoke(app, ["prune", str(source), "--drop", "2", "--format", "gguf", "--out",
+                                 str(tmp_path / "pruned.bin")])
+    assert result.exit_code == 0, result.output
+    assert field(gguf.GGUFReader(tmp_path / "pruned.bin"), "llama.block_count") == N - 1
+    bad = runner.invoke(app, ["prune", str(source), "--drop", "2", "--format", "onnx", "--out", str(tmp_path / "x")])
+    assert_one_line_error(bad, "unknown output format 'onnx'")

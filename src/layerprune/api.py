@@ -131,6 +131,7 @@ def prune_model(
     max_new_tokens: int = 40,
     overwrite: bool = False,
     no_load: bool = False,
+    output_format: str = "auto",
     log=print,
     **fields,
 ) -> PruneResult:
@@ -142,7 +143,8 @@ def prune_model(
     no_load: prune the safetensors checkpoint on disk, tensor by tensor (only with `drop`); the same
     happens by itself when a local checkpoint's weights exceed 80% of the available memory and `drop`
     is given (models/memory_policy.py), and `log` says so.
-    out ending in .gguf (the model a GGUF file or a built-in alias): the layers are chosen as usual (on the
+    output_format: auto (a GGUF file when `out` ends in .gguf, else a folder) | folder | gguf.
+    A GGUF output (the model a GGUF file or a built-in alias): the layers are chosen as usual (on the
     dequantized model) and cut from the GGUF file itself, every kept tensor copied in its quantization type
     (models/gguf_file.py); with `drop` the file is never dequantized.
     """
@@ -157,7 +159,7 @@ def prune_model(
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
     inputs = [model_ref, config.calibration.source, *((heal_config.data, heal_config.teacher) if heal_config else ())]
-    gguf_source = _gguf_output_source(model_ref, out, config)
+    gguf_source = _gguf_output_source(model_ref, out, config, output_format)
     if gguf_source is not None:
         check_output_file(out, overwrite, inputs=inputs)
         if config.drop is not None and not prompts:  # nothing to compute: no need to dequantize the file
@@ -225,14 +227,16 @@ def prune_model(
     )
 
 
-def _gguf_output_source(model_ref: str, out, config=None) -> Path | None:
-    """The GGUF file to cut when the output `out` is a .gguf file (None for a folder output); refuses what
-    a GGUF output cannot hold."""
+def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "auto") -> Path | None:
+    """The GGUF file to cut when the output is a GGUF file (None for a folder output); refuses what a GGUF
+    output cannot hold."""
     from layerprune.models.builtin import builtin_gguf_path
     from layerprune.models.gguf_file import layout
     from layerprune.models.loading import resolve_model_ref
 
-    if not str(out).endswith(".gguf"):
+    if output_format not in ("auto", "folder", "gguf"):
+        raise LayerpruneError(f"unknown output format {output_format!r}; choose auto, folder or gguf")
+    if output_format == "folder" or (output_format == "auto" and not str(out).endswith(".gguf")):
         return None
     resolved = resolve_model_ref(model_ref)
     if resolved.kind not in ("gguf", "builtin"):

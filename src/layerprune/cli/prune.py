@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -68,6 +69,9 @@ def prune(
     sample: list[str] = typer.Option([], help="Prompt to generate from before and after pruning (repeatable)."),
     max_new_tokens: int = typer.Option(40, help="Tokens per generation sample."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
+    output_format: str = typer.Option("auto", "--format", help="auto (a GGUF file when --out ends in .gguf, else a "
+                                      "folder) | folder | gguf (cut a GGUF model's file, its tensors kept as "
+                                      "stored)."),
     no_load: bool = typer.Option(
         False, "--no-load", help="Prune the safetensors checkpoint on disk, tensor by tensor, without loading the "
         "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
@@ -84,13 +88,14 @@ def prune(
     if heal is not None and config.strategy != "iterative":
         raise LayerpruneError("--heal-config sets the healing between the rounds of --schedule; give a schedule")
     inputs = [model, config.calibration.source, heal_config, *((heal or {}).get(key) for key in ("data", "teacher"))]
-    if out.endswith(".gguf"):
+    if output_format == "gguf" or (output_format == "auto" and out.endswith(".gguf")):
         check_output_file(out, overwrite, inputs=inputs)
     else:
         check_output_dir(out, overwrite, inputs=inputs)
     say = lambda message: console.print(f"[dim]»[/] {message}", highlight=False)  # noqa: E731
     result = prune_model(model, out=out, config=config, heal=heal, dtype=dtype, device_map=device_map,
-                         prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite, no_load=no_load, log=say)
+                         prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite, no_load=no_load,
+                         output_format=output_format, log=say)
     table = Table(title="layerprune prune")
     table.add_column("")
     table.add_column("before", justify="right")
@@ -115,7 +120,7 @@ def prune(
         console.print(f"  [magenta]pruned:[/]   {escape(repr(after['completion']))}", highlight=False)
     reload = ("layerprune.load_model only: stock transformers cannot describe a layer without attention or MLP"
               if result.granularity != "block" else "AutoModelForCausalLM.from_pretrained")
-    if str(result.out).endswith(".gguf"):
+    if Path(result.out).is_file():  # a GGUF file (every other output is a folder)
         console.print(f"GGUF: {result.bytes_before / 2**20:,.1f} MB -> {result.bytes_after / 2**20:,.1f} MB of tensors, "
                       "every kept tensor in its original quantization")
         reload = "llama.cpp, Ollama, LM Studio, `layerprune generate`, or layerprune.load_model"
