@@ -38,13 +38,14 @@ def stream_heal(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike, 
     batches = list(row_batches(rows, pad_id, config.batch_size, "cpu"))
     student, s_weights = _open(student_dir)
     teacher, t_weights = _open(teacher_dir)
-    if config.method == "replace" and replace_unsupported(student) is not None:
-        raise LayerpruneError(replace_unsupported(student))
+    why = replace_unsupported(student) if config.method == "replace" else None
+    if why is not None:
+        raise LayerpruneError(why)
     where = {cut: cut_positions(student, teacher, *cut) for cut in cuts(student)}
     before_cut = {pos[0]: (cut, pos[1]) for cut, pos in where.items() if pos is not None}
+    spans = _spans(before_cut, config)  # overlapping spans are refused before the teacher pass
     targets = _teacher_streams(teacher, t_weights, batches, {t for _, t in before_cut.values()}, config.batch_size)
     log(f"{config.method}, streaming: {len(before_cut)} cut(s), {len(rows)} rows; teacher pass done")
-    spans = _spans(before_cut, config)
     anatomy = get_anatomy(student)
     recorded = layer_inputs(student, s_weights, batches, config.batch_size)
     state = {"replaced": {}, "cuts": [], "curve": []}
@@ -151,7 +152,7 @@ def _teacher_streams(teacher, weights: CheckpointWeights, batches, positions: se
     """The teacher's residual stream after each of its layers at `positions`, per batch."""
     anatomy = get_anatomy(teacher)
     kept = kept_layers(teacher)
-    if len(kept) != kept[-1] + 1 if kept else True:
+    if kept != list(range(len(kept))):
         raise LayerpruneError("the teacher must be the unpruned model")
     recorded = layer_inputs(teacher, weights, batches, batch_size)
     streams = {}

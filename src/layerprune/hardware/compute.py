@@ -190,10 +190,10 @@ def bf16_matmul_ratio() -> float:
     where bf16 is emulated)."""
     a = torch.randn(64, 256)
     b = torch.randn(256, 512)
-    return _best_time(a.bfloat16(), b.bfloat16()) / max(_best_time(a, b), 1e-9)
+    return best_matmul_time(a.bfloat16(), b.bfloat16()) / max(best_matmul_time(a, b), 1e-9)
 
 
-def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int = 24) -> float:
+def best_matmul_time(a: torch.Tensor, b: torch.Tensor, repeats: int = 24) -> float:
     """Best of `repeats` runs. The first calls of a dtype in a process are slow (oneDNN builds its kernels:
     measured 4-16 ms against 0.06 ms warm, for the first 3-6 calls), so a best of 3 could read a native bf16
     CPU as emulated; 24 runs cost at most ~0.1 s."""

@@ -10,7 +10,6 @@ stage estimates of the job itself (`run`, `finetune`) are measured on the loaded
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 from layerprune.errors import LayerpruneError
@@ -84,14 +83,11 @@ def device_flops(devices: Devices) -> tuple[float, str]:
         return GPU_FLOPS * devices.count, f"nominal {GPU_FLOPS / 1e12:.0f} TFLOPS per GPU"
     import torch
 
+    from layerprune.hardware.compute import best_matmul_time
+
     dtype = torch.bfloat16 if devices.bf16 else torch.float32
     a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
+    best = best_matmul_time(a, b, repeats=8)  # warm kernels: the first calls of a dtype are slow
     return 2 * 256 * 1024 * 1024 / max(best, 1e-9) * 0.5, "this CPU's matmul rate, halved for a whole model"
 
 

@@ -17,12 +17,11 @@ import torch
 
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import atomic_output_dir, write_json
+from layerprune.models.dtypes import SAFETENSORS_FLOATS
 from layerprune.models.checkpoint import (
     INDEX_NAME, OutputTensor, copy_side_files, plan_shards, read_checkpoint, shard_file_names, source_metadata,
     weight_files, write_shard,
 )
-
-_SAFETENSORS_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def rewrite_checkpoint(src: str | os.PathLike, out: str | os.PathLike, replaced: dict[str, torch.Tensor], *,
@@ -51,7 +50,7 @@ def rewrite_checkpoint(src: str | os.PathLike, out: str | os.PathLike, replaced:
     shards = plan_shards(copied, limit) if copied else []
     names = shard_file_names(len(shards) + 1)
     metadata = source_metadata(src, entries)
-    new_values = {name: value.detach().to("cpu", _SAFETENSORS_TORCH.get(by_name[name].dtype, value.dtype))
+    new_values = {name: value.detach().to("cpu", SAFETENSORS_FLOATS.get(by_name[name].dtype, value.dtype))
                   .contiguous() for name, value in replaced.items()}
     copy_side_files(src, None)  # links outside the folder fail before anything is written
     with atomic_output_dir(out, overwrite, inputs=[src, *inputs]) as tmp:

@@ -14,6 +14,8 @@ _NAMED = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+# safetensors header dtype names of the float types, as torch dtypes
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:

@@ -24,9 +24,7 @@ from layerprune.errors import LayerpruneError, first_line
 from layerprune.importance.activations import last_logits_kwargs, layer_input
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import TensorEntry, find_layers_prefix
-from layerprune.models.dtypes import parse_dtype, stored_dtype
-
-_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+from layerprune.models.dtypes import SAFETENSORS_FLOATS, parse_dtype, stored_dtype
 
 
 def local_folder(ref: str | os.PathLike) -> Path:
@@ -69,8 +67,8 @@ def resolve_dtype(config, dtype, entries: dict[str, TensorEntry]) -> torch.dtype
     if stored is not None:
         return stored
     for entry in entries.values():
-        if entry.dtype in _SAFETENSORS_FLOATS:
-            return _SAFETENSORS_FLOATS[entry.dtype]
+        if entry.dtype in SAFETENSORS_FLOATS:
+            return SAFETENSORS_FLOATS[entry.dtype]
     return torch.float32
 
 
