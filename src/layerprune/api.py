@@ -311,41 +311,84 @@ def prepare_training_rows(config: HealConfig, tokenizer) -> tuple[list[dict], di
 
 
 def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = None, work_dir=None,
-                resume: bool = False, log=print):
+                resume: bool = False, log=print, prepared=None, targets=None):
     """Heal an in-memory model (loaded.model) with one healing config: the one heal path of the CLI, the
     API, YAML runs and iterative rounds. Returns (HealResult, record for heal.json); the healed model
-    (result.model) carries a `healed` entry in its provenance history."""
+    (result.model) carries a `healed` entry in its provenance history.
+    prepared: (rows, data info) already tokenized; targets: the teacher's top-k targets made before the
+    model was loaded (heal_model_ref)."""
     from layerprune.finetune import get_method, heal
     from layerprune.hardware.job_plan import fit_heal
     from layerprune.models.anatomy import parameter_bytes
     from layerprune.models.surgery import provenance
 
     config = fit_heal(config, loaded.model.config, loaded_bytes=parameter_bytes(loaded.model), log=log)
-    rows, data_info = prepare_training_rows(config, loaded.tokenizer)
+    rows, data_info = prepared or prepare_training_rows(config, loaded.tokenizer)
     replacing = config.init == "replace" and bool(provenance(loaded.model)["dropped_layers"])  # cuts to replace
     load_teacher = None
-    if get_method(config.method).needs_teacher or replacing:
+    if targets is None and (get_method(config.method).needs_teacher or replacing):
         teacher_ref = config.teacher or default_teacher or provenance(loaded.model).get("source")
         if not teacher_ref or teacher_ref == loaded.ref:
             raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")
-        load_teacher = _teacher_loader(loaded.model, teacher_ref, config.train_dtype)
-    result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=load_teacher, work_dir=work_dir,
-                  resume=resume, log=log)
+        load_teacher = _teacher_loader(_vocab_size(loaded.model.config), teacher_ref, config.train_dtype)
+    result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=load_teacher, targets=targets,
+                  work_dir=work_dir, resume=resume, log=log)
     record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
     history = [*provenance(result.model).get("history", []), {"healed": config.method, "data": data_info["source"]}]
     result.model.config.layerprune = {**result.model.config.layerprune, "history": history}
     return result, record
 
 
-def _teacher_loader(student, teacher_ref: str, dtype: str):
+def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, default_teacher: str | None = None,
+                   work_dir=None, resume: bool = False, log=print):
+    """heal_loaded of the model at `model_ref`, loaded by `load()` as late as possible: when distillation's
+    teacher pass can run first (finetune/teacher_first.py), the teacher's top-k targets are made with the
+    teacher alone in memory (layer by layer from disk when it does not fit), the teacher is freed, and only
+    then is the student loaded. tokenizer: for a model folder without one."""
+    from layerprune.finetune.teacher_first import distills_from_cache, targets_before_student, teacher_placement
+    from layerprune.models.loading import folder_tokenizer, model_folder
+    from layerprune.models.model_config import read_model_config
+    from layerprune.models.surgery import config_provenance
+    from layerprune.models.tokens import pad_token_id
+
+    targets = prepared = None
+    if distills_from_cache(config):
+        folder = Path(model_folder(model_ref))
+        student_config = read_model_config(folder)
+        record = config_provenance(student_config, student_config.get_text_config().num_hidden_layers)
+        teacher_ref = config.teacher or default_teacher or record.get("source")
+        tokenizer = tokenizer or folder_tokenizer(folder)
+        teacher_folder = Path(model_folder(teacher_ref)) if teacher_ref and teacher_ref != model_ref else None
+        if teacher_folder is not None and teacher_folder.is_dir() and tokenizer is not None:
+            first, streamed = teacher_placement(config, folder, teacher_folder)
+            if first:
+                prepared = prepare_training_rows(config, tokenizer)
+                load_teacher = _teacher_loader(_vocab_size(student_config), teacher_ref, config.train_dtype)
+                if streamed:
+                    _check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
+                                       teacher_ref)
+                targets = targets_before_student(prepared[0], config, load_teacher, pad_id=pad_token_id(tokenizer),
+                                                 stream_from=teacher_folder if streamed else None, log=log)
+    loaded = load()
+    if loaded.tokenizer is None:
+        loaded.tokenizer = tokenizer
+    return heal_loaded(loaded, config, default_teacher=default_teacher, work_dir=work_dir, resume=resume, log=log,
+                       prepared=prepared, targets=targets)
+
+
+def _teacher_loader(student_vocab: int, teacher_ref: str, dtype: str):
     """A function that loads the teacher: heal calls it, and frees the teacher once its top-k targets are
     cached (nothing else holds it), so training peaks at the student alone."""
     def load_teacher():
         teacher = load_model(teacher_ref, dtype=dtype, load_tokenizer=False).model
-        _check_same_vocabulary(student, teacher, teacher_ref)
+        _check_vocab_sizes(student_vocab, teacher.get_output_embeddings().weight.shape[0], teacher_ref)
         return teacher
 
     return load_teacher
+
+
+def _vocab_size(model_config) -> int:
+    return int(model_config.get_text_config().vocab_size)
 
 
 def _check_heal_fits(model_ref: str, config: HealConfig) -> None:
@@ -392,12 +435,11 @@ def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool)
     return None, Path(out)
 
 
-def _check_same_vocabulary(student, teacher, teacher_ref: str) -> None:
+def _check_vocab_sizes(student: int, teacher: int, teacher_ref: str) -> None:
     """Distillation matches logits token by token: a teacher of another vocabulary cannot teach."""
-    sizes = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)]
-    if sizes[0] != sizes[1]:
-        raise LayerpruneError(f"the teacher {teacher_ref} has a vocabulary of {sizes[1]:,} tokens and the model "
-                              f"{sizes[0]:,}: distillation needs the same tokenizer; use the unpruned original as "
+    if student != teacher:
+        raise LayerpruneError(f"the teacher {teacher_ref} has a vocabulary of {teacher:,} tokens and the model "
+                              f"{student:,}: distillation needs the same tokenizer; use the unpruned original as "
                               "the teacher")
 
 
@@ -450,10 +492,15 @@ def finetune_model(
     work_dir = Path(f"{Path(out)}.checkpoints")
     settings = {"model": _ref_key(model_ref), "heal": config.model_dump(mode="json")}
     resumable = claim_work_dir(work_dir, settings, inputs=inputs, resume=resume) if is_main_process() else resume
-    loaded = load_model(model_ref, dtype=config.train_dtype)
-    result, record = heal_loaded(loaded, config, work_dir=work_dir, resume=resumable)
+    loaded = {}
+
+    def load():
+        loaded["model"] = load_model(model_ref, dtype=config.train_dtype)
+        return loaded["model"]
+
+    result, record = heal_model_ref(model_ref, config, load=load, work_dir=work_dir, resume=resumable)
     if not is_main_process():
         return result, Path(out)  # under accelerate/torchrun only the main process writes
-    write_healed(result, record, loaded.tokenizer, out, overwrite=overwrite)
+    write_healed(result, record, loaded["model"].tokenizer, out, overwrite=overwrite)
     remove_work_dir(work_dir)
     return result, Path(out)

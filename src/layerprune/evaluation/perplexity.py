@@ -290,39 +290,19 @@ def streaming_perplexity(
     """`perplexity` of a checkpoint on disk with one decoder layer in memory at a time (models/layer_stream.py):
     the windows' hidden states stay in memory, each layer is read, applied to every window and dropped; then
     the model's own forward, its layers replaced by the final hidden states, gives the logits."""
-    from tqdm.auto import tqdm
-
-    from layerprune.models.layer_stream import (
-        CheckpointWeights, layer_inputs, local_folder, outside_parameters, replayed_layers, required, run_layer,
-        skeleton, tied_head,
-    )
-    from layerprune.models.checkpoint import read_checkpoint
+    from layerprune.models.layer_stream import streamed_forwards
 
     planned = window_inputs(tokenizer, text, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows)
     batches = window_batches(planned, pad_token_id(tokenizer), batch_size)
-    folder = local_folder(model_ref)
-    entries = {entry.name: entry for entry in read_checkpoint(folder)}
-    model = skeleton(folder, dtype, entries)
-    anatomy = get_anatomy(model)
-    weights = CheckpointWeights(folder, entries, model, anatomy.layers_path)
-    recorded = layer_inputs(model, weights, [(b.input_ids, b.mask) for b in batches], batch_size)
-    for i, block in enumerate(tqdm(anatomy.layers, desc=desc, disable=not progress, unit="layer")):
-        loaded = weights.load(f"{anatomy.layers_path}.{i}.", block)
-        try:
-            run_layer(block, i, recorded)
-        finally:
-            weights.unload(loaded)
-    loaded = weights.read({name: required(weights, name) for name in outside_parameters(model, with_head=True)})
-    nll_sum, scored = 0.0, 0
-    try:
-        for batch, record in zip(batches, recorded):
-            with replayed_layers(anatomy, record["hidden"]), tied_head(model):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.mask, use_cache=False).logits
+    nll_sum, scored, dtype_name = 0.0, 0, None
+    with torch.no_grad():
+        for model, i in streamed_forwards(model_ref, [(b.input_ids, b.mask) for b in batches], dtype=dtype,
+                                          batch_size=batch_size, desc=desc, progress=progress):
+            batch = batches[i]
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.mask, use_cache=False).logits
             nll_sum += batch_nll_sum(logits, batch)
             scored += len(batch.targets)
-    finally:
-        weights.unload(loaded)
-    dtype_name = str(next(iter(anatomy.layers[0].parameters())).dtype).replace("torch.", "")
+            dtype_name = str(next(iter(get_anatomy(model).layers[0].parameters())).dtype).replace("torch.", "")
     return {**_record(nll_sum, scored, planned, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows,
                       dtype=dtype_name), "streaming": True}
 

@@ -23,7 +23,7 @@ from layerprune.finetune.collate import PadCollator
 from layerprune.finetune.losses import causal_lm_parts, head_logits, labelled_positions
 from layerprune.errors import LayerpruneError
 from layerprune.files.user_files import disk_full_message
-from layerprune.finetune.teacher_cache import load_cached, teacher_fingerprint
+from layerprune.finetune.teacher_cache import folder_fingerprint, load_cached, teacher_fingerprint
 from layerprune.hardware.compute import ComputeChoice
 
 
@@ -55,35 +55,74 @@ def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad
     """(values, indices, offsets) of the teacher's top-k logits at every labelled position of every row.
     compute: the autocast to run the teacher under (hardware.compute; bf16 is about 3x faster on a CPU with
     native bf16, 26x slower on one without); the targets are kept in fp32. None: as the weights are."""
-    _, head, softcap = causal_lm_parts(teacher)
-    device = next(teacher.parameters()).device
-    values, indices, offsets = [], [], [0]
+    batches = _padded_batches(rows, pad_id, batch_size)
     teacher.eval()
+    parts = []
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            padded = PadCollator(pad_id)(batch)  # as the trainer pads, so the targets line up with its batches
-            ids, labels, mask = padded["input_ids"], padded["labels"], padded["attention_mask"]
-            with compute.autocast() if compute is not None else contextlib.nullcontext():
-                hidden, _ = labelled_positions(teacher, ids.to(device), mask.to(device), labels.to(device))
-                for chunk in hidden.split(1024):
-                    top = head_logits(head, chunk, softcap).topk(k, dim=-1)
-                    values.append(top.values.float().cpu())
-                    indices.append(top.indices.to(torch.int32).cpu())
-            for r in batch:
-                offsets.append(offsets[-1] + sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX))
+        for n, padded in enumerate(batches):
+            parts.append(_batch_topk(teacher, padded, k, compute))
             if log:
-                log(min(start + batch_size, len(rows)), len(rows))
-    return torch.cat(values), torch.cat(indices), torch.tensor(offsets, dtype=torch.long)
+                log(min((n + 1) * batch_size, len(rows)), len(rows))
+    return _joined(parts, rows)
 
 
-def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int, cache_dir: str | os.PathLike,
-                    batch_size: int = 8, compute: ComputeChoice | None = None,
+def streamed_teacher_targets(folder: str | os.PathLike, rows: list[dict], k: int, *, pad_id: int,
+                             batch_size: int = 8, compute: ComputeChoice | None = None,
+                             dtype="auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compute_teacher_targets of a teacher checkpoint on disk, one decoder layer in memory at a time (a
+    teacher bigger than memory): the rows' hidden states stay in memory and each layer is read once."""
+    from layerprune.models.layer_stream import streamed_forwards
+
+    batches = _padded_batches(rows, pad_id, batch_size)
+    inputs = [(padded["input_ids"], padded["attention_mask"]) for padded in batches]
+    parts = []
+    with torch.no_grad(), compute.autocast() if compute is not None else contextlib.nullcontext():
+        for model, i in streamed_forwards(folder, inputs, dtype=dtype, batch_size=batch_size,
+                                          desc=f"teacher top-{k} (streaming)"):
+            parts.append(_batch_topk(model, batches[i], k, None))
+    return _joined(parts, rows)
+
+
+def _padded_batches(rows: list[dict], pad_id: int, batch_size: int) -> list[dict]:
+    # padded as the trainer pads, so the targets line up with its batches
+    return [PadCollator(pad_id)(rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
+
+
+def _batch_topk(model: nn.Module, padded: dict, k: int, compute: ComputeChoice | None):
+    """(values fp32, indices int32) of the top-k logits at the batch's labelled positions."""
+    _, head, softcap = causal_lm_parts(model)
+    device = next(model.parameters()).device
+    ids, labels, mask = (padded[name].to(device) for name in ("input_ids", "labels", "attention_mask"))
+    values, indices = [], []
+    with compute.autocast() if compute is not None else contextlib.nullcontext():
+        hidden, _ = labelled_positions(model, ids, mask, labels)
+        for chunk in hidden.split(1024):
+            top = head_logits(head, chunk, softcap).topk(k, dim=-1)
+            values.append(top.values.float().cpu())
+            indices.append(top.indices.to(torch.int32).cpu())
+    if not values:  # a batch with no labelled position (all prompt)
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.int32)
+    return torch.cat(values), torch.cat(indices)
+
+
+def _joined(parts: list, rows: list[dict]):
+    offsets = [0]
+    for r in rows:
+        offsets.append(offsets[-1] + sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX))
+    return (torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts]),
+            torch.tensor(offsets, dtype=torch.long))
+
+
+def teacher_targets(teacher: nn.Module | str | os.PathLike, rows: list[dict], k: int, *, pad_id: int,
+                    cache_dir: str | os.PathLike, batch_size: int = 8, compute: ComputeChoice | None = None,
                     log=None) -> tuple[TeacherTargets, bool]:
-    """The teacher's top-k targets of `rows`, from the cache when present; returns (targets, from_cache)."""
+    """The teacher's top-k targets of `rows`, from the cache when present; returns (targets, from_cache).
+    teacher: the loaded model, or a checkpoint folder to run one layer at a time (bigger than memory)."""
     from safetensors.torch import save_file
 
-    key = {"teacher": teacher_fingerprint(teacher, cache_dir), "rows": rows_fingerprint(rows), "k": k,
+    on_disk = not isinstance(teacher, nn.Module)
+    fingerprint = folder_fingerprint(teacher, cache_dir) if on_disk else teacher_fingerprint(teacher, cache_dir)
+    key = {"teacher": fingerprint, "rows": rows_fingerprint(rows), "k": k,
            "compute": compute.dtype if compute is not None else "none"}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"teacher-top{k}-{name}.safetensors"
@@ -91,8 +130,12 @@ def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int
         cached = load_cached(path, len(rows), k, _vocab_size(teacher))
         if cached is not None:
             return TeacherTargets(*cached, {**key, "file": str(path)}), True
-    values, indices, offsets = compute_teacher_targets(teacher, rows, k, pad_id=pad_id, batch_size=batch_size,
-                                                       compute=compute, log=log)
+    if on_disk:
+        values, indices, offsets = streamed_teacher_targets(teacher, rows, k, pad_id=pad_id, batch_size=batch_size,
+                                                            compute=compute)
+    else:
+        values, indices, offsets = compute_teacher_targets(teacher, rows, k, pad_id=pad_id, batch_size=batch_size,
+                                                           compute=compute, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -108,6 +151,10 @@ def teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad_id: int
     return TeacherTargets(values, indices, offsets, {**key, "file": str(path)}), False
 
 
-def _vocab_size(teacher: nn.Module) -> int:
+def _vocab_size(teacher) -> int:
+    if not isinstance(teacher, nn.Module):  # a folder: its config says
+        from layerprune.models.model_config import read_model_config
+
+        return int(read_model_config(Path(teacher)).get_text_config().vocab_size)
     _, head, _ = causal_lm_parts(teacher)
     return int(head.weight.shape[0])

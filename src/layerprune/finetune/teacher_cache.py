@@ -75,6 +75,12 @@ def teacher_fingerprint(model: nn.Module, cache_dir: str | os.PathLike) -> str:
     if not files:
         digest.update(tensors_digest(model).encode())
         return digest.hexdigest()
+    _hash_files(digest, files, cache_dir)
+    return digest.hexdigest()
+
+
+def _hash_files(digest, files: list[Path], cache_dir) -> None:
+    """Add each file's sha256 (remembered in file-digests.json by path, size and mtime) to `digest`."""
     record = Path(cache_dir) / "file-digests.json"
     try:
         known = read_json(record, missing_ok=True) or {}
@@ -87,7 +93,16 @@ def teacher_fingerprint(model: nn.Module, cache_dir: str | os.PathLike) -> str:
         write_json(record, known)
     except OSError:
         pass  # the record is an optimisation: hashing again next time is correct too
-    return digest.hexdigest()
+
+
+def folder_fingerprint(folder: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """The content key of a teacher checkpoint that is run from disk (never loaded whole): its config and
+    every weight file's digest."""
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.is_file())
+    _hash_files(digest, files, cache_dir)
+    return "streamed-" + digest.hexdigest()
 
 
 def load_cached(path: Path, rows: int, k: int, vocab: int):

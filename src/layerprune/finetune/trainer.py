@@ -24,6 +24,7 @@ from layerprune.finetune.losses import (
     causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions,
 )
 from layerprune.finetune.methods import HealContext, get_method, heal_compute, trainable_parameters
+from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import pad_token_id
 
@@ -108,6 +109,7 @@ def heal(
     *,
     tokenizer=None,
     teacher=None,
+    targets=None,
     work_dir: str | os.PathLike | None = None,
     resume: bool = False,
     log=print,
@@ -116,6 +118,8 @@ def heal(
 
     teacher: the unpruned model, or a function that loads it (then nothing outside holds it, and once its
     top-k targets are cached it is freed before training: the peak is the student's, not both).
+    targets: (TeacherTargets, notes) made before the student was loaded (finetune/teacher_first.py): the
+    teacher's top-k targets of the first rows; training reads only those rows and needs no teacher.
 
     work_dir holds Trainer checkpoints (resume picks up the last one). Under `accelerate launch`
     the Trainer runs data-parallel (DDP/FSDP) with no change here. Before training, one timed step gives
@@ -126,13 +130,18 @@ def heal(
     if not rows:
         raise LayerpruneError("no training examples")
     method = get_method(config.method)
-    if callable(teacher) and not isinstance(teacher, torch.nn.Module):  # a loader: nothing else holds the model
+    if targets is not None:  # the teacher pass already ran, with the teacher alone in memory
+        targets, context_notes = targets
+        rows, teacher = rows[:len(targets.offsets) - 1], None
+    elif callable(teacher) and not isinstance(teacher, torch.nn.Module):  # a loader: nothing else holds the model
         teacher = teacher()
-    if method.needs_teacher and teacher is None:
+    if method.needs_teacher and teacher is None and targets is None:
         raise LayerpruneError(f"{config.method} needs a teacher model (the unpruned model)")
     started = time.perf_counter()
     set_seed(config.seed)
     context = HealContext(tokenizer=tokenizer, teacher=teacher)
+    if targets is not None:
+        context.notes["teacher_targets"] = context_notes
     compute = heal_compute(model, config)
     announce(compute)
     context.notes["compute"] = compute.to_json()
@@ -140,10 +149,8 @@ def heal(
         return _run_procedure(method, model, rows, config, context)
     if config.init == "replace" and provenance(model)["dropped_layers"]:  # an unpruned model has no cut
         model = _replace_first(model, rows, config, context)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    wanted = config.effective_batch_size or config.batch_size
-    accumulation = max(1, math.ceil(wanted / (config.batch_size * world)))
-    rows_per_step = config.batch_size * accumulation * world
+    rows_per_step = rows_per_optimizer_step(config)
+    accumulation = rows_per_step // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
     # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
     distill_from = teacher if method.distills else None
     cached_targets = distill_from is not None and config.distill_top_k is not None
@@ -152,8 +159,7 @@ def heal(
     config, deadline = _plan_steps(trainable_model, rows, config, context, compute, started=started,
                                    accumulation=accumulation, rows_per_step=rows_per_step,
                                    teacher=distill_from if cached_targets else None, log=log)
-    targets = None
-    if cached_targets:
+    if targets is None and cached_targets:
         if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
             rows = rows[:config.max_steps * rows_per_step]
         targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute)

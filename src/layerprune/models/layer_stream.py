@@ -281,3 +281,35 @@ def replayed_layers(anatomy, final_hidden: torch.Tensor):
     finally:
         for layer in anatomy.layers:
             layer.__dict__.pop("forward", None)
+
+
+def streamed_forwards(model_ref: str | os.PathLike, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+                      dtype="auto", batch_size: int = 8, desc: str = "layers (streaming)", progress: bool = True):
+    """Yields (model, i) for each (input_ids, attention_mask) batch of a checkpoint on disk, computed with
+    one decoder layer in memory at a time: every batch's hidden states go through each layer in turn, then,
+    inside the loop body, the model's own forward on batch i (layers replaced by its final hidden states)
+    gives batch i's real output: final norm, head, soft-capping. Used by streaming perplexity and the
+    teacher's top-k targets of a teacher bigger than memory."""
+    from tqdm.auto import tqdm
+
+    from layerprune.models.checkpoint import read_checkpoint
+
+    folder = local_folder(model_ref)
+    entries = {entry.name: entry for entry in read_checkpoint(folder)}
+    model = skeleton(folder, dtype, entries)
+    anatomy = get_anatomy(model)
+    weights = CheckpointWeights(folder, entries, model, anatomy.layers_path)
+    recorded = layer_inputs(model, weights, batches, batch_size)
+    for i, block in enumerate(tqdm(anatomy.layers, desc=desc, disable=not progress, unit="layer")):
+        loaded = weights.load(f"{anatomy.layers_path}.{i}.", block)
+        try:
+            run_layer(block, i, recorded)
+        finally:
+            weights.unload(loaded)
+    loaded = weights.read({name: required(weights, name) for name in outside_parameters(model, with_head=True)})
+    try:
+        for i, record in enumerate(recorded):
+            with replayed_layers(anatomy, record["hidden"]), tied_head(model):
+                yield model, i
+    finally:
+        weights.unload(loaded)

@@ -144,23 +144,28 @@ def heal(run: Run, number: int, ref: str, out: Path, *, base: dict) -> str:
 
     base: the settings `ref` depends on. The checkpoints live in a work folder named by the digest of the
     stage's settings, so an interrupted heal only ever resumes under the same settings."""
-    from layerprune.api import heal_loaded, write_healed
+    from layerprune.api import heal_model_ref, write_healed
 
     if out.is_dir():
         run.log(f"{out.name} exists: skipping")
         return str(out)
     config = run.config.heal[number - 1]
-    loaded = run.load(ref, run.original, saved=True, dtype=config.train_dtype)
+    loaded = {}
+
+    def load():  # as late as possible: a teacher pass that can run first runs with the teacher alone
+        loaded["model"] = run.load(ref, run.original, saved=True, dtype=config.train_dtype)
+        return loaded["model"]
+
     run.log(f"healing with {config.method} ({out.name})")
     settings = heal_settings(run.config, base, number)
     work = out.with_name(work_dir_name(out.name, settings))
     resume = work.exists()
     if is_main_process():  # claimed like an output: only a folder layerprune made is resumed or deleted
         resume = claim_work_dir(work, settings, inputs=run_inputs(run.config), resume=True, option="resume")
-    result, record = heal_loaded(loaded, config, default_teacher=run.config.model, work_dir=work,
-                                 resume=resume, log=run.log)
+    result, record = heal_model_ref(ref, config, load=load, tokenizer=run.original.tokenizer,
+                                    default_teacher=run.config.model, work_dir=work, resume=resume, log=run.log)
     if is_main_process():  # under accelerate/torchrun only the main process writes
-        write_healed(result, record, loaded.tokenizer, out, overwrite=True)
+        write_healed(result, record, loaded["model"].tokenizer, out, overwrite=True)
         remove_work_dir(work)
     return str(out)
 
