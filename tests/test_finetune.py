@@ -242,13 +242,14 @@ def test_bad_heal_configs_are_refused():
         HealConfig(lora_rank=8)  # typo: extra fields are forbidden
 
 
-@pytest.mark.parametrize("text", ["wikitext2", "ptb", "c4-heldout"])
-def test_continued_pretraining_refuses_the_bundled_evaluation_test_sets(text):
+@pytest.mark.parametrize("text,method", [("wikitext2", "cpt"), ("ptb", "cpt"), ("c4-heldout", "cpt"),
+                                         ("dolly-heldout", "lora"), ("dolly-heldout", "distill")])
+def test_healing_refuses_the_bundled_evaluation_test_sets(text, method):
     from layerprune import LayerpruneError
     from layerprune.api import prepare_training_rows
 
-    with pytest.raises(LayerpruneError, match="TEST text"):
-        prepare_training_rows(HealConfig(method="cpt", data=text, max_length=32), tiny_tokenizer())
+    with pytest.raises(LayerpruneError, match="TEST data"):
+        prepare_training_rows(HealConfig(method=method, data=text, max_length=32), tiny_tokenizer())
     rows, info = prepare_training_rows(HealConfig(method="cpt", data="c4", max_length=32, max_samples=2),
                                        tiny_tokenizer())
     assert len(rows) == 2 and info["source"] == "c4"

@@ -277,7 +277,7 @@ def _samples(loaded, prompts, max_new_tokens):
 
 
 # Bundled texts that are evaluation test sets (see resources/data/MANIFEST.md): never training data.
-EVALUATION_ONLY_TEXTS = ("wikitext2", "ptb", "c4-heldout")
+EVALUATION_ONLY_TEXTS = ("wikitext2", "ptb", "c4-heldout", "dolly-heldout")
 
 
 def prepare_training_rows(config: HealConfig, tokenizer) -> tuple[list[dict], dict]:
@@ -296,8 +296,8 @@ def prepare_training_rows(config: HealConfig, tokenizer) -> tuple[list[dict], di
     source = config.data or method.default_data
     if source in EVALUATION_ONLY_TEXTS:
         raise LayerpruneError(
-            f"the bundled {source} is a TEST text that `layerprune eval` measures perplexity on; training on it "
-            "would make that perplexity meaningless. Use c4 (bundled) or a text file of your own")
+            f"the bundled {source} is TEST data that `layerprune eval` measures on; training on it would make "
+            "that measure meaningless. Use c4 or dolly (bundled) or data of your own")
     if method.raw_text or source in BUNDLED_CORPORA or source.endswith((".txt", ".txt.gz")):
         rows = tokenize_text(read_texts(source), tokenizer, max_length=config.max_length,
                              max_samples=config.max_samples)

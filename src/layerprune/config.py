@@ -399,6 +399,13 @@ class EvalConfig(_Strict):
         "float rounding, several times faster on multiple choice) | stock: lm-eval's HFLM, byte for byte.")
     data_source: Literal["bundled", "hub"] = Field(
         "bundled", description="bundled (offline copies) | hub (lm-eval's stock tasks and hub datasets).")
+    follow: int = Field(
+        0, ge=0, description="Instruction following against the unpruned model on N held-out Dolly prompts (the "
+        "reserved dolly-heldout slice, chat template): teacher-forced KL on their responses and agreement of greedy "
+        "responses (ROUGE-L, common prefix); 0: off. Needs the reference model in memory too.")
+    follow_new_tokens: int = Field(48, ge=1, description="Instruction following: tokens per greedy response.")
+    reference: str | None = Field(None, description="Instruction following: the unpruned model to compare with "
+                                  "(default: the model the evaluated one was pruned from).")
     samples: bool = Field(True, description="Save greedy generation samples (samples.json).")
     max_new_tokens: int = Field(40, ge=1, description="Tokens per generation sample.")
     humaneval_max_new_tokens: int = Field(256, ge=1, description="HumanEval: most tokens per completion.")

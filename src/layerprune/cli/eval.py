@@ -33,6 +33,9 @@ def eval_command(
     avg_metric: Optional[str] = config_option(E, "avg_metric"),
     scorer: Optional[str] = config_option(E, "scorer"),
     data_source: Optional[str] = config_option(E, "data_source"),
+    follow: Optional[int] = config_option(E, "follow"),
+    follow_new_tokens: Optional[int] = config_option(E, "follow_new_tokens"),
+    reference: Optional[str] = config_option(E, "reference"),
     samples: Optional[bool] = config_option(E, "samples"),
     max_new_tokens: Optional[int] = config_option(E, "max_new_tokens"),
     humaneval_max_new_tokens: Optional[int] = config_option(E, "humaneval_max_new_tokens"),
@@ -59,7 +62,7 @@ def eval_command(
     from layerprune.models.quantize import check_load_in
     from layerprune.files.outputs import check_output_dir
 
-    check_output_dir(out, overwrite, inputs=[model, tasks, ppl])
+    check_output_dir(out, overwrite, inputs=[model, tasks, ppl, reference])
     load_in = check_load_in(load_in)  # before the plan reads any data
     eval_config = config_from_options(EvalConfig, locals())
     plan = plan_eval(eval_config)

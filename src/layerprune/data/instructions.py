@@ -1,6 +1,6 @@
 """Instruction (SFT) data for healing: prompt/response pairs tokenized with loss on responses only.
 
-Sources: the bundled Dolly-15k (`dolly`), Alpaca-format files (`instruction`/`input`/`output`, as
+Sources: the bundled Dolly-15k (`dolly`; `dolly-heldout`, every 30th record, is reserved for evaluation), Alpaca-format files (`instruction`/`input`/`output`, as
 alpaca-cleaned ships them: a JSON list or JSONL), any JSONL or hub dataset with a field mapping.
 Prompt formats: the tokenizer's chat template (`chat`), or the Stanford Alpaca prompt (`alpaca`,
 what Reassessing Layer Pruning, arXiv 2411.15558, trained with). Raw text for continued pretraining
@@ -101,12 +101,33 @@ def _detect_fields(record: dict, source: str) -> FieldMap:
     )
 
 
-def _read_records(source: str) -> list[dict]:
-    if source == "dolly":
-        from layerprune.data.sources import bundled_path
+# Every 30th record of the bundled Dolly-15k (500 of 15,011; the file is sorted by category, so every
+# category is represented) is reserved for measuring instruction following: `dolly-heldout`. Training on
+# `dolly` never sees them, nor any record with the same instruction and context.
+DOLLY_HELDOUT_EVERY = 30
 
-        with gzip.open(bundled_path("dolly-15k.jsonl.gz"), "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+
+def _dolly_records() -> list[dict]:
+    from layerprune.data.sources import bundled_path
+
+    with gzip.open(bundled_path("dolly-15k.jsonl.gz"), "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def dolly_split(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training records, reserved records) of the bundled Dolly: duplicates of a reserved record's prompt
+    stay out of training too."""
+    reserved = [r for i, r in enumerate(records) if i % DOLLY_HELDOUT_EVERY == DOLLY_HELDOUT_EVERY - 1]
+    prompts = {(r["instruction"], r.get("context", "")) for r in reserved}
+    training = [r for i, r in enumerate(records) if i % DOLLY_HELDOUT_EVERY != DOLLY_HELDOUT_EVERY - 1
+                and (r["instruction"], r.get("context", "")) not in prompts]
+    return training, reserved
+
+
+def _read_records(source: str) -> list[dict]:
+    if source in ("dolly", "dolly-heldout"):
+        training, reserved = dolly_split(_dolly_records())
+        return training if source == "dolly" else reserved
     path = Path(source).expanduser()
     if path.is_dir():
         raise LayerpruneError(f"{path} is a folder, not an instruction data file (.json/.jsonl)")

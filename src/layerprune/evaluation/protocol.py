@@ -34,6 +34,9 @@ class EvalPlan:
     humaneval_max_new_tokens: int = 256
     humaneval_timeout: float = 10.0  # seconds per program (wall clock)
     scorer: str = "fast"  # lm-eval log-likelihoods: fast (shared-prefix, fast_lm.py) | stock (HFLM)
+    follow: int = 0  # held-out instruction prompts for instruction following (0: off)
+    follow_new_tokens: int = 48
+    reference: str | None = None  # the unpruned model; None: the evaluated model's provenance source
 
     @property
     def lm_eval_tasks(self) -> list[TaskEntry]:
@@ -59,12 +62,13 @@ def plan_eval(config=None, **fields) -> EvalPlan:
     for source in (s.strip() for s in c.ppl.split(",")):
         if source and source.lower() != "none":
             texts.append(load_ppl_text(source, field=c.ppl_field, data_source=c.data_source))
-    if not entries and not texts:
-        raise LayerpruneError("nothing to evaluate: give tasks and/or ppl")
+    if not entries and not texts and not c.follow:
+        raise LayerpruneError("nothing to evaluate: give tasks, ppl and/or follow")
     limit, windows = c.limit or None, c.ppl_windows or None  # 0: every document / the whole text
     return EvalPlan(entries, texts, c.seq_len, c.stride, c.bos, windows, limit, c.batch_size, c.avg_metric,
                     c.samples, c.max_new_tokens, c.data_source, humaneval_max_new_tokens=c.humaneval_max_new_tokens,
-                    humaneval_timeout=c.humaneval_timeout, scorer=c.scorer)
+                    humaneval_timeout=c.humaneval_timeout, scorer=c.scorer, follow=c.follow,
+                    follow_new_tokens=c.follow_new_tokens, reference=c.reference)
 
 
 def describe_plan(plan: EvalPlan) -> str:
@@ -77,6 +81,9 @@ def describe_plan(plan: EvalPlan) -> str:
         parts.append(f"zero-shot {names} ({documents}; lm-eval, {plan.scorer} scorer)")
     if plan.humaneval:
         parts.append("HumanEval (" + (f"first {plan.limit} problems)" if plan.limit else "164 problems)"))
+    if plan.follow:
+        parts.append(f"instruction following on {plan.follow} held-out Dolly prompts (response KL, greedy agreement "
+                     f"over {plan.follow_new_tokens} tokens)")
     if plan.samples:
         parts.append("greedy generation samples")
     return "; ".join(parts)
@@ -107,12 +114,16 @@ def check_streamable_plan(plan: EvalPlan) -> None:
                               "--tasks none")
     if not plan.ppl:
         raise LayerpruneError("--streaming computes perplexity, and the plan has none (--ppl)")
+    if plan.follow:
+        raise LayerpruneError("--streaming computes perplexity one layer at a time; instruction following needs "
+                              "the whole model: pass --follow 0")
 
 
-def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False) -> EvalResult:
-    """Score a loaded model: perplexities, lm-eval tasks, generation samples. streaming: `loaded` is a
-    skeleton whose weights stay on disk (importance.streaming.load_skeleton); perplexities only, each
-    computed one layer in memory at a time."""
+def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False, reference=None) -> EvalResult:
+    """Score a loaded model: perplexities, lm-eval tasks, instruction following, generation samples.
+    streaming: `loaded` is a skeleton whose weights stay on disk (importance.streaming.load_skeleton);
+    perplexities only, each computed one layer in memory at a time. reference: the unpruned model already
+    in memory, for instruction following (else plan.reference or the provenance source is loaded)."""
     from functools import partial
 
     from layerprune.evaluation.generation import generate_samples
@@ -161,6 +172,10 @@ def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False) -> EvalResult:
         )
         humaneval_protocol = humaneval.protocol(plan.limit, plan.humaneval_max_new_tokens, limits)
         walls["humaneval"] = round(time.perf_counter() - t0, 2)
+    if plan.follow:
+        t0 = time.perf_counter()
+        record["instruction_following"] = _instruction_following(loaded, plan, reference)
+        walls["instruction_following"] = round(time.perf_counter() - t0, 2)
     samples = None
     if plan.samples:
         t0 = time.perf_counter()
@@ -176,12 +191,31 @@ def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False) -> EvalResult:
         "humaneval": humaneval_protocol,
         "avg_metric": plan.avg_metric,
         "samples": {"greedy": True, "max_new_tokens": plan.max_new_tokens} if plan.samples else None,
+        "instruction_following": record["instruction_following"]["protocol"] if plan.follow else None,
     }
     record["data"] = _data_files(record)
     record["package_versions"] = _versions()
     record["wall_time_s"] = walls
     record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return EvalResult(record, samples, raw, humaneval_rows)
+
+
+def _instruction_following(loaded, plan: EvalPlan, reference) -> dict:
+    """The instruction-following measures against the unpruned model: `reference` when given, else
+    plan.reference or the model's provenance source, loaded for this; an unpruned model is its own."""
+    from layerprune.evaluation.instruction_following import instruction_following
+    from layerprune.models.builtin import cache_dir
+    from layerprune.models.loading import load_model
+    from layerprune.models.surgery import provenance
+
+    record = provenance(loaded.model)
+    if reference is None:
+        ref = plan.reference or (record.get("source") if record.get("dropped_layers") else None)
+        if ref is not None:
+            reference = load_model(ref, dtype=next(loaded.model.parameters()).dtype, load_tokenizer=False).model
+    return instruction_following(loaded.model, reference, loaded.tokenizer, prompts=plan.follow,
+                                 new_tokens=plan.follow_new_tokens, batch_size=plan.batch_size,
+                                 cache_dir=cache_dir() / "responses")
 
 
 def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite: bool = False) -> Path:

@@ -37,6 +37,21 @@ def ppl_protocol(result: dict) -> str:
     return f"{windows}, BOS {bos}" + (f", first {result['max_windows']} windows" if result.get("max_windows") else "")
 
 
+def follow_markdown(follow: dict) -> list[str]:
+    """The instruction-following section of eval.md."""
+    proto = follow["protocol"]
+    lines = [f"## Instruction following ({proto['prompts']} held-out Dolly prompts, {proto['template']} template)", "",
+             f"Against {follow['reference']}: response KL **{follow['kl']:.4f}** nats/token over {follow['tokens']:,} "
+             f"tokens; greedy responses ({proto['new_tokens']} tokens at most): ROUGE-L **{follow['rouge_l']:.3f}**, "
+             f"identical {follow['identical']:.0%}"
+             + (f", common prefix {follow['prefix_tokens']:.1f} tokens" if follow.get("prefix_tokens") is not None
+                else "") + ".", ""]
+    for example in follow.get("examples", [])[:3]:
+        lines += [f"- {example['prompt'][:80]!r}: model {example['model'][:120]!r}; reference "
+                  f"{example['reference'][:120]!r}"]
+    return lines + ([""] if follow.get("examples") else [])
+
+
 def eval_markdown(record: dict) -> str:
     lines = [f"# Evaluation: {record['model']['ref']}", "", _model_line(record["model"]), ""]
     if record.get("average"):
@@ -70,6 +85,8 @@ def eval_markdown(record: dict) -> str:
         for name, r in record["perplexity"].items():
             lines.append(f"| {name} | {r['ppl']:.4g} | {r['tokens']:,} | {r['windows']:,} | {ppl_protocol(r)} |")
         lines.append("")
+    if record.get("instruction_following"):
+        lines += follow_markdown(record["instruction_following"])
     walls = record.get("wall_time_s", {})
     if walls:
         lines += ["Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()), ""]

@@ -67,6 +67,12 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
                                       "avg_acc": (e.get("average") or {}).get("value"), "layers": m["layers"],
                                       "parameters": m["parameters"]}
         lines.append("")
+        from layerprune.report.gaps import gap_markdown, gap_summary, gap_table
+
+        gaps = gap_table(*(evals.get(label) for label, _ in ROWS))
+        lines += gap_markdown(gaps)
+        if gaps:
+            summary["gap_closed"] = {"measures": {r["measure"]: r["gap_closed"] for r in gaps}, **gap_summary(gaps)}
     heals = sorted(run_dir.glob("healed-*/heal.json"))
     if heals:
         lines += ["| healing stage | method | data | steps | trainable params | time (s) | computed in | final loss |",

@@ -29,6 +29,7 @@ def study_rows(study_dir: Path) -> tuple[list[str], list[dict]]:
         row = {"setting": setting["name"], **{a: setting["values"][a] for a in index["axes"]},
                "status": setting.get("status", "?"), "dropped": dropped, "run_dir": str(run)}
         row.update(_eval_cells(final))
+        row.update(_gap_cells(original, read_json(run / "eval-pruned" / "eval.json", missing_ok=True), final))
         bench = read_json(run / "bench" / "bench.json", missing_ok=True)
         row["decode speedup"] = _decode_speedup(bench)
         rows.append(row)
@@ -51,7 +52,18 @@ def _eval_cells(record: dict | None) -> dict:
         cells["Avg Acc"] = average
     for text, scores in sorted(record.get("perplexity", {}).items()):
         cells[f"{text} ppl"] = scores["ppl"]
+    follow = record.get("instruction_following")
+    if follow:
+        cells["instruction KL"], cells["greedy ROUGE-L"] = follow["kl"], follow["rouge_l"]
     return cells
+
+
+def _gap_cells(original: dict | None, pruned: dict | None, final: dict | None) -> dict:
+    """Mean gap closed over the tasks, the perplexities and instruction following (report/gaps.py)."""
+    from layerprune.report.gaps import gap_summary, gap_table
+
+    rows = gap_table(original, pruned, final)
+    return {f"gap closed: {k}": v for k, v in gap_summary(rows).items() if v is not None} if rows else {}
 
 
 def _decode_speedup(bench: dict | None) -> float | None:
@@ -67,9 +79,11 @@ def table_columns(axes: list[str], rows: list[dict]) -> list[str]:
     fixed = ["setting", *axes, "layers", "parameters"]
     metrics = sorted({k for r in rows for k in r} - set(fixed) - {"status", "dropped", "run_dir", "Avg Acc",
                                                                    "decode speedup"})
-    tasks = [m for m in metrics if not m.endswith(" ppl")]
+    gaps = [m for m in metrics if m.startswith("gap closed: ")]
+    follow = [m for m in metrics if m in ("instruction KL", "greedy ROUGE-L")]
     ppls = [m for m in metrics if m.endswith(" ppl")]
-    extra = (["Avg Acc"] if any("Avg Acc" in r for r in rows) else []) + ppls
+    tasks = [m for m in metrics if m not in (*gaps, *follow, *ppls)]
+    extra = (["Avg Acc"] if any("Avg Acc" in r for r in rows) else []) + ppls + follow + gaps
     return fixed + tasks + extra + ["decode speedup", "status"]
 
 
@@ -77,6 +91,8 @@ def _fmt(column: str, value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if column.startswith("gap closed: "):
+            return f"{value:.0%}"
         if column.endswith(" ppl"):
             return f"{value:.4g}"
         if column == "decode speedup":

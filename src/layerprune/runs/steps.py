@@ -48,12 +48,13 @@ def evaluate_step(run: Run, stage: Stage) -> None:
     if stage.name == "eval-original":
         evaluate(run, stage.name, run.original, key=stage.settings)
     elif stage.name == "eval-pruned":
-        evaluate(run, stage.name, run.load(str(run.path("pruned")), run.original), key=stage.settings)
+        evaluate(run, stage.name, run.load(str(run.path("pruned")), run.original), key=stage.settings,
+                 reference=run.original.model)
     else:
-        evaluate(run, stage.name, run.final())
+        evaluate(run, stage.name, run.final(), reference=run.original.model)
 
 
-def evaluate(run: Run, name: str, loaded: LoadedModel, key: dict | None = None) -> dict:
+def evaluate(run: Run, name: str, loaded: LoadedModel, key: dict | None = None, reference=None) -> dict:
     """The eval folder `name` (eval.json, samples): made once, in the study's shared folder when keyed."""
     from layerprune.evaluation.protocol import plan_eval, run_eval, write_eval
 
@@ -63,7 +64,7 @@ def evaluate(run: Run, name: str, loaded: LoadedModel, key: dict | None = None) 
         return read_json(out / "eval.json")
     plan = plan_eval(run.config.eval)
     run.log(f"evaluating {name}")
-    result = run_eval(loaded, plan)
+    result = run_eval(loaded, plan, reference=reference)  # the original: instruction following compares with it
     write_eval(out, result, plan, overwrite=True)
     run.expose(name, out)
     return result.record

@@ -1,0 +1,187 @@
+"""Instruction following against the unpruned model, on held-out instructions nothing trained on.
+
+Two measures on the reserved Dolly slice (`dolly-heldout`, rendered with the model's chat template):
+
+- **Response KL**: teacher-forced KL(reference || model) of the next-token distributions at every token of
+  the data set's own responses, mean over those tokens (nats; 0 for the reference itself).
+- **Greedy agreement**: the model's and the reference's greedy responses to the same prompts (at most
+  `new_tokens` tokens each, cut at end of turn), compared token by token: ROUGE-L F1 (longest common
+  subsequence), the common prefix in tokens, and the share that is identical (1 for the reference).
+
+The reference's responses are cached on disk (keyed by its weights, the prompts and the token budget), so
+a study generates them once. "On the Limits of Layer Pruning for Generative Reasoning in LLMs" (arXiv
+2602.01997) finds that classification recovers after healing while generation does not: these measures
+show the second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from layerprune.data.instructions import IGNORE_INDEX, Example, load_examples, tokenize_examples
+from layerprune.finetune.collate import PadCollator
+from layerprune.finetune.losses import causal_lm_parts, labelled_positions
+from layerprune.models.tokens import pad_token_id
+
+HELDOUT = "dolly-heldout"
+MAX_PROMPT_CHARS = 1000  # long reading-comprehension contexts would dominate the time
+
+
+def heldout_examples(n: int) -> list[Example]:
+    """The first n reserved examples in a fixed shuffled order (every category early), prompts of at most
+    MAX_PROMPT_CHARS characters."""
+    examples = [e for e in load_examples(HELDOUT) if len(e.instruction) + len(e.context) <= MAX_PROMPT_CHARS]
+    random.Random(0).shuffle(examples)
+    return examples[:n]
+
+
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    """The prompt as training renders it (chat template when there is one), ready for generation."""
+    row = tokenize_examples([Example(example.instruction, example.context, " ")], tokenizer, max_length=4096)[0]
+    return [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
+
+
+@torch.no_grad()
+def response_kl(model, reference, rows: list[dict], *, pad_id: int, batch_size: int = 8) -> dict:
+    """Mean KL(reference || model) over the labelled (response) tokens of `rows`, and the token count."""
+    total, tokens = 0.0, 0
+    device, ref_device = next(model.parameters()).device, next(reference.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        batch = PadCollator(pad_id)(rows[start:start + batch_size])
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        log_p = _label_log_probs(reference, ids.to(ref_device), mask.to(ref_device), labels.to(ref_device))
+        log_q = _label_log_probs(model, ids.to(device), mask.to(device), labels.to(device)).to(log_p.device)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+        tokens += len(log_p)
+    return {"kl": total / max(tokens, 1), "tokens": tokens}
+
+
+def _label_log_probs(model, ids, mask, labels) -> torch.Tensor:
+    """log-softmax (fp32) of the next-token logits at the labelled positions."""
+    from layerprune.finetune.losses import head_logits
+
+    _, head, softcap = causal_lm_parts(model)
+    hidden, _ = labelled_positions(model, ids, mask, labels)
+    return torch.cat([torch.log_softmax(head_logits(head, chunk, softcap), -1) for chunk in hidden.split(512)]) \
+        if len(hidden) else hidden.new_zeros(0, head.weight.shape[0]).float()
+
+
+@torch.no_grad()
+def greedy_responses(model, tokenizer, prompts: list[list[int]], *, new_tokens: int, batch_size: int = 8
+                     ) -> list[list[int]]:
+    """Greedy continuations (token ids, cut after the first end-of-turn/EOS token) of left-padded prompts."""
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    stops = _stop_ids(model, tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=pad, eos_token_id=sorted(stops) or None)
+        for row in generated[:, width:].tolist():
+            out.append(_cut(row, stops))
+    return out
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    return set(ids if isinstance(ids, list) else [ids]) - {None}
+
+
+def _cut(tokens: list[int], stops: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:i]
+    return tokens
+
+
+def lcs_length(a: list[int], b: list[int]) -> int:
+    """Longest common subsequence of two token lists (dynamic programming, one row at a time)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: list[int], reference: list[int]) -> float:
+    """ROUGE-L F1 on tokens; two empty responses agree fully."""
+    if not candidate and not reference:
+        return 1.0
+    common = lcs_length(candidate, reference)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(candidate), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement(responses: list[list[int]], references: list[list[int]]) -> dict:
+    """Mean ROUGE-L F1, mean common prefix (tokens) and the share of identical responses."""
+    n = len(references)
+    return {"rouge_l": sum(rouge_l(c, r) for c, r in zip(responses, references)) / n,
+            "prefix_tokens": sum(common_prefix(c, r) for c, r in zip(responses, references)) / n,
+            "identical": sum(c == r for c, r in zip(responses, references)) / n,
+            "prompts": n}
+
+
+def reference_responses(reference, tokenizer, prompts: list[list[int]], *, new_tokens: int, batch_size: int,
+                        cache_dir: Path | None) -> list[list[int]]:
+    """greedy_responses of the reference, from the on-disk cache when it made them before."""
+    from layerprune.files.outputs import read_json, write_json
+    from layerprune.finetune.teacher_cache import teacher_fingerprint
+
+    path = None
+    if cache_dir is not None:
+        key = {"model": teacher_fingerprint(reference, cache_dir), "prompts": prompts, "new_tokens": new_tokens,
+               "batch_size": batch_size, "dtype": str(next(reference.parameters()).dtype)}
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"responses-{name}.json"
+        cached = read_json(path, missing_ok=True) if path.is_file() else None
+        if isinstance(cached, list) and len(cached) == len(prompts):
+            return cached
+    responses = greedy_responses(reference, tokenizer, prompts, new_tokens=new_tokens, batch_size=batch_size)
+    if path is not None:
+        write_json(path, responses)
+    return responses
+
+
+def instruction_following(model, reference, tokenizer, *, prompts: int = 100, new_tokens: int = 48,
+                          batch_size: int = 8, cache_dir: Path | None = None) -> dict:
+    """Both measures of `model` against `reference` (None: the model is the reference, so KL 0, agreement 1)."""
+    examples = heldout_examples(prompts)
+    rows = tokenize_examples(examples, tokenizer, max_length=512)
+    pad = pad_token_id(tokenizer)
+    asked = [prompt_ids(tokenizer, e) for e in examples]
+    protocol = {"data": HELDOUT, "prompts": len(examples), "new_tokens": new_tokens, "max_length": 512,
+                "template": "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"}
+    if reference is None or reference is model:
+        tokens = sum(sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX) for r in rows)
+        return {"kl": 0.0, "tokens": tokens, "rouge_l": 1.0, "prefix_tokens": None, "identical": 1.0,
+                "reference": "itself", "protocol": protocol}
+    kl = response_kl(model, reference, rows, pad_id=pad, batch_size=batch_size)
+    references = reference_responses(reference, tokenizer, asked, new_tokens=new_tokens, batch_size=batch_size,
+                                     cache_dir=cache_dir)
+    responses = greedy_responses(model, tokenizer, asked, new_tokens=new_tokens, batch_size=batch_size)
+    examples_out = [{"prompt": e.instruction[:200], "model": tokenizer.decode(c), "reference": tokenizer.decode(r)}
+                    for e, c, r in list(zip(examples, responses, references))[:5]]
+    return {**kl, **agreement(responses, references), "reference": getattr(reference, "name_or_path", ""),
+            "protocol": protocol, "examples": examples_out}
