@@ -285,24 +285,45 @@ def prepare_training_rows(config: HealConfig, tokenizer) -> tuple[list[dict], di
 
     General text (a bundled corpus such as c4, a .txt file; every source of a raw-text method) becomes
     blocks of max_length tokens with the loss on every token; instruction data (dolly, .json/.jsonl, hub
-    ids) becomes prompt + response with the loss on the response."""
-    from layerprune.data.instructions import load_examples, pack, tokenize_examples, tokenize_text
-    from layerprune.data.sources import BUNDLED_CORPORA, read_texts
+    ids) becomes prompt + response with the loss on the response. A mix (`c4:3+dolly:1`, data/mixes.py)
+    tokenizes each source as its kind and interleaves them in proportion."""
+    from layerprune.data.mixes import interleave, is_mix, parse_mix
     from layerprune.finetune.methods import get_method
 
     if tokenizer is None:
         raise LayerpruneError("healing needs the model's tokenizer")
     method = get_method(config.method)
     source = config.data or method.default_data
+    if not is_mix(source):
+        return _source_rows(source, config, tokenizer, raw_text=method.raw_text)
+    parts = parse_mix(source)
+    prepared = [_source_rows(name, config.model_copy(update={"max_samples": None}), tokenizer, raw_text=False,
+                             shuffled=True) for name, _ in parts]
+    rows, taken = interleave([rows for rows, _ in prepared], [weight for _, weight in parts], limit=config.max_samples)
+    return rows, {"source": source, "kind": "mix", "rows": len(rows),
+                  "parts": [{**info, "weight": weight, "rows_used": used}
+                            for (_, info), (_, weight), used in zip(prepared, parts, taken)]}
+
+
+def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, shuffled: bool = False):
+    """(rows, info) of one training source, tokenized as its kind; shuffled: instruction examples in a
+    seeded random order (the bundled Dolly is sorted by category)."""
+    import random
+
+    from layerprune.data.instructions import load_examples, pack, tokenize_examples, tokenize_text
+    from layerprune.data.sources import BUNDLED_CORPORA, read_texts
+
     if source in EVALUATION_ONLY_TEXTS:
         raise LayerpruneError(
             f"the bundled {source} is TEST data that `layerprune eval` measures on; training on it would make "
             "that measure meaningless. Use c4 or dolly (bundled) or data of your own")
-    if method.raw_text or source in BUNDLED_CORPORA or source.endswith((".txt", ".txt.gz")):
+    if raw_text or source in BUNDLED_CORPORA or source.endswith((".txt", ".txt.gz")):
         rows = tokenize_text(read_texts(source), tokenizer, max_length=config.max_length,
                              max_samples=config.max_samples)
         return rows, {"source": source, "kind": "raw text", "blocks": len(rows), "block_tokens": config.max_length}
     examples = load_examples(source, fields=config.field_map(), max_samples=config.max_samples, seed=config.seed)
+    if shuffled and config.max_samples is None:  # max_samples already drew a seeded random subset
+        random.Random(config.seed).shuffle(examples)
     rows = tokenize_examples(examples, tokenizer, template=config.template, max_length=config.max_length)
     if config.packing:
         rows = pack(rows, config.max_length)

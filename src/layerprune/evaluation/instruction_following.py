@@ -30,6 +30,8 @@ from layerprune.models.tokens import pad_token_id
 
 HELDOUT = "dolly-heldout"
 MAX_PROMPT_CHARS = 1000  # long reading-comprehension contexts would dominate the time
+MAX_LENGTH = 256  # prompt + response tokens of the KL rows: long responses are cut (half the time of 512)
+GENERATION_BATCH = 32  # prompts generated at once: fewer, wider steps (50 s vs 64 s for 100 prompts at 8)
 
 
 def heldout_examples(n: int) -> list[Example]:
@@ -168,19 +170,19 @@ def instruction_following(model, reference, tokenizer, *, prompts: int = 100, ne
                           batch_size: int = 8, cache_dir: Path | None = None) -> dict:
     """Both measures of `model` against `reference` (None: the model is the reference, so KL 0, agreement 1)."""
     examples = heldout_examples(prompts)
-    rows = tokenize_examples(examples, tokenizer, max_length=512)
+    rows = tokenize_examples(examples, tokenizer, max_length=MAX_LENGTH)
     pad = pad_token_id(tokenizer)
     asked = [prompt_ids(tokenizer, e) for e in examples]
-    protocol = {"data": HELDOUT, "prompts": len(examples), "new_tokens": new_tokens, "max_length": 512,
+    protocol = {"data": HELDOUT, "prompts": len(examples), "new_tokens": new_tokens, "max_length": MAX_LENGTH,
                 "template": "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"}
     if reference is None or reference is model:
         tokens = sum(sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX) for r in rows)
         return {"kl": 0.0, "tokens": tokens, "rouge_l": 1.0, "prefix_tokens": None, "identical": 1.0,
                 "reference": "itself", "protocol": protocol}
     kl = response_kl(model, reference, rows, pad_id=pad, batch_size=batch_size)
-    references = reference_responses(reference, tokenizer, asked, new_tokens=new_tokens, batch_size=batch_size,
-                                     cache_dir=cache_dir)
-    responses = greedy_responses(model, tokenizer, asked, new_tokens=new_tokens, batch_size=batch_size)
+    references = reference_responses(reference, tokenizer, asked, new_tokens=new_tokens,
+                                     batch_size=GENERATION_BATCH, cache_dir=cache_dir)
+    responses = greedy_responses(model, tokenizer, asked, new_tokens=new_tokens, batch_size=GENERATION_BATCH)
     examples_out = [{"prompt": e.instruction[:200], "model": tokenizer.decode(c), "reference": tokenizer.decode(r)}
                     for e, c, r in list(zip(examples, responses, references))[:5]]
     return {**kl, **agreement(responses, references), "reference": getattr(reference, "name_or_path", ""),

@@ -36,7 +36,8 @@ class HealConfig(StrictConfig):
     # data
     data: str | None = Field(
         None, description="Training data: dolly | a Dolly/Alpaca .json/.jsonl file | a hub dataset id; cpt: c4 | a "
-        "text file (never the wikitext2/ptb test sets). Default: dolly, or c4 for cpt.")
+        "text file (never the wikitext2/ptb/c4-heldout/dolly-heldout test sets); a mix: c4:3+dolly:1 (each source as "
+        "its kind, interleaved in proportion). Default: dolly, or c4 for cpt and distill.")
     max_samples: int | None = Field(None, ge=1, description="Use at most N examples.")
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="Prompt format: auto (the chat template if the tokenizer has one) | chat | alpaca.")
