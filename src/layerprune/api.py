@@ -366,6 +366,7 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
     teacher pass can run first (finetune/teacher_first.py), the teacher's top-k targets are made with the
     teacher alone in memory (layer by layer from disk when it does not fit), the teacher is freed, and only
     then is the student loaded. tokenizer: for a model folder without one."""
+    from layerprune.finetune.hidden_states import cut_pairs
     from layerprune.finetune.teacher_first import distills_from_cache, targets_before_student, teacher_placement
     from layerprune.models.loading import folder_tokenizer, model_folder
     from layerprune.models.model_config import read_model_config
@@ -388,8 +389,10 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
                 if streamed:
                     _check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
                                        teacher_ref)
+                pairs = cut_pairs(record["dropped_layers"], record["kept_layers"]) if config.distill_hidden else []
                 targets = targets_before_student(prepared[0], config, load_teacher, pad_id=pad_token_id(tokenizer),
-                                                 stream_from=teacher_folder if streamed else None, log=log)
+                                                 stream_from=teacher_folder if streamed else None, log=log,
+                                                 state_layers=[t for _, t in pairs])
     loaded = load()
     if loaded.tokenizer is None:
         loaded.tokenizer = tokenizer

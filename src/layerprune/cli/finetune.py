@@ -58,6 +58,7 @@ def finetune(
     distill_temperature: Optional[float] = config_option(H, "distill_temperature"),
     distill_alpha: Optional[float] = config_option(H, "distill_alpha"),
     distill_top_k: Optional[int] = config_option(H, "distill_top_k"),
+    distill_hidden: Optional[float] = config_option(H, "distill_hidden"),
     local_layers: Optional[int] = config_option(H, "local_layers"),
     loss_chunk: Optional[int] = config_option(H, "loss_chunk"),
     train_dtype: Optional[str] = config_option(H, "train_dtype"),

@@ -84,6 +84,10 @@ class HealConfig(StrictConfig):
     distill_top_k: int | None = Field(
         64, ge=1, description="distill: keep the teacher's top-k logits per token, computed once and cached on disk "
         "(none: the full distribution, recomputed every step).")
+    distill_hidden: float = Field(
+        0.0, ge=0, description="distill: weight of a loss on the hidden states at the cuts (the student's output "
+        "of the kept layer before a cut toward the teacher's state after it, relative squared error; as Minitron, "
+        "arXiv 2408.11796); 0: off. Needs distill_top_k (the states are cached with the teacher's logits).")
     local_layers: int = Field(1, ge=1, description="block-local: kept layers before each cut that are trained.")
     loss_chunk: int = Field(1024, ge=1, description="Positions whose logits are computed at once (memory bound).")
     # runtime
@@ -144,6 +148,9 @@ class HealConfig(StrictConfig):
             raise ValueError("effective_batch_size must be >= batch_size")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use epochs) or >= 1")
+        if self.distill_hidden and (self.method != "distill" or self.distill_top_k is None):
+            raise ValueError("distill_hidden needs method distill with distill_top_k (the teacher's states are cached "
+                             "with its top-k logits)")
         return self
 
     def field_map(self):

@@ -105,28 +105,31 @@ def folder_fingerprint(folder: str | os.PathLike, cache_dir: str | os.PathLike) 
     return "streamed-" + digest.hexdigest()
 
 
-def load_cached(path: Path, rows: int, k: int, vocab: int):
-    """(values, indices, offsets) of a cache file that is whole and fits these rows, else None: a broken file
+def load_cached(path: Path, rows: int, k: int, vocab: int, states: int = 0):
+    """(values, indices, offsets[, states]) of a cache file that is whole and fits these rows (and holds the
+    hidden states of `states` layers when asked), else None: a broken file
     (corrupt, truncated, empty, short offsets, indices outside the vocabulary, non-finite values) is removed
     with a warning, and the targets are computed again."""
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(path))
-        problem = _inconsistency(tensors, rows, k, vocab)
+        problem = _inconsistency(tensors, rows, k, vocab, states)
     except Exception as err:  # safetensors raises its own error types for a damaged file
         problem = f"it cannot be read ({type(err).__name__}: {str(err)[:200]})"
     if problem is None:
-        return tensors["values"], tensors["indices"], tensors["offsets"]
+        return (tensors["values"], tensors["indices"], tensors["offsets"],
+                *((tensors["states"],) if states else ()))
     warnings.warn(f"teacher cache {path} is damaged ({problem}); removed it, computing the targets again",
                   stacklevel=3)
     path.unlink(missing_ok=True)
     return None
 
 
-def _inconsistency(tensors: dict, rows: int, k: int, vocab: int) -> str | None:
-    if set(tensors) != {"values", "indices", "offsets"}:
-        return f"it holds {sorted(tensors)}, not values, indices and offsets"
+def _inconsistency(tensors: dict, rows: int, k: int, vocab: int, states: int = 0) -> str | None:
+    expected = {"values", "indices", "offsets"} | ({"states"} if states else set())
+    if set(tensors) != expected:
+        return f"it holds {sorted(tensors)}, not {', '.join(sorted(expected))}"
     values, indices, offsets = tensors["values"], tensors["indices"], tensors["offsets"]
     if offsets.dim() != 1 or len(offsets) != rows + 1:
         return f"{len(offsets)} offsets for {rows} rows"
@@ -139,4 +142,6 @@ def _inconsistency(tensors: dict, rows: int, k: int, vocab: int) -> str | None:
         return f"token indices outside the vocabulary of {vocab}"
     if not bool(torch.isfinite(values).all()):
         return "values that are NaN or infinite"
+    if states and (tensors["states"].dim() != 3 or tuple(tensors["states"].shape[:2]) != (n, states)):
+        return f"hidden states of shape {tuple(tensors['states'].shape)}, expected ({n}, {states}, hidden)"
     return None

@@ -53,10 +53,11 @@ def teacher_placement(config: HealConfig, student: Path, teacher: Path) -> tuple
 
 
 def targets_before_student(rows: list[dict], config: HealConfig, load_teacher, *, pad_id: int, stream_from=None,
-                           log=print):
+                           log=print, state_layers: list[int] = ()):
     """(TeacherTargets of rows_to_cover(rows), notes): the teacher loaded by `load_teacher()` (or, with
     `stream_from`, run from that checkpoint folder one layer at a time), its targets computed or read from
-    the cache, and the teacher released before this returns."""
+    the cache, and the teacher released before this returns. state_layers: teacher layers whose output
+    states are kept too (distill_hidden)."""
     from tqdm.auto import tqdm
 
     from layerprune.finetune.teacher import teacher_targets
@@ -74,7 +75,8 @@ def targets_before_student(rows: list[dict], config: HealConfig, load_teacher, *
     try:
         targets, cached = teacher_targets(teacher, covered, config.distill_top_k, pad_id=pad_id,
                                           cache_dir=cache_dir() / "teacher", batch_size=config.batch_size,
-                                          compute=compute, log=lambda done, total: bar.update(done - bar.n))
+                                          compute=compute, log=lambda done, total: bar.update(done - bar.n),
+                                          state_layers=state_layers)
     finally:
         bar.close()
         del teacher

@@ -20,8 +20,9 @@ from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.finite import check_finite_weights, check_loss, finite_guard
 from layerprune.hardware.compute import announce
+from layerprune.finetune.hidden_states import StateRecorder, cut_pairs, relative_state_error
 from layerprune.finetune.losses import (
-    causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions,
+    causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions, unwrapped,
 )
 from layerprune.finetune.methods import HealContext, get_method, heal_compute, trainable_parameters
 from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
@@ -37,10 +38,13 @@ def _trainer_class():
         (finetune/losses.py); with a teacher (live, or its cached top-k targets) the loss is distillation."""
 
         def __init__(self, *args, teacher=None, teacher_targets=None, temperature=2.0, alpha=1.0, top_k=None,
-                     chunk=1024, **kwargs):
+                     chunk=1024, state_layers=(), state_weight=0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher, self.teacher_targets = teacher, teacher_targets
             self.temperature, self.alpha, self.top_k, self.chunk = temperature, alpha, top_k, chunk
+            self.state_weight = state_weight
+            # distill_hidden: the student's states at the cuts, toward the teacher's cached ones
+            self.recorder = StateRecorder(unwrapped(self.model), list(state_layers)) if state_layers else None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             _, head, softcap = causal_lm_parts(model)
@@ -52,6 +56,10 @@ def _trainer_class():
             else:
                 total = chunked_distillation(head, hidden, targets, topk, temperature=self.temperature,
                                              alpha=self.alpha, softcap=softcap, chunk=self.chunk)
+            if self.recorder is not None:
+                teacher_states = self.teacher_targets.states_for_rows(inputs["row"].tolist()).to(hidden.device)
+                total = total + self.state_weight * relative_state_error(self.recorder.at_labels(labels),
+                                                                         teacher_states)
             # like the stock causal-LM loss: the sum over the accumulated batch's label tokens, or the mean
             count = num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1)
             loss = total / count
@@ -149,6 +157,10 @@ def heal(
         return _run_procedure(method, model, rows, config, context)
     if config.init == "replace" and provenance(model)["dropped_layers"]:  # an unpruned model has no cut
         model = _replace_first(model, rows, config, context)
+    pairs = cut_pairs(provenance(model)["dropped_layers"], provenance(model)["kept_layers"]) \
+        if config.distill_hidden else []
+    if config.distill_hidden:
+        context.notes["hidden_states"] = {"weight": config.distill_hidden, "student_teacher_layers": pairs}
     rows_per_step = rows_per_optimizer_step(config)
     accumulation = rows_per_step // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
     # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
@@ -162,7 +174,8 @@ def heal(
     if targets is None and cached_targets:
         if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
             rows = rows[:config.max_steps * rows_per_step]
-        targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute)
+        targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute,
+                                          state_layers=[t for _, t in pairs])
         teacher = distill_from = context.teacher = None  # its targets are on disk: free it before training
         gc.collect()
 
@@ -179,6 +192,8 @@ def heal(
         alpha=config.distill_alpha,
         top_k=config.distill_top_k,
         chunk=config.loss_chunk,
+        state_layers=[s for s, _ in pairs] if targets is not None else [],
+        state_weight=config.distill_hidden,
         callbacks=[finite_guard(config.learning_rate), *([deadline] if deadline is not None else [])],
     )
     if distill_from is not None:
@@ -186,6 +201,8 @@ def heal(
     start = time.perf_counter()
     checkpoint = _last_checkpoint(work_dir) if resume else None
     output = _train(trainer, checkpoint, work_dir)
+    if trainer.recorder is not None:
+        trainer.recorder.remove()  # the healed model carries no hooks
     _close_process_group_at_exit()
     seconds = time.perf_counter() - start
     curve = [
@@ -277,7 +294,7 @@ def _plan_steps(model, rows, config, context, compute, *, started, accumulation,
     return config, deadline
 
 
-def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute):
+def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute, state_layers=()):
     """The teacher's top-k targets of the rows, from the on-disk cache when an earlier run made them."""
     from tqdm.auto import tqdm
 
@@ -289,7 +306,8 @@ def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute):
     try:
         targets, cached = teacher_targets(teacher, rows, config.distill_top_k, pad_id=pad_token_id(tokenizer),
                                           cache_dir=cache_dir() / "teacher", batch_size=config.batch_size,
-                                          compute=compute, log=lambda done, total: bar.update(done - bar.n))
+                                          compute=compute, log=lambda done, total: bar.update(done - bar.n),
+                                          state_layers=state_layers)
     finally:
         bar.close()
     context.notes["teacher_targets"] = {"file": targets.key["file"], "k": config.distill_top_k,
