@@ -42,6 +42,8 @@ RECIPES: dict[str, dict] = {
     "default": {},
     "mix31": {"data": "c4:3+dolly:1"},  # a quarter of the rows are instructions with the chat template
     "mix11": {"data": "c4:1+dolly:1"},
+    "hidden1": {"distill_hidden": 1.0},  # + the hidden states at the cuts (Minitron)
+    "mix31-hidden1": {"data": "c4:3+dolly:1", "distill_hidden": 1.0},
 }
 
 
@@ -129,7 +131,8 @@ def _heal_cells(heal: dict | None) -> dict | None:
 def markdown(rows: list[dict]) -> str:
     """One row per setting: each measure's final value with the gap closed, then the means."""
     measures = [g["measure"] for g in rows[0]["gaps"]] if rows else []
-    head = ["setting", "dropped", "steps"] + measures + ["tasks", "instruction", "ppl"]
+    head = ["setting", "dropped", "steps"] + measures + [f"gap closed: {k}" for k in rows[0]["summary"]] if rows \
+        else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if rows:
         lines.append("| original | - | - | " + " | ".join(_number(g["original"]) for g in rows[0]["gaps"])

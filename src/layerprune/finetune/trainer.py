@@ -271,8 +271,11 @@ def _plan_steps(model, rows, config, context, compute, *, started, accumulation,
     from layerprune.finetune.budget import deadline_callback, fit_steps, probe_heal
     from layerprune.hardware.estimate import format_seconds as format_minutes
 
+    distills = get_method(config.method).distills and config.distill_top_k is not None
     probe = probe_heal(model, rows, batch_size=config.batch_size, accumulation=accumulation, compute=compute,
-                       pad_id=pad_token_id(context.tokenizer), teacher=teacher, top_k=config.distill_top_k)
+                       pad_id=pad_token_id(context.tokenizer), teacher=teacher, top_k=config.distill_top_k,
+                       distill=(config.distill_alpha, config.distill_temperature, config.distill_top_k)
+                       if distills else None)
     wanted = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(rows) / rows_per_step)
     steps, deadline = wanted, None
     if config.max_minutes is not None:
