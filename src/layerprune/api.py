@@ -152,6 +152,7 @@ def prune_model(
     from layerprune.models.checkpoint import prune_checkpoint
     from layerprune.models.gguf_file import prune_gguf
     from layerprune.models.memory_policy import on_disk_folder
+    from layerprune.selection.objectives import objective_validation
     from layerprune.selection.strategies import (
         PruneHooks, choose, history_entry, in_memory_scores, layers_to_drop, needs_calibration, prune,
     )
@@ -184,7 +185,8 @@ def prune_model(
     calibration = validation = None
     if needs_calibration(config):
         calibration = load_calibration_for(loaded, config.calibration)
-        validation = lambda: load_calibration_for(loaded, config.calibration, validation=True)  # noqa: E731
+        validation = objective_validation(config, loaded.tokenizer, held_out_text=lambda: load_calibration_for(
+            loaded, config.calibration, validation=True))
     samples_before = _samples(loaded, prompts, max_new_tokens)
 
     def select(number: int, current, n_drop: int | None) -> dict:

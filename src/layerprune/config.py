@@ -45,6 +45,10 @@ class CalibrationConfig(_Strict):
     seed: int = Field(0, description="Seed of calibration sampling and of the random metric.")
 
 
+# The documents per task of select_objective tasks when not given.
+SELECT_TASKS_DOCS = 32
+
+
 class PruneConfig(QualityTargetMixin, _Strict):
     preset: str | None = Field(None, description="Named recipe whose settings fill what is not given: paper.")
     metric: str | list[str] | None = Field(
@@ -56,6 +60,13 @@ class PruneConfig(QualityTargetMixin, _Strict):
         "on held-out calibration text and keep the one with the lowest loss before healing | search: no metric; "
         "remove, one at a time, the layer whose removal raises that loss least (greedy, SLEB-style)."
     )
+    select_objective: Literal["loss", "kl", "tasks"] = Field(
+        "loss", description="What select auto / search minimize over drop-sets: loss (next-token cross-entropy on "
+        "held-out calibration text) | kl (KL from the unpruned model's next-token distributions on that text; "
+        "keeps tokens x vocab x 4 bytes) | tasks (the gold answers' loss on ARC-Easy, PIQA and HellaSwag "
+        "documents that evaluation does not read).")
+    select_tasks_docs: int = Field(SELECT_TASKS_DOCS, ge=1, description="select_objective tasks: documents of each "
+                                   "task, from document 1000 on (evaluation reads the first 1000).")
     search_beam: int = Field(1, ge=1, description="select search: drop-sets kept at each step (beam width).")
     search_swap: bool = Field(False, description="select search: afterwards, one pass offering each removed layer "
                               "back in exchange for a kept one, taken when the validation loss falls.")
@@ -129,6 +140,7 @@ class PruneConfig(QualityTargetMixin, _Strict):
     def _consistent(self) -> "PruneConfig":
         self._check_granularity()
         self._check_search()
+        check_objective(self)
         budgets = (self.num_layers, self.ratio, self.target_params, self.target_latency)
         given = [x is not None for x in (self.drop, *budgets)]
         quality = self.max_loss_increase is not None or self.max_ppl_ratio is not None
@@ -244,6 +256,25 @@ class PruneConfig(QualityTargetMixin, _Strict):
         return step, total
 
 
+def check_objective(config) -> None:
+    """select_objective / select_tasks_docs of a PruneConfig or CurveConfig: each only where it applies."""
+    objective = config.select_objective
+    if getattr(config, "select", None) == "metric" and objective != "loss":
+        raise ValueError(f"select_objective {objective} judges drop-sets, which needs select auto or search; select "
+                         "metric takes the metric's own")
+    if objective != "tasks" and config.select_tasks_docs != SELECT_TASKS_DOCS:
+        raise ValueError("select_tasks_docs needs select_objective tasks")
+    if objective != "loss" and config.quality_target() is not None:
+        raise ValueError(f"max_loss_increase and max_ppl_ratio bound the validation loss on calibration text; "
+                         f"they need select_objective loss, not {objective}")
+    if objective == "tasks":
+        from layerprune.data.task_answers import max_documents
+
+        if config.select_tasks_docs > max_documents():
+            raise ValueError(f"select_tasks_docs is at most {max_documents()} (PIQA's documents after the first 1000 "
+                             f"that evaluation reads), got {config.select_tasks_docs}")
+
+
 SEARCH = "search"  # the greedy drop-set search, a selection of its own next to the metrics
 
 
@@ -331,6 +362,12 @@ class CurveConfig(QualityTargetMixin, _Strict):
     max_drop: float = Field(0.5, gt=0, allow_inf_nan=False, description="Most layers removed: a fraction of the "
                             "layers (below 1) or a count.")
     search_beam: int = Field(1, ge=1, description="Drop-sets the search keeps at each step (beam width).")
+    select_objective: Literal["loss", "kl", "tasks"] = Field(
+        "loss", description="What the curve measures (and the search minimizes), as prune's select_objective: loss "
+        "(validation perplexity) | kl (KL from the unpruned model; the curve shows exp(KL)) | tasks (the gold "
+        "answers' perplexity on ARC-Easy, PIQA and HellaSwag documents that evaluation does not read).")
+    select_tasks_docs: int = Field(SELECT_TASKS_DOCS, ge=1, description="select_objective tasks: documents of each "
+                                   "task, from document 1000 on (evaluation reads the first 1000).")
     knee_slope: float = Field(0.1, gt=0, description="The knee is the largest k before the validation loss first "
                               "rises by more than this many nats for one more layer.")
     max_loss_increase: float | None = Field(None, gt=0, description="Report, per selection, the most layers whose "
@@ -355,6 +392,7 @@ class CurveConfig(QualityTargetMixin, _Strict):
     @model_validator(mode="after")
     def _one_target(self) -> "CurveConfig":
         self._check_one_quality_target()
+        check_objective(self)
         if self.max_drop >= 1 and self.max_drop != int(self.max_drop):
             raise ValueError(f"max_drop is a fraction below 1 or a whole number of layers, got {self.max_drop:.6g}")
         return self

@@ -23,6 +23,8 @@ def curve(
     metric: Optional[str] = config_option(V, "metric"),
     max_drop: Optional[float] = config_option(V, "max_drop"),
     search_beam: Optional[int] = config_option(V, "search_beam"),
+    select_objective: Optional[str] = config_option(V, "select_objective"),
+    select_tasks_docs: Optional[int] = config_option(V, "select_tasks_docs"),
     knee_slope: Optional[float] = config_option(V, "knee_slope"),
     max_loss_increase: Optional[float] = config_option(V, "max_loss_increase"),
     max_ppl_ratio: Optional[float] = config_option(V, "max_ppl_ratio"),
@@ -58,8 +60,13 @@ def curve(
 
 
 def _print_curve(record: dict) -> None:
+    from layerprune.selection.curve import curve_measure
+
     names = list(record["curves"])
-    table = Table(title=f"validation perplexity by layers removed (unpruned {record['unpruned_perplexity']:.2f})")
+    kl = record.get("objective") == "kl"  # the KL itself reads better than exp(KL): 0 for the unpruned model
+    title = "KL to the unpruned model (nats) by layers removed" if kl else \
+        f"{curve_measure(record)} by layers removed (unpruned {record['unpruned_perplexity']:.2f})"
+    table = Table(title=title)
     table.add_column("k", justify="right")
     for name in names:
         table.add_column(name, justify="right")
@@ -68,7 +75,8 @@ def _print_curve(record: dict) -> None:
         for name in names:
             rows = record["curves"][name]
             mark = "*" if record["knees"][name] == k else ""
-            cells.append(f"{rows[k]['perplexity']:.2f}{mark}" if k < len(rows) else "-")
+            value = f"{rows[k]['loss']:.4f}" if kl else f"{rows[k]['perplexity']:.2f}"
+            cells.append(f"{value}{mark}" if k < len(rows) else "-")
         table.add_row(str(k), *cells)
     console.print(table)
     console.print("* = knee (the last k before the loss rises by more than "

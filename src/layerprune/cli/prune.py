@@ -45,6 +45,8 @@ def prune(
                                           "comma separated with --select auto. Default: block-influence "
                                           "(attention-influence / mlp-influence with --granularity attention / mlp)."),
     select: Optional[str] = config_option(P, "select"),
+    select_objective: Optional[str] = config_option(P, "select_objective"),
+    select_tasks_docs: Optional[int] = config_option(P, "select_tasks_docs"),
     search_beam: Optional[int] = config_option(P, "search_beam"),
     search_swap: Optional[bool] = config_option(P, "search_swap"),
     granularity: Optional[str] = config_option(P, "granularity"),
@@ -112,8 +114,7 @@ def prune(
                       f"of the original's (target {constraints['target_latency']})")
     validation = result.how.get("validation")
     if validation:
-        console.print(f"validation loss {validation['loss']:.4f} (unpruned {validation['unpruned_loss']:.4f}, "
-                      f"perplexity x{validation['ppl_ratio']:.3f}) on held-out calibration text")
+        console.print(_validation_line(validation))
     for before, after in zip(result.samples_before, result.samples_after):
         console.print(f"\n[bold]prompt:[/] {escape(before['prompt'])}", highlight=False)
         console.print(f"  [cyan]original:[/] {escape(repr(before['completion']))}", highlight=False)
@@ -125,3 +126,15 @@ def prune(
                       "every kept tensor in its original quantization")
         reload = "llama.cpp, Ollama, LM Studio, `layerprune generate`, or layerprune.load_model"
     console.print(f"\npruned model saved to [bold]{result.out}[/] (reload: {reload})")
+
+
+def _validation_line(validation: dict) -> str:
+    """What the chosen drop-set scored on the objective that chose it (records before objectives: the loss)."""
+    objective = validation.get("objective", "loss")
+    if objective == "loss":
+        return (f"validation loss {validation['loss']:.4f} (unpruned {validation['unpruned_loss']:.4f}, "
+                f"perplexity x{validation['ppl_ratio']:.3f}) on held-out calibration text")
+    if objective == "kl":
+        return f"KL to the unpruned model {validation['value']:.4f} nats on held-out calibration text"
+    return (f"answer loss {validation['value']:.4f} (unpruned {validation['unpruned']:.4f}) on the task documents "
+            "that evaluation does not read")

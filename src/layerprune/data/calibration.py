@@ -19,15 +19,21 @@ from layerprune.models.tokens import pad_token_id
 
 @dataclass
 class CalibrationData:
-    """input_ids [N, L]; attention_mask [N, L] with 1 for real tokens and 0 for padding."""
+    """input_ids [N, L]; attention_mask [N, L] with 1 for real tokens and 0 for padding.
+
+    scored [N, L] (optional): 1 on the tokens whose prediction counts (a multiple-choice answer after its
+    question); None: every real token after the first. Only losses that read `scored_batches` use it."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     description: dict = field(default_factory=dict)
+    scored: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2 or self.input_ids.shape != self.attention_mask.shape:
             raise ValueError("input_ids and attention_mask must both be [num_samples, seq_len]")
+        if self.scored is not None and self.scored.shape != self.input_ids.shape:
+            raise ValueError("scored must be [num_samples, seq_len], like input_ids")
         if self.input_ids.shape[0] == 0 or int(self.attention_mask.sum()) == 0:
             raise LayerpruneError("calibration data is empty")
 
@@ -42,6 +48,19 @@ class CalibrationData:
     def batches(self, batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.num_samples, batch_size):
             yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
+
+    def scored_batches(self, batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(input_ids, attention_mask, scored or None) per batch. With `scored` (rows of unequal length, right
+        padded), a batch drops the padding columns none of its rows reach: a causal model's earlier positions
+        do not see later ones, so only the work changes."""
+        for start in range(0, self.num_samples, batch_size):
+            rows = slice(start, start + batch_size)
+            ids, mask = self.input_ids[rows], self.attention_mask[rows]
+            if self.scored is None:
+                yield ids, mask, None
+                continue
+            width = int(mask.sum(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
+            yield ids[:, :width], mask[:, :width], self.scored[rows, :width]
 
     def nonempty_batches(self, batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Like batches(), without all-padding rows (they have no token to measure); empty batches are skipped."""

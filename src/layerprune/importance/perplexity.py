@@ -67,11 +67,21 @@ METHODS = ("fast", "naive")
 # ---------------------------------------------------------------- perplexity arithmetic
 
 
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token NLL (float32) and the number of predicted tokens, padding excluded."""
-    targets = input_ids[:, 1:].to(logits.device)
-    mask = attention_mask.to(logits.device).bool()
+def predicted_positions(attention_mask: torch.Tensor, scored: torch.Tensor | None = None,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """[B, L-1] bool: position t predicts token t+1 and counts. Both tokens must be real (mask 1); with
+    `scored` ([B, L], 1 on the tokens to score, e.g. only a multiple-choice answer), token t+1 must be one."""
+    mask = attention_mask.to(device).bool()
     valid = mask[:, 1:] & mask[:, :-1]
+    return valid if scored is None else valid & scored[:, 1:].to(device).bool()
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              scored: torch.Tensor | None = None) -> tuple[float, int]:
+    """Sum of next-token NLL (float32) and the number of predicted tokens, padding excluded (and, with
+    `scored`, every token it does not mark: see predicted_positions)."""
+    targets = input_ids[:, 1:].to(logits.device)
+    valid = predicted_positions(attention_mask, scored, logits.device)
     total = 0.0
     # One sample at a time: a float32 copy of [L, vocab] instead of [B, L, vocab].
     for b in range(logits.shape[0]):

@@ -149,8 +149,11 @@ def _candidates(selection: dict) -> list[str]:
     candidates = selection.get("candidates") or {}
     if not candidates:
         return []
+    from layerprune.selection.objectives import objective_label
+
+    label = objective_label((selection.get("validation") or {}).get("objective"))
     lines = ["", "Candidate drop-sets compared on held-out text before healing (lower loss is better):", "",
-             "| metric | layers | validation loss |", "|---|---|---|"]
+             f"| metric | layers | {label} |", "|---|---|---|"]
     for name, c in sorted(candidates.items(), key=lambda kv: kv[1].get("validation_loss", float("inf"))):
         loss = c.get("validation_loss")
         lines.append(f"| {name} | {format_layers(c.get('dropped', []))} | "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerprune.selection.budgets import describe_quality_target
+from layerprune.selection.objectives import objective_label
 from layerprune.files.outputs import read_json
 
 ROWS = (("original", "eval-original"), ("pruned, before healing", "eval-pruned"), ("final", "eval-final"))
@@ -31,8 +32,9 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
                   f"(chosen by {selection['chosen_by']}).", ""]
         summary["dropped"] = selection["dropped"]
         if selection.get("candidates"):
-            lines += ["Candidates compared before healing (validation loss on held-out calibration text):", "",
-                      "| metric | would drop | validation loss |", "|---|---|---|"]
+            label = objective_label((selection.get("validation") or {}).get("objective"))
+            lines += [f"Candidates compared before healing ({label} on {_judged_on(selection)}):", "",
+                      f"| metric | would drop | {label} |", "|---|---|---|"]
             for name, c in sorted(selection["candidates"].items(), key=lambda kv: kv[1]["validation_loss"]):
                 lines.append(f"| {name} | {','.join(map(str, c['dropped']))} | {c['validation_loss']:.4f} |")
             lines.append("")
@@ -92,6 +94,12 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def _judged_on(selection: dict) -> str:
+    """The text a selection's candidates were judged on, in words."""
+    source = ((selection.get("validation") or {}).get("data") or {}).get("source")
+    return "task documents that evaluation does not read" if source == "tasks" else "held-out calibration text"
+
+
 def _steps(heal: dict) -> str:
     """The steps a heal ran, and under a time budget how many were wanted."""
     budget = (heal.get("notes") or {}).get("time_budget")
@@ -112,11 +120,12 @@ def _search_lines(selection: dict) -> list[str]:
     search = selection.get("search")
     if not search:
         return lines
-    unpruned = validation.get("unpruned_loss")
+    unpruned = validation.get("unpruned", validation.get("unpruned_loss"))
+    label = objective_label(validation.get("objective"))
     lines += [f"Drop-set search (beam {search.get('beam', 1)}{', swap pass' if search.get('swap') else ''}): each step "
-              "removes the layer whose removal raises the validation loss least"
+              f"removes the layer whose removal raises the {label} least"
               + (f" (unpruned {unpruned:.4f})" if unpruned is not None else "") + ".", "",
-              "| step | drop-set | validation loss | candidates |", "|---|---|---|---|"]
+              f"| step | drop-set | {label} | candidates |", "|---|---|---|---|"]
     for step in search.get("path", []):
         lines.append(f"| {step['k']} | {','.join(map(str, step['dropped']))} | {step['loss']:.4f} | "
                      f"{len(step.get('candidates', []))} |")

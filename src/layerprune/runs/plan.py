@@ -9,6 +9,18 @@ from layerprune.hardware.estimate import (
 )
 
 SAVE_BYTES_PER_S = 200e6  # writing safetensors, a conservative disk
+# select_objective tasks: tokens per task document as batched (SmolLM2's tokenizer: 37.6 real tokens a document,
+# 55 with the padding of batches of rows sorted by length).
+TASK_DOCUMENT_TOKENS = 55
+
+
+def judged_tokens(config) -> int:
+    """Tokens of the validation data that drop-sets are judged on (held-out calibration text, or task documents)."""
+    if config.select_objective == "tasks":
+        from layerprune.data.task_answers import SELECT_TASKS
+
+        return len(SELECT_TASKS) * config.select_tasks_docs * TASK_DOCUMENT_TOKENS
+    return config.calibration.n_samples * config.calibration.seq_len
 
 
 def choose_seconds(model, config, speed: Speed, n_drop: int | None) -> float:
@@ -22,11 +34,12 @@ def choose_seconds(model, config, speed: Speed, n_drop: int | None) -> float:
     k = n_drop if n_drop is not None else n // 2  # a target decides: the search may go as far as half
     seconds = 0.0 if config.select == "search" else score_seconds(config.metrics, n, tokens, speed)
     allowed = n - config.protect_first - config.protect_last
+    judged = judged_tokens(config)
     if config.select == "search":
-        seconds += drop_set_seconds(search_evaluations(allowed, k, config.search_beam, config.search_swap), tokens,
+        seconds += drop_set_seconds(search_evaluations(allowed, k, config.search_beam, config.search_swap), judged,
                                     speed)
     elif config.select == "auto" or config.quality_target() is not None or n_drop is None:
-        seconds += drop_set_seconds(len(config.metrics) * (1 if n_drop is not None else k), tokens, speed)
+        seconds += drop_set_seconds(len(config.metrics) * (1 if n_drop is not None else k), judged, speed)
     return seconds
 
 
@@ -43,7 +56,7 @@ def curve_seconds(model, config, speed: Speed) -> float:
     evaluations = top * len(metrics)
     if "search" in config.selections:
         evaluations += search_evaluations(allowed, top, config.search_beam)
-    return score_seconds(metrics, n, tokens, speed) + drop_set_seconds(evaluations, tokens, speed)
+    return score_seconds(metrics, n, tokens, speed) + drop_set_seconds(evaluations, judged_tokens(config), speed)
 
 
 def save_seconds(model) -> float:

@@ -219,6 +219,7 @@ def choose(run: Run, loaded: LoadedModel, n_drop: int | None = None, scores_name
     """The selection record (strategies.choose), with every metric's scores cached in `scores_name`."""
     from layerprune.data.calibration import VALIDATION_SEED_OFFSET
     from layerprune.importance.scores_file import read_scores_json, write_scores_json
+    from layerprune.selection.objectives import objective_validation
     from layerprune.selection.strategies import choose as choose_drop_set
 
     scores_path = run.path(scores_name)
@@ -230,8 +231,10 @@ def choose(run: Run, loaded: LoadedModel, n_drop: int | None = None, scores_name
         write_scores_json(scores_path, run.config.model, scores)
         return scores
 
+    validation = objective_validation(run.config.prune, loaded.tokenizer, held_out_text=lambda: run.calibration(
+        loaded.tokenizer, seed_offset=VALIDATION_SEED_OFFSET))
     return choose_drop_set(loaded.model, run.config.prune, score=cached_scores, n_drop=n_drop, log=run.log,
-                           validation=lambda: run.calibration(loaded.tokenizer, seed_offset=VALIDATION_SEED_OFFSET))
+                           validation=validation)
 
 
 def metric_scores(run: Run, loaded: LoadedModel, requests: dict[str, dict], share: bool) -> dict:

@@ -9,6 +9,9 @@ two selections share is measured once. k = 0 is the unpruned model.
 The knee of a selection is the largest k before its loss first rises by more than `knee_slope` nats
 for one more layer; with a quality target, the chosen k is the largest k before its loss first exceeds
 the target (the rule `prune --max-loss-increase / --max-ppl-ratio` uses).
+
+With `select_objective` kl or tasks (objectives.py), each row's "loss" is that objective's value (the KL to
+the unpruned model, or the gold answers' loss on task documents) and "perplexity" its exponential.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=pr
     from layerprune.selection.drop_set_losses import DropSetLosses
     from layerprune.models.surgery import kept_layers
     from layerprune.selection.scores import metric_requests
+    from layerprune.selection.objectives import get_objective
     from layerprune.selection.search import MetricPath, SearchPath, allowed_positions
 
     started = time.perf_counter()
@@ -68,12 +72,13 @@ def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=pr
         log(f"scoring {len(layers)} layers with {', '.join(metrics)}")
         scores = compute_many(model, metric_requests(metrics, n, seed=config.calibration.seed), calibration)
     scored = time.perf_counter()
-    losses = DropSetLosses(model, validation)
+    objective = get_objective(config.select_objective)
+    losses = DropSetLosses(model, validation, measure=objective.measure)
     paths = {name: MetricPath(losses, scores[name], protect_first=config.protect_first,
                               protect_last=config.protect_last) for name in metrics}
     if SEARCH in names:
         allowed = allowed_positions(n, config.protect_first, config.protect_last)
-        paths[SEARCH] = SearchPath(losses, allowed, layers, beam=config.search_beam, log=log)
+        paths[SEARCH] = SearchPath(losses, allowed, layers, beam=config.search_beam, log=log, judged_by=objective.label)
     base = losses.intact_loss
     quality = config.quality_target()
     curves, knees, chosen = {}, {}, {}
@@ -93,7 +98,8 @@ def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=pr
                                                         if quality else ""))
     curves = {name: curves[name] for name in names}
     return {
-        "layers": len(layers), "max_drop": top, "unpruned_loss": base, "unpruned_perplexity": math.exp(base),
+        "layers": len(layers), "max_drop": top, "objective": objective.name, "unpruned_loss": base,
+        "unpruned_perplexity": math.exp(base),
         "validation": validation.description, "calibration": getattr(calibration, "description", None),
         "knee_slope": config.knee_slope, "knees": knees,
         "target": {"name": quality.describe(), "allowed_loss_increase": quality.allowed_increase} if quality else None,
@@ -110,10 +116,12 @@ def curve_for_loaded(loaded, config, log=print) -> dict:
     same source with select auto's held-out seed."""
     from layerprune.data.calibration import load_calibration_for
     from layerprune.importance import get_metric
+    from layerprune.selection.objectives import objective_validation
 
     needs_scores = any(name != SEARCH and get_metric(name).needs_calibration for name in config.selections)
     calibration = load_calibration_for(loaded, config.calibration) if needs_scores else None
-    validation = load_calibration_for(loaded, config.calibration, validation=True)
+    validation = objective_validation(config, loaded.tokenizer, held_out_text=lambda: load_calibration_for(
+        loaded, config.calibration, validation=True))()
     record = trade_off_curve(loaded.model, config, calibration=calibration, validation=validation, log=log)
     return {"model": loaded.ref, "config": config.model_dump(mode="json"), **record}
 
@@ -131,6 +139,15 @@ def curve_csv(record: dict) -> str:
             writer.writerow([name, row["k"], f"{row['loss']:.6f}", f"{row['perplexity']:.4f}",
                              f"{row['ppl_ratio']:.4f}", " ".join(map(str, row["dropped"]))])
     return buffer.getvalue()
+
+
+# What a curve's "perplexity" column is, per objective (a record without one: the validation perplexity).
+CURVE_MEASURES = {"loss": "validation perplexity", "kl": "exp(KL to the unpruned model)",
+                  "tasks": "answer perplexity on task documents"}
+
+
+def curve_measure(record: dict) -> str:
+    return CURVE_MEASURES.get(record.get("objective", "loss"), CURVE_MEASURES["loss"])
 
 
 # The y axis stops at this multiple of the unpruned perplexity: past it a drop-set is broken anyway, and
@@ -168,7 +185,7 @@ def plot_curve(record: dict, path: str | Path) -> Path:
     if clipped:
         ax.set_ylim(top=clip)
     ax.set_xlabel("layers removed")
-    ax.set_ylabel("validation perplexity" + (f" (clipped at {PLOT_CLIP}x unpruned)" if clipped else ""))
+    ax.set_ylabel(curve_measure(record) + (f" (clipped at {PLOT_CLIP}x unpruned)" if clipped else ""))
     ax.set_title(f"{record.get('model', 'model')}: {record['layers']} layers, unpruned {base:.1f}; knee = last k "
                  "before "
                  f"+{record['knee_slope']:g} nats for one more layer", fontsize=9)

@@ -1,13 +1,17 @@
 """The validation-loss engine of select auto, the drop-set search and the trade-off curve: the mean next-token
-loss of the model with drop-sets of layers removed, computed by resuming from cached hidden states."""
+loss (or KL to the unpruned model) of the model with drop-sets of layers removed, computed by resuming from
+cached hidden states."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layerprune.errors import LayerpruneError
-from layerprune.importance.perplexity import capture_pass, counting_calls, eval_mode, forward_logits, token_nll
+from layerprune.importance.perplexity import (
+    capture_pass, counting_calls, eval_mode, forward_logits, predicted_positions, token_nll,
+)
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.bypass import StandIn, swapped
 
@@ -15,9 +19,21 @@ from layerprune.models.bypass import StandIn, swapped
 # (dropped positions before q, q): the hidden state entering block q depends on nothing else.
 _Key = tuple[frozenset, int]
 
+# What a pass measures per predicted token: nll (the next-token cross-entropy) | kl (KL(p_unpruned || p_pruned)
+# of the next-token distributions over the whole vocabulary).
+MEASURES = ("nll", "kl")
+
 
 class DropSetLosses:
     """Mean next-token loss on `data` of the model with drop-sets of layer POSITIONS removed.
+
+    measure "nll" (default): the cross-entropy of the tokens `data` scores (every real token after the
+    first, or its `scored` tokens), in nats. measure "kl": the mean over the same tokens of
+    KL(p_unpruned || p_pruned) of the next-token distributions, exact over the whole vocabulary, in nats; the
+    unpruned model's value is 0. For it the intact pass keeps its log-probabilities at every predicted token
+    as float32 where the logits live (the model's device): tokens x vocab x 4 bytes (10 x 128 tokens of a
+    49,152-token vocabulary: 252 MB; of a 128,256-token one: 657 MB). They exist before the free memory that
+    sizes `cache_bytes` is measured, so the states' budget leaves room for them.
 
     The hidden state entering block q depends only on which blocks before q are dropped. So every pass
     keeps the states it computes, keyed by (dropped positions before q, q), and a drop-set resumes from
@@ -36,12 +52,16 @@ class DropSetLosses:
     evaluated drop-set from the embeddings would have cost (the intact pass included in both).
     """
 
-    def __init__(self, model: nn.Module, data, *, batch_size: int | None = None, cache_bytes: int | None = None
-                 ) -> None:
+    def __init__(self, model: nn.Module, data, *, batch_size: int | None = None, cache_bytes: int | None = None,
+                 measure: str = "nll") -> None:
+        if measure not in MEASURES:
+            raise LayerpruneError(f"unknown drop-set measure {measure!r}; choose {' or '.join(MEASURES)}")
         self.model = model
+        self.measure = measure
         self.anatomy = get_anatomy(model)
         self.n = len(self.anatomy.layers)
-        self.batches = list(data.batches(batch_size or _logits_batch(model, data.seq_len)))
+        self.batches = list(data.scored_batches(batch_size or _logits_batch(model, data.seq_len)))
+        self._reference: list[list[torch.Tensor]] = []  # kl: the intact log-probabilities, per batch and sample
         self.block_forwards = self.naive_block_forwards = 0
         self._states: dict[_Key, list[torch.Tensor]] = {}  # one tensor per batch
         self._pinned: set[_Key] = set()
@@ -98,10 +118,12 @@ class DropSetLosses:
         layers = self.anatomy.layers
         nll = 0.0
         with torch.no_grad(), eval_mode(self.model), counting_calls(layers) as calls:
-            for b, (ids, mask) in enumerate(self.batches):
+            for b, (ids, mask, scored) in enumerate(self.batches):
                 cap = capture_pass(self.model, layers, ids, mask, keep_inputs=True, store=None)
-                value, count = token_nll(cap.logits, ids, mask)
+                value, count = token_nll(cap.logits, ids, mask, scored)
                 nll, self.tokens = nll + value, self.tokens + count
+                if self.measure == "kl":
+                    self._reference.append(next_token_logprobs(cap.logits, mask, scored))
                 self._tails.append(cap.tails)
                 for q, state in cap.inputs.items():
                     self._states.setdefault((frozenset(), q), []).append(state)
@@ -110,7 +132,7 @@ class DropSetLosses:
         self._pinned.update(self._states)
         self.block_forwards += calls[0]
         self.naive_block_forwards += calls[0]
-        return nll / self.tokens
+        return 0.0 if self.measure == "kl" else nll / self.tokens
 
     def _resume_point(self, drop: frozenset, limit: int) -> int:
         """The deepest block q <= limit whose entering state for `drop` is cached (0: the embeddings)."""
@@ -133,7 +155,7 @@ class DropSetLosses:
         new: dict[_Key, list[torch.Tensor]] = {key: [] for key in keep.values()}
         nll = 0.0
         with torch.no_grad(), eval_mode(self.model), counting_calls(layers) as calls:
-            for b, (ids, mask) in enumerate(self.batches):
+            for b, (ids, mask, scored) in enumerate(self.batches):
                 tails = self._tails[b]
                 stand_ins = {p: StandIn(tails[p], block=layers[p]) for p in [*range(start), *drop]}
                 if start > 0:  # block start-1 hands out the cached state entering block start
@@ -143,7 +165,7 @@ class DropSetLosses:
                            for q, key in keep.items()]
                 try:
                     with swapped(self.anatomy, stand_ins):
-                        nll += token_nll(forward_logits(self.model, ids, mask), ids, mask)[0]
+                        nll += self._measured(forward_logits(self.model, ids, mask), b)
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -152,6 +174,33 @@ class DropSetLosses:
             self._pinned.update(new)
         self.block_forwards += calls[0]
         return nll / self.tokens
+
+    def _measured(self, logits: torch.Tensor, b: int) -> float:
+        """The sum over batch b's predicted tokens of the measure, from the pruned model's logits."""
+        ids, mask, scored = self.batches[b]
+        if self.measure == "kl":
+            return token_kl(self._reference[b], logits, mask, scored)
+        return token_nll(logits, ids, mask, scored)[0]
+
+
+def next_token_logprobs(logits: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor | None = None
+                        ) -> list[torch.Tensor]:
+    """Per sample, the float32 log-probabilities [predicted tokens, vocab] at its predicted positions."""
+    valid = predicted_positions(attention_mask, scored, logits.device)
+    return [F.log_softmax(logits[b, :-1][valid[b]].float(), dim=-1) for b in range(logits.shape[0])]
+
+
+def token_kl(reference: list[torch.Tensor], logits: torch.Tensor, attention_mask: torch.Tensor,
+             scored: torch.Tensor | None = None) -> float:
+    """Sum over the predicted tokens of KL(reference || softmax(logits)) in nats; `reference` is
+    next_token_logprobs of the unpruned model on the same batch. One sample at a time, like token_nll."""
+    valid = predicted_positions(attention_mask, scored, logits.device)
+    total = 0.0
+    for b, target in enumerate(reference):
+        if target.shape[0]:
+            pruned = F.log_softmax(logits[b, :-1][valid[b]].float(), dim=-1)
+            total += float(F.kl_div(pruned, target, log_target=True, reduction="sum"))
+    return total
 
 
 # Samples per pass when not given: as many as keep one pass's logits within this (the head is a large share
@@ -186,10 +235,10 @@ def _free_bytes(model: nn.Module) -> int:
         return 2 * 1024**3
 
 
-def drop_set_losses(model: nn.Module, calibration, drop_sets: dict[str, list[int]], batch_size: int = 4) -> tuple[
-        dict[str, float], int]:
-    """Mean next-token loss of the model with each drop-set of layer POSITIONS removed, and the number of
-    block forwards run. One intact pass caches every block's input; a candidate whose first dropped block
-    is f then resumes from X_f, so blocks before f are never run again."""
-    losses = DropSetLosses(model, calibration, batch_size=batch_size, cache_bytes=0)
+def drop_set_losses(model: nn.Module, calibration, drop_sets: dict[str, list[int]], batch_size: int = 4,
+                    measure: str = "nll") -> tuple[dict[str, float], int]:
+    """Mean next-token loss (or KL: `measure`) of the model with each drop-set of layer POSITIONS removed, and
+    the number of block forwards run. One intact pass caches every block's input; a candidate whose first
+    dropped block is f then resumes from X_f, so blocks before f are never run again."""
+    losses = DropSetLosses(model, calibration, batch_size=batch_size, cache_bytes=0, measure=measure)
     return {name: losses.loss(drop) for name, drop in drop_sets.items()}, losses.block_forwards

@@ -12,7 +12,9 @@
 
 Every loss is measured on held-out calibration text (the validation text of select auto, drawn with
 data.calibration.VALIDATION_SEED_OFFSET), never on the text that ranks the metrics, and comes from one
-selection.drop_set_losses.DropSetLosses, so all passes share its cached hidden states.
+selection.drop_set_losses.DropSetLosses, so all passes share its cached hidden states. `select_objective`
+(objectives.py) makes that "loss" the KL to the unpruned model on the same text, or the loss of task
+answers; quality targets need the plain loss.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from layerprune.config import PruneConfig
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores
 from layerprune.selection.drop_set_losses import DropSetLosses
+from layerprune.selection.objectives import describe_value, get_objective, objective_record
 from layerprune.models.surgery import kept_layers
 from layerprune.selection.ranking import protected_layers
 
@@ -55,11 +58,11 @@ class SearchPath:
     label = "search"
 
     def __init__(self, losses: DropSetLosses, allowed: list[int], layers: list[int], *, beam: int = 1,
-                 log: Log | None = None) -> None:
+                 log: Log | None = None, judged_by: str = "validation loss") -> None:
         if beam < 1:
             raise LayerpruneError(f"the search beam must be at least 1, got {beam}")
         self.losses, self.allowed, self.layers, self.beam_width = losses, list(allowed), list(layers), beam
-        self.log = log
+        self.log, self.judged_by = log, judged_by
         self.beam: list[frozenset] = [frozenset()]
         self.steps: list[dict] = []  # the search path: each step's candidates, beam and best drop-set
         self.points: list[Point] = []
@@ -93,7 +96,7 @@ class SearchPath:
             "candidates": sorted(tried.values(), key=lambda c: c["loss"]),
         })
         if self.log:
-            self.log(f"search step {k}: removed layer {tried[best]['add']} -> {self.original(best)} (validation loss "
+            self.log(f"search step {k}: removed layer {tried[best]['add']} -> {self.original(best)} ({self.judged_by} "
                      f"{tried[best]['loss']:.4f}, {len(tried)} candidates)")
         return True
 
@@ -135,8 +138,8 @@ class BestPath:
         return min(points, key=lambda p: (p.loss, p.label)) if points else None
 
 
-def swap_pass(losses: DropSetLosses, dropped, allowed: list[int], layers: list[int], log: Log | None = None
-              ) -> tuple[frozenset, list[dict]]:
+def swap_pass(losses: DropSetLosses, dropped, allowed: list[int], layers: list[int], log: Log | None = None,
+              judged_by: str = "validation loss") -> tuple[frozenset, list[dict]]:
     """One pass over the removed layers: each goes back in exchange for the kept layer whose removal instead
     gives the lowest loss, if that is lower than the current loss. Returns the drop-set and the swaps made."""
     current = frozenset(dropped)
@@ -152,7 +155,7 @@ def swap_pass(losses: DropSetLosses, dropped, allowed: list[int], layers: list[i
             swaps.append({"restored": layers[removed], "removed": layers[best], "loss_before": loss,
                           "loss": trials[best], "tried": len(trials)})
             if log:
-                log(f"swap: layer {layers[removed]} back, layer {layers[best]} out (validation loss {loss:.4f} -> "
+                log(f"swap: layer {layers[removed]} back, layer {layers[best]} out ({judged_by} {loss:.4f} -> "
                     f"{trials[best]:.4f})")
             current, loss = current - {removed} | {best}, trials[best]
     return current, swaps
@@ -176,19 +179,20 @@ def choose_by_loss(model: nn.Module, config: PruneConfig, *, score, validation, 
     """
     layers = kept_layers(model)
     data = validation_data(validation)
-    losses = DropSetLosses(model, data)
+    objective = get_objective(config.select_objective)
+    losses = DropSetLosses(model, data, measure=objective.measure)
     allowed = allowed_positions(len(layers), config.protect_first, config.protect_last)
     if not allowed:
         raise LayerpruneError(f"protect_first {config.protect_first} and protect_last {config.protect_last} cover all "
                               f"{len(layers)} layers, so no layer can be dropped; protect fewer")
-    path, scores = _path(config, losses, allowed, layers, score, log)
+    path, scores = _path(config, losses, allowed, layers, score, log, objective.label)
     point, constraints = _count(model, config, path, losses, layers, n_drop)
     record = {"dropped": sorted(layers[p] for p in point.positions), "chosen_by": point.label,
               "granularity": "block"}
     if isinstance(path, SearchPath):
         search = {"beam": config.search_beam, "swap": config.search_swap, "path": path.steps}
         if config.search_swap:
-            positions, search["swaps"] = swap_pass(losses, point.positions, allowed, layers, log)
+            positions, search["swaps"] = swap_pass(losses, point.positions, allowed, layers, log, objective.label)
             point = Point(point.k, positions, losses.loss(positions), point.label)
             record["dropped"] = sorted(layers[p] for p in positions)
         record["search"] = search
@@ -208,19 +212,19 @@ def choose_by_loss(model: nn.Module, config: PruneConfig, *, score, validation, 
         constraints.update(quality.record(point.loss - losses.intact_loss))
     record["constraints"] = {"num_layers": point.k, "protect_first": config.protect_first,
                              "protect_last": config.protect_last, **constraints}
-    record["validation"] = {"data": data.description, "loss": point.loss, "unpruned_loss": losses.intact_loss,
-                            "ppl_ratio": math.exp(point.loss - losses.intact_loss),
+    record["validation"] = {**objective_record(objective.name, point.loss, losses.intact_loss, data.description),
                             "block_forwards": losses.block_forwards,
                             "naive_block_forwards": losses.naive_block_forwards}
-    log(f"validation loss {point.loss:.4f} (unpruned {losses.intact_loss:.4f}) without layers {record['dropped']}; "
+    log(f"{describe_value(objective.name, point.loss, losses.intact_loss)} without layers {record['dropped']}; "
         f"{losses.block_forwards} block forwards ({losses.naive_block_forwards} without cached states)")
     return record
 
 
-def _path(config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers: list[int], score, log):
+def _path(config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers: list[int], score, log,
+          judged_by: str):
     """The path of the config's select, and the metric scores it read ({} for a search)."""
     if config.select == "search":
-        return SearchPath(losses, allowed, layers, beam=config.search_beam, log=log), {}
+        return SearchPath(losses, allowed, layers, beam=config.search_beam, log=log, judged_by=judged_by), {}
     from layerprune.selection.scores import prune_metric_requests
 
     scores = score(prune_metric_requests(config, len(layers), None))

@@ -2,7 +2,7 @@
 
 - one-shot by a metric: score once, drop what ranks lowest under the budget;
 - select auto: every metric's drop-set is a candidate; the one with the lowest loss on held-out
-  calibration text (before any healing) wins;
+  calibration text (before any healing) wins (or the lowest KL / task-answer loss: select_objective);
 - select search, and any select under a quality target (max_loss_increase / max_ppl_ratio): drop-sets
   judged by that loss directly (search.py);
 - iterative `step:total` ("1:4:8" in arXiv 2411.15558): score, drop `step` layers, heal, repeat.
@@ -25,6 +25,7 @@ from layerprune.importance import LayerScores, compute_many, get_metric
 from layerprune.models.sublayer import remove_units
 from layerprune.models.surgery import kept_layers, validate_drop
 from layerprune.selection.scores import prune_metric_requests
+from layerprune.selection.objectives import get_objective, objective_label, objective_record
 from layerprune.selection.ranking import count_to_drop, protected_layers
 
 ScoreFn = Callable[[dict[str, dict]], dict[str, LayerScores]]  # {metric: params} -> scores of the current model
@@ -97,23 +98,39 @@ def choose(
         candidates[name] = _record(selection.dropped, name, metric_scores, selection.constraints)
     if config.select == "metric":
         return candidates[config.metrics[0]]
-    losses = candidate_losses(model, {name: c["dropped"] for name, c in candidates.items()}, validation)
+    losses, judged = candidate_losses(model, {name: c["dropped"] for name, c in candidates.items()}, validation,
+                                      config.select_objective)
     best = min(losses, key=lambda name: (losses[name], name))
-    log("validation loss of each candidate: " + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
+    log(f"{objective_label(config.select_objective)} of each candidate: "
+        + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
+    # "validation_loss" holds the objective's value whatever the objective: the name older readers know
     return {**candidates[best], "chosen_by": f"auto:{best}",
-            "candidates": {n: {"dropped": c["dropped"], "validation_loss": losses[n]} for n, c in candidates.items()}}
+            "candidates": {n: {"dropped": c["dropped"], "validation_loss": losses[n]} for n, c in candidates.items()},
+            "validation": objective_record(config.select_objective, losses[best], judged.intact_loss,
+                                           judged.description)}
 
 
-def candidate_losses(model: nn.Module, drop_sets: dict[str, list[int]], validation) -> dict[str, float]:
-    """Mean next-token loss on `validation` of the model without each drop-set (ORIGINAL indices)."""
-    from layerprune.selection.drop_set_losses import drop_set_losses
+@dataclass(frozen=True)
+class Judged:
+    """What the candidates were judged on: the unpruned model's value and the validation data's description."""
+
+    intact_loss: float
+    description: dict
+
+
+def candidate_losses(model: nn.Module, drop_sets: dict[str, list[int]], validation, objective: str = "loss"
+                     ) -> tuple[dict[str, float], Judged]:
+    """The objective's value (default: mean next-token loss) on `validation` of the model without each
+    drop-set (ORIGINAL indices)."""
+    from layerprune.selection.drop_set_losses import DropSetLosses
 
     if validation is None:
         raise LayerpruneError("select auto needs held-out calibration text to compare candidates")
     data = validation() if callable(validation) else validation
     kept = kept_layers(model)
-    losses, _ = drop_set_losses(model, data, {n: [kept.index(i) for i in d] for n, d in drop_sets.items()})
-    return losses
+    engine = DropSetLosses(model, data, batch_size=4, cache_bytes=0, measure=get_objective(objective).measure)
+    losses = {name: engine.loss([kept.index(i) for i in drop]) for name, drop in drop_sets.items()}
+    return losses, Judged(engine.intact_loss, data.description)
 
 
 def _record(dropped: list[int], metric: str, scores: LayerScores, constraints: dict) -> dict:
