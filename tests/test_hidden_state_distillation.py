@@ -19,6 +19,13 @@ def rows(n=8, length=24, seed=0):
     return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
 
 
+def test_the_state_loss_is_on_for_distillation_only():
+    assert HealConfig().hidden_weight == 1.0  # the default recipe (docs/results.md)
+    assert HealConfig(method="lora").hidden_weight == 0.0 and HealConfig(distill_top_k=None).hidden_weight == 0.0
+    with pytest.raises(ValueError, match="distill_hidden needs method distill"):
+        HealConfig(method="lora", distill_hidden=1.0)
+
+
 def test_cut_pairs_name_the_kept_layer_before_each_cut_and_the_cuts_last_layer():
     assert cut_pairs([2, 3, 7], [0, 1, 4, 5, 6, 8, 9]) == [(1, 3), (4, 7)]
     assert cut_pairs([0, 1, 5], [2, 3, 4, 6]) == [(2, 5)]  # a cut at the start has no student state before it
@@ -52,7 +59,7 @@ def test_the_state_loss_adds_its_weighted_error_and_pulls_the_student_toward_the
     data = rows(8)
     settings = dict(method="distill", max_steps=6, batch_size=8, warmup_steps=0, bf16=False, distill_top_k=8,
                     learning_rate=1e-2, logging_steps=1)
-    plain = heal(copy.deepcopy(student), data, HealConfig(**settings), tokenizer=tiny_tokenizer(), teacher=teacher,
+    plain = heal(copy.deepcopy(student), data, HealConfig(**settings, distill_hidden=0.0), tokenizer=tiny_tokenizer(), teacher=teacher,
                  work_dir=tmp_path / "a")
     with_states = heal(copy.deepcopy(student), data, HealConfig(**settings, distill_hidden=2.0),
                        tokenizer=tiny_tokenizer(), teacher=teacher, work_dir=tmp_path / "b")

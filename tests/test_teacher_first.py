@@ -112,7 +112,14 @@ def test_targets_made_first_train_exactly_as_the_usual_order(tmp_path, monkeypat
     config = HealConfig(method="distill", max_steps=2, batch_size=4, warmup_steps=0, bf16=False, distill_top_k=8)
     usual = heal(copy.deepcopy(student), data, config, tokenizer=tiny_tokenizer(), teacher=teacher,
                  work_dir=tmp_path / "a")
-    targets = targets_before_student(data, config, lambda: teacher, pad_id=0, log=lambda line: None)
+    from layerprune.finetune.hidden_states import cut_pairs
+    from layerprune.models.surgery import provenance
+
+    record = provenance(student)
+    pairs = cut_pairs(record["dropped_layers"], record["kept_layers"])  # the default hidden-state loss needs them
+    targets = targets_before_student(data, config, lambda: teacher, pad_id=0, log=lambda line: None,
+                                     state_layers=[t for _, t in pairs])
+    assert targets[0].states is not None and pairs == [(0, 2)]
     assert len(targets[0].offsets) - 1 == 8  # 2 steps x 4 rows: only the rows training reads
     first = heal(copy.deepcopy(student), data, config, tokenizer=tiny_tokenizer(), targets=targets,
                  work_dir=tmp_path / "b")

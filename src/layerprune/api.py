@@ -391,7 +391,8 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
                 if streamed:
                     _check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
                                        teacher_ref)
-                pairs = cut_pairs(record["dropped_layers"], record["kept_layers"]) if config.distill_hidden else []
+                pairs = cut_pairs(record["dropped_layers"], record["kept_layers"]) \
+                    if config.hidden_weight and not streamed else []  # a streamed teacher gives logits only
                 targets = targets_before_student(prepared[0], config, load_teacher, pad_id=pad_token_id(tokenizer),
                                                  stream_from=teacher_folder if streamed else None, log=log,
                                                  state_layers=[t for _, t in pairs])

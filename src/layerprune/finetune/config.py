@@ -85,9 +85,10 @@ class HealConfig(StrictConfig):
         64, ge=1, description="distill: keep the teacher's top-k logits per token, computed once and cached on disk "
         "(none: the full distribution, recomputed every step).")
     distill_hidden: float = Field(
-        0.0, ge=0, description="distill: weight of a loss on the hidden states at the cuts (the student's output "
+        1.0, ge=0, description="distill: weight of a loss on the hidden states at the cuts (the student's output "
         "of the kept layer before a cut toward the teacher's state after it, relative squared error; as Minitron, "
-        "arXiv 2408.11796); 0: off. Needs distill_top_k (the states are cached with the teacher's logits).")
+        "arXiv 2408.11796); 0: off. Applies with distill_top_k (the states are cached with the teacher's logits) "
+        "and a teacher in memory.")
     local_layers: int = Field(1, ge=1, description="block-local: kept layers before each cut that are trained.")
     loss_chunk: int = Field(1024, ge=1, description="Positions whose logits are computed at once (memory bound).")
     # runtime
@@ -148,10 +149,18 @@ class HealConfig(StrictConfig):
             raise ValueError("effective_batch_size must be >= batch_size")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use epochs) or >= 1")
-        if self.distill_hidden and (self.method != "distill" or self.distill_top_k is None):
+        if "distill_hidden" in self.model_fields_set and self.distill_hidden and not self._hidden_applies():
             raise ValueError("distill_hidden needs method distill with distill_top_k (the teacher's states are cached "
                              "with its top-k logits)")
         return self
+
+    def _hidden_applies(self) -> bool:
+        return self.method == "distill" and self.distill_top_k is not None
+
+    @property
+    def hidden_weight(self) -> float:
+        """The weight of the hidden-state loss this config trains with (0 where it does not apply)."""
+        return self.distill_hidden if self._hidden_applies() else 0.0
 
     def field_map(self):
         """The parsed `fields` mapping (None: the format is detected)."""

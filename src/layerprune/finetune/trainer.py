@@ -158,9 +158,9 @@ def heal(
     if config.init == "replace" and provenance(model)["dropped_layers"]:  # an unpruned model has no cut
         model = _replace_first(model, rows, config, context)
     pairs = cut_pairs(provenance(model)["dropped_layers"], provenance(model)["kept_layers"]) \
-        if config.distill_hidden else []
-    if config.distill_hidden:
-        context.notes["hidden_states"] = {"weight": config.distill_hidden, "student_teacher_layers": pairs}
+        if config.hidden_weight else []
+    if config.hidden_weight:
+        context.notes["hidden_states"] = {"weight": config.hidden_weight, "student_teacher_layers": pairs}
     rows_per_step = rows_per_optimizer_step(config)
     accumulation = rows_per_step // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
     # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
@@ -179,6 +179,9 @@ def heal(
         teacher = distill_from = context.teacher = None  # its targets are on disk: free it before training
         gc.collect()
 
+    if pairs and (targets is None or targets.states is None):  # a teacher read layer by layer gives logits only
+        context.notes["hidden_states"]["skipped"] = "the teacher's states were not recorded (teacher streamed)"
+        pairs = []
     work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
     args = _training_arguments(config, work_dir, compute, accumulation)
     trainer = _trainer_class()(
@@ -193,7 +196,7 @@ def heal(
         top_k=config.distill_top_k,
         chunk=config.loss_chunk,
         state_layers=[s for s, _ in pairs] if targets is not None else [],
-        state_weight=config.distill_hidden,
+        state_weight=config.hidden_weight,
         callbacks=[finite_guard(config.learning_rate), *([deadline] if deadline is not None else [])],
     )
     if distill_from is not None:
