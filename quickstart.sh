@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up layerprune and run the main job on the embedded default model (SmolLM2-135M-Instruct):
 # examples/quickstart.yaml = score layers on calibration text, compare candidate drop-sets before healing,
-# drop 25% of the layers, heal toward the unpruned model (distillation on general C4 text), evaluate on a
-# reserved C4 slice and WikiText-2, benchmark, report (12-14 minutes after setup on 2 CPU cores, with or
-# without native bf16: healing has an 11-minute budget and prints its plan first).
+# drop 25% of the layers, heal toward the unpruned model (distillation on C4 text and Dolly instructions),
+# evaluate on a reserved C4 slice, WikiText-2 and reserved instructions, benchmark, report (healing has an
+# 11-minute budget on any CPU and prints its plan first; docs/results.md has the measured total).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh

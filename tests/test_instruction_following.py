@@ -9,7 +9,7 @@ import torch
 
 import layerprune.evaluation.instruction_following as follow
 from layerprune import remove_layers, save_model
-from layerprune.data.instructions import Example, _read_records, dolly_split, tokenize_examples
+from layerprune.data.instructions import Example, dolly_records, dolly_split, load_examples, tokenize_examples
 from layerprune.evaluation.instruction_following import (
     agreement, common_prefix, greedy_responses, instruction_following, lcs_length, prompt_ids, response_kl, rouge_l,
 )
@@ -27,18 +27,13 @@ def short_examples(monkeypatch):
 
 
 def test_the_reserved_dolly_slice_never_reaches_training():
-    training, reserved = dolly_split(_read_records_all())
+    training, reserved = dolly_split(dolly_records())
     assert len(reserved) == 500  # every 30th of 15,011
     reserved_prompts = {(r["instruction"], r["context"]) for r in reserved}
     assert not any((r["instruction"], r["context"]) in reserved_prompts for r in training)
     assert len(training) + len(reserved) <= 15011 and len(training) > 14400
-    assert _read_records("dolly") == training and _read_records("dolly-heldout") == reserved
-
-
-def _read_records_all():
-    from layerprune.data.instructions import _dolly_records
-
-    return _dolly_records()
+    assert [e.instruction for e in load_examples("dolly")] == [r["instruction"] for r in training]
+    assert [e.instruction for e in load_examples("dolly-heldout")] == [r["instruction"] for r in reserved]
 
 
 def test_response_kl_equals_a_hand_computation():

@@ -25,7 +25,7 @@ from layerprune.evaluation.tasks import BUNDLED_TASKS, read_task_rows
 from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.selection.strategies import choose, in_memory_scores
 from cli_asserts import assert_one_line_error
-from tiny_models import CORPUS, N_LAYERS, tiny_input, tiny_model, tiny_tokenizer
+from tiny_models import CORPUS, tiny_input, tiny_model, tiny_tokenizer
 
 IDENTITY, PERTURBED = 1, 3
 

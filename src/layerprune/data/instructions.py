@@ -107,7 +107,7 @@ def _detect_fields(record: dict, source: str) -> FieldMap:
 DOLLY_HELDOUT_EVERY = 30
 
 
-def _dolly_records() -> list[dict]:
+def dolly_records() -> list[dict]:
     from layerprune.data.sources import bundled_path
 
     with gzip.open(bundled_path("dolly-15k.jsonl.gz"), "rt", encoding="utf-8") as f:
@@ -126,7 +126,7 @@ def dolly_split(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def _read_records(source: str) -> list[dict]:
     if source in ("dolly", "dolly-heldout"):
-        training, reserved = dolly_split(_dolly_records())
+        training, reserved = dolly_split(dolly_records())
         return training if source == "dolly" else reserved
     path = Path(source).expanduser()
     if path.is_dir():

@@ -157,10 +157,7 @@ def heal(
         return _run_procedure(method, model, rows, config, context)
     if config.init == "replace" and provenance(model)["dropped_layers"]:  # an unpruned model has no cut
         model = _replace_first(model, rows, config, context)
-    pairs = cut_pairs(provenance(model)["dropped_layers"], provenance(model)["kept_layers"]) \
-        if config.hidden_weight else []
-    if config.hidden_weight:
-        context.notes["hidden_states"] = {"weight": config.hidden_weight, "student_teacher_layers": pairs}
+    pairs = _state_pairs(model, config, context)
     rows_per_step = rows_per_optimizer_step(config)
     accumulation = rows_per_step // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
     # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
@@ -180,8 +177,7 @@ def heal(
         gc.collect()
 
     if pairs and (targets is None or targets.states is None):  # a teacher read layer by layer gives logits only
-        context.notes["hidden_states"]["skipped"] = "the teacher's states were not recorded (teacher streamed)"
-        pairs = []
+        context.notes["hidden_states"]["skipped"], pairs = "the teacher's states were not recorded (streamed)", []
     work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
     args = _training_arguments(config, work_dir, compute, accumulation)
     trainer = _trainer_class()(
@@ -233,6 +229,16 @@ def heal(
         loss_curve=curve,
         notes={**{k: v for k, v in context.notes.items() if k != "full_precision"}, "gradient_accumulation": accumulation},
     )
+
+
+def _state_pairs(model, config, context) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs of the hidden-state loss at the cuts (none when it is off)."""
+    if not config.hidden_weight:
+        return []
+    record = provenance(model)
+    pairs = cut_pairs(record["dropped_layers"], record["kept_layers"])
+    context.notes["hidden_states"] = {"weight": config.hidden_weight, "student_teacher_layers": pairs}
+    return pairs
 
 
 def _training_arguments(config, work_dir: Path, compute, accumulation: int):
