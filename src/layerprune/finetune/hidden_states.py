@@ -19,17 +19,22 @@ from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.models.anatomy import get_anatomy
 
 
-def cut_pairs(dropped: list[int], kept: list[int]) -> list[tuple[int, int]]:
-    """(student layer index, teacher layer index) per cut: the student's output of the kept layer before the
-    cut should equal the teacher's output of the cut's last layer. Indices of the student are positions in
-    `kept`; the teacher's are original indices."""
+def dropped_runs(dropped: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs (first, last) of removed ORIGINAL layer indices: the cuts."""
     runs: list[list[int]] = []
     for layer in sorted(dropped):
         if runs and layer == runs[-1][-1] + 1:
             runs[-1].append(layer)
         else:
             runs.append([layer])
-    return [(kept.index(run[0] - 1), run[-1]) for run in runs if run[0] > 0]
+    return [(run[0], run[-1]) for run in runs]
+
+
+def cut_pairs(dropped: list[int], kept: list[int]) -> list[tuple[int, int]]:
+    """(student layer index, teacher layer index) per cut: the student's output of the kept layer before the
+    cut should equal the teacher's output of the cut's last layer. Indices of the student are positions in
+    `kept`; the teacher's are original indices."""
+    return [(kept.index(first - 1), last) for first, last in dropped_runs(dropped) if first > 0]
 
 
 class StateRecorder:

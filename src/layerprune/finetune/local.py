@@ -31,13 +31,9 @@ MLP_OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "f
 
 def cuts(model: nn.Module) -> list[tuple[int, int]]:
     """Contiguous runs (first, last) of removed ORIGINAL layer indices."""
-    runs: list[list[int]] = []
-    for layer in provenance(model)["dropped_layers"]:
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return [(run[0], run[-1]) for run in runs]
+    from layerprune.finetune.hidden_states import dropped_runs
+
+    return dropped_runs(provenance(model)["dropped_layers"])
 
 
 def mlp_output_projection(layer: nn.Module) -> nn.Module:
