@@ -32,6 +32,8 @@ SELECTIONS: dict[str, dict] = {
     "auto-kl": {"metric": METRICS, "select": "auto", "select_objective": "kl"},
     "search-loss": {"select": "search"},
     "search-kl": {"select": "search", "select_objective": "kl"},
+    "auto-tasks": {"metric": METRICS, "select": "auto", "select_objective": "tasks"},
+    "search-tasks": {"select": "search", "select_objective": "tasks"},
     "block-influence": {"metric": "block-influence", "select": "metric"},
 }
 # Healing recipes (HealConfig fields over the quickstart's healing stage).
