@@ -130,3 +130,33 @@ def test_a_run_reports_what_healing_gave_back_per_measure(tmp_path):
     assert summary["gap_closed"]["measures"]["instruction KL"] == pytest.approx((final - pruned) / (0 - pruned))
     report = (workspace / "run" / "report.md").read_text()
     assert "| instruction KL | 0.0000 |" in report and "gap closed" in report
+
+
+def test_the_time_plan_counts_instruction_following_once_per_comparison(tmp_path):
+    """An evaluation's estimate adds the KL rows through both models and the greedy responses (the
+    reference's only until they are cached); a run's eval-original compares the original with itself (no
+    work), its first comparison generates the original's responses, the next reads them."""
+    from test_pipeline import make_workspace, write_config
+
+    from layerprune.config import EvalConfig, load_run_config
+    from layerprune.hardware.estimate import FOLLOW_ROW_TOKENS, GENERATED_TOKEN_COST, Speed, eval_seconds
+    from layerprune.runs.plan import plan_run
+
+    model, reference = Speed(forward=1e-3, decode=1e-2), Speed(forward=2e-3, decode=2e-2)
+    config = EvalConfig(tasks="none", ppl="none", samples=False, follow=10, follow_new_tokens=4)
+    kl = 10 * FOLLOW_ROW_TOKENS * (1e-3 + 2e-3)
+    generated = 10 * 4 * GENERATED_TOKEN_COST
+    assert eval_seconds(config, model, reference=reference) == pytest.approx(kl + generated * (1e-3 + 2e-3))
+    assert eval_seconds(config, model, reference=reference, reference_cached=True) == pytest.approx(
+        kl + generated * 1e-3)
+
+    workspace = make_workspace(tmp_path)
+    evaluation = {"tasks": "none", "ppl": str(workspace / "text.txt"), "seq_len": 32, "ppl_windows": 4,
+                  "samples": False}
+    runs = [load_run_config(write_config(workspace, eval={**evaluation, "follow": follow_n}))
+            for follow_n in (0, 10)]
+    stages = [{s.name: s.estimate for s in plan_run(run, workspace / "run", tiny_model("llama"), model, model,
+                                                     set()).stages} for run in runs]
+    assert stages[1]["eval-original"] == stages[0]["eval-original"]
+    first, second = (stages[1][n] - stages[0][n] for n in ("eval-pruned", "eval-final"))
+    assert first > second > 0

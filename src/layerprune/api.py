@@ -6,6 +6,7 @@ config's fields as keyword arguments; both are checked before any model loads.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,34 +283,50 @@ def _samples(loaded, prompts, max_new_tokens):
 EVALUATION_ONLY_TEXTS = ("wikitext2", "ptb", "c4-heldout", "dolly-heldout")
 
 
-def prepare_training_rows(config: HealConfig, tokenizer) -> tuple[list[dict], dict]:
+def prepare_training_rows(config: HealConfig, tokenizer, *, load_teacher=None, log=print
+                          ) -> tuple[list[dict], dict]:
     """Tokenized training rows of a healing config and a description of the data.
 
     General text (a bundled corpus such as c4, a .txt file; every source of a raw-text method) becomes
     blocks of max_length tokens with the loss on every token; instruction data (dolly, .json/.jsonl, hub
-    ids) becomes prompt + response with the loss on the response. A mix (`c4:3+dolly:1`, data/mixes.py)
-    tokenizes each source as its kind and interleaves them in proportion."""
+    ids) becomes prompt + response with the loss on the response, in a seeded random order. A mix
+    (`c4:3+dolly:1`, data/mixes.py) tokenizes each source as its kind and interleaves them in proportion.
+    With `responses: teacher` the instruction examples the steps read are answered by the teacher that
+    `load_teacher()` loads (finetune/teacher_responses.py)."""
     from layerprune.data.mixes import interleave, is_mix, parse_mix
     from layerprune.finetune.methods import get_method
 
     if tokenizer is None:
         raise LayerpruneError("healing needs the model's tokenizer")
+    if config.responses == "teacher" and load_teacher is None:
+        raise LayerpruneError("responses: teacher needs a teacher to answer the prompts: set teacher (the unpruned "
+                              "model)")
     method = get_method(config.method)
     source = config.data or method.default_data
+    answer = None if config.responses == "data" else (load_teacher, log)
     if not is_mix(source):
-        return _source_rows(source, config, tokenizer, raw_text=method.raw_text)
+        rows, info = _source_rows(source, config, tokenizer, raw_text=method.raw_text, answer=answer)
+        if answer and info["kind"] != "instructions":
+            raise LayerpruneError(f"responses: teacher answers instruction prompts, and {source} is general text; "
+                                  "use instruction data (dolly, a .jsonl file) or a mix such as c4:3+dolly:1")
+        return rows, info
     parts = parse_mix(source)
+    total = sum(weight for _, weight in parts)
     prepared = [_source_rows(name, config.model_copy(update={"max_samples": None}), tokenizer, raw_text=False,
-                             shuffled=True) for name, _ in parts]
+                             answer=answer, share=weight / total) for name, weight in parts]
+    if answer and not any(info["kind"] == "instructions" for _, info in prepared):
+        raise LayerpruneError(f"responses: teacher answers instruction prompts, and the mix {source} has none")
     rows, taken = interleave([rows for rows, _ in prepared], [weight for _, weight in parts], limit=config.max_samples)
     return rows, {"source": source, "kind": "mix", "rows": len(rows),
                   "parts": [{**info, "weight": weight, "rows_used": used}
                             for (_, info), (_, weight), used in zip(prepared, parts, taken)]}
 
 
-def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, shuffled: bool = False):
-    """(rows, info) of one training source, tokenized as its kind; shuffled: instruction examples in a
-    seeded random order (the bundled Dolly is sorted by category)."""
+def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, answer=None, share: float = 1.0):
+    """(rows, info) of one training source, tokenized as its kind; instruction examples in a seeded random
+    order (the bundled Dolly is sorted by category, and training reads the first rows). answer:
+    (load_teacher, log) to train on the teacher's responses to the examples the steps read (`share` of
+    the rows, for a mix's source)."""
     import random
 
     from layerprune.data.instructions import load_examples, pack, tokenize_examples, tokenize_text
@@ -324,13 +341,22 @@ def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, 
                              max_samples=config.max_samples)
         return rows, {"source": source, "kind": "raw text", "blocks": len(rows), "block_tokens": config.max_length}
     examples = load_examples(source, fields=config.field_map(), max_samples=config.max_samples, seed=config.seed)
-    if shuffled and config.max_samples is None:  # max_samples already drew a seeded random subset
+    if config.max_samples is None:  # max_samples already drew a seeded random subset
         random.Random(config.seed).shuffle(examples)
+    responses = "data"
+    if answer is not None:
+        from layerprune.finetune.teacher_responses import answered_by_teacher, examples_needed
+
+        needed = examples_needed(config, share)
+        examples = answered_by_teacher(examples[:needed], tokenizer, answer[0], new_tokens=config.response_tokens,
+                                       bf16=config.bf16, log=answer[1])
+        responses = f"the teacher's (greedy, at most {config.response_tokens} tokens)"
     rows = tokenize_examples(examples, tokenizer, template=config.template, max_length=config.max_length)
     if config.packing:
         rows = pack(rows, config.max_length)
     return rows, {"source": source, "kind": "instructions", "examples": len(examples), "rows": len(rows),
-                  "template": config.template, "max_length": config.max_length, "packing": config.packing}
+                  "template": config.template, "max_length": config.max_length, "packing": config.packing,
+                  "responses": responses}
 
 
 def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = None, work_dir=None,
@@ -346,14 +372,21 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     from layerprune.models.surgery import provenance
 
     config = fit_heal(config, loaded.model.config, loaded_bytes=parameter_bytes(loaded.model), log=log)
-    rows, data_info = prepared or prepare_training_rows(config, loaded.tokenizer)
     replacing = config.init == "replace" and bool(provenance(loaded.model)["dropped_layers"])  # cuts to replace
     load_teacher = None
-    if targets is None and (get_method(config.method).needs_teacher or replacing):
+    if get_method(config.method).needs_teacher or replacing or config.responses == "teacher":
         teacher_ref = config.teacher or default_teacher or provenance(loaded.model).get("source")
         if not teacher_ref or teacher_ref == loaded.ref:
-            raise LayerpruneError(f"{config.method} needs a teacher: set teacher (the unpruned model)")
+            wanted = "responses: teacher" if config.responses == "teacher" else config.method
+            raise LayerpruneError(f"{wanted} needs a teacher: set teacher (the unpruned model)")
         load_teacher = _teacher_loader(_vocab_size(loaded.model.config), teacher_ref, config.train_dtype)
+    if prepared is None:
+        start = time.perf_counter()
+        prepared = prepare_training_rows(config, loaded.tokenizer, load_teacher=load_teacher, log=log)
+        config = _less_budget(config, time.perf_counter() - start)
+    rows, data_info = prepared
+    if targets is not None:  # made before the student loaded: no live teacher
+        load_teacher = None
     result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=load_teacher, targets=targets,
                   work_dir=work_dir, resume=resume, log=log)
     record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
@@ -386,8 +419,10 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
         if teacher_folder is not None and teacher_folder.is_dir() and tokenizer is not None:
             first, streamed = teacher_placement(config, folder, teacher_folder)
             if first:
-                prepared = prepare_training_rows(config, tokenizer)
                 load_teacher = _teacher_loader(_vocab_size(student_config), teacher_ref, config.train_dtype)
+                start = time.perf_counter()
+                prepared = prepare_training_rows(config, tokenizer, load_teacher=load_teacher, log=log)
+                config = _less_budget(config, time.perf_counter() - start)
                 if streamed:
                     _check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
                                        teacher_ref)
@@ -401,6 +436,18 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
         loaded.tokenizer = tokenizer
     return heal_loaded(loaded, config, default_teacher=default_teacher, work_dir=work_dir, resume=resume, log=log,
                        prepared=prepared, targets=targets)
+
+
+def _less_budget(config: HealConfig, seconds: float) -> HealConfig:
+    """The healing config with `seconds` already spent out of its max_minutes (the teacher answering the
+    prompts is part of the healing stage's budget)."""
+    if config.max_minutes is None or seconds < 1:
+        return config
+    left = config.max_minutes - seconds / 60
+    if left <= 0:
+        raise LayerpruneError(f"the teacher's responses took {seconds / 60:.1f} min, the whole max_minutes budget "
+                              f"of {config.max_minutes:g}; raise max_minutes or lower response_tokens")
+    return config.model_copy(update={"max_minutes": left})
 
 
 def _teacher_loader(student_vocab: int, teacher_ref: str, dtype: str):
@@ -443,6 +490,9 @@ def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool)
     if config.method not in ("replace", "block-local"):
         raise LayerpruneError(f"--streaming heals with method replace or block-local (one layer at a time); "
                               f"{config.method} trains the whole model at once")
+    if config.responses == "teacher":
+        raise LayerpruneError("responses: teacher generates with the whole teacher in memory, and --streaming is for "
+                              "models bigger than memory: train on the data's responses (responses: data)")
     student = local_folder(model_ref)
     model_config = read_model_config(student)
     record = config_provenance(model_config, model_config.get_text_config().num_hidden_layers)

@@ -44,6 +44,8 @@ def finetune(
     max_grad_norm: Optional[float] = config_option(H, "max_grad_norm"),
     max_length: Optional[int] = config_option(H, "max_length"),
     packing: Optional[bool] = config_option(H, "packing"),
+    responses: Optional[str] = config_option(H, "responses"),
+    response_tokens: Optional[int] = config_option(H, "response_tokens"),
     train_last_layers: Optional[int] = config_option(H, "train_last_layers"),
     train_layers: Optional[str] = config_option(H, "train_layers"),
     train_lm_head: Optional[bool] = config_option(H, "train_lm_head", "--train-lm-head/--freeze-lm-head"),

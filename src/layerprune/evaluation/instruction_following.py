@@ -149,14 +149,10 @@ def reference_responses(reference, tokenizer, prompts: list[list[int]], *, new_t
                         cache_dir: Path | None) -> list[list[int]]:
     """greedy_responses of the reference, from the on-disk cache when it made them before."""
     from layerprune.files.outputs import read_json, write_json
-    from layerprune.finetune.teacher_cache import teacher_fingerprint
 
     path = None
     if cache_dir is not None:
-        key = {"model": teacher_fingerprint(reference, cache_dir), "prompts": prompts, "new_tokens": new_tokens,
-               "batch_size": batch_size, "dtype": str(next(reference.parameters()).dtype)}
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        path = Path(cache_dir) / f"responses-{name}.json"
+        path = responses_path(reference, prompts, new_tokens=new_tokens, batch_size=batch_size, cache_dir=cache_dir)
         cached = read_json(path, missing_ok=True) if path.is_file() else None
         if isinstance(cached, list) and len(cached) == len(prompts):
             return cached
@@ -164,6 +160,20 @@ def reference_responses(reference, tokenizer, prompts: list[list[int]], *, new_t
     if path is not None:
         write_json(path, responses)
     return responses
+
+
+def responses_path(reference, prompts: list[list[int]], *, new_tokens: int, batch_size: int, cache_dir: Path,
+                   compute: str | None = None) -> Path:
+    """Where the reference's greedy responses to `prompts` are cached (keyed by its weights, the prompts, the
+    token budget, the batch and the compute dtype)."""
+    from layerprune.finetune.teacher_cache import teacher_fingerprint
+
+    key = {"model": teacher_fingerprint(reference, cache_dir), "prompts": prompts, "new_tokens": new_tokens,
+           "batch_size": batch_size, "dtype": str(next(reference.parameters()).dtype)}
+    if compute is not None:
+        key["compute"] = compute
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"responses-{name}.json"
 
 
 def instruction_following(model, reference, tokenizer, *, prompts: int = 100, new_tokens: int = 48,

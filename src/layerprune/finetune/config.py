@@ -59,6 +59,11 @@ class HealConfig(StrictConfig):
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient to this norm (0: no clipping).")
     max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are cut.")
     packing: bool = Field(False, description="Pack several examples into one sequence.")
+    responses: Literal["data", "teacher"] = Field(
+        "data", description="Instruction data: train on the data set's responses (data) or on the teacher's own "
+        "greedy responses to the same prompts (teacher: sequence-level distillation; generated once for the rows "
+        "the steps read, cached on disk, inside the max_minutes budget).")
+    response_tokens: int = Field(128, ge=1, description="responses teacher: most tokens of each teacher response.")
     # partial-layer fine-tuning
     train_last_layers: int = Field(3, ge=0, description="partial: train the last K remaining layers.")
     train_layers: list[int] | None = Field(None, description="partial: ORIGINAL indices of the layers to train.")
@@ -152,6 +157,8 @@ class HealConfig(StrictConfig):
         if "distill_hidden" in self.model_fields_set and self.distill_hidden and not self._hidden_applies():
             raise ValueError("distill_hidden needs method distill with distill_top_k (the teacher's states are cached "
                              "with its top-k logits)")
+        if "response_tokens" in self.model_fields_set and self.responses != "teacher":
+            raise ValueError("response_tokens needs responses: teacher")
         return self
 
     def _hidden_applies(self) -> bool:

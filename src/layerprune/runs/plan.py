@@ -79,8 +79,11 @@ def plan_run(config, run_dir, model, speed: Speed, heal_speed: Speed, done: set[
     plan = Plan(f"plan of {run_dir} on this machine ({speed.compute}, healing in {heal_speed.compute})")
     for stage in plan_stages(c):
         name = stage.name
-        if name.startswith("eval-"):
-            what, seconds = "evaluate", eval_seconds(c.eval, speed if name == "eval-original" else pruned)
+        if name == "eval-original":  # instruction following compares the original with itself: no work
+            what, seconds = "evaluate", eval_seconds(c.eval.model_copy(update={"follow": 0}), speed)
+        elif name.startswith("eval-"):  # the original's responses are generated once, by the first of these
+            compared_before = any(s.name.startswith("eval-") and s.name != "eval-original" for s in plan.stages)
+            what, seconds = "evaluate", eval_seconds(c.eval, pruned, reference=speed, reference_cached=compared_before)
         elif name == "curve":
             what, seconds = "trade-off curve", curve_seconds(model, c.curve, speed)
         elif name == "prune":

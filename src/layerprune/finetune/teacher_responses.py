@@ -1,0 +1,81 @@
+"""Instruction data answered by the teacher: `responses: teacher` trains on the unpruned model's own greedy
+responses to the data set's prompts instead of the data set's responses (sequence-level distillation, Kim &
+Rush, arXiv 1606.07947). The pruned model then learns to say what the model it replaces said, which is
+what instruction following against the unpruned model measures; "On the Limits of Layer Pruning for
+Generative Reasoning in LLMs" (arXiv 2602.01997) heals on self-generated responses for the same reason.
+
+Generating is the expensive part on a CPU (each token is a forward), so only the examples the steps will
+read are answered, with an estimate printed first, and the answers are cached on disk by the teacher's
+weights and the prompts: a second run with the same teacher reads them.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+from layerprune.data.instructions import Example
+
+
+def examples_needed(config, weight_share: float = 1.0) -> int | None:
+    """How many examples of an instruction source the steps read (a mix's source: its share of the rows),
+    or None when training reads them all (epochs)."""
+    from layerprune.finetune.teacher_first import rows_per_step
+
+    if config.max_steps <= 0:
+        return None
+    rows = config.max_steps * rows_per_step(config)
+    if config.max_samples is not None:
+        rows = min(rows, config.max_samples)
+    return math.ceil(rows * weight_share) + 1  # + 1: the interleaving may take one more of a part
+
+
+def examples_answered(config) -> int | None:
+    """How many prompts `responses: teacher` has the teacher answer under this config (0 with the data's
+    responses; None for epochs over all the data)."""
+    from layerprune.data.mixes import is_mix, parse_mix
+    from layerprune.data.sources import BUNDLED_CORPORA
+    from layerprune.finetune.methods import get_method
+
+    if config.responses != "teacher":
+        return 0
+    source = config.data or get_method(config.method).default_data
+    parts = parse_mix(source) if is_mix(source) else [(source, 1.0)]
+    total = sum(weight for _, weight in parts)
+    needed = [examples_needed(config, weight / total) for name, weight in parts
+              if name not in BUNDLED_CORPORA and not name.endswith((".txt", ".txt.gz"))]
+    return None if None in needed else sum(needed)
+
+
+def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new_tokens: int, bf16, log=print
+                        ) -> list[Example]:
+    """The examples with the teacher's greedy responses (at most new_tokens tokens, cut at the end of turn)
+    in place of their own; from the cache when this teacher answered these prompts before."""
+    from layerprune.evaluation.instruction_following import (
+        GENERATION_BATCH, greedy_responses, prompt_ids, responses_path,
+    )
+    from layerprune.files.outputs import read_json, write_json
+    from layerprune.hardware.compute import compute_choice
+    from layerprune.hardware.estimate import GENERATED_TOKEN_COST, announced, measure_speed
+    from layerprune.models.builtin import cache_dir
+
+    prompts = [prompt_ids(tokenizer, example) for example in examples]
+    teacher = load_teacher()
+    compute = compute_choice(next(teacher.parameters()).device, bf16)
+    path = responses_path(teacher, prompts, new_tokens=new_tokens, batch_size=GENERATION_BATCH,
+                          cache_dir=cache_dir() / "responses", compute=compute.dtype)
+    responses = read_json(path, missing_ok=True) if path.is_file() else None
+    if not (isinstance(responses, list) and len(responses) == len(prompts)):
+        speed = measure_speed(teacher, compute=compute)
+        seconds = len(prompts) * new_tokens * GENERATED_TOKEN_COST * speed.forward
+        with announced(f"the teacher answers {len(prompts)} prompts (up to {new_tokens} tokens, {compute.dtype})",
+                       seconds, log), compute.autocast():
+            responses = greedy_responses(teacher, tokenizer, prompts, new_tokens=new_tokens,
+                                         batch_size=GENERATION_BATCH)
+        write_json(path, responses)
+    else:
+        log(f"the teacher's responses to {len(prompts)} prompts: from the cache")
+    del teacher
+    gc.collect()
+    return [Example(e.instruction, e.context, tokenizer.decode(r, skip_special_tokens=True).strip())
+            for e, r in zip(examples, responses)]
