@@ -45,7 +45,9 @@ RECIPES: dict[str, dict] = {
     "mix31": {"data": "c4:3+dolly:1"},  # a quarter of the rows are instructions with the chat template
     "mix11": {"data": "c4:1+dolly:1"},
     "hidden1": {"distill_hidden": 1.0},  # + the hidden states at the cuts (Minitron)
-    "mix31-hidden1": {"data": "c4:3+dolly:1", "distill_hidden": 1.0},
+    "mix31-hidden1": {"data": "c4:3+dolly:1", "distill_hidden": 1.0},  # the healing defaults since 2026-12-07
+    # + the instruction examples answered by the unpruned model (generated inside the time budget)
+    "mix31-hidden1-teacher": {"data": "c4:3+dolly:1", "distill_hidden": 1.0, "responses": "teacher"},
 }
 
 
