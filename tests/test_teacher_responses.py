@@ -13,7 +13,7 @@ from layerprune.api import _less_budget, prepare_training_rows
 from layerprune.data.instructions import IGNORE_INDEX, Example
 from layerprune.evaluation.instruction_following import greedy_responses, prompt_ids
 from layerprune.finetune.config import HealConfig
-from layerprune.finetune.teacher_responses import examples_answered, examples_needed
+from layerprune.finetune.teacher_first import examples_answered, examples_needed
 from tiny_models import CORPUS, tiny_model, tiny_tokenizer
 
 WORDS = ["cat", "dog", "owl", "sun", "sea", "fig", "elm", "ant", "bee", "cow"]

@@ -345,7 +345,8 @@ def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, 
         random.Random(config.seed).shuffle(examples)
     responses = "data"
     if answer is not None:
-        from layerprune.finetune.teacher_responses import answered_by_teacher, examples_needed
+        from layerprune.finetune.teacher_first import examples_needed
+        from layerprune.finetune.teacher_responses import answered_by_teacher
 
         needed = examples_needed(config, share)
         examples = answered_by_teacher(examples[:needed], tokenizer, answer[0], new_tokens=config.response_tokens,

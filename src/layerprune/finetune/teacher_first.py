@@ -42,6 +42,33 @@ def rows_to_cover(rows: list[dict], config: HealConfig) -> list[dict]:
     return rows
 
 
+def examples_needed(config: HealConfig, weight_share: float = 1.0) -> int | None:
+    """How many examples of an instruction source the steps read (a mix's source: its share of the rows),
+    or None when training reads them all (epochs)."""
+    if config.max_steps <= 0:
+        return None
+    rows = config.max_steps * rows_per_step(config)
+    if config.max_samples is not None:
+        rows = min(rows, config.max_samples)
+    return math.ceil(rows * weight_share) + 1  # + 1: the interleaving may take one more of a part
+
+
+def examples_answered(config: HealConfig) -> int | None:
+    """How many prompts `responses: teacher` (finetune/teacher_responses.py) has the teacher answer under
+    this config (0 with the data's responses; None for epochs over all the data)."""
+    from layerprune.data.mixes import is_mix, parse_mix
+    from layerprune.data.sources import BUNDLED_CORPORA
+
+    if config.responses != "teacher":
+        return 0
+    source = config.data or get_method(config.method).default_data
+    parts = parse_mix(source) if is_mix(source) else [(source, 1.0)]
+    total = sum(weight for _, weight in parts)
+    needed = [examples_needed(config, weight / total) for name, weight in parts
+              if name not in BUNDLED_CORPORA and not name.endswith((".txt", ".txt.gz"))]
+    return None if None in needed else sum(needed)
+
+
 def teacher_placement(config: HealConfig, student: Path, teacher: Path) -> tuple[bool, bool]:
     """(whether the teacher pass runs before the student loads, whether the teacher is read layer by layer
     from disk because its weights alone do not fit the memory available); see the module's docstring."""

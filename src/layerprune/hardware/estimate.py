@@ -139,7 +139,7 @@ def heal_seconds(config, speed: Speed, *, student_fraction: float, rows: int | N
     if config.method == "distill" and config.distill_top_k is not None:
         seconds += tokens * speed.forward  # the unpruned teacher, once per row
     if config.responses == "teacher":  # the teacher answering the prompts first
-        from layerprune.finetune.teacher_responses import examples_answered
+        from layerprune.finetune.teacher_first import examples_answered
 
         seconds += (examples_answered(config) or 0) * config.response_tokens * GENERATED_TOKEN_COST * speed.forward
     if config.max_minutes is not None:
