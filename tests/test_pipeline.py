@@ -124,7 +124,7 @@ def test_config_errors_name_the_key(workspace, overrides, message):
         load_run_config(write_config(workspace, **overrides))
 
 
-@pytest.mark.parametrize("name", ["quickstart", "paper", "llama-3.1-8b"])
+@pytest.mark.parametrize("name", ["quickstart", "thorough", "paper", "llama-3.1-8b"])
 def test_example_configs_are_valid(name):
     from pathlib import Path
 
