@@ -74,22 +74,28 @@ def _label_log_probs(model, ids, mask, labels) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_responses(model, tokenizer, prompts: list[list[int]], *, new_tokens: int, batch_size: int = 8
-                     ) -> list[list[int]]:
-    """Greedy continuations (token ids, cut after the first end-of-turn/EOS token) of left-padded prompts."""
+def greedy_responses(model, tokenizer, prompts: list[list[int]], *, new_tokens: int, batch_size: int = 8,
+                     progress: str | None = None) -> list[list[int]]:
+    """Greedy continuations (token ids, cut after the first end-of-turn/EOS token) of left-padded prompts,
+    batched in order of length (little padding when prompt lengths vary), returned in the prompts' order."""
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     stops = _stop_ids(model, tokenizer)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", leave=False,
+                      disable=progress is None):
+        numbers = order[start:start + batch_size]
+        batch = [prompts[i] for i in numbers]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                    pad_token_id=pad, eos_token_id=sorted(stops) or None)
-        for row in generated[:, width:].tolist():
-            out.append(_cut(row, stops))
+        for number, row in zip(numbers, generated[:, width:].tolist()):
+            out[number] = _cut(row, stops)
     return out
 
 
@@ -169,7 +175,7 @@ def responses_path(reference, prompts: list[list[int]], *, new_tokens: int, batc
     from layerprune.finetune.teacher_cache import teacher_fingerprint
 
     key = {"model": teacher_fingerprint(reference, cache_dir), "prompts": prompts, "new_tokens": new_tokens,
-           "batch_size": batch_size, "dtype": str(next(reference.parameters()).dtype)}
+           "batch_size": batch_size, "batches": "by length", "dtype": str(next(reference.parameters()).dtype)}
     if compute is not None:
         key["compute"] = compute
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

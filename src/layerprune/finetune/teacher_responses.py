@@ -36,11 +36,11 @@ def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new
     responses = read_json(path, missing_ok=True) if path.is_file() else None
     if not (isinstance(responses, list) and len(responses) == len(prompts)):
         speed = measure_speed(teacher, compute=compute)
-        seconds = len(prompts) * new_tokens * GENERATED_TOKEN_COST * speed.forward
+        seconds = (sum(map(len, prompts)) + len(prompts) * new_tokens * GENERATED_TOKEN_COST) * speed.forward
         with announced(f"the teacher answers {len(prompts)} prompts (up to {new_tokens} tokens, {compute.dtype})",
                        seconds, log), compute.autocast():
             responses = greedy_responses(teacher, tokenizer, prompts, new_tokens=new_tokens,
-                                         batch_size=GENERATION_BATCH)
+                                         batch_size=GENERATION_BATCH, progress="teacher responses")
         write_json(path, responses)
     else:
         log(f"the teacher's responses to {len(prompts)} prompts: from the cache")
