@@ -96,7 +96,8 @@ def test_what_cannot_work_is_one_clear_error(data, tmp_path):
         _less_budget(budget, 130)
 
 
-def test_finetune_trains_on_the_teachers_responses(data, tmp_path):
+@pytest.mark.parametrize("method", ["distill", "full"])  # full: the teacher only answers, training is plain
+def test_finetune_trains_on_the_teachers_responses(data, tmp_path, method):
     from layerprune import save_model
     from layerprune.api import finetune_model
 
@@ -105,8 +106,22 @@ def test_finetune_trains_on_the_teachers_responses(data, tmp_path):
     pruned = remove_layers(copy.deepcopy(teacher), [1], how={"chosen_by": "test"})
     save_model(pruned, tiny_tokenizer(), tmp_path / "pruned")
     finetune_model(str(tmp_path / "pruned"), out=str(tmp_path / "healed"), teacher=str(tmp_path / "teacher"),
-                   method="distill", data=str(data / "sft.jsonl"), responses="teacher", response_tokens=4,
-                   max_steps=2, batch_size=2, max_length=64, bf16=False, warmup_steps=0)
+                   method=method, data=str(data / "sft.jsonl"), responses="teacher", response_tokens=4,
+                   max_steps=2, max_minutes=5, batch_size=2, max_length=64, bf16=False, warmup_steps=0)
     record = json.loads((tmp_path / "healed" / "heal.json").read_text())
     assert record["steps"] == 2 and record["data"]["responses"].startswith("the teacher's")
     assert record["data"]["examples"] == 5
+    assert record["config"]["max_minutes"] == 5  # the user's budget; the time answering took came out of it
+    assert record["notes"]["time_budget"]["minutes"] < 5
+
+
+def test_prompts_that_leave_no_room_for_a_response_are_not_answered():
+    from layerprune.api import _fitting_prompts
+
+    tokenizer = tiny_tokenizer()
+    examples = [Example("say cat", "", "cat"), Example("say dog", "x" * 200, "dog"), Example("say owl", "", "owl"),
+                Example("say sun", "", "sun")]
+    config = HealConfig(max_length=64)
+    assert len(prompt_ids(tokenizer, examples[1])) >= 64 > len(prompt_ids(tokenizer, examples[0]))
+    assert [e.instruction for e in _fitting_prompts(examples, tokenizer, config, 2)] == ["say cat", "say owl"]
+    assert len(_fitting_prompts(examples, tokenizer, config, None)) == 3

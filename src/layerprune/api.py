@@ -348,9 +348,9 @@ def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, 
         from layerprune.finetune.teacher_first import examples_needed
         from layerprune.finetune.teacher_responses import answered_by_teacher
 
-        needed = examples_needed(config, share)
-        examples = answered_by_teacher(examples[:needed], tokenizer, answer[0], new_tokens=config.response_tokens,
-                                       bf16=config.bf16, log=answer[1])
+        examples = answered_by_teacher(_fitting_prompts(examples, tokenizer, config, examples_needed(config, share)),
+                                       tokenizer, answer[0], new_tokens=config.response_tokens, bf16=config.bf16,
+                                       template=config.template, log=answer[1])
         responses = f"the teacher's (greedy, at most {config.response_tokens} tokens)"
     rows = tokenize_examples(examples, tokenizer, template=config.template, max_length=config.max_length)
     if config.packing:
@@ -360,13 +360,28 @@ def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, 
                   "responses": responses}
 
 
+def _fitting_prompts(examples, tokenizer, config: HealConfig, needed: int | None) -> list:
+    """The first `needed` examples whose prompt leaves room for a response within max_length tokens (the
+    others would train on nothing: answering them is wasted generation)."""
+    from layerprune.evaluation.instruction_following import prompt_ids
+
+    fitting = []
+    for example in examples:
+        if needed is not None and len(fitting) >= needed:
+            break
+        if len(prompt_ids(tokenizer, example, config.template)) < config.max_length:
+            fitting.append(example)
+    return fitting
+
+
 def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = None, work_dir=None,
-                resume: bool = False, log=print, prepared=None, targets=None):
+                resume: bool = False, log=print, prepared=None, targets=None, spent: float = 0.0):
     """Heal an in-memory model (loaded.model) with one healing config: the one heal path of the CLI, the
     API, YAML runs and iterative rounds. Returns (HealResult, record for heal.json); the healed model
     (result.model) carries a `healed` entry in its provenance history.
     prepared: (rows, data info) already tokenized; targets: the teacher's top-k targets made before the
-    model was loaded (heal_model_ref)."""
+    model was loaded (heal_model_ref); spent: seconds of the stage's max_minutes already used (the
+    teacher answering prompts); preparing the rows here counts too."""
     from layerprune.finetune import get_method, heal
     from layerprune.hardware.job_plan import fit_heal
     from layerprune.models.anatomy import parameter_bytes
@@ -384,12 +399,12 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
     if prepared is None:
         start = time.perf_counter()
         prepared = prepare_training_rows(config, loaded.tokenizer, load_teacher=load_teacher, log=log)
-        config = _less_budget(config, time.perf_counter() - start)
+        spent += time.perf_counter() - start
     rows, data_info = prepared
-    if targets is not None:  # made before the student loaded: no live teacher
-        load_teacher = None
-    result = heal(loaded.model, rows, config, tokenizer=loaded.tokenizer, teacher=load_teacher, targets=targets,
-                  work_dir=work_dir, resume=resume, log=log)
+    if targets is not None or not (get_method(config.method).needs_teacher or replacing):
+        load_teacher = None  # targets made before the student loaded, or a teacher only for the responses
+    result = heal(loaded.model, rows, _less_budget(config, spent), tokenizer=loaded.tokenizer, teacher=load_teacher,
+                  targets=targets, work_dir=work_dir, resume=resume, log=log)
     record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
     history = [*provenance(result.model).get("history", []), {"healed": config.method, "data": data_info["source"]}]
     result.model.config.layerprune = {**result.model.config.layerprune, "history": history}
@@ -410,6 +425,7 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
     from layerprune.models.tokens import pad_token_id
 
     targets = prepared = None
+    spent = 0.0
     if distills_from_cache(config):
         folder = Path(model_folder(model_ref))
         student_config = read_model_config(folder)
@@ -423,7 +439,7 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
                 load_teacher = _teacher_loader(_vocab_size(student_config), teacher_ref, config.train_dtype)
                 start = time.perf_counter()
                 prepared = prepare_training_rows(config, tokenizer, load_teacher=load_teacher, log=log)
-                config = _less_budget(config, time.perf_counter() - start)
+                spent = time.perf_counter() - start
                 if streamed:
                     _check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
                                        teacher_ref)
@@ -436,13 +452,13 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
     if loaded.tokenizer is None:
         loaded.tokenizer = tokenizer
     return heal_loaded(loaded, config, default_teacher=default_teacher, work_dir=work_dir, resume=resume, log=log,
-                       prepared=prepared, targets=targets)
+                       prepared=prepared, targets=targets, spent=spent)
 
 
 def _less_budget(config: HealConfig, seconds: float) -> HealConfig:
     """The healing config with `seconds` already spent out of its max_minutes (the teacher answering the
     prompts is part of the healing stage's budget)."""
-    if config.max_minutes is None or seconds < 1:
+    if config.max_minutes is None or seconds <= 0:
         return config
     left = config.max_minutes - seconds / 60
     if left <= 0:

@@ -42,9 +42,10 @@ def heldout_examples(n: int) -> list[Example]:
     return examples[:n]
 
 
-def prompt_ids(tokenizer, example: Example) -> list[int]:
-    """The prompt as training renders it (chat template when there is one), ready for generation."""
-    row = tokenize_examples([Example(example.instruction, example.context, " ")], tokenizer, max_length=4096)[0]
+def prompt_ids(tokenizer, example: Example, template: str = "auto") -> list[int]:
+    """The prompt as training renders it (auto: the chat template when there is one), ready for generation."""
+    row = tokenize_examples([Example(example.instruction, example.context, " ")], tokenizer, template=template,
+                            max_length=4096)[0]
     return [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
 
 

@@ -16,8 +16,8 @@ import gc
 from layerprune.data.instructions import Example
 
 
-def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new_tokens: int, bf16, log=print
-                        ) -> list[Example]:
+def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new_tokens: int, bf16,
+                        template: str = "auto", log=print) -> list[Example]:
     """The examples with the teacher's greedy responses (at most new_tokens tokens, cut at the end of turn)
     in place of their own; from the cache when this teacher answered these prompts before."""
     from layerprune.evaluation.instruction_following import (
@@ -28,7 +28,7 @@ def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new
     from layerprune.hardware.estimate import GENERATED_TOKEN_COST, announced, measure_speed
     from layerprune.models.builtin import cache_dir
 
-    prompts = [prompt_ids(tokenizer, example) for example in examples]
+    prompts = [prompt_ids(tokenizer, example, template) for example in examples]
     teacher = load_teacher()
     compute = compute_choice(next(teacher.parameters()).device, bf16)
     path = responses_path(teacher, prompts, new_tokens=new_tokens, batch_size=GENERATION_BATCH,
