@@ -298,7 +298,7 @@ def _plan_steps(model, rows, config, context, compute, *, started, accumulation,
                                  "teacher_row_seconds": round(probe.teacher_row_seconds, 4)}
     teacher_part = (f" + teacher top-{config.distill_top_k} pass over {teacher_rows} rows "
                     f"({format_minutes(teacher_rows * probe.teacher_row_seconds)}, unless cached)") if teacher_rows else ""
-    budget_part = f", fitted to a {config.max_minutes:g}-minute budget (of {wanted} wanted)" if deadline else ""
+    budget_part = f", fitted to a {config.max_minutes:.3g}-minute budget (of {wanted} wanted)" if deadline else ""
     log(f"healing plan: {steps} steps x {format_minutes(probe.step_seconds)}{teacher_part}{budget_part}; "
         f"estimated {format_minutes(estimate)} on this machine ({compute.dtype})")
     if steps < wanted:
