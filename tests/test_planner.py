@@ -41,3 +41,12 @@ def test_a_setting_changes_the_key_of_its_stage_and_every_stage_after_it_only():
 
 def test_planning_is_deterministic():
     assert [s.digest for s in plan_stages(config())] == [s.digest for s in plan_stages(config())]
+
+
+def test_task_tokens_counts_each_tasks_documents_at_its_own_length():
+    from layerprune.hardware.estimate import TASK_TOKENS, TOKENS_PER_DOCUMENT, task_tokens
+
+    # ARC-e's short documents at their measured length, MMLU's 57 subtasks at the paper mix's
+    assert task_tokens("arc_easy,mmlu", 5) == 5 * TASK_TOKENS["arc_easy"] + 5 * 57 * TOKENS_PER_DOCUMENT
+    assert task_tokens("piqa", 0) == 1838 * TASK_TOKENS["piqa"]  # limit 0: every document
+    assert task_tokens("my-task.yaml", 5) is None  # a size not known before it loads

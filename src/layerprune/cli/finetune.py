@@ -99,7 +99,7 @@ def finetune(
         f"; {timing['took_seconds']:.0f} s with the teacher pass (estimated {timing['seconds']:.0f} s)" if timing else ""))
     if "time_budget" in result.notes:
         budget = result.notes["time_budget"]
-        table.add_row("time budget", f"{budget['minutes']:g} min: {result.steps} of {budget['steps_wanted']} steps")
+        table.add_row("time budget", f"{budget['minutes']:.3g} min: {result.steps} of {budget['steps_wanted']} steps")
     table.add_row("computed in", result.notes.get("compute", {}).get("dtype", "-"))
     table.add_row("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
     console.print(table)

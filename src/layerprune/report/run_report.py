@@ -105,7 +105,7 @@ def _steps(heal: dict) -> str:
     budget = (heal.get("notes") or {}).get("time_budget")
     if not budget:
         return str(heal["steps"])
-    return f"{heal['steps']} of {budget['steps_wanted']} ({budget['minutes']:g}-min budget)"
+    return f"{heal['steps']} of {budget['steps_wanted']} ({budget['minutes']:.3g}-min budget)"
 
 
 def _search_lines(selection: dict) -> list[str]:
