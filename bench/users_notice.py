@@ -48,6 +48,9 @@ RECIPES: dict[str, dict] = {
     "mix31-hidden1": {"data": "c4:3+dolly:1", "distill_hidden": 1.0},  # the healing defaults since 2026-12-07
     # + the instruction examples answered by the unpruned model (generated inside the time budget)
     "mix31-hidden1-teacher": {"data": "c4:3+dolly:1", "distill_hidden": 1.0, "responses": "teacher"},
+    # the default recipe with fewer weights training, so more steps fit the budget
+    "freeze-embeddings": {"data": "c4:3+dolly:1", "distill_hidden": 1.0, "freeze": "embeddings"},
+    "freeze-prefix": {"data": "c4:3+dolly:1", "distill_hidden": 1.0, "freeze": "prefix"},
     # examples/thorough.yaml's healing: the default recipe for 40 minutes (up to 600 steps)
     "thorough": {"data": "c4:3+dolly:1", "distill_hidden": 1.0, "max_steps": 600, "max_minutes": 40},
 }

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from layerprune import get_anatomy, remove_layers, save_model
 from layerprune.data.instructions import IGNORE_INDEX, Example, pack, tokenize_examples
 from layerprune.finetune import HealConfig, heal, trainable_parameters
-from layerprune.finetune.methods import HealContext, Lora, Partial, disable_cpu_repacking
+from layerprune.finetune.methods import Full, HealContext, Lora, Partial, disable_cpu_repacking
 from layerprune.finetune.trainer import PadCollator
 from tiny_models import tiny_input, tiny_model, tiny_tokenizer
 
@@ -253,3 +253,50 @@ def test_healing_refuses_the_bundled_evaluation_test_sets(text, method):
     rows, info = prepare_training_rows(HealConfig(method="cpt", data="c4", max_length=32, max_samples=2),
                                        tiny_tokenizer())
     assert len(rows) == 2 and info["source"] == "c4"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2 ties lm_head to the embeddings
+def test_freeze_prefix_trains_only_from_the_layer_before_the_first_cut(family, rows, tmp_path):
+    model = remove_layers(tiny_model(family), [2, 3])  # kept original layers 0, 1, 4, ...
+    before = copy.deepcopy(model)
+    teacher = tiny_model(family)
+    config = fast_config("distill", freeze="prefix", distill_hidden=1.0)
+    result = heal(model, rows, config, tokenizer=tiny_tokenizer(), teacher=teacher, work_dir=tmp_path / "work")
+    losses = [c["loss"] for c in result.loss_curve]
+    assert sum(losses[-3:]) / 3 < 0.96 * sum(losses[:2]) / 2, losses
+    assert result.notes["frozen"] == ["embeddings", "layers [0]"]
+    old, new = get_anatomy(before), get_anatomy(result.model)
+    torch.testing.assert_close(new.embeddings.weight, old.embeddings.weight, rtol=0, atol=0)
+    torch.testing.assert_close(new.layers[0].state_dict(), old.layers[0].state_dict(), rtol=0, atol=0)
+    for pos in range(1, len(new.layers)):  # the layer that feeds the cut and every one after it trained
+        changed = [not torch.equal(p, q) for p, q in zip(new.layers[pos].parameters(), old.layers[pos].parameters())]
+        assert any(changed), pos
+    assert trainable_parameters(result.model)[0] == trainable_parameters(before)[1]  # all trainable again
+
+
+def test_freeze_embeddings_keeps_the_tied_head_and_backpropagates_no_further_than_the_layers():
+    model = remove_layers(tiny_model("gemma2"), [2])
+    context = HealContext()
+    Full.prepare(model, HealConfig(method="distill", freeze="embeddings"), context)
+    anatomy = get_anatomy(model)
+    assert anatomy.tied_embeddings and not anatomy.embeddings.weight.requires_grad
+    assert context.notes["frozen"] == ["embeddings"]
+    assert all(p.requires_grad for p in anatomy.layers.parameters())
+
+
+def test_freeze_prefix_builds_no_autograd_graph_before_the_cut(rows):
+    model = remove_layers(tiny_model("llama"), [3])  # first cut at position 3: layers 0-1 frozen, 2 trains
+    Full.prepare(model, HealConfig(method="distill", freeze="prefix"), HealContext())
+    seen = []
+    for layer in get_anatomy(model).layers:
+        layer.register_forward_hook(lambda m, a, out: seen.append(out[0].requires_grad if isinstance(out, tuple)
+                                                                   else out.requires_grad))
+    model(**PadCollator(0)(rows[:2])).loss.backward()
+    assert seen[:3] == [False, False, True]
+
+
+def test_freeze_is_refused_where_it_does_not_apply():
+    for bad in (dict(method="lora", freeze="prefix"), dict(method="distill", adapter="lora", freeze="embeddings"),
+                dict(method="distill", freeze="head")):
+        with pytest.raises(ValueError):
+            HealConfig(**bad)

@@ -56,6 +56,7 @@ def finetune(
                                                "all-linear."),
     init: Optional[str] = config_option(H, "init"),
     adapter: Optional[str] = config_option(H, "adapter"),
+    freeze: Optional[str] = config_option(H, "freeze"),
     teacher: Optional[str] = config_option(H, "teacher"),
     distill_temperature: Optional[float] = config_option(H, "distill_temperature"),
     distill_alpha: Optional[float] = config_option(H, "distill_alpha"),

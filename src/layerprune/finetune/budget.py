@@ -4,8 +4,8 @@ Before the Trainer starts, a forward + backward of a real micro-batch is timed (
 computes it, under the chosen autocast; the gradients are thrown away), and, when the teacher's top-k
 targets must be computed, one teacher batch. That gives an honest estimate of the whole stage on this
 machine, printed before any long work; with `max_minutes`, it also fits the number of steps into the
-budget so the learning-rate schedule runs its full course (warm-up, decay) in the steps that fit. A
-callback still stops at a step boundary if the steps run slower than measured.
+budget so the learning-rate schedule runs its full course (warm-up, decay) in the steps that fit. During
+training a callback re-fits the steps and the schedule to the real pace, and stops at the deadline.
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ import torch
 from layerprune.hardware.compute import ComputeChoice
 
 OPTIMIZER_SHARE = 0.05  # AdamW's update on top of forward + backward (measured ~3% for full weights on SmolLM2)
-# The Trainer's own work per step (data loading, the cached targets and states read back, callbacks) and the
-# hidden-state loss, which the probe leaves out: distillation steps ran 10%, 19% and 20% slower than the
-# probe in three 11-minute budgets on SmolLM2 (AVX512-BF16: 3.52 s probe vs 3.86 s per step, 3.28 vs 3.9,
-# 3.26 vs 3.91), and the deadline then cut the schedule before its decay ended. A budget that fits slightly
-# fewer steps completes its schedule; one that fits too many is cut.
-STEP_OVERHEAD = 0.20
+# No margin for the Trainer's own work per step or the hidden-state loss (real steps ran 0-35% slower than
+# the probe on SmolLM2): the plan is an upper bound that budget_callback shortens to the real pace.
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
         compute_teacher_targets(teacher, rows[:batch_size], top_k, pad_id=pad_id, batch_size=batch_size,
                                 compute=compute)
         teacher_row = (time.perf_counter() - start) / len(rows[:batch_size])
-    return HealProbe(step_seconds=micro * accumulation * (1 + OPTIMIZER_SHARE + STEP_OVERHEAD),
+    return HealProbe(step_seconds=micro * accumulation * (1 + OPTIMIZER_SHARE),
                      teacher_row_seconds=teacher_row)
 
 
@@ -98,18 +94,54 @@ def fit_steps(probe: HealProbe, budget_s: float, wanted_steps: int, rows_per_ste
     return max(1, min(wanted_steps, math.floor(budget_s / per_step))) if per_step > 0 else wanted_steps
 
 
-def deadline_callback(deadline: float):
-    """A TrainerCallback that stops training at the first step boundary after `deadline` (perf_counter)."""
+def budget_callback(deadline: float, clock=time.perf_counter):
+    """A TrainerCallback that keeps training inside a budget ending at `deadline` (a `clock()` time).
+
+    The probe times a step in isolation; real steps run slower or faster (the Trainer's own work, a process
+    that just ran evaluations: 10-35% slower on SmolLM2). So from the third step on, the steps still planned
+    are re-fitted to the time left at the real pace (measured from the end of the first step, which warms
+    up), and the learning-rate schedule is re-fitted with them: it still ends its decay at the last step
+    instead of being cut mid-way. It only ever shortens the plan (the teacher's targets exist for the planned
+    rows only), so the plan is made from the probe without a margin. At the deadline it stops at the next
+    step boundary whatever the pace."""
     from transformers import TrainerCallback
 
-    class StopAtDeadline(TrainerCallback):
+    class KeepToBudget(TrainerCallback):
         stopped_early = False
+        refitted_to: int | None = None
+        _first_step_end: float | None = None
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if time.perf_counter() > deadline and state.global_step < state.max_steps:
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+            now = clock()
+            if now > deadline and state.global_step < state.max_steps:
                 control.should_training_stop = True
-                StopAtDeadline.stopped_early = True
+                KeepToBudget.stopped_early = True
+                return control
+            if self._first_step_end is None:
+                self._first_step_end = now
+            elif state.global_step >= 3:
+                pace = (now - self._first_step_end) / (state.global_step - 1)
+                fits = state.global_step + math.floor((deadline - now) / pace)
+                if fits < state.max_steps:
+                    _shorten_schedule(lr_scheduler, args, fits)
+                    state.max_steps = KeepToBudget.refitted_to = max(fits, state.global_step)
             return control
 
-    return StopAtDeadline()
+    return KeepToBudget()
 
+
+def _shorten_schedule(lr_scheduler, args, total_steps: int) -> None:
+    """Make a LambdaLR schedule (linear, cosine, ... with warm-up) end at total_steps, from its current step
+    on; other schedulers are left alone (the stop at max_steps still holds)."""
+    from transformers import get_scheduler
+
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if scheduler is None or not hasattr(scheduler, "lr_lambdas"):
+        return
+    optimizer = scheduler.optimizer
+    fresh = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total_steps),
+                          num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    scheduler.lr_lambdas = fresh.lr_lambdas
+    # building it set the lr to its step-0 value; the next optimizer step takes the new schedule's lr of this step
+    for group, base, rule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * rule(scheduler.last_epoch)

@@ -80,6 +80,10 @@ class HealConfig(StrictConfig):
         "auto", description="full / cpt / distill: train every weight (none) or a LoRA adapter merged at the end "
         "(lora: tied embeddings stay tied); auto: every weight where AdamW's states fit this machine's memory, else "
         "LoRA (the memory plan of `layerprune plan`).")
+    freeze: Literal["none", "embeddings", "prefix"] = Field(
+        "none", description="full / cpt / distill with every weight training: also keep frozen the embeddings (and a "
+        "tied lm_head) | prefix: the embeddings and the layers before the first cut but the last of them (they "
+        "compute what the unpruned model does; the backward pass then stops at the cut).")
     # distillation, replacement, block-local healing
     teacher: str | None = Field(None, description="distill / replace / block-local: the unpruned model (default: the "
                                 "model it was pruned from).")
@@ -157,6 +161,8 @@ class HealConfig(StrictConfig):
         if "distill_hidden" in self.model_fields_set and self.distill_hidden and not self._hidden_applies():
             raise ValueError("distill_hidden needs method distill with distill_top_k (the teacher's states are cached "
                              "with its top-k logits)")
+        if self.freeze != "none" and (self.method not in ("full", "cpt", "distill") or self.adapter == "lora"):
+            raise ValueError("freeze applies to full / cpt / distill training every weight (not adapter lora)")
         if "response_tokens" in self.model_fields_set and self.responses != "teacher":
             raise ValueError("response_tokens needs responses: teacher")
         return self

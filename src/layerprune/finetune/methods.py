@@ -89,6 +89,33 @@ def layers_to_train(model: nn.Module, config) -> list[int]:
     return list(range(len(kept) - k, len(kept)))
 
 
+def first_cut(model: nn.Module) -> int:
+    """Position of the first kept layer whose original predecessor was removed (the layer count if only the
+    last layers were removed or none)."""
+    kept = kept_layers(model)
+    return next((pos for pos, original in enumerate(kept) if original != pos), len(kept))
+
+
+def freeze_parts(model: nn.Module, freeze: str) -> list[str]:
+    """Freeze what `freeze` names (none | embeddings | prefix); returns the frozen parts, for the record.
+
+    The layers before the first cut see the same input as in the unpruned model and compute the same output;
+    the last of them feeds the cut and trains (it takes over the removed layers' work, and the hidden-state
+    loss acts on its output). Frozen embeddings and prefix build no autograd graph, so the backward pass
+    stops at the first trained layer."""
+    if freeze == "none":
+        return []
+    anatomy = get_anatomy(model)
+    anatomy.embeddings.requires_grad_(False)  # a tied lm_head is the same tensor: frozen with it
+    frozen = ["embeddings"]
+    if freeze == "prefix":
+        stop = max(first_cut(model) - 1, 0)
+        for pos in range(stop):
+            anatomy.layers[pos].requires_grad_(False)
+        frozen.append(f"layers {kept_layers(model)[:stop]}" if stop else "no layer (the cut is at the start)")
+    return frozen
+
+
 @register_method("partial")
 class Partial:
     """lm_head + the last K layers (Reassessing Layer Pruning, arXiv 2411.15558, Insight #2); the frozen
@@ -130,11 +157,17 @@ class Full:
         if config.adapter == "lora":
             return Lora.prepare(model, config, context)
         model.requires_grad_(True)
+        frozen = freeze_parts(model, config.freeze)
+        if frozen:
+            context.notes["frozen"] = frozen
         return model
 
     @staticmethod
     def finalize(model, config, context):
-        return Lora.finalize(model, config, context) if config.adapter == "lora" else model
+        if config.adapter == "lora":
+            return Lora.finalize(model, config, context)
+        model.requires_grad_(True)
+        return model
 
 
 @register_method("cpt", raw_text=True)

@@ -211,6 +211,7 @@ def heal(
     ]
     if deadline is not None:
         context.notes["time_budget"]["stopped_early"] = type(deadline).stopped_early
+        context.notes["time_budget"]["refitted_to"] = type(deadline).refitted_to  # steps at the real pace
     context.notes["estimate"]["took_seconds"] = round(time.perf_counter() - started, 1)  # teacher pass included
     final = method.finalize(trainable_model, config, context)
     final.eval()
@@ -277,7 +278,7 @@ def _training_arguments(config, work_dir: Path, compute, accumulation: int):
 def _plan_steps(model, rows, config, context, compute, *, started, accumulation, rows_per_step, teacher, log):
     """Time one step (budget.probe_heal), print the estimate, and with max_minutes fit max_steps into the
     budget. Returns (config with the steps to run, a deadline callback or None)."""
-    from layerprune.finetune.budget import deadline_callback, fit_steps, probe_heal
+    from layerprune.finetune.budget import budget_callback, fit_steps, probe_heal
     from layerprune.hardware.estimate import format_seconds as format_minutes
 
     distills = get_method(config.method).distills and config.distill_top_k is not None
@@ -290,7 +291,7 @@ def _plan_steps(model, rows, config, context, compute, *, started, accumulation,
     if config.max_minutes is not None:
         budget = config.max_minutes * 60 - (time.perf_counter() - started)
         steps = fit_steps(probe, budget, wanted, rows_per_step if teacher is not None else 0)
-        deadline = deadline_callback(started + config.max_minutes * 60)
+        deadline = budget_callback(started + config.max_minutes * 60)
         context.notes["time_budget"] = {"minutes": config.max_minutes, "steps_wanted": wanted, "steps_planned": steps}
     teacher_rows = min(len(rows), steps * rows_per_step) if teacher is not None else 0
     estimate = probe.seconds(steps, teacher_rows)
