@@ -15,7 +15,7 @@ class FakeClock:
         return self.now
 
 
-def _run(tmp_path, *, seconds_per_step: float, deadline: float, planned: int, warmup: int = 2):
+def _run(tmp_path, *, seconds_per_step, deadline: float, planned: int, warmup: int = 2):
     """Simulate the Trainer's loop: optimizer step, scheduler step, then the callbacks' on_step_end."""
     weight = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([weight], lr=1.0)
@@ -30,7 +30,7 @@ def _run(tmp_path, *, seconds_per_step: float, deadline: float, planned: int, wa
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-        clock.now += seconds_per_step
+        clock.now += seconds_per_step(state.global_step) if callable(seconds_per_step) else seconds_per_step
         state.global_step += 1
         callback.on_step_end(args, state, control, lr_scheduler=scheduler)
     return state, control, lrs, type(callback)
@@ -46,6 +46,22 @@ def test_slower_steps_shorten_the_plan_and_the_schedule_still_decays_to_zero(tmp
     for step in range(3, 50):
         assert lrs[step] == pytest.approx((50 - step) / (50 - 2)), step
     assert lrs[-1] > 0
+
+
+def test_slow_first_steps_do_not_shorten_the_plan_for_good(tmp_path):
+    # the first 5 steps take 4 s, the rest 1 s: a plan cut at step 3 (pace 4 s) grows back as the pace drops
+    state, control, lrs, callback = _run(tmp_path, seconds_per_step=lambda step: 4.0 if step < 5 else 1.0,
+                                         deadline=80.0, planned=100)
+    assert not callback.stopped_early
+    # 20 s for the first 5 steps, then 1 s steps: 65 in all would fit; the mean pace since step 1 lags a little
+    assert 58 <= state.global_step == state.max_steps <= 65
+    assert lrs[-1] == pytest.approx(1 / (state.global_step - 2))  # the decay ends at the last step run
+
+
+def test_the_plan_never_grows_past_the_planned_steps(tmp_path):
+    state, control, lrs, callback = _run(tmp_path, seconds_per_step=0.5, deadline=100.0, planned=40)
+    assert state.global_step == 40 and callback.refitted_to is None
+    assert lrs[-1] == pytest.approx(1 / 38)
 
 
 def test_steps_at_the_planned_pace_keep_the_plan(tmp_path):

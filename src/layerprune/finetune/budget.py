@@ -98,18 +98,21 @@ def budget_callback(deadline: float, clock=time.perf_counter):
     """A TrainerCallback that keeps training inside a budget ending at `deadline` (a `clock()` time).
 
     The probe times a step in isolation; real steps run slower or faster (the Trainer's own work, a process
-    that just ran evaluations: 10-35% slower on SmolLM2). So from the third step on, the steps still planned
-    are re-fitted to the time left at the real pace (measured from the end of the first step, which warms
-    up), and the learning-rate schedule is re-fitted with them: it still ends its decay at the last step
-    instead of being cut mid-way. It only ever shortens the plan (the teacher's targets exist for the planned
-    rows only), so the plan is made from the probe without a margin. At the deadline it stops at the next
-    step boundary whatever the pace."""
+    that just ran evaluations, the first steps after the teacher pass: 0-35% slower on SmolLM2). So from the
+    third step on, after every step the number of steps is re-fitted to the time left at the real pace (the
+    mean since the end of the first step, which warms up), between the steps already run and the planned
+    ones (the teacher's targets exist for the planned rows only), and the learning-rate schedule with it: it
+    ends its decay at the last step that fits instead of being cut mid-way or ending early. The plan is
+    therefore made from the probe without a margin. At the deadline it stops at the next step boundary
+    whatever the pace."""
     from transformers import TrainerCallback
 
     class KeepToBudget(TrainerCallback):
         stopped_early = False
         refitted_to: int | None = None
         _first_step_end: float | None = None
+        _planned: int | None = None
+        progress = None  # the Trainer's ProgressCallback, when heal() hands it over
 
         def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
             now = clock()
@@ -118,19 +121,25 @@ def budget_callback(deadline: float, clock=time.perf_counter):
                 KeepToBudget.stopped_early = True
                 return control
             if self._first_step_end is None:
-                self._first_step_end = now
+                self._first_step_end, self._planned = now, state.max_steps
             elif state.global_step >= 3:
                 pace = (now - self._first_step_end) / (state.global_step - 1)
                 fits = state.global_step + math.floor((deadline - now) / pace)
-                if fits < state.max_steps:
-                    _shorten_schedule(lr_scheduler, args, fits)
-                    state.max_steps = KeepToBudget.refitted_to = max(fits, state.global_step)
+                steps = min(max(fits, state.global_step), self._planned)
+                if steps != state.max_steps:
+                    _refit_schedule(lr_scheduler, args, steps)
+                    state.max_steps = steps
+                    bar = getattr(self.progress, "training_bar", None)
+                    if bar is not None:  # the Trainer's progress bar shows the steps that fit
+                        bar.total = steps
+                        bar.refresh()
+                    KeepToBudget.refitted_to = None if steps == self._planned else steps
             return control
 
     return KeepToBudget()
 
 
-def _shorten_schedule(lr_scheduler, args, total_steps: int) -> None:
+def _refit_schedule(lr_scheduler, args, total_steps: int) -> None:
     """Make a LambdaLR schedule (linear, cosine, ... with warm-up) end at total_steps, from its current step
     on; other schedulers are left alone (the stop at max_steps still holds)."""
     from transformers import get_scheduler

@@ -195,6 +195,11 @@ def heal(
         state_weight=config.hidden_weight,
         callbacks=[finite_guard(config.learning_rate), *([deadline] if deadline is not None else [])],
     )
+    if deadline is not None:
+        from transformers import ProgressCallback
+
+        bars = [c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+        deadline.progress = bars[0] if bars else None
     if distill_from is not None:
         distill_from.eval().requires_grad_(False)
     start = time.perf_counter()
