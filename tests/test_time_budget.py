@@ -15,7 +15,7 @@ class FakeClock:
         return self.now
 
 
-def _run(tmp_path, *, seconds_per_step, deadline: float, planned: int, warmup: int = 2):
+def _run(tmp_path, *, seconds_per_step, deadline: float, planned: int, warmup: int = 2, resumed_at: int = 0):
     """Simulate the Trainer's loop: optimizer step, scheduler step, then the callbacks' on_step_end."""
     weight = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([weight], lr=1.0)
@@ -24,7 +24,9 @@ def _run(tmp_path, *, seconds_per_step, deadline: float, planned: int, warmup: i
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=planned)
     clock = FakeClock()
     callback = budget_callback(deadline, clock=clock)
-    state, control = TrainerState(max_steps=planned), TrainerControl()
+    state, control = TrainerState(max_steps=planned, global_step=resumed_at), TrainerControl()
+    for _ in range(resumed_at):  # a checkpoint's schedule picks up where it stopped
+        scheduler.step()
     lrs = []  # the lr each optimizer step used
     while state.global_step < state.max_steps and not control.should_training_stop:
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -33,7 +35,7 @@ def _run(tmp_path, *, seconds_per_step, deadline: float, planned: int, warmup: i
         clock.now += seconds_per_step(state.global_step) if callable(seconds_per_step) else seconds_per_step
         state.global_step += 1
         callback.on_step_end(args, state, control, lr_scheduler=scheduler)
-    return state, control, lrs, type(callback)
+    return state, control, lrs, callback
 
 
 def test_slower_steps_shorten_the_plan_and_the_schedule_still_decays_to_zero(tmp_path):
@@ -68,6 +70,13 @@ def test_steps_at_the_planned_pace_keep_the_plan(tmp_path):
     state, control, lrs, callback = _run(tmp_path, seconds_per_step=1.0, deadline=100.5, planned=100)
     assert state.global_step == 100 and callback.refitted_to is None and not callback.stopped_early
     assert lrs[-1] == pytest.approx(1 / 98)
+
+
+def test_a_resumed_run_is_paced_from_its_own_steps(tmp_path):
+    # resumed at step 50 of 100 with 30 s left at 1 s a step: about 30 more steps, not the 50 planned
+    state, control, lrs, callback = _run(tmp_path, seconds_per_step=1.0, deadline=30.5, planned=100, resumed_at=50)
+    assert state.global_step == state.max_steps == callback.refitted_to == 80 and not callback.stopped_early
+    assert lrs[-1] == pytest.approx(1 / 78)
 
 
 def test_the_deadline_stops_training_at_a_step_boundary(tmp_path):

@@ -108,22 +108,25 @@ def budget_callback(deadline: float, clock=time.perf_counter):
     from transformers import TrainerCallback
 
     class KeepToBudget(TrainerCallback):
-        stopped_early = False
-        refitted_to: int | None = None
-        _first_step_end: float | None = None
-        _planned: int | None = None
-        progress = None  # the Trainer's ProgressCallback, when heal() hands it over
+        def __init__(self):
+            self.stopped_early = False
+            self.refitted_to: int | None = None  # the step count at the real pace, where it differs from the plan
+            self.progress = None  # the Trainer's ProgressCallback, when heal() hands it over
+            self._first: tuple[float, int] | None = None  # (time, step) at the end of the first step seen
+            self._planned: int | None = None
 
         def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
             now = clock()
             if now > deadline and state.global_step < state.max_steps:
                 control.should_training_stop = True
-                KeepToBudget.stopped_early = True
+                self.stopped_early = True
                 return control
-            if self._first_step_end is None:
-                self._first_step_end, self._planned = now, state.max_steps
-            elif state.global_step >= 3:
-                pace = (now - self._first_step_end) / (state.global_step - 1)
+            if self._first is None:  # the first step (of this run, or since a resume) warms up: not timed
+                self._first, self._planned = (now, state.global_step), state.max_steps
+                return control
+            first_end, first_step = self._first
+            if state.global_step - first_step >= 2:
+                pace = (now - first_end) / (state.global_step - first_step)
                 fits = state.global_step + math.floor((deadline - now) / pace)
                 steps = min(max(fits, state.global_step), self._planned)
                 if steps != state.max_steps:
@@ -133,7 +136,7 @@ def budget_callback(deadline: float, clock=time.perf_counter):
                     if bar is not None:  # the Trainer's progress bar shows the steps that fit
                         bar.total = steps
                         bar.refresh()
-                    KeepToBudget.refitted_to = None if steps == self._planned else steps
+                    self.refitted_to = None if steps == self._planned else steps
             return control
 
     return KeepToBudget()

@@ -215,8 +215,8 @@ def heal(
         if "loss" in e
     ]
     if deadline is not None:
-        context.notes["time_budget"]["stopped_early"] = type(deadline).stopped_early
-        context.notes["time_budget"]["refitted_to"] = type(deadline).refitted_to  # steps at the real pace
+        context.notes["time_budget"]["stopped_early"] = deadline.stopped_early
+        context.notes["time_budget"]["refitted_to"] = deadline.refitted_to  # steps at the real pace
     context.notes["estimate"]["took_seconds"] = round(time.perf_counter() - started, 1)  # teacher pass included
     final = method.finalize(trainable_model, config, context)
     final.eval()
