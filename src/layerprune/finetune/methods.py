@@ -19,7 +19,8 @@ from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.quantize import bnb_config, disable_cpu_repacking
-from layerprune.models.surgery import kept_layers, untie_embeddings
+from layerprune.finetune.hidden_states import dropped_runs
+from layerprune.models.surgery import kept_layers, provenance, untie_embeddings
 
 
 @dataclass
@@ -89,13 +90,6 @@ def layers_to_train(model: nn.Module, config) -> list[int]:
     return list(range(len(kept) - k, len(kept)))
 
 
-def first_cut(model: nn.Module) -> int:
-    """Position of the first kept layer whose original predecessor was removed (the layer count if only the
-    last layers were removed or none)."""
-    kept = kept_layers(model)
-    return next((pos for pos, original in enumerate(kept) if original != pos), len(kept))
-
-
 def freeze_parts(model: nn.Module, freeze: str) -> list[str]:
     """Freeze what `freeze` names (none | embeddings | prefix); returns the frozen parts, for the record.
 
@@ -109,10 +103,13 @@ def freeze_parts(model: nn.Module, freeze: str) -> list[str]:
     anatomy.embeddings.requires_grad_(False)  # a tied lm_head is the same tensor: frozen with it
     frozen = ["embeddings"]
     if freeze == "prefix":
-        stop = max(first_cut(model) - 1, 0)
+        kept = kept_layers(model)
+        runs = dropped_runs(provenance(model)["dropped_layers"])
+        first = runs[0][0] if runs else len(kept)  # nothing removed: every layer but the last is "before the cut"
+        stop = kept.index(first - 1) if first > 0 else 0  # the layer that feeds the first cut trains
         for pos in range(stop):
             anatomy.layers[pos].requires_grad_(False)
-        frozen.append(f"layers {kept_layers(model)[:stop]}" if stop else "no layer (the cut is at the start)")
+        frozen.append(f"layers {kept[:stop]}" if stop else "no layer (the cut is at the start)")
     return frozen
 
 
