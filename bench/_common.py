@@ -42,7 +42,7 @@ def cache_without_teacher_targets(prefix: str) -> str:
     import os
     import tempfile
 
-    from layerprune.models.builtin import cache_dir
+    from layerprune.files.cache import cache_dir
 
     cache = tempfile.mkdtemp(prefix=prefix)
     for kept in ("models", "gguf"):

@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from layerprune.config import CurveConfig
+    from layerprune.selection.config import CurveConfig
     from layerprune.selection.curve import curve_for_loaded, write_curve_files
     from layerprune.models.loading import load_model
     from layerprune.selection.scores import parse_metrics

@@ -61,7 +61,7 @@ def choose_drop(alias: str) -> tuple[str, list[int]]:
     """The GGUF file of `alias` and 25% of its layers chosen by block-influence on the dequantized model."""
     from layerprune.api import choose_layers
     from layerprune.data.calibration import load_calibration_for
-    from layerprune.config import CalibrationConfig
+    from layerprune.selection.config import CalibrationConfig
     from layerprune.models.builtin import builtin_gguf_path
     from layerprune.models.loading import load_model
 
@@ -97,7 +97,7 @@ def main() -> None:
     if args.child:
         child(args.child, *args.rest)
         return
-    from layerprune.models.builtin import cache_dir
+    from layerprune.files.cache import cache_dir
 
     rows = []
     work = Path(tempfile.mkdtemp(prefix="layerprune-gguf-bench-"))

@@ -35,7 +35,7 @@ CONFIGS = {
 def child(name: str, steps: int, cache: str) -> None:
     import copy
 
-    from layerprune.api import prepare_training_rows
+    from layerprune.finetune.stage import prepare_training_rows
     from layerprune.finetune import HealConfig, heal
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import remove_layers

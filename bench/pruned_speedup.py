@@ -30,7 +30,7 @@ from layerprune.benchmark.latency import generation_latency  # noqa: E402
 from layerprune.benchmark.macs import count_macs, decode_macs  # noqa: E402
 from layerprune.models.loading import load_model  # noqa: E402
 from layerprune.models.surgery import remove_layers  # noqa: E402
-from layerprune.benchmark.timing import model_device  # noqa: E402
+from layerprune.hardware.timing import model_device  # noqa: E402
 
 DROP = [12, 13, 14, 15, 16, 17, 25, 26]
 

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from layerprune.benchmark.compare import compare
-from layerprune.config import BenchConfig
+from layerprune.benchmark.config import BenchConfig
 from layerprune.benchmark.latency import generation_latency
 from layerprune.benchmark.macs import count_macs
 from layerprune.benchmark.memory import measure_memory

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from layerprune import save_model
 from layerprune.cli import app
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options
-from layerprune.config import (
-    BenchConfig, CalibrationConfig, EvalConfig, PruneConfig, ScoreConfig, load_run_config,
-)
+from layerprune.config import load_run_config
+from layerprune.benchmark.config import BenchConfig
+from layerprune.evaluation.config import EvalConfig
+from layerprune.selection.config import CalibrationConfig, PruneConfig, ScoreConfig
 from layerprune.finetune import HealConfig
 from layerprune.runs.pipeline import run_pipeline
 from tiny_models import CORPUS, tiny_model, tiny_tokenizer
@@ -66,7 +67,8 @@ def test_one_default_per_setting_everywhere():
     import inspect
 
     from layerprune.api import finetune_model, prune_model
-    from layerprune.config import DEFAULT_DTYPE, RunConfig
+    from layerprune.config import RunConfig
+    from layerprune.models.dtypes import DEFAULT_DTYPE
 
     assert RunConfig.model_fields["dtype"].default == DEFAULT_DTYPE
     assert inspect.signature(prune_model).parameters["dtype"].default == DEFAULT_DTYPE

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from layerprune import save_model
 from layerprune.cli import app
 from layerprune.cli.options import CALIBRATION_OPTIONS
-from layerprune.config import CurveConfig
+from layerprune.selection.config import CurveConfig
 from layerprune.selection.curve import knee, max_drop_count
 from layerprune.data.calibration import load_calibration
 from layerprune.importance import compute_scores

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from layerprune import LayerpruneError
-from layerprune.api import prepare_training_rows
-from layerprune.data.instructions import IGNORE_INDEX
+from layerprune.finetune.stage import prepare_training_rows
+from layerprune.models.tokens import IGNORE_INDEX
 from layerprune.data.mixes import interleave, parse_mix
 from layerprune.finetune import HealConfig
 from tiny_models import CORPUS, tiny_tokenizer

@@ -12,7 +12,7 @@ from layerprune.cli import app
 from layerprune.cli.app import console
 from layerprune.hardware import compute
 from layerprune.hardware.env import format_report, memory_report
-from layerprune.models.builtin import cache_dir
+from layerprune.files.cache import cache_dir
 
 runner = CliRunner()
 

@@ -19,9 +19,8 @@ from layerprune.evaluation.custom import read_mc_items
 from layerprune.evaluation.harness import evaluate_tasks
 from layerprune.evaluation.perplexity import Window, load_ppl_text, perplexity, plan_windows, resolve_bos
 from layerprune.evaluation.results import compare_rows, eval_markdown
-from layerprune.evaluation.tasks import (
-    BUNDLED_TASKS, PAPER_TASKS, load_bundled, read_task_rows, resolve_tasks, tasks_dir,
-)
+from layerprune.evaluation.tasks import load_bundled, resolve_tasks, tasks_dir
+from layerprune.data.task_data import BUNDLED_TASKS, PAPER_TASKS, read_task_rows
 from layerprune.models.saving import save_model
 from tiny_models import CharTokenizer, tiny_model, tiny_tokenizer
 
@@ -347,7 +346,8 @@ def test_malformed_custom_file_names_the_line(tmp_path, line, message):
 
 
 def test_default_evaluation_is_the_paper_tasks_on_a_few_documents():
-    from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalConfig, EvalStage
+    from layerprune.config import EvalStage
+    from layerprune.evaluation.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalConfig
     from layerprune.evaluation.protocol import describe_plan, plan_eval
 
     plan = plan_eval()

@@ -8,7 +8,8 @@ import pytest
 
 from layerprune.evaluation.harness import evaluate_tasks
 from layerprune.evaluation.perplexity import load_ppl_text, perplexity
-from layerprune.evaluation.tasks import PAPER_TASKS, resolve_tasks
+from layerprune.evaluation.tasks import resolve_tasks
+from layerprune.data.task_data import PAPER_TASKS
 from layerprune.models.loading import load_model
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerprune import get_anatomy, remove_layers, save_model
-from layerprune.data.instructions import IGNORE_INDEX, Example, pack, tokenize_examples
+from layerprune.data.instructions import Example, pack, tokenize_examples
+from layerprune.models.tokens import IGNORE_INDEX
 from layerprune.finetune import HealConfig, heal, trainable_parameters
 from layerprune.finetune.methods import Full, HealContext, Lora, Partial, disable_cpu_repacking
 from layerprune.finetune.trainer import PadCollator
@@ -246,7 +247,7 @@ def test_bad_heal_configs_are_refused():
                                          ("dolly-heldout", "lora"), ("dolly-heldout", "distill")])
 def test_healing_refuses_the_bundled_evaluation_test_sets(text, method):
     from layerprune import LayerpruneError
-    from layerprune.api import prepare_training_rows
+    from layerprune.finetune.stage import prepare_training_rows
 
     with pytest.raises(LayerpruneError, match="TEST data"):
         prepare_training_rows(HealConfig(method=method, data=text, max_length=32), tiny_tokenizer())

@@ -10,12 +10,11 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from layerprune import remove_layers, save_model
-from layerprune.data.instructions import IGNORE_INDEX
+from layerprune.models.tokens import IGNORE_INDEX
 from layerprune.finetune import HealConfig, heal
 from layerprune.finetune.local import cuts, fit_cut, fold_linear_map, mlp_output_projection
-from layerprune.finetune.losses import (
-    causal_lm_parts, chunked_cross_entropy, chunked_distillation, labelled_positions,
-)
+from layerprune.finetune.losses import chunked_cross_entropy, chunked_distillation
+from layerprune.models.logits import causal_lm_parts, labelled_positions
 from layerprune.finetune.teacher import teacher_targets
 from layerprune.models.anatomy import get_anatomy
 from tiny_models import tiny_input, tiny_model, tiny_tokenizer

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from layerprune import LayerpruneError, save_model
 from layerprune.cli import app
 from layerprune.finetune.teacher import teacher_targets
-from layerprune.finetune.teacher_cache import teacher_fingerprint
+from layerprune.models.fingerprint import teacher_fingerprint
 from layerprune.models.loading import load_model
 from cli_asserts import assert_one_line_error
 from test_pipeline import make_workspace
@@ -58,7 +58,7 @@ def test_a_diverging_heal_stops_with_one_line_and_saves_nothing(workspace):
 
 
 def test_non_finite_weights_are_never_saved(workspace):
-    from layerprune.api import write_healed
+    from layerprune.finetune.stage import write_healed
     from layerprune.finetune.trainer import HealResult
 
     model = tiny_model("llama")
@@ -248,14 +248,14 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_removes_that_checkpoint
 
 
 def test_a_full_disk_while_saving_the_healed_model_is_one_line_and_leaves_nothing(workspace, monkeypatch):
-    import layerprune.api
+    import layerprune.finetune.stage
 
     def full(model, tokenizer, folder, **kwargs):
         (folder / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space "
                            "left on device\" })")
 
-    monkeypatch.setattr(layerprune.api, "write_model_files", full)
+    monkeypatch.setattr(layerprune.finetune.stage, "write_model_files", full)
     result = finetune(workspace, *HEAL, "--max-steps", "1")
     assert_ends_in_one_error(result, "no space left on the disk")
     assert not (workspace / "healed").exists()

@@ -11,8 +11,15 @@ import layerprune.evaluation.instruction_following as follow
 from layerprune import remove_layers, save_model
 from layerprune.data.instructions import Example, dolly_records, dolly_split, load_examples, tokenize_examples
 from layerprune.evaluation.instruction_following import (
-    agreement, common_prefix, greedy_responses, instruction_following, lcs_length, prompt_ids, response_kl, rouge_l,
+    agreement,
+    common_prefix,
+    instruction_following,
+    lcs_length,
+    response_kl,
+    rouge_l,
 )
+from layerprune.models.responses import greedy_responses
+from layerprune.data.instructions import prompt_ids
 from tiny_models import tiny_model, tiny_tokenizer
 
 EXAMPLES = [Example("name a color", "", "red"), Example("add", "2 and 3", "five"),
@@ -138,9 +145,12 @@ def test_the_time_plan_counts_instruction_following_once_per_comparison(tmp_path
     work), its first comparison generates the original's responses, the next reads them."""
     from test_pipeline import make_workspace, write_config
 
-    from layerprune.config import EvalConfig, load_run_config
-    from layerprune.hardware.estimate import FOLLOW_ROW_TOKENS, GENERATED_TOKEN_COST, Speed, eval_seconds
-    from layerprune.runs.plan import plan_run
+    from layerprune.config import load_run_config
+    from layerprune.evaluation.config import EvalConfig
+    from layerprune.planning.estimate import FOLLOW_ROW_TOKENS, eval_seconds
+    from layerprune.hardware.speed import GENERATED_TOKEN_COST, Speed
+    from layerprune.planning.run_time import plan_run
+    from layerprune.runs.planner import plan_stages
 
     model, reference = Speed(forward=1e-3, decode=1e-2), Speed(forward=2e-3, decode=2e-2)
     config = EvalConfig(tasks="none", ppl="none", samples=False, follow=10, follow_new_tokens=4)
@@ -155,8 +165,8 @@ def test_the_time_plan_counts_instruction_following_once_per_comparison(tmp_path
                   "samples": False}
     runs = [load_run_config(write_config(workspace, eval={**evaluation, "follow": follow_n}))
             for follow_n in (0, 10)]
-    stages = [{s.name: s.estimate for s in plan_run(run, workspace / "run", tiny_model("llama"), model, model,
-                                                     set()).stages} for run in runs]
+    stages = [{s.name: s.estimate for s in plan_run(run, plan_stages(run), workspace / "run", tiny_model("llama"),
+                                                     model, model, set()).stages} for run in runs]
     assert stages[1]["eval-original"] == stages[0]["eval-original"]
     first, second = (stages[1][n] - stages[0][n] for n in ("eval-pruned", "eval-final"))
     assert first > second > 0

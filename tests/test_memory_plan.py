@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 from cli_asserts import assert_one_line_error
 from layerprune.cli import app
-from layerprune.hardware.memory_plan import (
-    ADAM_BYTES, GiB, USABLE, Devices, Job, choose_heal, gpus_for_full_heal, heal_memory, inference_activations,
-    parse_memory, plan_memory, shape_from_config, training_activations,
-)
+from layerprune.planning.memory import inference_activations, plan_memory
+from layerprune.finetune.memory import ADAM_BYTES, choose_heal, gpus_for_full_heal, heal_memory, training_activations
+from layerprune.models.shape import Job, shape_from_config
+from layerprune.hardware.devices import GiB, USABLE, Devices, parse_memory
 
 runner = CliRunner()
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -115,7 +115,7 @@ def adapter_needs(config, model_config, devices):
 def test_adapter_auto_takes_full_weights_where_they_fit_else_lora_else_refuses():
     from layerprune.errors import LayerpruneError
     from layerprune.finetune.config import HealConfig
-    from layerprune.hardware.job_plan import fit_heal
+    from layerprune.finetune.fit import fit_heal
     config = HealConfig(batch_size=1, max_length=64)
     model_config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                                num_key_value_heads=8, vocab_size=32000)  # states outweigh activations here
@@ -138,7 +138,7 @@ def test_adapter_auto_takes_full_weights_where_they_fit_else_lora_else_refuses()
 def test_finetune_heals_with_lora_when_full_weights_do_not_fit_and_refuses_before_loading(tmp_path, monkeypatch,
                                                                                            corpus_file):
     import layerprune.api as api
-    import layerprune.hardware.job_plan as job_plan
+    import layerprune.finetune.fit as fit
     from layerprune import save_model
     from layerprune.errors import LayerpruneError
     from layerprune.finetune.config import HealConfig
@@ -150,15 +150,15 @@ def test_finetune_heals_with_lora_when_full_weights_do_not_fit_and_refuses_befor
     needs = adapter_needs(HealConfig(**settings), model_config, Devices("cpu", 1, GiB))
     assert needs["lora"] < needs["full"]
     between = int((needs["lora"] + needs["full"]) / 2 / USABLE)
-    monkeypatch.setattr(job_plan, "this_machine", lambda: Devices("cpu", 1, between))
-    import layerprune.models.anatomy as anatomy
+    monkeypatch.setattr(fit, "this_machine", lambda: Devices("cpu", 1, between))
+    import layerprune.finetune.stage as heal_stage
 
-    monkeypatch.setattr(anatomy, "parameter_bytes", lambda model: 0)  # the plan's memory as given
+    monkeypatch.setattr(heal_stage, "parameter_bytes", lambda model: 0)  # the plan's memory as given
     api.finetune_model(str(tmp_path / "model"), out=str(tmp_path / "healed"), **settings)
     record = json.loads((tmp_path / "healed" / "heal.json").read_text())
     assert record["config"]["adapter"] == "lora"
 
-    monkeypatch.setattr(job_plan, "this_machine", lambda: Devices("cpu", 1, int(needs["lora"] / 2)))
+    monkeypatch.setattr(fit, "this_machine", lambda: Devices("cpu", 1, int(needs["lora"] / 2)))
     monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded before the plan refused"))
     with pytest.raises(LayerpruneError, match="does not fit"):
         api.finetune_model(str(tmp_path / "model"), out=str(tmp_path / "refused"), **settings)
@@ -166,8 +166,8 @@ def test_finetune_heals_with_lora_when_full_weights_do_not_fit_and_refuses_befor
 
 
 def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_dir):
-    from layerprune.config import PruneConfig
-    from layerprune.hardware.job_plan import announce_plan
+    from layerprune.selection.config import PruneConfig
+    from layerprune.planning.job import announce_plan
 
     LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")  # the config alone: no weights
     lines = []

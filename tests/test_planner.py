@@ -44,7 +44,7 @@ def test_planning_is_deterministic():
 
 
 def test_task_tokens_counts_each_tasks_documents_at_its_own_length():
-    from layerprune.hardware.estimate import TASK_TOKENS, TOKENS_PER_DOCUMENT, task_tokens
+    from layerprune.planning.estimate import TASK_TOKENS, TOKENS_PER_DOCUMENT, task_tokens
 
     # ARC-e's short documents at their measured length, MMLU's 57 subtasks at the paper mix's
     assert task_tokens("arc_easy,mmlu", 5) == 5 * TASK_TOKENS["arc_easy"] + 5 * 57 * TOKENS_PER_DOCUMENT

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from layerprune import LayerpruneError, save_model
 from layerprune.cli import app
-from layerprune.config import PruneConfig
+from layerprune.selection.config import PruneConfig
 from layerprune.data.calibration import CalibrationData, calibration_from_texts
 from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.models.bypass import bypass_layers

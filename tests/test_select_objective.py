@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 
 from layerprune import remove_layers, save_model
 from layerprune.cli import app
-from layerprune.config import CurveConfig, PruneConfig, as_config
+from layerprune.selection.config import CurveConfig, PruneConfig
+from layerprune.common.config_base import as_config
 from layerprune.data import task_answers
 from layerprune.data.calibration import CalibrationData, calibration_from_texts
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation.tasks import BUNDLED_TASKS, read_task_rows
+from layerprune.data.task_data import BUNDLED_TASKS, read_task_rows
 from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.selection.strategies import choose, in_memory_scores
 from cli_asserts import assert_one_line_error

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from cli_asserts import assert_one_line_error
 from layerprune import LayerpruneError, get_anatomy, kept_layers, load_model, remove_layers, save_model
 from layerprune.cli import app
-from layerprune.config import PruneConfig, build_config, load_run_config
+from layerprune.config import load_run_config
+from layerprune.selection.config import PruneConfig
+from layerprune.common.config_base import build_config
 from layerprune.data.calibration import CalibrationData
 from layerprune.export.gguf import check_exportable
 from layerprune.importance import compute_many, compute_scores

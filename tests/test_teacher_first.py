@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import layerprune.api as api
+import layerprune.finetune.stage as heal_stage
 import layerprune.finetune.teacher_first as teacher_first
 import layerprune.models.memory_policy as memory_policy
 from layerprune import remove_layers, save_model
@@ -58,7 +59,8 @@ def spy_loads(monkeypatch):
         made.append((str(ref).rsplit("/", 1)[-1], weakref.ref(loaded.model)))
         return loaded
 
-    monkeypatch.setattr(api, "load_model", spy)
+    monkeypatch.setattr(api, "load_model", spy)  # the student
+    monkeypatch.setattr(heal_stage, "load_model", spy)  # the teacher
     return events
 
 

@@ -9,9 +9,12 @@ import pytest
 
 import layerprune.evaluation.instruction_following as follow
 from layerprune import LayerpruneError, remove_layers
-from layerprune.api import _less_budget, prepare_training_rows
-from layerprune.data.instructions import IGNORE_INDEX, Example
-from layerprune.evaluation.instruction_following import greedy_responses, prompt_ids
+from layerprune.finetune.budget import less_budget
+from layerprune.finetune.stage import prepare_training_rows
+from layerprune.data.instructions import Example
+from layerprune.models.tokens import IGNORE_INDEX
+from layerprune.models.responses import greedy_responses
+from layerprune.data.instructions import prompt_ids
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.teacher_first import examples_answered, examples_needed
 from tiny_models import CORPUS, tiny_model, tiny_tokenizer
@@ -91,9 +94,9 @@ def test_what_cannot_work_is_one_clear_error(data, tmp_path):
     with pytest.raises(ValueError, match="response_tokens needs responses: teacher"):
         HealConfig(response_tokens=10)
     budget = HealConfig(max_minutes=2)
-    assert _less_budget(budget, 30).max_minutes == pytest.approx(1.5)
+    assert less_budget(budget, 30).max_minutes == pytest.approx(1.5)
     with pytest.raises(LayerpruneError, match="whole max_minutes budget"):
-        _less_budget(budget, 130)
+        less_budget(budget, 130)
 
 
 @pytest.mark.parametrize("method", ["distill", "full"])  # full: the teacher only answers, training is plain
@@ -116,7 +119,7 @@ def test_finetune_trains_on_the_teachers_responses(data, tmp_path, method):
 
 
 def test_prompts_that_leave_no_room_for_a_response_are_not_answered():
-    from layerprune.api import _fitting_prompts
+    from layerprune.finetune.stage import _fitting_prompts
 
     tokenizer = tiny_tokenizer()
     examples = [Example("say cat", "", "cat"), Example("say dog", "x" * 200, "dog"), Example("say owl", "", "owl"),

@@ -6,19 +6,21 @@ config's fields as keyword arguments; both are checked before any model loads.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.config import DEFAULT_DTYPE, PruneConfig, ScoreConfig, as_config
+from layerprune.common.config_base import as_config
 from layerprune.data.calibration import load_calibration_for
 from layerprune.errors import LayerpruneError
+from layerprune.files.outputs import check_output_dir, is_main_process
 from layerprune.finetune.config import HealConfig
 from layerprune.models.anatomy import count_parameters
+from layerprune.models.dtypes import DEFAULT_DTYPE
 from layerprune.models.loading import load_model
 from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
-from layerprune.models.saving import save_model, write_model_files
-from layerprune.files.outputs import check_output_dir, is_main_process
+from layerprune.models.saving import save_model
+from layerprune.selection.config import PruneConfig, ScoreConfig
+from layerprune.finetune.stage import heal_loaded, heal_model_ref, heal_streaming, write_healed
 
 
 @dataclass
@@ -155,7 +157,13 @@ def prune_model(
     from layerprune.models.memory_policy import on_disk_folder
     from layerprune.selection.objectives import objective_validation
     from layerprune.selection.strategies import (
-        PruneHooks, choose, history_entry, in_memory_scores, layers_to_drop, needs_calibration, prune,
+        PruneHooks,
+        choose,
+        history_entry,
+        in_memory_scores,
+        layers_to_drop,
+        needs_calibration,
+        prune,
     )
 
     config = as_config(PruneConfig, config, **fields)
@@ -168,7 +176,7 @@ def prune_model(
             return prune_gguf(gguf_source, config.drop, out, overwrite=overwrite, source=model_ref, inputs=inputs)
     else:
         check_output_dir(out, overwrite, inputs=inputs)
-    from layerprune.hardware.job_plan import announce_plan
+    from layerprune.planning.job import announce_plan
 
     announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan first
     folder = None if gguf_source is not None else on_disk_folder(model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
@@ -260,8 +268,8 @@ def _announced_choice(model, config: PruneConfig, n_drop: int | None, log):
     """Print the estimate of choosing the layers (scores, select auto, search) when it reads text."""
     import contextlib
 
-    from layerprune.hardware.estimate import announced, measure_speed
-    from layerprune.runs.plan import choose_seconds
+    from layerprune.hardware.speed import announced, measure_speed
+    from layerprune.planning.run_time import choose_seconds
     from layerprune.selection.strategies import layers_to_drop, needs_calibration
 
     if not needs_calibration(config):
@@ -279,276 +287,17 @@ def _samples(loaded, prompts, max_new_tokens):
     return generate_samples(loaded.model, loaded.tokenizer, prompts, max_new_tokens)
 
 
-# Bundled texts that are evaluation test sets (see resources/data/MANIFEST.md): never training data.
-EVALUATION_ONLY_TEXTS = ("wikitext2", "ptb", "c4-heldout", "dolly-heldout")
-
-
-def prepare_training_rows(config: HealConfig, tokenizer, *, load_teacher=None, log=print
-                          ) -> tuple[list[dict], dict]:
-    """Tokenized training rows of a healing config and a description of the data.
-
-    General text (a bundled corpus such as c4, a .txt file; every source of a raw-text method) becomes
-    blocks of max_length tokens with the loss on every token; instruction data (dolly, .json/.jsonl, hub
-    ids) becomes prompt + response with the loss on the response, in a seeded random order. A mix
-    (`c4:3+dolly:1`, data/mixes.py) tokenizes each source as its kind and interleaves them in proportion.
-    With `responses: teacher` the instruction examples the steps read are answered by the teacher that
-    `load_teacher()` loads (finetune/teacher_responses.py)."""
-    from layerprune.data.mixes import interleave, is_mix, parse_mix
-    from layerprune.finetune.methods import get_method
-
-    if tokenizer is None:
-        raise LayerpruneError("healing needs the model's tokenizer")
-    if config.responses == "teacher" and load_teacher is None:
-        raise LayerpruneError("responses: teacher needs a teacher to answer the prompts: set teacher (the unpruned "
-                              "model)")
-    method = get_method(config.method)
-    source = config.data or method.default_data
-    answer = None if config.responses == "data" else (load_teacher, log)
-    if not is_mix(source):
-        rows, info = _source_rows(source, config, tokenizer, raw_text=method.raw_text, answer=answer)
-        if answer and info["kind"] != "instructions":
-            raise LayerpruneError(f"responses: teacher answers instruction prompts, and {source} is general text; "
-                                  "use instruction data (dolly, a .jsonl file) or a mix such as c4:3+dolly:1")
-        return rows, info
-    parts = parse_mix(source)
-    total = sum(weight for _, weight in parts)
-    prepared = [_source_rows(name, config.model_copy(update={"max_samples": None}), tokenizer, raw_text=False,
-                             answer=answer, share=weight / total) for name, weight in parts]
-    if answer and not any(info["kind"] == "instructions" for _, info in prepared):
-        raise LayerpruneError(f"responses: teacher answers instruction prompts, and the mix {source} has none")
-    rows, taken = interleave([rows for rows, _ in prepared], [weight for _, weight in parts], limit=config.max_samples)
-    return rows, {"source": source, "kind": "mix", "rows": len(rows),
-                  "parts": [{**info, "weight": weight, "rows_used": used}
-                            for (_, info), (_, weight), used in zip(prepared, parts, taken)]}
-
-
-def _source_rows(source: str, config: HealConfig, tokenizer, *, raw_text: bool, answer=None, share: float = 1.0):
-    """(rows, info) of one training source, tokenized as its kind; instruction examples in a seeded random
-    order (the bundled Dolly is sorted by category, and training reads the first rows). answer:
-    (load_teacher, log) to train on the teacher's responses to the examples the steps read (`share` of
-    the rows, for a mix's source)."""
-    import random
-
-    from layerprune.data.instructions import load_examples, pack, tokenize_examples, tokenize_text
-    from layerprune.data.sources import BUNDLED_CORPORA, read_texts
-
-    if source in EVALUATION_ONLY_TEXTS:
-        raise LayerpruneError(
-            f"the bundled {source} is TEST data that `layerprune eval` measures on; training on it would make "
-            "that measure meaningless. Use c4 or dolly (bundled) or data of your own")
-    if raw_text or source in BUNDLED_CORPORA or source.endswith((".txt", ".txt.gz")):
-        rows = tokenize_text(read_texts(source), tokenizer, max_length=config.max_length,
-                             max_samples=config.max_samples)
-        return rows, {"source": source, "kind": "raw text", "blocks": len(rows), "block_tokens": config.max_length}
-    examples = load_examples(source, fields=config.field_map(), max_samples=config.max_samples, seed=config.seed)
-    if config.max_samples is None:  # max_samples already drew a seeded random subset
-        random.Random(config.seed).shuffle(examples)
-    responses = "data"
-    if answer is not None:
-        from layerprune.finetune.teacher_first import examples_needed
-        from layerprune.finetune.teacher_responses import answered_by_teacher
-
-        examples = answered_by_teacher(_fitting_prompts(examples, tokenizer, config, examples_needed(config, share)),
-                                       tokenizer, answer[0], new_tokens=config.response_tokens, bf16=config.bf16,
-                                       template=config.template, log=answer[1])
-        responses = f"the teacher's (greedy, at most {config.response_tokens} tokens)"
-    rows = tokenize_examples(examples, tokenizer, template=config.template, max_length=config.max_length)
-    if config.packing:
-        rows = pack(rows, config.max_length)
-    return rows, {"source": source, "kind": "instructions", "examples": len(examples), "rows": len(rows),
-                  "template": config.template, "max_length": config.max_length, "packing": config.packing,
-                  "responses": responses}
-
-
-def _fitting_prompts(examples, tokenizer, config: HealConfig, needed: int | None) -> list:
-    """The first `needed` examples whose prompt leaves room for a response within max_length tokens (the
-    others would train on nothing: answering them is wasted generation)."""
-    from layerprune.evaluation.instruction_following import prompt_ids
-
-    fitting = []
-    for example in examples:
-        if needed is not None and len(fitting) >= needed:
-            break
-        if len(prompt_ids(tokenizer, example, config.template)) < config.max_length:
-            fitting.append(example)
-    return fitting
-
-
-def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = None, work_dir=None,
-                resume: bool = False, log=print, prepared=None, targets=None, spent: float = 0.0):
-    """Heal an in-memory model (loaded.model) with one healing config: the one heal path of the CLI, the
-    API, YAML runs and iterative rounds. Returns (HealResult, record for heal.json); the healed model
-    (result.model) carries a `healed` entry in its provenance history.
-    prepared: (rows, data info) already tokenized; targets: the teacher's top-k targets made before the
-    model was loaded (heal_model_ref); spent: seconds of the stage's max_minutes already used (the
-    teacher answering prompts); preparing the rows here counts too."""
-    from layerprune.finetune import get_method, heal
-    from layerprune.hardware.job_plan import fit_heal
-    from layerprune.models.anatomy import parameter_bytes
-    from layerprune.models.surgery import provenance
-
-    config = fit_heal(config, loaded.model.config, loaded_bytes=parameter_bytes(loaded.model), log=log)
-    replacing = config.init == "replace" and bool(provenance(loaded.model)["dropped_layers"])  # cuts to replace
-    load_teacher = None
-    if get_method(config.method).needs_teacher or replacing or config.responses == "teacher":
-        teacher_ref = config.teacher or default_teacher or provenance(loaded.model).get("source")
-        if not teacher_ref or teacher_ref == loaded.ref:
-            wanted = "responses: teacher" if config.responses == "teacher" else config.method
-            raise LayerpruneError(f"{wanted} needs a teacher: set teacher (the unpruned model)")
-        load_teacher = _teacher_loader(_vocab_size(loaded.model.config), teacher_ref, config.train_dtype)
-    if prepared is None:
-        start = time.perf_counter()
-        prepared = prepare_training_rows(config, loaded.tokenizer, load_teacher=load_teacher, log=log)
-        spent += time.perf_counter() - start
-    rows, data_info = prepared
-    if targets is not None or not (get_method(config.method).needs_teacher or replacing):
-        load_teacher = None  # targets made before the student loaded, or a teacher only for the responses
-    result = heal(loaded.model, rows, _less_budget(config, spent), tokenizer=loaded.tokenizer, teacher=load_teacher,
-                  targets=targets, work_dir=work_dir, resume=resume, log=log)
-    record = {**result.summary(), "config": config.model_dump(mode="json"), "data": data_info}
-    history = [*provenance(result.model).get("history", []), {"healed": config.method, "data": data_info["source"]}]
-    result.model.config.layerprune = {**result.model.config.layerprune, "history": history}
-    return result, record
-
-
-def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, default_teacher: str | None = None,
-                   work_dir=None, resume: bool = False, log=print):
-    """heal_loaded of the model at `model_ref`, loaded by `load()` as late as possible: when distillation's
-    teacher pass can run first (finetune/teacher_first.py), the teacher's top-k targets are made with the
-    teacher alone in memory (layer by layer from disk when it does not fit), the teacher is freed, and only
-    then is the student loaded. tokenizer: for a model folder without one."""
-    from layerprune.finetune.hidden_states import cut_pairs
-    from layerprune.finetune.teacher_first import distills_from_cache, targets_before_student, teacher_placement
-    from layerprune.models.loading import folder_tokenizer, model_folder
-    from layerprune.models.model_config import read_model_config
-    from layerprune.models.surgery import config_provenance
-    from layerprune.models.tokens import pad_token_id
-
-    targets = prepared = None
-    spent = 0.0
-    if distills_from_cache(config):
-        folder = Path(model_folder(model_ref))
-        student_config = read_model_config(folder)
-        record = config_provenance(student_config, student_config.get_text_config().num_hidden_layers)
-        teacher_ref = config.teacher or default_teacher or record.get("source")
-        tokenizer = tokenizer or folder_tokenizer(folder)
-        teacher_folder = Path(model_folder(teacher_ref)) if teacher_ref and teacher_ref != model_ref else None
-        if teacher_folder is not None and teacher_folder.is_dir() and tokenizer is not None:
-            first, streamed = teacher_placement(config, folder, teacher_folder)
-            if first:
-                load_teacher = _teacher_loader(_vocab_size(student_config), teacher_ref, config.train_dtype)
-                start = time.perf_counter()
-                prepared = prepare_training_rows(config, tokenizer, load_teacher=load_teacher, log=log)
-                spent = time.perf_counter() - start
-                if streamed:
-                    _check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
-                                       teacher_ref)
-                pairs = cut_pairs(record["dropped_layers"], record["kept_layers"]) \
-                    if config.hidden_weight and not streamed else []  # a streamed teacher gives logits only
-                targets = targets_before_student(prepared[0], config, load_teacher, pad_id=pad_token_id(tokenizer),
-                                                 stream_from=teacher_folder if streamed else None, log=log,
-                                                 state_layers=[t for _, t in pairs])
-    loaded = load()
-    if loaded.tokenizer is None:
-        loaded.tokenizer = tokenizer
-    return heal_loaded(loaded, config, default_teacher=default_teacher, work_dir=work_dir, resume=resume, log=log,
-                       prepared=prepared, targets=targets, spent=spent)
-
-
-def _less_budget(config: HealConfig, seconds: float) -> HealConfig:
-    """The healing config with `seconds` already spent out of its max_minutes (the teacher answering the
-    prompts is part of the healing stage's budget)."""
-    if config.max_minutes is None or seconds <= 0:
-        return config
-    left = config.max_minutes - seconds / 60
-    if left <= 0:
-        raise LayerpruneError(f"the teacher's responses took {seconds / 60:.1f} min, the whole max_minutes budget "
-                              f"of {config.max_minutes:g}; raise max_minutes or lower response_tokens")
-    return config.model_copy(update={"max_minutes": left})
-
-
-def _teacher_loader(student_vocab: int, teacher_ref: str, dtype: str):
-    """A function that loads the teacher: heal calls it, and frees the teacher once its top-k targets are
-    cached (nothing else holds it), so training peaks at the student alone."""
-    def load_teacher():
-        teacher = load_model(teacher_ref, dtype=dtype, load_tokenizer=False).model
-        _check_vocab_sizes(student_vocab, teacher.get_output_embeddings().weight.shape[0], teacher_ref)
-        return teacher
-
-    return load_teacher
-
-
-def _vocab_size(model_config) -> int:
-    return int(model_config.get_text_config().vocab_size)
-
-
 def _check_heal_fits(model_ref: str, config: HealConfig) -> None:
     """Refuse, from the config alone, a heal that cannot fit this machine (the check repeats after loading,
     with the real model); print the plan of a model over 1B parameters."""
-    from layerprune.hardware.job_plan import announce_plan, fit_heal
+    from layerprune.finetune.fit import fit_heal
     from layerprune.models.loading import model_folder, resolve_model_ref
     from layerprune.models.model_config import read_model_config
+    from layerprune.planning.job import announce_plan
 
     announce_plan(model_ref, config)
     if resolve_model_ref(model_ref).kind != "hub":
         fit_heal(config, read_model_config(model_folder(model_ref)), log=lambda line: None)
-
-
-def _heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool):
-    """`replace` or `block-local` healing one layer at a time: the student and the teacher stay on disk."""
-    from layerprune.finetune.streaming_local import stream_heal
-    from layerprune.models.checkpoint_rewrite import rewrite_checkpoint
-    from layerprune.models.layer_stream import local_folder
-    from layerprune.models.loading import folder_tokenizer
-    from layerprune.models.model_config import read_model_config
-    from layerprune.models.surgery import config_provenance
-    from layerprune.models.tokens import pad_token_id
-
-    if config.method not in ("replace", "block-local"):
-        raise LayerpruneError(f"--streaming heals with method replace or block-local (one layer at a time); "
-                              f"{config.method} trains the whole model at once")
-    if config.responses == "teacher":
-        raise LayerpruneError("responses: teacher generates with the whole teacher in memory, and --streaming is for "
-                              "models bigger than memory: train on the data's responses (responses: data)")
-    student = local_folder(model_ref)
-    model_config = read_model_config(student)
-    record = config_provenance(model_config, model_config.get_text_config().num_hidden_layers)
-    teacher_ref = config.teacher or record.get("source")
-    if not teacher_ref:
-        raise LayerpruneError("replace needs a teacher: set teacher (the unpruned model)")
-    tokenizer = folder_tokenizer(student)
-    if tokenizer is None:
-        raise LayerpruneError(f"{model_ref} has no tokenizer, so the healing text cannot be encoded")
-    rows, data_info = prepare_training_rows(config, tokenizer)
-    replaced, notes = stream_heal(student, local_folder(teacher_ref), rows, config, pad_id=pad_token_id(tokenizer))
-    heal_record = {"method": config.method, "notes": notes, "config": config.model_dump(mode="json"),
-                   "data": data_info}
-    history = [*record.get("history", []), {"healed": config.method, "data": data_info["source"]}]
-    rewrite_checkpoint(student, out, replaced, overwrite=overwrite, provenance={**record, "history": history},
-                       record_extra={"heal": heal_record}, files={"heal.json": heal_record}, inputs=[teacher_ref])
-    return None, Path(out)
-
-
-def _check_vocab_sizes(student: int, teacher: int, teacher_ref: str) -> None:
-    """Distillation matches logits token by token: a teacher of another vocabulary cannot teach."""
-    if student != teacher:
-        raise LayerpruneError(f"the teacher {teacher_ref} has a vocabulary of {teacher:,} tokens and the model "
-                              f"{student:,}: distillation needs the same tokenizer; use the unpruned original as "
-                              "the teacher")
-
-
-def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = False) -> Path:
-    """The healed model folder: stock checkpoint + heal.json + loss curve, written atomically."""
-    from layerprune.finetune.trainer import write_loss_curve
-    from layerprune.files.outputs import atomic_output_dir, write_json
-    from layerprune.finetune.finite import check_finite_weights
-
-    check_finite_weights(result.model)  # NaN weights are never saved, whoever healed them
-    with atomic_output_dir(out, overwrite) as tmp:
-        write_model_files(result.model, tokenizer, tmp, extra={"heal": record})
-        write_json(Path(tmp) / "heal.json", record)
-        write_loss_curve(result.loss_curve, Path(tmp))
-    return Path(out)
 
 
 def _ref_key(ref: str) -> str:
@@ -580,7 +329,7 @@ def finetune_model(
     inputs = [model_ref, config.data, config.teacher]
     check_output_dir(out, overwrite, inputs=inputs)
     if streaming:
-        return _heal_streaming(model_ref, out, config, overwrite=overwrite)
+        return heal_streaming(model_ref, out, config, overwrite=overwrite)
     _check_heal_fits(model_ref, config)  # before any weight is read
     # The checkpoints' folder is claimed like an output, and keyed by the settings: --resume only under them
     work_dir = Path(f"{Path(out)}.checkpoints")

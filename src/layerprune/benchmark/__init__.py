@@ -6,7 +6,7 @@ pruned; render: bench.json, bench.md and bench.png.
 """
 
 from layerprune.benchmark.compare import compare, figures
-from layerprune.config import BenchConfig
+from layerprune.benchmark.config import BenchConfig
 from layerprune.benchmark.inputs import PROMPT_TOKENS, token_stream
 from layerprune.benchmark.latency import generation_latency, prefill_latency
 from layerprune.benchmark.macs import count_macs, decode_macs

@@ -14,8 +14,8 @@ from torch import nn
 
 from layerprune.benchmark.inputs import PROMPT_TOKENS, check_length
 from layerprune.errors import LayerpruneError
+from layerprune.hardware.timing import model_device, timed
 from layerprune.models.tokens import pad_token_id
-from layerprune.benchmark.timing import model_device, timed
 
 
 def _stats(samples: list[float]) -> dict:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from layerprune.benchmark.inputs import check_length
+from layerprune.hardware.timing import model_device
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.quantize import is_bnb_linear
-from layerprune.benchmark.timing import model_device
 
 _CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 

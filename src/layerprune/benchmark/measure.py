@@ -13,15 +13,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from layerprune.config import BenchConfig
+from layerprune.benchmark.config import BenchConfig
 from layerprune.benchmark.inputs import check_length, token_stream
 from layerprune.benchmark.latency import generate_forced, generation_latency, prefill_latency
 from layerprune.benchmark.macs import count_macs, decode_macs
 from layerprune.benchmark.memory import measure_memory, weight_memory
+from layerprune.hardware.timing import model_device
 from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype
 from layerprune.models.quantize import quantization_record
 from layerprune.models.tokens import pad_token_id
-from layerprune.benchmark.timing import model_device
 
 Log = Callable[[str], None]
 

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from layerprune.hardware.timing import cuda_devices, synchronize
 from layerprune.models.anatomy import parameter_bytes
-from layerprune.benchmark.timing import cuda_devices, synchronize
+
 
 def _status_kb(field_name: str) -> int | None:
     try:

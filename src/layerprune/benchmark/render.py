@@ -6,7 +6,7 @@ from pathlib import Path
 
 from layerprune.benchmark.compare import compare, figures
 from layerprune.files.outputs import write_json
-from layerprune.report.plotting import pyplot, save_png
+from layerprune.files.plotting import pyplot, save_png
 
 
 def format_value(value: float | None, unit: str) -> str:

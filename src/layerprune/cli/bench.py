@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from layerprune.benchmark.config import BenchConfig
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option, parse_int_list
-from layerprune.config import DEFAULT_DTYPE, BenchConfig
 from layerprune.errors import LayerpruneError
+from layerprune.models.dtypes import DEFAULT_DTYPE
 
 B = BenchConfig
 
@@ -91,8 +92,8 @@ def bench(
 ) -> None:
     """Measure parameters, MACs, memory, prefill latency and generation speed; with --compare, the speedups."""
     from layerprune.benchmark import write_outputs
-    from layerprune.models.quantize import check_load_in
     from layerprune.files.outputs import atomic_output_dir, check_output_dir
+    from layerprune.models.quantize import check_load_in
 
     config = config_from_options(BenchConfig, locals(), convert={
         "batch_sizes": lambda text: parse_int_list(text, "--batch-sizes"),

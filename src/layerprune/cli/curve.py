@@ -9,7 +9,8 @@ from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, user_errors
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option
-from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, CurveConfig
+from layerprune.models.dtypes import DEFAULT_DTYPE
+from layerprune.selection.config import CalibrationConfig, CurveConfig
 
 V = CurveConfig
 C = CalibrationConfig
@@ -39,12 +40,12 @@ def curve(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
     """How many layers, and which: validation perplexity for k = 0..max-drop layers removed, per selection."""
-    from layerprune.config import curve_selections
-    from layerprune.selection.curve import curve_for_loaded, write_curve_files
-    from layerprune.hardware.estimate import announced, measure_speed
-    from layerprune.runs.plan import curve_seconds
-    from layerprune.models.loading import load_model
     from layerprune.files.outputs import check_output_dir
+    from layerprune.hardware.speed import announced, measure_speed
+    from layerprune.models.loading import load_model
+    from layerprune.planning.run_time import curve_seconds
+    from layerprune.selection.config import curve_selections
+    from layerprune.selection.curve import curve_for_loaded, write_curve_files
 
     config = config_from_options(CurveConfig, locals(), convert={"metric": curve_selections},
                                  nested={"calibration": CALIBRATION_OPTIONS})

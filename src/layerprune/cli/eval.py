@@ -10,8 +10,9 @@ from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option
-from layerprune.config import DEFAULT_DTYPE, EvalConfig
 from layerprune.errors import LayerpruneError
+from layerprune.evaluation.config import EvalConfig
+from layerprune.models.dtypes import DEFAULT_DTYPE
 
 E = EvalConfig
 
@@ -54,13 +55,14 @@ def eval_command(
     """WikiText-2 perplexity and the paper's 8 zero-shot tasks (lm-evaluation-harness), and opt-in HumanEval of a
     model. By default a quick look: the first 300 perplexity windows and 5 documents of each (sub)task;
     --limit 0 --ppl-windows 0 is the full protocol."""
-    from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
-    from layerprune.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT
+    from layerprune.evaluation.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT
     from layerprune.evaluation.protocol import describe_plan, plan_eval, run_eval, write_eval
-    from layerprune.hardware.estimate import eval_seconds, format_seconds, measure_speed
+    from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
+    from layerprune.files.outputs import check_output_dir
+    from layerprune.hardware.speed import format_seconds, measure_speed
     from layerprune.models.loading import load_model
     from layerprune.models.quantize import check_load_in
-    from layerprune.files.outputs import check_output_dir
+    from layerprune.planning.estimate import eval_seconds
 
     check_output_dir(out, overwrite, inputs=[model, tasks, ppl, reference])
     load_in = check_load_in(load_in)  # before the plan reads any data
@@ -123,7 +125,12 @@ def eval_compare(
 ) -> None:
     """Two evaluations side by side, with deltas (B - A)."""
     from layerprune.evaluation.results import (
-        check_comparable, compare_markdown, compare_rows, format_row, load_eval, protocol_differences,
+        check_comparable,
+        compare_markdown,
+        compare_rows,
+        format_row,
+        load_eval,
+        protocol_differences,
     )
 
     if out is not None:

@@ -35,12 +35,14 @@ def plan_command(
 ) -> None:
     """Peak memory per device, disk and time of score -> prune -> teacher -> heal -> eval, and the healing that
     fits, from the model's config alone (nothing is loaded)."""
-    from layerprune.config import EvalConfig, PruneConfig
     from layerprune.errors import LayerpruneError
+    from layerprune.evaluation.config import EvalConfig
     from layerprune.finetune.config import HealConfig
-    from layerprune.hardware.estimate import format_seconds
-    from layerprune.hardware.job_plan import model_shape, plan_job, this_machine
-    from layerprune.hardware.memory_plan import Devices, parse_memory
+    from layerprune.hardware.devices import Devices, parse_memory, this_machine
+    from layerprune.hardware.speed import format_seconds
+    from layerprune.models.shape import model_shape
+    from layerprune.planning.job import plan_job
+    from layerprune.selection.config import PruneConfig
     from layerprune.selection.ranking import count_to_drop
 
     if gpus is not None and gpus < 1:

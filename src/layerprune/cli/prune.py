@@ -10,13 +10,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from layerprune.cli.app import (
-    MODEL_HELP, app, console, no_tokenizer_option, trust_remote_code_option, user_errors,
+    MODEL_HELP,
+    app,
+    console,
+    no_tokenizer_option,
+    trust_remote_code_option,
+    user_errors,
 )
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
-from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, PruneConfig
 from layerprune.common.config_base import comma_list
 from layerprune.errors import LayerpruneError
-
+from layerprune.models.dtypes import DEFAULT_DTYPE
+from layerprune.selection.config import CalibrationConfig, PruneConfig
 
 P = PruneConfig
 C = CalibrationConfig

@@ -9,10 +9,10 @@ from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_int_list
-from layerprune.config import DEFAULT_DTYPE, CalibrationConfig, ScoreConfig, StabilityConfig
 from layerprune.common.config_base import comma_list
 from layerprune.errors import LayerpruneError
-
+from layerprune.models.dtypes import DEFAULT_DTYPE
+from layerprune.selection.config import CalibrationConfig, ScoreConfig, StabilityConfig
 
 S = ScoreConfig
 C = CalibrationConfig

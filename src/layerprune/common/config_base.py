@@ -5,7 +5,11 @@ A leaf module: `layerprune.config` and `layerprune.finetune.config` both build o
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import re
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from layerprune.errors import LayerpruneError, shorten
 
 
 class StrictConfig(BaseModel):
@@ -23,25 +27,39 @@ def apply_preset(data, presets: dict[str, dict]):
     return {**presets[data["preset"]], **{k: v for k, v in data.items() if v is not None}}
 
 
-class QualityTargetMixin:
-    """max_loss_increase / max_ppl_ratio: at most one, read as one budgets.QualityTarget."""
-
-    def quality_target(self):
-        """The budgets.QualityTarget these settings name, or None."""
-        from layerprune.selection.budgets import QualityTarget
-
-        if self.max_loss_increase is None and self.max_ppl_ratio is None:
-            return None
-        return QualityTarget(max_loss_increase=self.max_loss_increase, max_ppl_ratio=self.max_ppl_ratio)
-
-    def _check_one_quality_target(self) -> None:
-        if self.max_loss_increase is not None and self.max_ppl_ratio is not None:
-            raise ValueError("give max_loss_increase or max_ppl_ratio, not both")
-
-
 def comma_list(value: str | list | None) -> list[str]:
     """'a, b,,c' or a list -> ['a', 'b', 'c'] (empty items dropped; None -> [])."""
     if value is None:
         return []
     items = value.split(",") if isinstance(value, str) else value
     return [str(item).strip() for item in items if str(item).strip()]
+
+
+def build_config(config_cls, data: dict, where_prefix: str = "", key_name=None):
+    """Validate settings into a pydantic config; the error names the offending key and the value given.
+
+    key_name(loc) renders the key (the CLI names its option); default: the dotted path."""
+    try:
+        return config_cls(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = first["loc"]
+        where = (key_name(loc) if key_name and loc else ".".join(str(part) for part in loc)) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        if not loc and key_name:  # a rule across fields: name each field as the caller spells it (CLI options)
+            for name in config_cls.model_fields:
+                message = re.sub(rf"(?<![\w-]){name}(?![\w-])", key_name((name,)), message)  # not drop-sets
+            raise LayerpruneError(f"{where_prefix}{message}") from None
+        given = f" (got {shorten(repr(first['input']))})" if first.get("type") != "missing" and not isinstance(
+            first.get("input"), dict) else ""
+        raise LayerpruneError(f"{where_prefix}{where}: {message}{given}") from None
+
+
+def as_config(config_cls, config=None, **fields):
+    """A stage config from a config object, a dict, or keyword fields (given fields override the object's;
+    None means "not given"). One LayerpruneError naming the key on a bad value."""
+    if isinstance(config, config_cls) and not fields:
+        return config
+    data = config.model_dump(exclude_unset=True) if isinstance(config, config_cls) else dict(config or {})
+    data.update({k: v for k, v in fields.items() if v is not None})
+    return build_config(config_cls, data)

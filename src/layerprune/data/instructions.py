@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError, first_line
-
-IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+from layerprune.models.tokens import IGNORE_INDEX
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -249,3 +248,10 @@ def pack(rows: list[dict], max_length: int) -> list[dict]:
     if current["input_ids"]:
         packed.append(current)
     return packed
+
+
+def prompt_ids(tokenizer, example: Example, template: str = "auto") -> list[int]:
+    """The prompt as training renders it (auto: the chat template when there is one), ready for generation."""
+    row = tokenize_examples([Example(example.instruction, example.context, " ")], tokenizer, template=template,
+                            max_length=4096)[0]
+    return [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]

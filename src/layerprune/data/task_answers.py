@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from layerprune.data.calibration import CalibrationData
+from layerprune.data.task_data import BUNDLED_TASKS, read_task_rows
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation.tasks import BUNDLED_TASKS, read_task_rows
 from layerprune.models.tokens import pad_token_id
 
 SELECT_TASKS = ("arc_easy", "piqa", "hellaswag")

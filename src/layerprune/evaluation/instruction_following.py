@@ -16,22 +16,20 @@ show the second.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from pathlib import Path
 
 import torch
 
-from layerprune.data.instructions import IGNORE_INDEX, Example, load_examples, tokenize_examples
-from layerprune.finetune.collate import PadCollator
-from layerprune.finetune.losses import causal_lm_parts, labelled_positions
-from layerprune.models.tokens import pad_token_id
+from layerprune.data.collate import PadCollator
+from layerprune.data.instructions import Example, load_examples, prompt_ids, tokenize_examples
+from layerprune.models.logits import causal_lm_parts, labelled_positions
+from layerprune.models.responses import GENERATION_BATCH, greedy_responses, reference_responses
+from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
 
 HELDOUT = "dolly-heldout"
 MAX_PROMPT_CHARS = 1000  # long reading-comprehension contexts would dominate the time
 MAX_LENGTH = 256  # prompt + response tokens of the KL rows: long responses are cut (half the time of 512)
-GENERATION_BATCH = 32  # prompts generated at once: fewer, wider steps (50 s vs 64 s for 100 prompts at 8)
 
 
 def heldout_examples(n: int) -> list[Example]:
@@ -40,13 +38,6 @@ def heldout_examples(n: int) -> list[Example]:
     examples = [e for e in load_examples(HELDOUT) if len(e.instruction) + len(e.context) <= MAX_PROMPT_CHARS]
     random.Random(0).shuffle(examples)
     return examples[:n]
-
-
-def prompt_ids(tokenizer, example: Example, template: str = "auto") -> list[int]:
-    """The prompt as training renders it (auto: the chat template when there is one), ready for generation."""
-    row = tokenize_examples([Example(example.instruction, example.context, " ")], tokenizer, template=template,
-                            max_length=4096)[0]
-    return [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
 
 
 @torch.no_grad()
@@ -66,50 +57,12 @@ def response_kl(model, reference, rows: list[dict], *, pad_id: int, batch_size: 
 
 def _label_log_probs(model, ids, mask, labels) -> torch.Tensor:
     """log-softmax (fp32) of the next-token logits at the labelled positions."""
-    from layerprune.finetune.losses import head_logits
+    from layerprune.models.logits import head_logits
 
     _, head, softcap = causal_lm_parts(model)
     hidden, _ = labelled_positions(model, ids, mask, labels)
     return torch.cat([torch.log_softmax(head_logits(head, chunk, softcap), -1) for chunk in hidden.split(512)]) \
         if len(hidden) else hidden.new_zeros(0, head.weight.shape[0]).float()
-
-
-@torch.no_grad()
-def greedy_responses(model, tokenizer, prompts: list[list[int]], *, new_tokens: int, batch_size: int = 8,
-                     progress: str | None = None) -> list[list[int]]:
-    """Greedy continuations (token ids, cut after the first end-of-turn/EOS token) of left-padded prompts,
-    batched in order of length (little padding when prompt lengths vary), returned in the prompts' order."""
-    device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
-    stops = _stop_ids(model, tokenizer)
-    from tqdm.auto import tqdm
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", leave=False,
-                      disable=progress is None):
-        numbers = order[start:start + batch_size]
-        batch = [prompts[i] for i in numbers]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=pad, eos_token_id=sorted(stops) or None)
-        for number, row in zip(numbers, generated[:, width:].tolist()):
-            out[number] = _cut(row, stops)
-    return out
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    return set(ids if isinstance(ids, list) else [ids]) - {None}
-
-
-def _cut(tokens: list[int], stops: set[int]) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token in stops:
-            return tokens[:i]
-    return tokens
 
 
 def lcs_length(a: list[int], b: list[int]) -> int:
@@ -150,37 +103,6 @@ def agreement(responses: list[list[int]], references: list[list[int]]) -> dict:
             "prefix_tokens": sum(common_prefix(c, r) for c, r in zip(responses, references)) / n,
             "identical": sum(c == r for c, r in zip(responses, references)) / n,
             "prompts": n}
-
-
-def reference_responses(reference, tokenizer, prompts: list[list[int]], *, new_tokens: int, batch_size: int,
-                        cache_dir: Path | None) -> list[list[int]]:
-    """greedy_responses of the reference, from the on-disk cache when it made them before."""
-    from layerprune.files.outputs import read_json, write_json
-
-    path = None
-    if cache_dir is not None:
-        path = responses_path(reference, prompts, new_tokens=new_tokens, batch_size=batch_size, cache_dir=cache_dir)
-        cached = read_json(path, missing_ok=True) if path.is_file() else None
-        if isinstance(cached, list) and len(cached) == len(prompts):
-            return cached
-    responses = greedy_responses(reference, tokenizer, prompts, new_tokens=new_tokens, batch_size=batch_size)
-    if path is not None:
-        write_json(path, responses)
-    return responses
-
-
-def responses_path(reference, prompts: list[list[int]], *, new_tokens: int, batch_size: int, cache_dir: Path,
-                   compute: str | None = None) -> Path:
-    """Where the reference's greedy responses to `prompts` are cached (keyed by its weights, the prompts, the
-    token budget, the batch and the compute dtype)."""
-    from layerprune.finetune.teacher_cache import teacher_fingerprint
-
-    key = {"model": teacher_fingerprint(reference, cache_dir), "prompts": prompts, "new_tokens": new_tokens,
-           "batch_size": batch_size, "batches": "by length", "dtype": str(next(reference.parameters()).dtype)}
-    if compute is not None:
-        key["compute"] = compute
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(cache_dir) / f"responses-{name}.json"
 
 
 def instruction_following(model, reference, tokenizer, *, prompts: int = 100, new_tokens: int = 48,

@@ -50,7 +50,8 @@ class EvalPlan:
 def plan_eval(config=None, **fields) -> EvalPlan:
     """Check every input (an EvalConfig, or its fields as keywords: task names and files, texts, numbers)
     and read the texts; raises LayerpruneError before any model loads."""
-    from layerprune.config import EvalConfig, as_config
+    from layerprune.common.config_base import as_config
+    from layerprune.evaluation.config import EvalConfig
     from layerprune.evaluation.perplexity import load_ppl_text
     from layerprune.evaluation.tasks import expand_task_names, resolve_tasks
 
@@ -204,7 +205,7 @@ def _instruction_following(loaded, plan: EvalPlan, reference) -> dict:
     """The instruction-following measures against the unpruned model: `reference` when given, else
     plan.reference or the model's provenance source, loaded for this; an unpruned model is its own."""
     from layerprune.evaluation.instruction_following import instruction_following
-    from layerprune.models.builtin import cache_dir
+    from layerprune.files.cache import cache_dir
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import provenance
 

@@ -16,7 +16,7 @@ def plus_minus(value: float | None, stderr: float | None) -> str:
 
 
 def task_title(name: str) -> str:
-    from layerprune.evaluation.tasks import BUNDLED_TASKS
+    from layerprune.data.task_data import BUNDLED_TASKS
 
     return BUNDLED_TASKS[name].title if name in BUNDLED_TASKS else name
 

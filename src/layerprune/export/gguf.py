@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from layerprune.errors import LayerpruneError
-from layerprune.models.builtin import cache_dir
+from layerprune.files.cache import cache_dir
 from layerprune.files.outputs import check_not_input, cleanup_on_signals, read_json
 from layerprune.files.pypi import last_line, pip_download
 

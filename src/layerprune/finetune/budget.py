@@ -18,6 +18,10 @@ import torch
 
 from layerprune.hardware.compute import ComputeChoice
 
+from layerprune.errors import LayerpruneError
+from layerprune.finetune.config import HealConfig
+from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
+
 OPTIMIZER_SHARE = 0.05  # AdamW's update on top of forward + backward (measured ~3% for full weights on SmolLM2)
 # No margin for the Trainer's own work per step or the hidden-state loss (real steps ran 0-35% slower than
 # the probe on SmolLM2): the plan is an upper bound that budget_callback shortens to the real pace.
@@ -41,7 +45,7 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
     targets: the probe computes that loss (on stand-in targets); its log-softmax over the vocabulary and the
     recomputation of each checkpointed chunk cost about 40% more than cross-entropy alone on SmolLM2
     (a probe of CE only planned 3.0 s steps that took 4.2 s, and the budget cut the schedule short)."""
-    from layerprune.finetune.collate import PadCollator
+    from layerprune.data.collate import PadCollator
 
     batch = PadCollator(pad_id)(rows[:batch_size])
     device = next(model.parameters()).device
@@ -67,9 +71,8 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
 
 def _forward_backward(model, ids, mask, labels, compute: ComputeChoice, distill=None) -> float:
     """Seconds of one forward + backward with the trainer's loss (gradients left for the caller to drop)."""
-    from layerprune.finetune.losses import (
-        causal_lm_parts, chunked_cross_entropy, chunked_distillation, labelled_positions,
-    )
+    from layerprune.finetune.losses import chunked_cross_entropy, chunked_distillation
+    from layerprune.models.logits import causal_lm_parts, labelled_positions
 
     start = time.perf_counter()
     with compute.autocast():
@@ -157,3 +160,15 @@ def _refit_schedule(lr_scheduler, args, total_steps: int) -> None:
     # building it set the lr to its step-0 value; the next optimizer step takes the new schedule's lr of this step
     for group, base, rule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * rule(scheduler.last_epoch)
+
+
+def less_budget(config: HealConfig, seconds: float) -> HealConfig:
+    """The healing config with `seconds` already spent out of its max_minutes (the teacher answering the
+    prompts is part of the healing stage's budget)."""
+    if config.max_minutes is None or seconds <= 0:
+        return config
+    left = config.max_minutes - seconds / 60
+    if left <= 0:
+        raise LayerpruneError(f"the teacher's responses took {seconds / 60:.1f} min, the whole max_minutes budget "
+                              f"of {config.max_minutes:g}; raise max_minutes or lower response_tokens")
+    return config.model_copy(update={"max_minutes": left})

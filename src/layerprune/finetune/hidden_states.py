@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layerprune.data.instructions import IGNORE_INDEX
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.tokens import IGNORE_INDEX
 
 
 def dropped_runs(dropped: list[int]) -> list[tuple[int, int]]:
@@ -41,7 +41,7 @@ class StateRecorder:
     """Forward hooks that keep the output hidden states of some decoder layers of the latest forward."""
 
     def __init__(self, model: nn.Module, layers: list[int]):
-        from layerprune.importance.activations import hidden_of
+        from layerprune.models.decoder_calls import hidden_of
 
         self.states: dict[int, torch.Tensor] = {}
         blocks = get_anatomy(model).layers

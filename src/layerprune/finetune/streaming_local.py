@@ -21,8 +21,16 @@ import torch
 
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.local import (
-    DEFAULT_LOCAL_ROWS, Capture, LeastSquares, cut_positions, cuts, fold_linear_map, mlp_output_projection,
-    replace_unsupported, row_batches, train_span,
+    DEFAULT_LOCAL_ROWS,
+    Capture,
+    LeastSquares,
+    cut_positions,
+    cuts,
+    fold_linear_map,
+    mlp_output_projection,
+    replace_unsupported,
+    row_batches,
+    train_span,
 )
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import read_checkpoint
@@ -116,7 +124,7 @@ def _train(anatomy, span: list[int], recorded, targets, batches, weights: Checkp
            cut, config, state, student) -> None:
     """block-local: train the span's layers on their cached inputs toward the teacher's stream, then apply them."""
     from layerprune.hardware.compute import compute_choice
-    from layerprune.importance.activations import hidden_of
+    from layerprune.models.decoder_calls import hidden_of
 
     layers = [anatomy.layers[j] for j in span]
 

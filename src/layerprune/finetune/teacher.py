@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerprune.data.instructions import IGNORE_INDEX
-from layerprune.finetune.collate import PadCollator
-from layerprune.finetune.losses import causal_lm_parts, head_logits, labelled_positions
+from layerprune.data.collate import PadCollator
 from layerprune.errors import LayerpruneError
 from layerprune.files.user_files import disk_full_message
-from layerprune.finetune.teacher_cache import folder_fingerprint, load_cached, teacher_fingerprint
+from layerprune.finetune.teacher_cache import load_cached
 from layerprune.hardware.compute import ComputeChoice
+from layerprune.models.fingerprint import folder_fingerprint, teacher_fingerprint
+from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions
+from layerprune.models.tokens import IGNORE_INDEX
 
 
 def rows_fingerprint(rows: list[dict]) -> str:

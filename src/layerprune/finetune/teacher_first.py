@@ -14,12 +14,12 @@ import gc
 import math
 import os
 import time
-
 from pathlib import Path
 
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.methods import get_method
-from layerprune.models.memory_policy import MEMORY_FRACTION, available_memory_bytes, checkpoint_bytes
+from layerprune.hardware.devices import available_memory_bytes
+from layerprune.models.memory_policy import MEMORY_FRACTION, checkpoint_bytes
 
 
 def rows_per_step(config: HealConfig) -> int:
@@ -87,9 +87,9 @@ def targets_before_student(rows: list[dict], config: HealConfig, load_teacher, *
     states are kept too (distill_hidden)."""
     from tqdm.auto import tqdm
 
+    from layerprune.files.cache import cache_dir
     from layerprune.finetune.teacher import teacher_targets
     from layerprune.hardware.compute import compute_choice
-    from layerprune.models.builtin import cache_dir
 
     covered = rows_to_cover(rows, config)
     start = time.perf_counter()

@@ -14,20 +14,18 @@ from pathlib import Path
 
 import torch
 
-from layerprune.data.instructions import IGNORE_INDEX
-from layerprune.finetune.collate import PadCollator, TokenizedDataset  # noqa: F401  (PadCollator: public here)
+from layerprune.data.collate import PadCollator, TokenizedDataset  # noqa: F401  (PadCollator: public here)
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.finite import check_finite_weights, check_loss, finite_guard
-from layerprune.hardware.compute import announce
 from layerprune.finetune.hidden_states import StateRecorder, cut_pairs, relative_state_error
-from layerprune.finetune.losses import (
-    causal_lm_parts, chunked_cross_entropy, chunked_distillation, head_logits, labelled_positions, unwrapped,
-)
+from layerprune.finetune.losses import chunked_cross_entropy, chunked_distillation
 from layerprune.finetune.methods import HealContext, get_method, heal_compute, trainable_parameters
 from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
+from layerprune.hardware.compute import announce
+from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions, unwrapped
 from layerprune.models.surgery import provenance
-from layerprune.models.tokens import pad_token_id
+from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
 
 
 def _trainer_class():
@@ -284,7 +282,7 @@ def _plan_steps(model, rows, config, context, compute, *, started, accumulation,
     """Time one step (budget.probe_heal), print the estimate, and with max_minutes fit max_steps into the
     budget. Returns (config with the steps to run, a deadline callback or None)."""
     from layerprune.finetune.budget import budget_callback, fit_steps, probe_heal
-    from layerprune.hardware.estimate import format_seconds as format_minutes
+    from layerprune.hardware.speed import format_seconds as format_minutes
 
     distills = get_method(config.method).distills and config.distill_top_k is not None
     probe = probe_heal(model, rows, batch_size=config.batch_size, accumulation=accumulation, compute=compute,
@@ -316,8 +314,8 @@ def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute, 
     """The teacher's top-k targets of the rows, from the on-disk cache when an earlier run made them."""
     from tqdm.auto import tqdm
 
+    from layerprune.files.cache import cache_dir
     from layerprune.finetune.teacher import teacher_targets
-    from layerprune.models.builtin import cache_dir
 
     start = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"teacher top-{config.distill_top_k} targets", unit="row", leave=False)
@@ -431,7 +429,7 @@ def write_loss_curve(curve: list[dict], out_dir: Path) -> list[Path]:
         writer.writerows(curve)
     paths = [out_dir / "loss.csv"]
     if curve:
-        from layerprune.report.plotting import pyplot
+        from layerprune.files.plotting import pyplot
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -1,2 +1,3 @@
-"""What this machine can do: the compute dtype decision (compute.py), the environment report (env.py) and
-time estimates before long work (estimate.py)."""
+"""What this machine can do, and nothing about the work: the compute dtype decision (compute.py), the devices and
+their memory (devices.py), how fast a model runs here (speed.py), timing on a device (timing.py) and the
+environment report (env.py)."""

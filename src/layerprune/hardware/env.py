@@ -23,12 +23,10 @@ _GIB = 1024**3
 
 def environment_report() -> dict:
     """Versions, CPU, GPUs, memory, cache and the environment variables that change behaviour (JSON-able)."""
-    import torch
-
-    import layerprune
+    import torch  # noqa: PLC0415  (start-up: `layerprune env --help` does not load torch)
 
     return {
-        "layerprune": layerprune.__version__,
+        "layerprune": package_version("layerprune"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {name: package_version(name) for name in PACKAGES},
@@ -103,7 +101,7 @@ def memory_report(meminfo: str | None = None) -> dict:
 def cache_report() -> dict:
     """Where models are cached and how much disk is free there (the cache may not exist yet: its nearest
     existing parent is on the same disk, usually)."""
-    from layerprune.models.builtin import cache_dir
+    from layerprune.files.cache import cache_dir
 
     path = cache_dir()
     existing = path.expanduser().absolute()

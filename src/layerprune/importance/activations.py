@@ -16,7 +16,6 @@ whatever the model dtype, and padding tokens never enter a mean.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from layerprune.errors import LayerpruneError
 from layerprune.importance.registry import register_group, register_metric
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.decoder_calls import hidden_of, last_logits_kwargs, layer_input
 
 GROUP = "activations"
 DEFAULT_BATCH_SIZE = 8
@@ -40,15 +40,6 @@ _PARAMS = {
 # ---------------------------------------------------------------------------------------------
 # Pure helpers on tensors
 # ---------------------------------------------------------------------------------------------
-
-
-def hidden_of(out) -> torch.Tensor:
-    """A decoder layer's output hidden states (transformers 5 layers return a tensor or a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -142,12 +133,6 @@ def _hook(acc: ActivationAccumulator, i: int):
         acc.observe(i, layer_input(args, kwargs), hidden_of(out))
 
     return hook
-
-
-def last_logits_kwargs(model) -> dict:
-    """Ask for the last position's logits only, when the model allows it (saves the [B, L, V] logits)."""
-    params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def calibration_forward(model, calibration, batch_size: int, handles: list, before_batch) -> None:

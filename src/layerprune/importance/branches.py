@@ -17,16 +17,10 @@ from __future__ import annotations
 import torch
 
 from layerprune.errors import LayerpruneError
-from layerprune.importance.activations import (
-    DEFAULT_BATCH_SIZE,
-    calibration_forward,
-    check_known_params,
-    hidden_of,
-    layer_input,
-    token_cosines,
-)
+from layerprune.importance.activations import DEFAULT_BATCH_SIZE, calibration_forward, check_known_params, token_cosines
 from layerprune.importance.registry import register_group, register_metric
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.decoder_calls import hidden_of, layer_input
 
 GROUP = "branches"
 _METRIC_OF = {"attention": "attention-influence", "mlp": "mlp-influence"}

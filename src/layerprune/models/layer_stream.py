@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError, first_line
-from layerprune.importance.activations import last_logits_kwargs, layer_input
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import TensorEntry, find_layers_prefix
+from layerprune.models.decoder_calls import last_logits_kwargs, layer_input
 from layerprune.models.dtypes import SAFETENSORS_FLOATS, parse_dtype, stored_dtype
 
 
@@ -254,7 +254,7 @@ def tied_head(model: nn.Module):
 
 def run_layer(block: nn.Module, i: int, batches: list[dict]) -> None:
     """Push every recorded batch's hidden states through layer i; its output becomes the next layer's input."""
-    from layerprune.importance.activations import hidden_of
+    from layerprune.models.decoder_calls import hidden_of
 
     with torch.no_grad():
         for batch in batches:

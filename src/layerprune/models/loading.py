@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from layerprune.errors import LayerpruneError, first_line, shorten
-from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path, cache_dir
+from layerprune.files.cache import cache_dir
+from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path
 from layerprune.models.dtypes import parse_dtype
 from layerprune.models.model_config import (  # noqa: F401  (loading_options: the public way to set them)
     loading_options,

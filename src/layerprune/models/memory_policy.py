@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
+from layerprune.files.outputs import read_json
+from layerprune.hardware.devices import available_memory_bytes
 from layerprune.models.anatomy import family_spec
 from layerprune.models.checkpoint import weight_files
 from layerprune.models.loading import model_folder, resolve_model_ref
-from layerprune.files.outputs import read_json
 
 # Weights bigger than this share of available memory switch `layerprune prune` to disk.
 MEMORY_FRACTION = 0.8
@@ -26,23 +27,6 @@ def checkpoint_bytes(folder: str | os.PathLike) -> int:
         return sum((folder / name).stat().st_size for name in weight_files(folder))
     except LayerpruneError:
         return 0
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (psutil where there is no /proc); None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
 
 
 def too_big_to_load(folder: str | os.PathLike, fraction: float = MEMORY_FRACTION) -> tuple[int, int] | None:

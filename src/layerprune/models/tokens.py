@@ -14,3 +14,6 @@ def pad_token_id(source) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.importance.base import LayerScores
-from layerprune.importance.scores_file import read_scores_json
 from layerprune.files.outputs import read_json, write_text
+from layerprune.importance.base import LayerScores
+from layerprune.importance.plots import plot_angular_heatmap, plot_scores
+from layerprune.importance.scores_file import read_scores_json
 from layerprune.report import study_plots
-from layerprune.report.plots import plot_angular_heatmap, plot_scores
 from layerprune.report.run_report import run_report
 from layerprune.report.study_report import rebuild_study_report
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune.selection.budgets import describe_quality_target
-from layerprune.selection.objectives import objective_label
 from layerprune.files.outputs import read_json
+from layerprune.models.provenance_labels import describe_quality_target, objective_label
 
 ROWS = (("original", "eval-original"), ("pruned, before healing", "eval-pruned"), ("final", "eval-final"))
 

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.report.plotting import pyplot, save_png
+from layerprune.files.plotting import pyplot, save_png
 
 # Drop kinds of a layer map, in the order they win when one layer is listed twice.
 _KINDS = (("block", "tab:red", "whole layer"), ("attention", "tab:orange", "attention only"),

@@ -35,7 +35,7 @@ class Run:
     (scores, the pruned model, the original's evaluation) is done once there and linked into each run folder."""
 
     def __init__(self, config: RunConfig, log: Log = print, shared_dir: str | Path | None = None):
-        from layerprune.hardware.estimate import Plan
+        from layerprune.planning.estimate import Plan
 
         self.plan = Plan("run")  # replaced by the estimated plan once the original is loaded
         self.config = config
@@ -66,7 +66,7 @@ class Run:
         write_text(self.dir / "config.yaml", _yaml(self.config.model_dump(mode="json")))
         write_json(self.path("versions.json"), package_versions())
         started = time.perf_counter()
-        from layerprune.hardware.job_plan import announce_plan
+        from layerprune.planning.job import announce_plan
 
         announce_plan(self.config.model, self.config.heal[0] if self.config.heal else None, prune=self.config.prune,
                       log=self.log)  # a model over 1B parameters: the memory plan before it loads
@@ -90,8 +90,8 @@ class Run:
     def time_plan(self):
         """Time a forward of the original here, estimate every stage from it and print the plan."""
         from layerprune.hardware.compute import compute_choice
-        from layerprune.hardware.estimate import measure_speed
-        from layerprune.runs.plan import plan_run
+        from layerprune.hardware.speed import measure_speed
+        from layerprune.planning.run_time import plan_run
 
         model = self.original.model
         speed = measure_speed(model)
@@ -99,8 +99,9 @@ class Run:
         if self.config.heal:
             device = next(model.parameters()).device
             heal_speed = measure_speed(model, compute=compute_choice(device, self.config.heal[0].bf16))
-        done = {stage.name for stage in plan_stages(self.config) if self.path(stage.outputs[0]).exists()}
-        plan = plan_run(self.config, self.dir, model, speed, heal_speed, done)
+        stages = plan_stages(self.config)
+        done = {stage.name for stage in stages if self.path(stage.outputs[0]).exists()}
+        plan = plan_run(self.config, stages, self.dir, model, speed, heal_speed, done)
         for line in plan.lines():
             self.log(line)
         return plan

@@ -145,7 +145,7 @@ def heal(run: Run, number: int, ref: str, out: Path, *, base: dict) -> str:
 
     base: the settings `ref` depends on. The checkpoints live in a work folder named by the digest of the
     stage's settings, so an interrupted heal only ever resumes under the same settings."""
-    from layerprune.api import heal_model_ref, write_healed
+    from layerprune.finetune.stage import heal_model_ref, write_healed
 
     if out.is_dir():
         run.log(f"{out.name} exists: skipping")

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
+from layerprune.hardware.timing import model_device, synchronize, timed
 from layerprune.importance.base import LayerScores
 from layerprune.selection.ranking import Selection, count_to_drop, select_layers
-from layerprune.benchmark.timing import model_device, synchronize, timed
 
 BUDGET_KEYS = ("num_layers", "ratio", "target_params", "target_latency")
 LATENCY_MODES = ("decode", "prefill")
@@ -119,15 +119,6 @@ class QualityTarget:
     def record(self, increase: float) -> dict:
         return {self.key: getattr(self, self.key), "validation_loss_increase": increase,
                 "validation_ppl_ratio": math.exp(increase)}
-
-
-def describe_quality_target(record: dict) -> str | None:
-    """The quality target a selection record's constraints or a history entry name, in words (None: none)."""
-    if record.get("max_loss_increase") is not None:
-        return f"validation loss at most {record['max_loss_increase']:g} nats above the unpruned model's"
-    if record.get("max_ppl_ratio") is not None:
-        return f"validation perplexity at most {record['max_ppl_ratio']:g}x the unpruned model's"
-    return None
 
 
 def most_within(loss_at: Callable[[int], float | None], limit: float, n_layers: int

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from torch import nn
 
-from layerprune.config import SEARCH
 from layerprune.errors import LayerpruneError
-
+from layerprune.selection.config import SEARCH
 
 
 def max_drop_count(max_drop: float, n_layers: int, protect_first: int = 0, protect_last: int = 0) -> int:
@@ -53,12 +52,12 @@ def knee(losses: list[float], slope: float) -> int:
 def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=print) -> dict:
     """The curve of a CurveConfig on an in-memory model: every selection's drop-set and validation loss for
     k = 0..K, knees, chosen counts and the work done (block forwards, seconds)."""
-    from layerprune.selection.budgets import most_within
     from layerprune.importance import compute_many
-    from layerprune.selection.drop_set_losses import DropSetLosses
+    from layerprune.models.provenance_labels import get_objective
     from layerprune.models.surgery import kept_layers
+    from layerprune.selection.budgets import most_within
+    from layerprune.selection.drop_set_losses import DropSetLosses
     from layerprune.selection.scores import metric_requests
-    from layerprune.selection.objectives import get_objective
     from layerprune.selection.search import MetricPath, SearchPath, allowed_positions
 
     started = time.perf_counter()
@@ -158,7 +157,7 @@ PLOT_CLIP = 100
 def plot_curve(record: dict, path: str | Path) -> Path:
     """Validation perplexity (log scale) against layers removed: one line per selection (the search in
     black), a circle at each knee (also in the legend), a dashed line at the quality target."""
-    from layerprune.report.plotting import pyplot, save_png
+    from layerprune.files.plotting import pyplot, save_png
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -14,35 +14,9 @@ DropSetLosses measure on one validation set:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
-from layerprune.errors import LayerpruneError
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str  # select_objective
-    measure: str  # the DropSetLosses measure: nll | kl
-    label: str  # in log lines and reports
-
-
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
-    Objective("loss", "nll", "validation loss"),
-    Objective("kl", "kl", "KL to the unpruned model"),
-    Objective("tasks", "nll", "answer loss"),
-]}
-
-
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise LayerpruneError(f"unknown select_objective {name!r}; choose {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
-def objective_label(name: str | None) -> str:
-    """How a record's objective reads in reports (a record without one: the validation loss)."""
-    return OBJECTIVES[name].label if name in OBJECTIVES else OBJECTIVES["loss"].label
+from layerprune.models.provenance_labels import objective_label
 
 
 def objective_validation(config, tokenizer, held_out_text: Callable) -> Callable:

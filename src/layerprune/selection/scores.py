@@ -10,8 +10,8 @@ from pathlib import Path
 from layerprune.common.config_base import comma_list
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, available_metrics, compute_many, get_metric
-from layerprune.models.surgery import kept_layers
 from layerprune.importance.scores_file import write_scores_json
+from layerprune.models.surgery import kept_layers
 from layerprune.selection.ranking import Selection, select_layers
 
 
@@ -61,7 +61,7 @@ def write_score_files(
     out: Path, all_scores: dict[str, LayerScores], selections: dict[str, Selection], model_ref: str
 ) -> list[Path]:
     """scores.json, scores.csv (layer x metric), scores.md, scores.png, angular.png; returns the paths."""
-    from layerprune.report.plots import plot_angular_heatmap, plot_scores
+    from layerprune.importance.plots import plot_angular_heatmap, plot_scores
 
     write_scores_json(out / "scores.json", model_ref, all_scores, selections)
     (out / "scores.csv").write_text(scores_csv(all_scores))

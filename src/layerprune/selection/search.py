@@ -25,12 +25,13 @@ from typing import Callable
 
 from torch import nn
 
-from layerprune.config import PruneConfig
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores
-from layerprune.selection.drop_set_losses import DropSetLosses
-from layerprune.selection.objectives import describe_value, get_objective, objective_record
+from layerprune.models.provenance_labels import get_objective
 from layerprune.models.surgery import kept_layers
+from layerprune.selection.config import PruneConfig
+from layerprune.selection.drop_set_losses import DropSetLosses
+from layerprune.selection.objectives import describe_value, objective_record
 from layerprune.selection.ranking import protected_layers
 
 Log = Callable[[str], None]
@@ -293,8 +294,8 @@ class _SizeLeft:
     """What a drop-set leaves of the size/speed target's measure, written as the target it would meet."""
 
     def __init__(self, model, config: PruneConfig, layers: list[int]) -> None:
-        from layerprune.selection.budgets import measure_layer_costs
         from layerprune.models.anatomy import count_parameters
+        from layerprune.selection.budgets import measure_layer_costs
 
         self.costs = None
         if config.target_params is not None:

@@ -19,14 +19,15 @@ from typing import Callable
 
 from torch import nn
 
-from layerprune.config import PruneConfig
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, compute_many, get_metric
+from layerprune.models.provenance_labels import get_objective, objective_label
 from layerprune.models.sublayer import remove_units
 from layerprune.models.surgery import kept_layers, validate_drop
-from layerprune.selection.scores import prune_metric_requests
-from layerprune.selection.objectives import get_objective, objective_label, objective_record
+from layerprune.selection.config import PruneConfig
+from layerprune.selection.objectives import objective_record
 from layerprune.selection.ranking import count_to_drop, protected_layers
+from layerprune.selection.scores import prune_metric_requests
 
 ScoreFn = Callable[[dict[str, dict]], dict[str, LayerScores]]  # {metric: params} -> scores of the current model
 Log = Callable[[str], None]

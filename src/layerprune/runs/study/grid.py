@@ -10,7 +10,8 @@ import re
 import time
 from pathlib import Path
 
-from layerprune.config import RunConfig, apply_sets, build_config, read_yaml_mapping, set_dotted
+from layerprune.common.config_base import build_config
+from layerprune.config import RunConfig, apply_sets, read_yaml_mapping, set_dotted
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import write_json
 
@@ -108,9 +109,8 @@ class Study:
         return settings
 
     def execute(self, log=print) -> dict:
-        from layerprune.runs.lock import run_folder_lock
-
         from layerprune.files.outputs import claim_folder
+        from layerprune.runs.lock import run_folder_lock
         from layerprune.runs.planner import run_inputs
 
         # claimed like a run folder: never someone else's folder, never the model's or a data file's
@@ -119,8 +119,8 @@ class Study:
             return self._execute(log)
 
     def _execute(self, log) -> dict:
-        from layerprune.runs.pipeline import Run
         from layerprune.report.study_report import rebuild_study_report
+        from layerprune.runs.pipeline import Run
 
         started = time.perf_counter()
         status, final_models = {}, {}

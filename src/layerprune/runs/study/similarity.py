@@ -12,7 +12,7 @@ from torch import nn
 from layerprune.config import RunConfig
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json, write_json
-from layerprune.benchmark.timing import model_device
+from layerprune.hardware.timing import model_device
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -3,8 +3,15 @@ estimate.py), printed before the work starts; the real times are added as the st
 
 from __future__ import annotations
 
-from layerprune.hardware.estimate import (
-    Plan, Speed, bench_seconds, drop_set_seconds, eval_seconds, heal_seconds, score_seconds, search_evaluations,
+from layerprune.hardware.speed import Speed
+from layerprune.planning.estimate import (
+    Plan,
+    bench_seconds,
+    drop_set_seconds,
+    eval_seconds,
+    heal_seconds,
+    score_seconds,
+    search_evaluations,
     work_fraction,
 )
 
@@ -45,8 +52,8 @@ def choose_seconds(model, config, speed: Speed, n_drop: int | None) -> float:
 
 def curve_seconds(model, config, speed: Speed) -> float:
     """Every selection's path of a CurveConfig, k = 1..K, on held-out text (+ the metrics' scores)."""
-    from layerprune.selection.curve import max_drop_count
     from layerprune.models.anatomy import get_anatomy
+    from layerprune.selection.curve import max_drop_count
 
     n = get_anatomy(model).num_layers
     top = max_drop_count(config.max_drop, n, config.protect_first, config.protect_last)
@@ -65,10 +72,10 @@ def save_seconds(model) -> float:
     return parameter_bytes(model) / SAVE_BYTES_PER_S
 
 
-def plan_run(config, run_dir, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Plan:
-    """The time plan of a run of `config` on the loaded original `model`; stages in `done` are skipped."""
+def plan_run(config, stages, run_dir, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Plan:
+    """The time plan of a run of `config` (its `stages`, runs/planner.py) on the loaded original `model`; stages
+    in `done` are skipped."""
     from layerprune.models.anatomy import get_anatomy
-    from layerprune.runs.planner import plan_stages
     from layerprune.selection.strategies import layers_to_drop
 
     c = config
@@ -77,7 +84,7 @@ def plan_run(config, run_dir, model, speed: Speed, heal_speed: Speed, done: set[
     fraction = work_fraction(model, n - (n_drop if n_drop is not None else n // 4))
     pruned = speed.scaled(fraction)
     plan = Plan(f"plan of {run_dir} on this machine ({speed.compute}, healing in {heal_speed.compute})")
-    for stage in plan_stages(c):
+    for stage in stages:
         name = stage.name
         if name == "eval-original":  # instruction following compares the original with itself: no work
             what, seconds = "evaluate", eval_seconds(c.eval.model_copy(update={"follow": 0}), speed)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layerprune.data.instructions import IGNORE_INDEX
+from layerprune.models.tokens import IGNORE_INDEX
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from layerprune.files.plotting import pyplot, save_png
 from layerprune.importance.base import LayerScores
-from layerprune.report.plotting import pyplot, save_png
 
 
 def plot_scores(all_scores: dict[str, LayerScores], path: str | Path, dropped: dict[str, list[int]] | None = None) -> Path:

@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from layerprune.errors import LayerpruneError
-from layerprune.hardware.memory_plan import (
-    GiB, Devices, Job, ModelShape, gpus_for_full_heal, plan_memory, shape_from_config,
-)
-
-GPU_FLOPS = 0.4 * 400e12
+from layerprune.finetune.memory import gpus_for_full_heal
+from layerprune.hardware.devices import Devices, GiB, device_flops, this_machine
+from layerprune.models.shape import Job, ModelShape, model_shape
+from layerprune.planning.memory import plan_memory
 
 
 @dataclass
@@ -37,67 +36,15 @@ class JobPlan:
         return asdict(self)
 
 
-def model_shape(ref: str, *, trust_remote_code: bool = False) -> ModelShape:
-    """The shape of a model reference from its config alone: a local folder, an alias (its converted
-    folder), or a hub id whose config is in the local cache."""
-    from layerprune.models.loading import model_folder, resolve_model_ref
-    from layerprune.models.memory_policy import checkpoint_bytes
-    from layerprune.models.model_config import read_model_config
-
-    resolved = resolve_model_ref(ref)
-    if resolved.kind == "hub":
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(ref, local_files_only=True, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise LayerpruneError(f"the config of {ref} is not in the local cache (plan reads no weights, but needs "
-                                  "config.json): download it once, or pass a local folder") from err
-        return shape_from_config(config, ref)
-    folder = model_folder(ref)
-    shape = shape_from_config(read_model_config(folder, trust_remote_code=trust_remote_code), ref)
-    stored = checkpoint_bytes(folder)
-    if stored:
-        from dataclasses import replace
-
-        shape = replace(shape, stored_bytes=stored / shape.params())
-    return shape
-
-
-def this_machine() -> Devices:
-    """The GPUs here (the first one's memory, times their count), else the CPU with its available memory."""
-    import torch
-
-    from layerprune.hardware.compute import cpu_native_bf16
-    from layerprune.models.memory_policy import available_memory_bytes
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return Devices("cuda", torch.cuda.device_count(), props.total_memory, torch.cuda.is_bf16_supported())
-    return Devices("cpu", 1, available_memory_bytes() or 0, cpu_native_bf16())
-
-
-def device_flops(devices: Devices) -> tuple[float, str]:
-    """Floating-point operations per second of the devices, and where the number comes from."""
-    if devices.kind == "cuda":
-        return GPU_FLOPS * devices.count, f"nominal {GPU_FLOPS / 1e12:.0f} TFLOPS per GPU"
-    import torch
-
-    from layerprune.hardware.compute import best_matmul_time
-
-    dtype = torch.bfloat16 if devices.bf16 else torch.float32
-    a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    best = best_matmul_time(a, b, repeats=8)  # warm kernels: the first calls of a dtype are slow
-    return 2 * 256 * 1024 * 1024 / max(best, 1e-9) * 0.5, "this CPU's matmul rate, halved for a whole model"
-
-
 def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *, adapter: str = "auto", prune=None,
              evaluation=None) -> JobPlan:
     """The plan of prune -> heal -> eval of `shape` down to `layers_kept` layers on `devices`; adapter: auto
     (the first healing that fits: full weights, LoRA, QLoRA on a GPU, layer-local) | none | lora."""
-    from layerprune.config import EvalConfig, PruneConfig
+    from layerprune.evaluation.config import EvalConfig
     from layerprune.finetune.config import HealConfig
-    from layerprune.hardware.estimate import Speed, eval_seconds, heal_seconds, score_seconds
+    from layerprune.hardware.speed import Speed
+    from layerprune.planning.estimate import eval_seconds, heal_seconds, score_seconds
+    from layerprune.selection.config import PruneConfig
 
     heal = heal or HealConfig()
     prune = prune or PruneConfig(num_layers=shape.layers - layers_kept or 1)
@@ -149,47 +96,9 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
                    disk_bytes=round(shape.params(layers_kept) * shape.stored_bytes * (2 if heal else 1)))
 
 
-FULL_WEIGHT_METHODS = ("full", "cpt", "distill")
-
-
-def fit_heal(config, model_config, *, devices: Devices | None = None, loaded_bytes: int = 0, log=print):
-    """`adapter: auto` resolved for this machine: every weight where full-weight training fits, else LoRA;
-    neither: one error with what each needs and the options that fit. loaded_bytes: memory the model to
-    heal already holds (it is part of the plan's count, so it is added back to what is available)."""
-    from dataclasses import replace as with_changes
-
-    from layerprune.hardware.memory_plan import USABLE, heal_memory
-
-    if config.adapter != "auto":
-        return config
-    if config.method not in FULL_WEIGHT_METHODS:
-        return config.model_copy(update={"adapter": "none"})
-    shape = shape_from_config(model_config)
-    devices = devices or this_machine()
-    if devices.kind == "cpu" and loaded_bytes:
-        devices = with_changes(devices, memory=devices.memory + loaded_bytes)
-    if devices.memory <= 0:
-        return config.model_copy(update={"adapter": "none"})  # memory unknown: the default recipe
-    job = Job(layers_kept=shape.layers, batch=config.batch_size, seq_len=config.max_length,
-              loss_chunk=config.loss_chunk, gradient_checkpointing=config.gradient_checkpointing,
-              lora_r=config.lora_r)
-    needs = {option: heal_memory(option, shape, job, devices).bytes_per_device for option in ("full", "lora")}
-    limit = USABLE * devices.memory
-    if needs["full"] <= limit:
-        return config.model_copy(update={"adapter": "none"})
-    sizes = f"full weights need {needs['full'] / GiB:.1f} GiB, LoRA {needs['lora'] / GiB:.1f} GiB"
-    if needs["lora"] <= limit:
-        log(f"adapter auto: {sizes}, {devices.describe()}: healing a LoRA adapter (merged at the end)")
-        return config.model_copy(update={"adapter": "lora"})
-    raise LayerpruneError(
-        f"healing {shape.params() / 1e9:.1f}B parameters does not fit {devices.describe()}: {sizes}. Options: "
-        "--method qlora (a GPU), --gradient-checkpointing, a smaller --batch-size, or layer by layer: "
-        "--method replace --streaming (see `layerprune plan MODEL`)")
-
-
 def plan_lines(plan: JobPlan) -> list[str]:
     """The plan as a few lines for the start of a long job."""
-    from layerprune.hardware.estimate import format_seconds
+    from layerprune.hardware.speed import format_seconds
 
     lines = [f"memory plan ({plan.params / 1e9:.1f}B -> {plan.params_kept / 1e9:.1f}B params on {plan.devices}):"]
     for row in plan.stages:
