@@ -143,9 +143,10 @@ def test_cli_prunes_to_a_parameter_target(tiny_dir, tmp_path):
 
 @pytest.mark.integration
 def test_cli_prunes_to_a_latency_target(tiny_dir, tmp_path, monkeypatch):
-    import layerprune.selection.budgets
+    import layerprune.selection.strategies
 
-    monkeypatch.setattr(layerprune.selection.budgets, "measure_layer_costs", lambda model, mode: {**COSTS, "mode": mode})
+    monkeypatch.setattr(layerprune.selection.strategies, "measure_layer_costs",
+                        lambda model, mode: {**COSTS, "mode": mode})
     result = runner.invoke(app, ["prune", str(tiny_dir), "--target-latency", "0.5", "--latency-mode", "prefill",
                                  "--metric", "reverse-order",
                                  "--out", str(tmp_path / "out")])

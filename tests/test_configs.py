@@ -68,7 +68,7 @@ def test_one_default_per_setting_everywhere():
 
     from layerprune.api import finetune_model, prune_model
     from layerprune.config import RunConfig
-    from layerprune.models.dtypes import DEFAULT_DTYPE
+    from layerprune.common.config_base import DEFAULT_DTYPE
 
     assert RunConfig.model_fields["dtype"].default == DEFAULT_DTYPE
     assert inspect.signature(prune_model).parameters["dtype"].default == DEFAULT_DTYPE

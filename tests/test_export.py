@@ -199,7 +199,7 @@ def test_cli_rejects_bad_format_and_q4_k_m_without_llama_quantize(pruned_dir, tm
     result = runner.invoke(app, ["export", str(pruned_dir), "--format", "onnx", "--out", str(tmp_path / "x.gguf")])
     assert_one_line_error(result, "only gguf")
     monkeypatch.setenv("LLAMA_QUANTIZE", str(tmp_path / "no-such-binary"))
-    monkeypatch.setattr("layerprune.export.llamacpp.have_llama_cpp", lambda: False)
+    monkeypatch.setattr("layerprune.export.gguf.have_llama_cpp", lambda: False)
     result = runner.invoke(app, ["export", str(pruned_dir), "--quant", "q4_k_m", "--out", str(tmp_path / "x.gguf")])
     assert_one_line_error(result, "llama-quantize")
     result = runner.invoke(app, ["export", str(pruned_dir), "--quant", "q3", "--out", str(tmp_path / "x.gguf")])

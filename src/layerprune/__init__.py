@@ -1,40 +1,37 @@
 """layerprune: make language models shallower by removing whole decoder layers.
 
-Importing the package is cheap and has no side effects; heavy libraries load on use.
+Importing the package is cheap and has no side effects: each public name below loads its module on first use
+(PEP 562), so `layerprune --help` and `import layerprune` do not load torch.
 """
 
-from layerprune.api import PruneResult, choose_layers, prune_model
-from layerprune.errors import LayerpruneError
-from layerprune.importance import LayerScores, available_metrics, compute_scores, register_metric
-from layerprune.models.anatomy import Anatomy, count_parameters, get_anatomy, register_family
-from layerprune.models.loading import LoadedModel, load_model
-from layerprune.models.saving import save_model
-from layerprune.models.bypass import bypass_layers
-from layerprune.models.surgery import kept_layers, remove_layers, untie_embeddings
-from layerprune.selection.ranking import Selection, select_layers
+from layerprune.common.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Anatomy",
-    "LayerScores",
-    "LayerpruneError",
-    "LoadedModel",
-    "PruneResult",
-    "Selection",
-    "available_metrics",
-    "bypass_layers",
-    "choose_layers",
-    "compute_scores",
-    "count_parameters",
-    "get_anatomy",
-    "kept_layers",
-    "load_model",
-    "prune_model",
-    "register_family",
-    "register_metric",
-    "remove_layers",
-    "save_model",
-    "select_layers",
-    "untie_embeddings",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "PruneResult": "layerprune.api",
+    "choose_layers": "layerprune.api",
+    "prune_model": "layerprune.api",
+    "LayerpruneError": "layerprune.errors",
+    "LayerScores": "layerprune.importance",
+    "available_metrics": "layerprune.importance",
+    "compute_scores": "layerprune.importance",
+    "register_metric": "layerprune.importance",
+    "Anatomy": "layerprune.models.anatomy",
+    "count_parameters": "layerprune.models.anatomy",
+    "get_anatomy": "layerprune.models.anatomy",
+    "register_family": "layerprune.models.anatomy",
+    "LoadedModel": "layerprune.models.loading",
+    "load_model": "layerprune.models.loading",
+    "save_model": "layerprune.models.saving",
+    "bypass_layers": "layerprune.models.bypass",
+    "kept_layers": "layerprune.models.surgery",
+    "remove_layers": "layerprune.models.surgery",
+    "untie_embeddings": "layerprune.models.surgery",
+    "Selection": "layerprune.selection.ranking",
+    "select_layers": "layerprune.selection.ranking",
+}
+
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_exports(globals(), _PUBLIC)

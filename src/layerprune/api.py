@@ -1,28 +1,81 @@
-"""High-level operations shared by the CLI, YAML runs and Python users.
+"""The public surface: one door per stage, shared by the CLI, YAML runs and Python users.
 
-Each takes its stage's typed config (layerprune.config / layerprune.finetune.HealConfig), or that
-config's fields as keyword arguments; both are checked before any model loads.
+    load_model        a model reference -> LoadedModel (models/loading.py)
+    score_model       every layer's score under each metric (ScoreConfig)
+    prune_model       choose layers and remove them: a folder, a GGUF file, or a checkpoint cut on disk (PruneConfig)
+    heal_model        heal a pruned model and save it (HealConfig; `finetune_model` is the same door)
+    evaluate_model    perplexity, zero-shot tasks, instruction following (EvalConfig)
+    benchmark_model   parameters, MACs, memory, latency; with `compare`, the speed-ups (BenchConfig)
+    plan_job          memory and time of each stage before anything loads
+
+Each takes its stage's typed config, or that config's fields as keyword arguments; both are checked before
+any model loads. The work itself lives in the stage packages; this module only wires them together.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.common.config_base import as_config
-from layerprune.data.calibration import load_calibration_for
+import torch
+
+from layerprune.benchmark import benchmark, write_outputs
+from layerprune.benchmark.config import BenchConfig
+from layerprune.common.config_base import DEFAULT_DTYPE, as_config
+from layerprune.data.calibration import load_calibration, load_calibration_for
+from layerprune.data.training_rows import EVALUATION_ONLY_TEXTS  # noqa: F401  (public here before it moved)
 from layerprune.errors import LayerpruneError
-from layerprune.files.outputs import check_output_dir, is_main_process
+from layerprune.evaluation.config import EvalConfig
+from layerprune.evaluation.generation import generate_samples
+from layerprune.evaluation.protocol import (
+    EvalResult, check_streamable_plan, describe_plan, plan_eval, run_eval, write_eval,
+)
+from layerprune.files.outputs import atomic_output_dir, check_output_dir, check_output_file, is_main_process, write_json
+from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
 from layerprune.finetune.config import HealConfig
+from layerprune.finetune.fit import fit_heal
+from layerprune.finetune.stage import (  # noqa: F401  (prepare_training_rows: public here before it moved)
+    heal_loaded, heal_model_ref, heal_streaming, prepare_training_rows, write_healed,
+)
+from layerprune.hardware.devices import Devices, parse_memory, this_machine
+from layerprune.hardware.speed import announced, measure_speed
+from layerprune.importance import compute_many, get_metric
+from layerprune.importance.streaming import load_skeleton, stream_scores
 from layerprune.models.anatomy import count_parameters
-from layerprune.models.dtypes import DEFAULT_DTYPE
-from layerprune.models.loading import load_model
-from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
+from layerprune.models.builtin import builtin_gguf_path
+from layerprune.models.checkpoint import prune_checkpoint
+from layerprune.models.gguf_file import layout, prune_gguf
+from layerprune.models.loading import LoadedModel, load_model, model_folder, resolve_model_ref
+from layerprune.models.memory_policy import on_disk_folder, too_big_to_load
+from layerprune.models.model_config import read_model_config
+from layerprune.models.prune_result import PruneResult
+from layerprune.models.quantize import check_load_in
 from layerprune.models.saving import save_model
+from layerprune.models.shape import model_shape
+from layerprune.models.surgery import kept_layers
+from layerprune.planning import job as job_plans
+from layerprune.planning.estimate import eval_seconds
+from layerprune.planning.run_time import choose_seconds
 from layerprune.selection.config import PruneConfig, ScoreConfig
-from layerprune.finetune.stage import heal_loaded, heal_model_ref, heal_streaming, write_healed
+from layerprune.selection.objectives import objective_validation
+from layerprune.selection.ranking import count_to_drop
+from layerprune.selection.scores import (
+    metric_requests, select_for_each, stability_markdown, stability_study, write_score_files,
+)
+from layerprune.selection.strategies import (
+    PruneHooks, choose, history_entry, in_memory_scores, layers_to_drop, needs_calibration, prune,
+)
+
+__all__ = [
+    "BenchConfig", "EvalConfig", "HealConfig", "LoadedModel", "PruneConfig", "PruneResult", "ScoreConfig",
+    "ScoreResult", "benchmark_model", "choose_layers", "evaluate_model", "finetune_model", "heal_model",
+    "load_model", "plan_job", "prune_model", "save_model", "score_model",
+]
 
 
+# ------------------------------------------------------------------------------------------------ score
 @dataclass
 class ScoreResult:
     scores: dict  # metric -> LayerScores (one score per layer, ORIGINAL indices)
@@ -47,11 +100,6 @@ def score_model(
     num_layers=, streaming=True, stability={...}); with `out`, write scores.json/csv/md and plots there
     (and stability.json/md). streaming reads one layer at a time from the checkpoint, for models bigger
     than memory. progress(): called after each setting of the stability study."""
-    from layerprune.data.calibration import load_calibration
-    from layerprune.importance import compute_many, get_metric
-    from layerprune.models.surgery import kept_layers
-    from layerprune.selection.scores import metric_requests, select_for_each, stability_study
-
     config = as_config(ScoreConfig, config, **fields)
     c = config.calibration
     if out is not None:
@@ -70,8 +118,6 @@ def score_model(
     log(f"scoring {n_layers} layers with {', '.join(config.metrics)}"
         + (f" on {calibration.description}" if calibration else ""))
     if config.streaming:
-        from layerprune.importance.streaming import stream_scores
-
         scores = stream_scores(loaded.path, calibration, requests, dtype=dtype)
     else:
         scores = compute_many(loaded.model, requests, calibration)
@@ -91,15 +137,10 @@ def _load_for_scores(model_ref: str, config: ScoreConfig, dtype: str, device_map
         return load_model(model_ref, dtype=dtype, device_map=device_map, for_compute=True)
     if device_map is not None:
         raise LayerpruneError("streaming scores one layer at a time on the CPU; device_map needs the loaded model")
-    from layerprune.importance.streaming import load_skeleton
-
     return load_skeleton(model_ref, dtype=dtype, metrics=config.metrics)  # weights stay on disk
 
 
 def _write_scores(out: str, result: ScoreResult, model_ref: str, overwrite: bool) -> Path:
-    from layerprune.files.outputs import atomic_output_dir, write_json
-    from layerprune.selection.scores import stability_markdown, write_score_files
-
     with atomic_output_dir(out, overwrite) as tmp:
         write_score_files(Path(tmp), result.scores, result.selections, model_ref)
         if result.stability is not None:
@@ -108,6 +149,7 @@ def _write_scores(out: str, result: ScoreResult, model_ref: str, overwrite: bool
     return Path(out)
 
 
+# ------------------------------------------------------------------------------------------------ prune
 def choose_layers(model, config: PruneConfig | dict | None = None, *, calibration=None, log=print,
                   **fields) -> tuple[list[int], dict]:
     """The ORIGINAL indices to drop and the record of how they were chosen (one-shot; see strategies.choose).
@@ -115,8 +157,6 @@ def choose_layers(model, config: PruneConfig | dict | None = None, *, calibratio
     calibration: the CalibrationData that data-driven metrics read (select auto draws its held-out text
     from config.calibration, so it needs the tokenizer: use `prune_model` for that).
     """
-    from layerprune.selection.strategies import choose, in_memory_scores
-
     config = as_config(PruneConfig, config, **fields)
     record = choose(model, config, score=in_memory_scores(model, calibration), log=log)
     return record["dropped"], record
@@ -150,22 +190,10 @@ def prune_model(
     A GGUF output (the model a GGUF file or a built-in alias): the layers are chosen as usual (on the
     dequantized model) and cut from the GGUF file itself, every kept tensor copied in its quantization type
     (models/gguf_file.py); with `drop` the file is never dequantized.
-    """
-    from layerprune.files.outputs import check_output_file
-    from layerprune.models.checkpoint import prune_checkpoint
-    from layerprune.models.gguf_file import prune_gguf
-    from layerprune.models.memory_policy import on_disk_folder
-    from layerprune.selection.objectives import objective_validation
-    from layerprune.selection.strategies import (
-        PruneHooks,
-        choose,
-        history_entry,
-        in_memory_scores,
-        layers_to_drop,
-        needs_calibration,
-        prune,
-    )
 
+    Four routes: a GGUF file cut by index (nothing loaded), a checkpoint cut on disk (nothing loaded), and a
+    loaded model whose chosen layers are removed and saved as a folder or cut from its GGUF file.
+    """
     config = as_config(PruneConfig, config, **fields)
     heal_config = as_config(HealConfig, heal) if config.strategy == "iterative" else None
     inputs = [model_ref, config.calibration.source, *((heal_config.data, heal_config.teacher) if heal_config else ())]
@@ -176,21 +204,38 @@ def prune_model(
             return prune_gguf(gguf_source, config.drop, out, overwrite=overwrite, source=model_ref, inputs=inputs)
     else:
         check_output_dir(out, overwrite, inputs=inputs)
-    from layerprune.planning.job import announce_plan
-
-    announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan first
-    folder = None if gguf_source is not None else on_disk_folder(model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
-        "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
-        "--granularity": config.granularity != "block"})
+    job_plans.announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan
+    folder = None if gguf_source is not None else on_disk_folder(
+        model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
+            "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
+            "--granularity": config.granularity != "block"})
     if folder is not None:
         return prune_checkpoint(folder, config.drop, out, overwrite=overwrite, source=model_ref)
     loaded = load_model(model_ref, dtype=dtype, device_map=device_map)
-    model = loaded.model
+    before = count_parameters(loaded.model)
+    how, records, samples = _prune_loaded(loaded, model_ref, config, heal_config, prompts, max_new_tokens, log)
+    if gguf_source is not None:  # the same layers cut from the GGUF file, its tensors as stored
+        result = prune_gguf(gguf_source, how["dropped"], out, overwrite=overwrite, how=history_entry(how),
+                            source=model_ref, inputs=inputs)
+        result.how, (result.samples_before, result.samples_after) = how, samples
+        return result
+    save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra={"selection": how})
+    after = count_parameters(loaded.model)
+    return PruneResult(out=Path(out), dropped=how["dropped"], chosen_by=how["chosen_by"],
+                       layers_before=len(before["per_layer"]), layers_after=len(after["per_layer"]),
+                       params_before=before["total"], params_after=after["total"], samples_before=samples[0],
+                       samples_after=samples[1], how=how, granularity=config.granularity,
+                       rounds=records if config.strategy == "iterative" else [])
+
+
+def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal_config: HealConfig | None,
+                  prompts, max_new_tokens: int, log) -> tuple[dict, list[dict], tuple[list, list]]:
+    """Choose and remove the layers of a loaded model (loaded.model becomes the pruned one): (how they were
+    chosen, the records of each round, the generation samples before and after)."""
     if prompts and loaded.tokenizer is None:
         raise LayerpruneError(f"{model_ref} has no tokenizer, so no generation samples can be made")
-    before = count_parameters(model)
     if config.strategy == "one-shot" and config.granularity == "block":
-        layers_to_drop(model, config)  # an impossible count fails before calibration text is read
+        layers_to_drop(loaded.model, config)  # an impossible count fails before calibration text is read
     calibration = validation = None
     if needs_calibration(config):
         calibration = load_calibration_for(loaded, config.calibration)
@@ -208,43 +253,18 @@ def prune_model(
         loaded.model = current
         return heal_loaded(loaded, heal_config, default_teacher=model_ref, log=log)[0].model
 
-    loaded.model, records = prune(model, config, PruneHooks(select=select, heal=heal_round), log=log)
+    loaded.model, records = prune(loaded.model, config, PruneHooks(select=select, heal=heal_round), log=log)
     dropped = sorted(d for r in records for d in r["dropped"])
     if config.strategy == "iterative":
         how = {"dropped": dropped, "chosen_by": config.metrics[0], "schedule": config.schedule, "rounds": records}
     else:
         how = records[0]
-    samples_after = _samples(loaded, prompts, max_new_tokens)
-    if gguf_source is not None:  # the same layers cut from the GGUF file, its tensors as stored
-        result = prune_gguf(gguf_source, dropped, out, overwrite=overwrite, how=history_entry(how), source=model_ref,
-                            inputs=inputs)
-        result.how, result.samples_before, result.samples_after = how, samples_before, samples_after
-        return result
-    after = count_parameters(loaded.model)
-    save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra={"selection": how})
-    return PruneResult(
-        out=Path(out),
-        dropped=dropped,
-        chosen_by=how["chosen_by"],
-        layers_before=len(before["per_layer"]),
-        layers_after=len(after["per_layer"]),
-        params_before=before["total"],
-        params_after=after["total"],
-        samples_before=samples_before,
-        samples_after=samples_after,
-        how=how,
-        granularity=config.granularity,
-        rounds=records if config.strategy == "iterative" else [],
-    )
+    return how, records, (samples_before, _samples(loaded, prompts, max_new_tokens))
 
 
 def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "auto") -> Path | None:
     """The GGUF file to cut when the output is a GGUF file (None for a folder output); refuses what a GGUF
     output cannot hold."""
-    from layerprune.models.builtin import builtin_gguf_path
-    from layerprune.models.gguf_file import layout
-    from layerprune.models.loading import resolve_model_ref
-
     if output_format not in ("auto", "folder", "gguf"):
         raise LayerpruneError(f"unknown output format {output_format!r}; choose auto, folder or gguf")
     if output_format == "folder" or (output_format == "auto" and not str(out).endswith(".gguf")):
@@ -266,12 +286,6 @@ def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "
 
 def _announced_choice(model, config: PruneConfig, n_drop: int | None, log):
     """Print the estimate of choosing the layers (scores, select auto, search) when it reads text."""
-    import contextlib
-
-    from layerprune.hardware.speed import announced, measure_speed
-    from layerprune.planning.run_time import choose_seconds
-    from layerprune.selection.strategies import layers_to_drop, needs_calibration
-
     if not needs_calibration(config):
         return contextlib.nullcontext()
     count = n_drop if n_drop is not None else layers_to_drop(model, config)
@@ -282,31 +296,11 @@ def _announced_choice(model, config: PruneConfig, n_drop: int | None, log):
 def _samples(loaded, prompts, max_new_tokens):
     if not prompts:
         return []
-    from layerprune.evaluation.generation import generate_samples
-
     return generate_samples(loaded.model, loaded.tokenizer, prompts, max_new_tokens)
 
 
-def _check_heal_fits(model_ref: str, config: HealConfig) -> None:
-    """Refuse, from the config alone, a heal that cannot fit this machine (the check repeats after loading,
-    with the real model); print the plan of a model over 1B parameters."""
-    from layerprune.finetune.fit import fit_heal
-    from layerprune.models.loading import model_folder, resolve_model_ref
-    from layerprune.models.model_config import read_model_config
-    from layerprune.planning.job import announce_plan
-
-    announce_plan(model_ref, config)
-    if resolve_model_ref(model_ref).kind != "hub":
-        fit_heal(config, read_model_config(model_folder(model_ref)), log=lambda line: None)
-
-
-def _ref_key(ref: str) -> str:
-    """A model reference as a settings value: a local path made absolute (the same folder from anywhere)."""
-    path = Path(ref)
-    return str(path.resolve()) if path.exists() else ref
-
-
-def finetune_model(
+# ------------------------------------------------------------------------------------------------- heal
+def heal_model(
     model_ref: str,
     *,
     out: str,
@@ -323,8 +317,6 @@ def finetune_model(
     streaming: method replace on a checkpoint on disk, one layer in memory at a time (models bigger than
     memory; finetune/streaming_local.py); returns (None, output folder).
     """
-    from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
-
     config = as_config(HealConfig, config, **fields)
     inputs = [model_ref, config.data, config.teacher]
     check_output_dir(out, overwrite, inputs=inputs)
@@ -347,3 +339,173 @@ def finetune_model(
     write_healed(result, record, loaded["model"].tokenizer, out, overwrite=overwrite)
     remove_work_dir(work_dir)
     return result, Path(out)
+
+
+finetune_model = heal_model  # the door's first name, kept: `layerprune finetune` and earlier scripts use it
+
+
+def _check_heal_fits(model_ref: str, config: HealConfig) -> None:
+    """Refuse, from the config alone, a heal that cannot fit this machine (the check repeats after loading,
+    with the real model); print the plan of a model over 1B parameters."""
+    job_plans.announce_plan(model_ref, config)
+    if resolve_model_ref(model_ref).kind != "hub":
+        fit_heal(config, read_model_config(model_folder(model_ref)), log=lambda line: None)
+
+
+def _ref_key(ref: str) -> str:
+    """A model reference as a settings value: a local path made absolute (the same folder from anywhere)."""
+    path = Path(ref)
+    return str(path.resolve()) if path.exists() else ref
+
+
+# ------------------------------------------------------------------------------------------------- eval
+def evaluate_model(
+    model: str | LoadedModel,
+    config: EvalConfig | dict | None = None,
+    *,
+    out: str | None = None,
+    reference=None,
+    streaming: bool = False,
+    dtype: str = DEFAULT_DTYPE,
+    device_map: str | None = None,
+    load_in: str | None = None,
+    overwrite: bool = False,
+    log=print,
+    **fields,
+) -> EvalResult:
+    """Evaluate `model` (a model reference, or a LoadedModel in memory) with `config` (or its fields: tasks=,
+    ppl=, limit=, follow=, ...); with `out`, write eval.json, eval.md and samples.json there.
+
+    reference: the unpruned model in memory, for instruction following (else config.reference or the
+    model's provenance source is loaded). streaming: perplexity with one decoder layer in memory at a time
+    (chosen by itself when only perplexity is asked and the weights do not fit in memory)."""
+    config = as_config(EvalConfig, config, **fields)
+    if out is not None:
+        check_output_dir(out, overwrite, inputs=[model if isinstance(model, str) else None, config.tasks,
+                                                 config.ppl, config.reference])
+    load_in = check_load_in(load_in)  # before the plan reads any data
+    plan = plan_eval(config)
+    log(f"evaluating: {describe_plan(plan)}")
+    loaded = model
+    if streaming:
+        check_streamable_plan(plan)  # before the skeleton loads
+    if isinstance(model, str):
+        streaming = streaming or _does_not_fit(model, plan, log)
+        if streaming:
+            loaded = load_skeleton(model, dtype=dtype)
+            log("streaming: one decoder layer in memory at a time (perplexity only)")
+        else:
+            loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in, for_compute=True)
+    estimate = None if streaming else eval_seconds(config, measure_speed(loaded.model))
+    with announced("evaluation", estimate, log):
+        result = run_eval(loaded, plan, streaming=streaming, reference=reference)
+    result.estimate_s = estimate
+    if out is not None:
+        write_eval(out, result, plan, overwrite=overwrite)
+    return result
+
+
+def _does_not_fit(model: str, plan, log) -> bool:
+    """Stream by itself when only perplexity is asked and the local weights exceed the memory available."""
+    resolved = resolve_model_ref(model)
+    if plan.lm_eval_tasks or plan.humaneval or not plan.ppl or resolved.kind != "folder":
+        return False
+    big = too_big_to_load(resolved.location)
+    if big:
+        log(f"the weights ({big[0] / 2**30:.1f} GiB) do not fit in the available memory ({big[1] / 2**30:.1f} GiB): "
+            "streaming")
+    return big is not None
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def benchmark_model(
+    model: str | LoadedModel,
+    config: BenchConfig | dict | None = None,
+    *,
+    compare: str | LoadedModel | None = None,
+    out: str | None = None,
+    dtype: str = DEFAULT_DTYPE,
+    device: str | None = None,
+    load_in: str | None = None,
+    compare_load_in: str | None = None,
+    overwrite: bool = False,
+    log=print,
+    **fields,
+) -> tuple[dict, dict | None, dict | None]:
+    """Parameters, MACs, memory, prefill latency and generation speed of `model` (a reference or a LoadedModel)
+    and, with `compare`, of a second model and the speed-ups: (base, other, comparison). With `out`, write
+    bench.json, bench.md and bench.png there. References are loaded one at a time and freed after."""
+    config = as_config(BenchConfig, config, **fields)
+    device = _resolve_device(device)
+    load_in = check_load_in(load_in)
+    compare_load_in = load_in if compare_load_in is None else check_load_in(compare_load_in)
+    if out is not None:
+        check_output_dir(out, overwrite, inputs=[m for m in (model, compare) if isinstance(m, str)])
+    results = [_bench_one(m, config, dtype, device, quant, log)
+               for m, quant in [(model, load_in), (compare, compare_load_in)] if m is not None]
+    base, other = results[0], (results[1] if len(results) > 1 else None)
+    comparison = None
+    if out is not None:
+        with atomic_output_dir(out, overwrite) as tmp:
+            comparison = write_outputs(Path(tmp), base, other)
+    return base, other, comparison
+
+
+def _bench_one(model: str | LoadedModel, config: BenchConfig, dtype: str, device: str, load_in: str | None,
+               log) -> dict:
+    """Benchmark one model; a reference is loaded, measured and freed before the next one loads."""
+    if isinstance(model, LoadedModel):
+        return benchmark(model.model, model.tokenizer, config, name=str(model.ref), log=log)
+    log(f"benchmarking {model}{f' ({load_in})' if load_in else ''} on {device}")
+    loaded = load_model(model, dtype=dtype, device=device, load_in=load_in)
+    name = f"{model} ({load_in})" if load_in else model  # the same folder may be measured twice: full and quantized
+    try:
+        return benchmark(loaded.model, loaded.tokenizer, config, name=name, log=lambda m: log(f"  {m}"))
+    finally:
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _resolve_device(device: str | None) -> str:
+    """Default to the GPU when there is one; refuse a device this machine lacks before loading."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise LayerpruneError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise LayerpruneError(f"device {device!r} is not available on this machine")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------- plan
+def plan_job(
+    model_ref: str,
+    *,
+    num_layers: int | None = None,
+    ratio: float | None = None,
+    heal: HealConfig | dict | None = None,
+    prune: PruneConfig | dict | None = None,
+    evaluation: EvalConfig | dict | None = None,
+    adapter: str = "auto",
+    gpus: int | None = None,
+    gpu_memory: str = "80GB",
+    trust_remote_code: bool = False,
+) -> job_plans.JobPlan:
+    """Peak memory per device, disk and time of each stage, and the healing that fits, from the model's config
+    alone (nothing is loaded): on this machine, or on `gpus` GPUs of `gpu_memory` each. num_layers / ratio:
+    the layers to remove (default 25%; num_layers=0: the model as it is)."""
+    if gpus is not None and gpus < 1:
+        raise LayerpruneError("--gpus must be at least 1")
+    if adapter not in ("auto", "none", "lora"):
+        raise LayerpruneError(f"unknown --adapter {adapter!r}; choose auto, none or lora")
+    shape = model_shape(model_ref, trust_remote_code=trust_remote_code)
+    drop = 0 if num_layers == 0 else count_to_drop(
+        shape.layers, num_layers=num_layers, ratio=ratio if ratio is not None or num_layers else 0.25)
+    devices = Devices("cuda", gpus, parse_memory(gpu_memory)) if gpus else this_machine()
+    prune = as_config(PruneConfig, prune, num_layers=max(drop, 1))
+    return job_plans.plan_job(shape, shape.layers - drop, devices, as_config(HealConfig, heal), adapter=adapter,
+                              prune=prune, evaluation=as_config(EvalConfig, evaluation))

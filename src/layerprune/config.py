@@ -20,11 +20,21 @@ from layerprune.benchmark.config import BenchConfig
 from layerprune.common.config_base import StrictConfig, as_config, build_config
 from layerprune.errors import LayerpruneError, shorten
 from layerprune.evaluation.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalConfig
+from layerprune.files.user_files import read_text
 from layerprune.finetune.config import HealConfig
-from layerprune.models.dtypes import DEFAULT_DTYPE, Dtype
+from layerprune.common.config_base import DEFAULT_DTYPE, Dtype
 from layerprune.selection.config import (
-    DEFAULT_METRICS, PRUNE_PRESETS, SEARCH, SELECT_TASKS_DOCS, CalibrationConfig, CurveConfig, PruneConfig, ScoreConfig,
-    StabilityConfig, check_objective, curve_selections,
+    DEFAULT_METRICS,
+    PRUNE_PRESETS,
+    SEARCH,
+    SELECT_TASKS_DOCS,
+    CalibrationConfig,
+    CurveConfig,
+    PruneConfig,
+    ScoreConfig,
+    StabilityConfig,
+    check_objective,
+    curve_selections,
 )
 
 __all__ = [  # every stage's settings, re-exported: `layerprune.config` is where users look for them
@@ -66,8 +76,6 @@ class RunConfig(StrictConfig):
 
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file that must hold a mapping; one LayerpruneError otherwise."""
-    from layerprune.files.user_files import read_text
-
     path = Path(path)
     try:
         data = yaml.safe_load(read_text(path, "config file"))  # missing, a folder, not UTF-8: one error

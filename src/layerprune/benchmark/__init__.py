@@ -5,17 +5,24 @@ docstrings say how, and the limits); measure: the whole benchmark of one model; 
 pruned; render: bench.json, bench.md and bench.png.
 """
 
-from layerprune.benchmark.compare import compare, figures
-from layerprune.benchmark.config import BenchConfig
-from layerprune.benchmark.inputs import PROMPT_TOKENS, token_stream
-from layerprune.benchmark.latency import generation_latency, prefill_latency
-from layerprune.benchmark.macs import count_macs, decode_macs
-from layerprune.benchmark.memory import measure_memory, weight_memory
-from layerprune.benchmark.render import markdown, table_rows, write_outputs
-from layerprune.benchmark.measure import benchmark
+from layerprune.common.lazy import lazy_exports
 
-__all__ = [
-    "PROMPT_TOKENS", "BenchConfig", "benchmark", "compare", "count_macs", "decode_macs", "figures",
-    "generation_latency", "markdown", "measure_memory", "prefill_latency", "table_rows", "token_stream",
-    "weight_memory", "write_outputs",
-]
+_PUBLIC = {
+    "compare": "layerprune.benchmark.compare",
+    "figures": "layerprune.benchmark.compare",
+    "BenchConfig": "layerprune.benchmark.config",
+    "PROMPT_TOKENS": "layerprune.benchmark.inputs",
+    "token_stream": "layerprune.benchmark.inputs",
+    "generation_latency": "layerprune.benchmark.latency",
+    "prefill_latency": "layerprune.benchmark.latency",
+    "count_macs": "layerprune.benchmark.macs",
+    "decode_macs": "layerprune.benchmark.macs",
+    "measure_memory": "layerprune.benchmark.memory",
+    "weight_memory": "layerprune.benchmark.memory",
+    "markdown": "layerprune.benchmark.render",
+    "table_rows": "layerprune.benchmark.render",
+    "write_outputs": "layerprune.benchmark.render",
+    "benchmark": "layerprune.benchmark.measure",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_exports(globals(), _PUBLIC)  # the names load on first use: BenchConfig alone stays light

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from layerprune.data.sources import read_bundled_lines
 from layerprune.errors import LayerpruneError
 
 PROMPT_TOKENS = 12  # Shortened LLaMA: "12 input tokens"
@@ -15,7 +16,6 @@ def token_stream(tokenizer, vocab_size: int, n_tokens: int, seed: int = 0) -> tu
     if tokenizer is None:
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (n_tokens,), generator=generator), "random token ids (no tokenizer)"
-    from layerprune.data.sources import read_bundled_lines
 
     lines = read_bundled_lines("wikitext2")
     take = 256

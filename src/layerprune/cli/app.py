@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, shorten
+from layerprune.files.user_files import os_error_message
+from layerprune.models.model_config import loading_options
 
 app = typer.Typer(
     help="Prune whole decoder layers out of large language models, heal them, and measure the result.",
@@ -48,8 +50,6 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from layerprune.files.user_files import os_error_message
-
         try:
             with _loading_options(kwargs):
                 return fn(*args, **kwargs)
@@ -67,15 +67,12 @@ def user_errors(fn):
 def _loading_options(kwargs: dict):
     if "trust_remote_code" not in kwargs and "no_tokenizer" not in kwargs:
         return contextlib.nullcontext()
-    from layerprune.models.model_config import loading_options
 
     return loading_options(trust_remote_code=kwargs.get("trust_remote_code"),
                            tokenizer=False if kwargs.get("no_tokenizer") else None)
 
 
 def _print_error(message: str):
-    from layerprune.errors import shorten
-
     # one line, whatever was echoed into it
     message = shorten(" ".join(message.split("\n")), 2000)
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

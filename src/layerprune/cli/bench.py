@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,48 +10,13 @@ from rich.table import Table
 from layerprune.benchmark.config import BenchConfig
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option, parse_int_list
-from layerprune.errors import LayerpruneError
-from layerprune.models.dtypes import DEFAULT_DTYPE
+from layerprune.common.config_base import DEFAULT_DTYPE
 
 B = BenchConfig
 
 
-def _resolve_device(device: str | None) -> str:
-    """Default to the GPU when there is one; refuse a device this machine lacks before loading."""
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as err:
-        raise LayerpruneError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from err
-    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
-        raise LayerpruneError(f"device {device!r} is not available on this machine")
-    return device
-
-
-def _bench_one(ref: str, config, dtype: str, device: str, load_in: str | None = None) -> dict:
-    """Load one model, benchmark it, and free it before the next one loads."""
-    import torch
-
-    from layerprune.benchmark import benchmark
-    from layerprune.models.loading import load_model
-
-    loaded = load_model(ref, dtype=dtype, device=device, load_in=load_in)
-    name = f"{ref} ({load_in})" if load_in else ref  # the same folder may be measured twice: full and quantized
-    try:
-        return benchmark(loaded.model, loaded.tokenizer, config, name=name,
-                         log=lambda m: console.print(f"  {m}", highlight=False))
-    finally:
-        del loaded
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 def _print_table(base: dict, other: dict | None, comparison: dict | None) -> None:
-    from layerprune.benchmark import table_rows
+    from layerprune.benchmark import table_rows  # start-up: `--help` loads no torch (cli/__init__.py)
 
     header, rows = table_rows(base, other, comparison)
     table = Table(title="layerprune bench")
@@ -91,25 +54,14 @@ def bench(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
     """Measure parameters, MACs, memory, prefill latency and generation speed; with --compare, the speedups."""
-    from layerprune.benchmark import write_outputs
-    from layerprune.files.outputs import atomic_output_dir, check_output_dir
-    from layerprune.models.quantize import check_load_in
+    from layerprune.api import benchmark_model  # start-up: `--help` loads no torch (cli/__init__.py)
 
     config = config_from_options(BenchConfig, locals(), convert={
         "batch_sizes": lambda text: parse_int_list(text, "--batch-sizes"),
         "new_tokens": lambda text: parse_int_list(text, "--new-tokens")})
-    device = _resolve_device(device)
-    load_in = check_load_in(load_in)
-    compare_load_in = load_in if compare_load_in is None else check_load_in(compare_load_in)
-    check_output_dir(out, overwrite, inputs=[model, compare])
-    refs = [(model, load_in)] + ([(compare, compare_load_in)] if compare else [])
-    results = []
-    for ref, quant in refs:
-        console.print(f"benchmarking [bold]{ref}[/]{f' ({quant})' if quant else ''} on {device}", highlight=False)
-        results.append(_bench_one(ref, config, dtype, device, quant))
-    base, other = results[0], (results[1] if compare else None)
-    with atomic_output_dir(out, overwrite) as tmp:
-        comparison = write_outputs(Path(tmp), base, other)
+    base, other, comparison = benchmark_model(
+        model, config, compare=compare, out=out, dtype=dtype, device=device, load_in=load_in,
+        compare_load_in=compare_load_in, overwrite=overwrite, log=lambda line: console.print(line, highlight=False))
     _print_table(base, other, comparison)
     if comparison is not None:
         console.print(

@@ -9,8 +9,9 @@ from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, user_errors
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option
-from layerprune.models.dtypes import DEFAULT_DTYPE
-from layerprune.selection.config import CalibrationConfig, CurveConfig
+from layerprune.common.config_base import DEFAULT_DTYPE
+from layerprune.files.outputs import check_output_dir
+from layerprune.selection.config import CalibrationConfig, CurveConfig, curve_selections
 
 V = CurveConfig
 C = CalibrationConfig
@@ -40,11 +41,10 @@ def curve(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
     """How many layers, and which: validation perplexity for k = 0..max-drop layers removed, per selection."""
-    from layerprune.files.outputs import check_output_dir
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.hardware.speed import announced, measure_speed
     from layerprune.models.loading import load_model
     from layerprune.planning.run_time import curve_seconds
-    from layerprune.selection.config import curve_selections
     from layerprune.selection.curve import curve_for_loaded, write_curve_files
 
     config = config_from_options(CurveConfig, locals(), convert={"metric": curve_selections},
@@ -61,6 +61,7 @@ def curve(
 
 
 def _print_curve(record: dict) -> None:
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.selection.curve import curve_measure
 
     names = list(record["curves"])

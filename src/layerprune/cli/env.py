@@ -16,6 +16,7 @@ def env(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts and issue forms)."),
 ) -> None:
     """Show versions, CPU (instruction sets, native bf16), GPUs, memory and cache: what a bug report needs."""
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.hardware.env import environment_report, format_report
 
     report = environment_report()

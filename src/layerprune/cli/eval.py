@@ -10,9 +10,21 @@ from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option
+from layerprune.common.config_base import DEFAULT_DTYPE
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation.config import EvalConfig
-from layerprune.models.dtypes import DEFAULT_DTYPE
+from layerprune.evaluation.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalConfig
+from layerprune.evaluation.results import (
+    check_comparable,
+    compare_markdown,
+    compare_rows,
+    format_row,
+    load_eval,
+    plus_minus,
+    ppl_protocol,
+    protocol_differences,
+    task_title,
+)
+from layerprune.files.outputs import check_not_input, write_text
 
 E = EvalConfig
 
@@ -55,42 +67,29 @@ def eval_command(
     """WikiText-2 perplexity and the paper's 8 zero-shot tasks (lm-evaluation-harness), and opt-in HumanEval of a
     model. By default a quick look: the first 300 perplexity windows and 5 documents of each (sub)task;
     --limit 0 --ppl-windows 0 is the full protocol."""
-    from layerprune.evaluation.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT
-    from layerprune.evaluation.protocol import describe_plan, plan_eval, run_eval, write_eval
-    from layerprune.evaluation.results import plus_minus, ppl_protocol, task_title
-    from layerprune.files.outputs import check_output_dir
-    from layerprune.hardware.speed import format_seconds, measure_speed
-    from layerprune.models.loading import load_model
-    from layerprune.models.quantize import check_load_in
-    from layerprune.planning.estimate import eval_seconds
+    from layerprune.api import evaluate_model  # start-up: `--help` loads no torch (cli/__init__.py)
 
-    check_output_dir(out, overwrite, inputs=[model, tasks, ppl, reference])
-    load_in = check_load_in(load_in)  # before the plan reads any data
     eval_config = config_from_options(EvalConfig, locals())
-    plan = plan_eval(eval_config)
-    console.print(f"evaluating: {describe_plan(plan)}", highlight=False)
-    quick = (plan.lm_eval_tasks and limit is None and plan.limit == DEFAULT_TASK_LIMIT) or (
-        plan.ppl and ppl_windows is None and plan.ppl_windows == DEFAULT_PPL_WINDOWS)
+    quick = (eval_config.tasks and limit is None and eval_config.limit == DEFAULT_TASK_LIMIT) or (
+        eval_config.ppl and ppl_windows is None and eval_config.ppl_windows == DEFAULT_PPL_WINDOWS)
     if quick:
         console.print("(the quick default: a few minutes for a ~100M model on 2 CPU cores; --limit 0 --ppl-windows 0 "
                       "is the full protocol, --tasks none skips the zero-shot tasks)", highlight=False)
-    streaming = streaming or _does_not_fit(model, plan)
-    if streaming:
-        from layerprune.evaluation.protocol import check_streamable_plan
-        from layerprune.importance.streaming import load_skeleton
+    result = evaluate_model(model, eval_config, out=out, streaming=streaming, dtype=dtype, device_map=device_map,
+                            load_in=load_in, overwrite=overwrite, log=lambda line: console.print(line, highlight=False))
+    _print_record(result.record)
+    walls = result.record["wall_time_s"]
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items() if name != "total")
+    console.print(f"wall time {walls['total']:.0f} s ({parts}); wrote eval.json, eval.md"
+                  f"{', samples.json' if result.samples is not None else ''}"
+                  f"{', humaneval.jsonl' if result.humaneval is not None else ''} to [bold]{out}[/]")
 
-        check_streamable_plan(plan)
-        loaded, estimate = load_skeleton(model, dtype=dtype), None
-        console.print("streaming: one decoder layer in memory at a time (perplexity only)", highlight=False)
-    else:
-        loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in, for_compute=True)
-        estimate = eval_seconds(eval_config, measure_speed(loaded.model))
-        console.print(f"estimated {format_seconds(estimate)} on this machine (from a timed forward)", highlight=False)
-    result = run_eval(loaded, plan, streaming=streaming)
-    write_eval(out, result, plan, overwrite=overwrite)
-    record = result.record
+
+def _print_record(record: dict) -> None:
+    """The zero-shot table, HumanEval and the perplexities of an eval.json record."""
     if record.get("average"):
-        limited = f"first {plan.limit} per (sub)task" if plan.limit else "all documents"
+        limit = (record["protocol"].get("tasks") or {}).get("limit")
+        limited = f"first {limit} per (sub)task" if limit else "all documents"
         table = Table(title=f"zero-shot ({limited})")
         for column in ("task", "acc", "acc_norm", "n"):
             table.add_column(column, justify="left" if column == "task" else "right")
@@ -108,11 +107,6 @@ def eval_command(
                       f"{he['timed_out']} timed out; completions in humaneval.jsonl)")
     for name, r in record["perplexity"].items():
         console.print(f"{name} perplexity: [bold]{r['ppl']:.4g}[/] ({r['tokens']:,} tokens; {ppl_protocol(r)})")
-    walls = record["wall_time_s"]
-    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items() if name != "total")
-    console.print(f"wall time {walls['total']:.0f} s, estimated {format_seconds(estimate)} ({parts}); wrote eval.json, eval.md"
-                  f"{', samples.json' if result.samples is not None else ''}"
-                  f"{', humaneval.jsonl' if result.humaneval is not None else ''} to [bold]{out}[/]")
 
 
 @app.command("eval-compare")
@@ -124,18 +118,7 @@ def eval_compare(
     overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
 ) -> None:
     """Two evaluations side by side, with deltas (B - A)."""
-    from layerprune.evaluation.results import (
-        check_comparable,
-        compare_markdown,
-        compare_rows,
-        format_row,
-        load_eval,
-        protocol_differences,
-    )
-
     if out is not None:
-        from layerprune.files.outputs import check_not_input
-
         check_not_input(out, [a, b])
         if os.path.lexists(out) and not overwrite:  # a dangling symlink too: writing would make its target
             raise LayerpruneError(f"{out} already exists; pass --overwrite to replace it")
@@ -150,21 +133,5 @@ def eval_compare(
     for note in protocol_differences(ra, rb):
         console.print(f"[yellow]not directly comparable:[/] {note}", highlight=False)
     if out is not None:
-        from layerprune.files.outputs import write_text
-
         write_text(out, compare_markdown(ra, rb, a, b))  # atomic; a symlink is replaced, never written through
         console.print(f"wrote {out}")
-
-
-def _does_not_fit(model: str, plan) -> bool:
-    """Stream by itself when only perplexity is asked and the local weights exceed the memory available."""
-    from layerprune.models.loading import resolve_model_ref
-    from layerprune.models.memory_policy import too_big_to_load
-
-    if plan.lm_eval_tasks or plan.humaneval or not plan.ppl or resolve_model_ref(model).kind != "folder":
-        return False
-    big = too_big_to_load(resolve_model_ref(model).location)
-    if big:
-        console.print(f"the weights ({big[0] / 2**30:.1f} GiB) do not fit in the available memory "
-                      f"({big[1] / 2**30:.1f} GiB): streaming", highlight=False)
-    return big is not None

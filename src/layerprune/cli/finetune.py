@@ -10,8 +10,8 @@ from rich.table import Table
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option, parse_indices
 from layerprune.common.config_base import comma_list
+from layerprune.files.outputs import check_output_dir
 from layerprune.finetune.config import HealConfig
-
 
 H = HealConfig
 
@@ -79,8 +79,8 @@ def finetune(
     trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Heal a pruned model by fine-tuning: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation."""
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.api import finetune_model
-    from layerprune.files.outputs import check_output_dir
 
     heal_config = config_from_options(HealConfig, locals(), yaml_path=config,
                                       convert={"train_layers": parse_indices, "lora_target": _targets})

@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
+from layerprune.errors import LayerpruneError
 
 
 @app.command()
@@ -20,6 +21,7 @@ def info(
     if model.endswith(".gguf"):
         _gguf_info(model)
         return
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import provenance
@@ -46,7 +48,7 @@ def info(
 def _gguf_info(path: str) -> None:
     from pathlib import Path
 
-    from layerprune.errors import LayerpruneError
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.models.gguf_file import layout, reader, tensor_groups
 
     if not Path(path).is_file():

@@ -5,12 +5,14 @@ from __future__ import annotations
 from rich.table import Table
 
 from layerprune.cli.app import app, console
+from layerprune.models.builtin import BUILTIN_MODELS
 
 
 @app.command()
 def metrics() -> None:
     """List the importance metrics."""
-    from layerprune.importance import get_metric, available_metrics
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
+    from layerprune.importance import available_metrics, get_metric
 
     table = Table("metric", "needs data", "what it scores")
     for name in available_metrics():
@@ -22,8 +24,6 @@ def metrics() -> None:
 @app.command()
 def models() -> None:
     """List the built-in model aliases (real small models shipped on PyPI)."""
-    from layerprune.models.builtin import BUILTIN_MODELS
-
     table = Table("alias", "model", "licence")
     for alias, spec in BUILTIN_MODELS.items():
         table.add_row(alias, spec.description, spec.license)

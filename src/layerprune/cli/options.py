@@ -14,6 +14,8 @@ from typing import Callable
 import typer
 from rich.markup import escape
 
+from layerprune.common.config_base import build_config
+from layerprune.config import read_yaml_mapping
 from layerprune.errors import LayerpruneError
 
 # Calibration settings are nested in the prune config; on the command line they read as --calib etc.
@@ -50,9 +52,6 @@ def config_from_options(config_cls, values: dict, *, yaml_path: str | None = Non
                         convert: dict[str, Callable] | None = None, nested: dict[str, dict[str, str]] | None = None):
     """The config of the options that were given (over a YAML file's settings, if any); one error naming
     the option on a bad value. nested: {field: {sub-field: option}} for nested configs (calibration)."""
-    from layerprune.common.config_base import build_config
-    from layerprune.config import read_yaml_mapping
-
     convert = convert or {}
     data = read_yaml_mapping(yaml_path) if yaml_path else {}
     names = {}  # config key path -> option, for error messages

@@ -9,6 +9,9 @@ import typer
 from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
+from layerprune.common.units import format_seconds
+from layerprune.evaluation.config import EvalConfig
+from layerprune.finetune.config import HealConfig
 
 
 @app.command("plan")
@@ -35,31 +38,13 @@ def plan_command(
 ) -> None:
     """Peak memory per device, disk and time of score -> prune -> teacher -> heal -> eval, and the healing that
     fits, from the model's config alone (nothing is loaded)."""
-    from layerprune.errors import LayerpruneError
-    from layerprune.evaluation.config import EvalConfig
-    from layerprune.finetune.config import HealConfig
-    from layerprune.hardware.devices import Devices, parse_memory, this_machine
-    from layerprune.hardware.speed import format_seconds
-    from layerprune.models.shape import model_shape
-    from layerprune.planning.job import plan_job
-    from layerprune.selection.config import PruneConfig
-    from layerprune.selection.ranking import count_to_drop
+    from layerprune.api import plan_job  # start-up: `--help` loads no torch (cli/__init__.py)
 
-    if gpus is not None and gpus < 1:
-        raise LayerpruneError("--gpus must be at least 1")
-    shape = model_shape(model, trust_remote_code=trust_remote_code)
-    if num_layers == 0:  # the model as it is (an already pruned model to heal and evaluate)
-        drop = 0
-    else:
-        drop = count_to_drop(shape.layers, num_layers=num_layers, ratio=ratio if ratio is not None or num_layers
-                             else 0.25)
-    devices = Devices("cuda", gpus, parse_memory(gpu_memory)) if gpus else this_machine()
-    if adapter not in ("auto", "none", "lora"):
-        raise LayerpruneError(f"unknown --adapter {adapter!r}; choose auto, none or lora")
-    heal = HealConfig(method=method, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
-                      gradient_checkpointing=gradient_checkpointing)
-    prune = PruneConfig(num_layers=max(drop, 1), calibration={"n_samples": n_samples, "seq_len": seq_len})
-    plan = plan_job(shape, shape.layers - drop, devices, heal, adapter=adapter, prune=prune,
+    plan = plan_job(model, num_layers=num_layers, ratio=ratio, adapter=adapter, gpus=gpus, gpu_memory=gpu_memory,
+                    trust_remote_code=trust_remote_code,
+                    heal=HealConfig(method=method, batch_size=batch_size, max_length=max_length,
+                                    max_samples=max_samples, gradient_checkpointing=gradient_checkpointing),
+                    prune={"calibration": {"n_samples": n_samples, "seq_len": seq_len}},
                     evaluation=EvalConfig(ppl_windows=ppl_windows))
     if as_json:
         print(json.dumps(plan.to_json(), indent=2))

@@ -18,9 +18,10 @@ from layerprune.cli.app import (
     user_errors,
 )
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
-from layerprune.common.config_base import comma_list
+from layerprune.common.config_base import DEFAULT_DTYPE, comma_list
+from layerprune.config import read_yaml_mapping
 from layerprune.errors import LayerpruneError
-from layerprune.models.dtypes import DEFAULT_DTYPE
+from layerprune.files.outputs import check_output_dir, check_output_file
 from layerprune.selection.config import CalibrationConfig, PruneConfig
 
 P = PruneConfig
@@ -85,9 +86,8 @@ def prune(
     ),
 ) -> None:
     """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.api import prune_model
-    from layerprune.config import read_yaml_mapping
-    from layerprune.files.outputs import check_output_dir, check_output_file
 
     config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics},
                                  nested={"calibration": CALIBRATION_OPTIONS})

@@ -15,6 +15,7 @@ def report_command(
     folder: Path = typer.Argument(..., help="A run folder (config.yaml) or a study folder (study.json)."),
 ) -> None:
     """Rebuild report.md and the plots of a run or study folder from the files its stages wrote."""
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.report.rebuild import rebuild_report
 
     written = rebuild_report(folder)

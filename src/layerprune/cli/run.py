@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from layerprune.cli.app import app, console, user_errors
+from layerprune.config import load_run_config, read_yaml_mapping
 
 
 @app.command()
@@ -21,7 +22,7 @@ def run(
 
     A YAML with a `grid:` of lists is a study: one run per combination, sharing work, ending in
     study.md/.csv/.html and plots."""
-    from layerprune.config import load_run_config, read_yaml_mapping
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.runs.pipeline import run_pipeline
     from layerprune.runs.study import is_study, load_study
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_int_list
-from layerprune.common.config_base import comma_list
+from layerprune.common.config_base import DEFAULT_DTYPE, comma_list
 from layerprune.errors import LayerpruneError
-from layerprune.models.dtypes import DEFAULT_DTYPE
 from layerprune.selection.config import CalibrationConfig, ScoreConfig, StabilityConfig
 
 S = ScoreConfig
@@ -43,9 +43,9 @@ def score(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder that layerprune wrote."),
 ) -> None:
     """Score every layer with one or more importance metrics; write files and plots."""
-    from rich.progress import Progress
-
+    # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.api import score_model
+    from layerprune.selection.scores import stability_markdown
 
     sources = comma_list(calib) if calib is not None else [C().source]
     sample_counts = parse_int_list(n_samples, "--n-samples") if n_samples is not None else [C().n_samples]
@@ -66,8 +66,6 @@ def score(
                              progress=lambda: bar.advance(task), log=console.print)
     _print_scores(result.scores, result.selections)
     if result.stability is not None:
-        from layerprune.selection.scores import stability_markdown
-
         console.print(stability_markdown(result.stability))
     console.print(f"wrote scores.json/csv/md and plots{', stability.json/md' if result.stability else ''} to "
                   f"[bold]{out}[/]")

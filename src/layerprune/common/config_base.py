@@ -6,6 +6,7 @@ A leaf module: `layerprune.config` and `layerprune.finetune.config` both build o
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -63,3 +64,10 @@ def as_config(config_cls, config=None, **fields):
     data = config.model_dump(exclude_unset=True) if isinstance(config, config_cls) else dict(config or {})
     data.update({k: v for k, v in fields.items() if v is not None})
     return build_config(config_cls, data)
+
+
+# The one default of each loading setting, for every command, the API and YAML runs.
+DEFAULT_DTYPE = "auto"
+
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from layerprune.data.sources import read_texts
 from layerprune.errors import LayerpruneError
 from layerprune.models.tokens import pad_token_id
 
@@ -154,8 +155,6 @@ def load_calibration(
     field: str = "text",
 ) -> CalibrationData:
     """Calibration data from a bundled corpus name, a .txt/.jsonl path, or a hub dataset id."""
-    from layerprune.data.sources import read_texts
-
     texts = read_texts(source, field=field)
     return calibration_from_texts(
         tokenizer, texts, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=mode, source=source

@@ -15,7 +15,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerprune.data.sources import bundled_path
 from layerprune.errors import LayerpruneError, first_line
+from layerprune.files.user_files import parse_json_object, read_text
 from layerprune.models.tokens import IGNORE_INDEX
 
 ALPACA_PROMPT = (
@@ -107,8 +109,6 @@ DOLLY_HELDOUT_EVERY = 30
 
 
 def dolly_records() -> list[dict]:
-    from layerprune.data.sources import bundled_path
-
     with gzip.open(bundled_path("dolly-15k.jsonl.gz"), "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -131,8 +131,6 @@ def _read_records(source: str) -> list[dict]:
     if path.is_dir():
         raise LayerpruneError(f"{path} is a folder, not an instruction data file (.json/.jsonl)")
     if path.is_file():
-        from layerprune.files.user_files import parse_json_object, read_text
-
         text = read_text(path, "instruction data file")
         if text.lstrip().startswith("["):  # alpaca_data_cleaned.json is one JSON list
             try:

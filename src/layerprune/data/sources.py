@@ -13,6 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError, first_line
+from layerprune.files.user_files import iter_jsonl, read_text
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,6 @@ def read_texts(source: str, *, field: str = "text") -> list[str]:
 
 
 def _read_file(path: Path, field: str) -> list[str]:
-    from layerprune.files.user_files import iter_jsonl, read_text
-
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if stem_suffix == ".jsonl":
         texts = []

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError, first_line
+from layerprune.files.user_files import iter_jsonl, read_text
 
 YAML_SUFFIXES = (".yaml", ".yml")
 JSONL_SUFFIXES = (".jsonl",)
@@ -51,8 +52,6 @@ def check_task_yaml(path: Path) -> str:
     """The task or group name an lm-eval YAML defines; a clear error if it is not one."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from layerprune.files.user_files import read_text
-
     read_text(path, "task YAML")  # a missing, unreadable or non-UTF-8 file: one error naming the byte
     try:
         config = load_yaml(path, resolve_func=False)
@@ -66,8 +65,6 @@ def check_task_yaml(path: Path) -> str:
 
 def read_mc_items(path: Path) -> list[dict]:
     """Validated multiple-choice items; errors name the file and line."""
-    from layerprune.files.user_files import iter_jsonl
-
     items = [_check_item(item, f"{path}:{number}") for number, item in iter_jsonl(path, "task file")]
     if not items:
         raise LayerpruneError(f"{path} has no items; each line should be "

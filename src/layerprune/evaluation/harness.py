@@ -84,7 +84,7 @@ def _lm_class(scorer: str):
         from lm_eval.models.huggingface import HFLM
 
         return HFLM
-    from layerprune.evaluation.fast_lm import FastHFLM
+    from layerprune.evaluation.fast_lm import FastHFLM  # heavy: lm_eval loads on use
 
     return FastHFLM
 

@@ -23,7 +23,7 @@ import torch
 
 from layerprune.data.collate import PadCollator
 from layerprune.data.instructions import Example, load_examples, prompt_ids, tokenize_examples
-from layerprune.models.logits import causal_lm_parts, labelled_positions
+from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions
 from layerprune.models.responses import GENERATION_BATCH, greedy_responses, reference_responses
 from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
 
@@ -57,8 +57,6 @@ def response_kl(model, reference, rows: list[dict], *, pad_id: int, batch_size: 
 
 def _label_log_probs(model, ids, mask, labels) -> torch.Tensor:
     """log-softmax (fp32) of the next-token logits at the labelled positions."""
-    from layerprune.models.logits import head_logits
-
     _, head, softcap = causal_lm_parts(model)
     hidden, _ = labelled_positions(model, ids, mask, labels)
     return torch.cat([torch.log_softmax(head_logits(head, chunk, softcap), -1) for chunk in hidden.split(512)]) \

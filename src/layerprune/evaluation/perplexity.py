@@ -32,8 +32,12 @@ from pathlib import Path
 
 import torch
 
+from layerprune.data.sources import BUNDLED_CORPORA, bundled_path, read_bundled_lines, read_texts
 from layerprune.errors import LayerpruneError, first_line
+from layerprune.evaluation.checksums import sha256_uncompressed
+from layerprune.files.user_files import decode, read_bytes
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.layer_stream import streamed_forwards
 from layerprune.models.tokens import pad_token_id
 
 BOS_MODES = ("auto", "always", "never", "first")
@@ -71,14 +75,10 @@ def wikitext2_rows(lines: list[str]) -> list[str]:
 
 def load_ppl_text(source: str, *, field: str = "text", data_source: str = "bundled") -> PplText:
     """The evaluation string of a source: wikitext2 | ptb | a .txt file | a .jsonl file (its `field`)."""
-    from layerprune.data.sources import BUNDLED_CORPORA, bundled_path, read_bundled_lines
-    from layerprune.evaluation.checksums import sha256_uncompressed
-
     if source in BUNDLED_PPL:
         if data_source == "hub" and source in HUB_PPL:  # c4-heldout is a slice of the bundled file only
             return _hub_text(source)
         if BUNDLED_CORPORA[source].kind == "jsonl":  # documents joined by blank lines
-            from layerprune.data.sources import read_texts
 
             rows = read_texts(source)
         else:
@@ -94,13 +94,9 @@ def load_ppl_text(source: str, *, field: str = "text", data_source: str = "bundl
         raise LayerpruneError(f"unknown perplexity text {source!r}: not one of {known} or an existing .txt/.jsonl file")
     import hashlib
 
-    from layerprune.files.user_files import decode, read_bytes
-
     raw = read_bytes(path, "perplexity text")  # gunzipped; a corrupt file is one error naming it
     data = {"file": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}  # = sha256_uncompressed
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        from layerprune.data.sources import read_texts
-
         texts = read_texts(str(path), field=field)
         data = {**data, "field": field, "join": "\\n\\n"}
         return PplText(path.name, "\n\n".join(texts), f"{path.name} field {field!r}", data)
@@ -290,8 +286,6 @@ def streaming_perplexity(
     """`perplexity` of a checkpoint on disk with one decoder layer in memory at a time (models/layer_stream.py):
     the windows' hidden states stay in memory, each layer is read, applied to every window and dropped; then
     the model's own forward, its layers replaced by the final hidden states, gives the logits."""
-    from layerprune.models.layer_stream import streamed_forwards
-
     planned = window_inputs(tokenizer, text, seq_len=seq_len, stride=stride, bos=bos, max_windows=max_windows)
     batches = window_batches(planned, pad_token_id(tokenizer), batch_size)
     nll_sum, scored, dtype_name = 0.0, 0, None

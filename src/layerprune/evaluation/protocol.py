@@ -12,9 +12,24 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from layerprune.common.config_base import as_config
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation.perplexity import PplText
-from layerprune.evaluation.tasks import TaskEntry
+from layerprune.evaluation import humaneval
+from layerprune.evaluation.code_exec import Limits
+from layerprune.evaluation.config import EvalConfig
+from layerprune.evaluation.generation import generate_samples
+from layerprune.evaluation.harness import evaluate_tasks
+from layerprune.evaluation.instruction_following import instruction_following
+from layerprune.evaluation.perplexity import PplText, load_ppl_text, perplexity, resolve_bos, streaming_perplexity
+from layerprune.evaluation.results import eval_markdown
+from layerprune.evaluation.tasks import TaskEntry, expand_task_names, resolve_tasks
+from layerprune.files.cache import cache_dir
+from layerprune.files.outputs import atomic_output_dir, write_json
+from layerprune.models.anatomy import count_parameters, model_dtype
+from layerprune.models.loading import load_model
+from layerprune.models.quantize import quantization_record
+from layerprune.models.saving import package_versions
+from layerprune.models.surgery import provenance
 
 
 @dataclass
@@ -50,11 +65,6 @@ class EvalPlan:
 def plan_eval(config=None, **fields) -> EvalPlan:
     """Check every input (an EvalConfig, or its fields as keywords: task names and files, texts, numbers)
     and read the texts; raises LayerpruneError before any model loads."""
-    from layerprune.common.config_base import as_config
-    from layerprune.evaluation.config import EvalConfig
-    from layerprune.evaluation.perplexity import load_ppl_text
-    from layerprune.evaluation.tasks import expand_task_names, resolve_tasks
-
     c = as_config(EvalConfig, config, **fields)
     if any(name != "humaneval" for name in expand_task_names(c.tasks)):
         _require_lm_eval()
@@ -96,6 +106,7 @@ class EvalResult:
     samples: list[dict] | None  # samples.json
     lm_eval_raw: dict | None  # lm_eval_results.json: lm-eval's own results (all subtasks, groups, versions)
     humaneval: list[dict] | None = None  # humaneval.jsonl: each problem's completion and result
+    estimate_s: float | None = None  # the time estimated before it ran (from a timed forward)
 
 
 def _require_lm_eval() -> None:
@@ -126,10 +137,6 @@ def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False, reference=None)
     perplexities only, each computed one layer in memory at a time. reference: the unpruned model already
     in memory, for instruction following (else plan.reference or the provenance source is loaded)."""
     from functools import partial
-
-    from layerprune.evaluation.generation import generate_samples
-    from layerprune.evaluation.harness import evaluate_tasks
-    from layerprune.evaluation.perplexity import perplexity, resolve_bos, streaming_perplexity
 
     if loaded.tokenizer is None:
         raise LayerpruneError(f"{loaded.ref} has no tokenizer, so it cannot be evaluated on text")
@@ -162,9 +169,6 @@ def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False, reference=None)
         tasks_protocol, raw = None, None
     humaneval_rows, humaneval_protocol = None, None
     if plan.humaneval:
-        from layerprune.evaluation import humaneval
-        from layerprune.evaluation.code_exec import Limits
-
         t0 = time.perf_counter()
         limits = Limits(timeout_s=plan.humaneval_timeout)
         record["tasks"]["humaneval"], humaneval_rows = humaneval.evaluate_humaneval(
@@ -204,11 +208,6 @@ def run_eval(loaded, plan: EvalPlan, *, streaming: bool = False, reference=None)
 def _instruction_following(loaded, plan: EvalPlan, reference) -> dict:
     """The instruction-following measures against the unpruned model: `reference` when given, else
     plan.reference or the model's provenance source, loaded for this; an unpruned model is its own."""
-    from layerprune.evaluation.instruction_following import instruction_following
-    from layerprune.files.cache import cache_dir
-    from layerprune.models.loading import load_model
-    from layerprune.models.surgery import provenance
-
     record = provenance(loaded.model)
     if reference is None:
         ref = plan.reference or (record.get("source") if record.get("dropped_layers") else None)
@@ -222,9 +221,6 @@ def _instruction_following(loaded, plan: EvalPlan, reference) -> dict:
 def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite: bool = False) -> Path:
     """eval.json, eval.md, lm_eval_results.json, samples.json, humaneval.jsonl and generated task YAMLs,
     atomically in `out`."""
-    from layerprune.evaluation.results import eval_markdown
-    from layerprune.files.outputs import atomic_output_dir, write_json
-
     with atomic_output_dir(out, overwrite) as tmp:
         write_json(tmp / "eval.json", result.record)
         (tmp / "eval.md").write_text(eval_markdown(result.record), encoding="utf-8")
@@ -243,10 +239,6 @@ def write_eval(out: str | Path, result: EvalResult, plan: EvalPlan, *, overwrite
 
 
 def model_record(loaded) -> dict:
-    from layerprune.models.anatomy import count_parameters, model_dtype
-    from layerprune.models.quantize import quantization_record
-    from layerprune.models.surgery import provenance
-
     record = provenance(loaded.model)
     params = count_parameters(loaded.model)
     return {
@@ -277,8 +269,6 @@ def _data_files(record: dict) -> dict:
 
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
-
-    from layerprune.models.saving import package_versions
 
     found = package_versions()
     for name in ("lm_eval", "datasets", "tokenizers"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerprune.data.task_data import BUNDLED_TASKS
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json
 
@@ -16,8 +17,6 @@ def plus_minus(value: float | None, stderr: float | None) -> str:
 
 
 def task_title(name: str) -> str:
-    from layerprune.data.task_data import BUNDLED_TASKS
-
     return BUNDLED_TASKS[name].title if name in BUNDLED_TASKS else name
 
 

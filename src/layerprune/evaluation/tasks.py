@@ -15,7 +15,9 @@ from typing import Any
 
 from layerprune.data.task_data import BUNDLED_TASKS, PAPER_TASKS, read_task_rows, task_data_path
 from layerprune.errors import LayerpruneError
+from layerprune.evaluation import custom
 from layerprune.evaluation.checksums import sha256_uncompressed
+from layerprune.evaluation.humaneval import data_record
 
 DATA_SOURCES = ("bundled", "hub")
 
@@ -97,13 +99,10 @@ class TaskEntry:
 
 def resolve_tasks(text: str, data_source: str = "bundled") -> list[TaskEntry]:
     """`piqa,hellaswag` / `paper` / paths to .yaml or .jsonl files -> checked TaskEntry list."""
-    from layerprune.evaluation import custom
-
     lm_eval_task_name("piqa", data_source)  # checks data_source
     entries: list[TaskEntry] = []
     for item in expand_task_names(text):
         if item == "humaneval":  # code generation, executed: opt-in only, never part of 'paper'
-            from layerprune.evaluation.humaneval import data_record
 
             entries.append(TaskEntry(item, item, "humaneval", data_record()))
             continue

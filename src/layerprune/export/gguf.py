@@ -32,9 +32,13 @@ from pathlib import Path
 from typing import Callable
 
 from layerprune.errors import LayerpruneError
+from layerprune.export.llamacpp import INSTALL_HINT, have_llama_cpp, quantize_gguf
 from layerprune.files.cache import cache_dir
 from layerprune.files.outputs import check_not_input, cleanup_on_signals, read_json
 from layerprune.files.pypi import last_line, pip_download
+from layerprune.files.user_files import disk_full_message
+from layerprune.models.gguf_file import reader
+from layerprune.models.loading import model_folder, resolve_model_ref
 
 # llama-cpp-python 0.3.36 is the newest release on PyPI when this was written; its vendored
 # llama.cpp converter writes llama.block_count etc. in the format current llama.cpp and
@@ -153,8 +157,6 @@ def export_gguf(
     q4_k_m (llama.cpp's quantizer: llama-cpp-python's, or a `llama-quantize` binary). The GGUF carries the tokenizer and chat
     template from the model folder. Refuses an existing `out_file` unless overwrite.
     """
-    from layerprune.models.loading import model_folder, resolve_model_ref
-
     keep_types = {}
     if quant.lower().startswith(SAME_AS):
         quant, keep_types = same_quantization_as(quant[len(SAME_AS):])
@@ -175,8 +177,6 @@ def export_gguf(
     check_not_input(out, [model])
     quantize = None
     if quant in QUANTIZER_QUANTS:
-        from layerprune.export.llamacpp import INSTALL_HINT, have_llama_cpp
-
         quantize = find_llama_quantize() or ("llama_cpp" if have_llama_cpp() else None)
         if quantize is None:
             raise LayerpruneError(
@@ -213,7 +213,6 @@ def export_gguf(
                 raise LayerpruneError(f"llama.cpp's converter could not export {model}: "
                                       f"{_converter_error(result, out)}")
             if quantize == "llama_cpp":  # the library call behind llama-quantize, from llama-cpp-python
-                from layerprune.export.llamacpp import quantize_gguf
 
                 fallbacks = quantize_gguf(staged_f16, tmp, quant.upper(), **keep_types)
                 if fallbacks["fallback_tensors"] and log is not None:
@@ -244,8 +243,6 @@ def same_quantization_as(reference: str | os.PathLike) -> tuple[str, dict]:
     output tensors (SmolLM2's Q4_1 file keeps its embeddings in Q8_0)."""
     import gguf
 
-    from layerprune.models.gguf_file import reader
-
     if not Path(reference).is_file():
         raise LayerpruneError(f"{SAME_AS}{reference}: no such GGUF file")
     r = reader(reference)
@@ -275,8 +272,6 @@ def _ggml_type_name(value: int) -> str:
 
 
 def _converter_error(result: subprocess.CompletedProcess, out: Path | None = None) -> str:
-    from layerprune.files.user_files import disk_full_message
-
     full = disk_full_message(RuntimeError(result.stderr or ""), out) if out is not None else None
     if full is not None:  # its last line is progress text; the cause is in the traceback above it
         return full

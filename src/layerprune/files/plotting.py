@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from layerprune.files.outputs import write_bytes
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend: files only, no display needed."""
@@ -18,8 +20,6 @@ def save_png(fig, path):
     run and study folders are filled in place."""
     import io
     from pathlib import Path
-
-    from layerprune.files.outputs import write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

@@ -1,9 +1,16 @@
 """Healing a pruned model: partial-layer, LoRA, QLoRA, full, continued pretraining, distillation, and healing
-at the cuts (training-free linear replacement, block-local training)."""
+at the cuts (training-free linear replacement, block-local training). The public names load on first use, so
+reading HealConfig's fields (`layerprune --help`) does not load torch."""
 
-from layerprune.finetune import local  # noqa: F401  (registers replace and block-local)
-from layerprune.finetune.config import HealConfig
-from layerprune.finetune.methods import get_method, register_method, trainable_parameters
-from layerprune.finetune.trainer import HealResult, heal
+from layerprune.common.lazy import lazy_exports
 
-__all__ = ["HealConfig", "HealResult", "get_method", "heal", "register_method", "trainable_parameters"]
+_PUBLIC = {
+    "HealConfig": "layerprune.finetune.config",
+    "HealResult": "layerprune.finetune.trainer",
+    "heal": "layerprune.finetune.trainer",
+    "get_method": "layerprune.finetune.methods",
+    "register_method": "layerprune.finetune.methods",
+    "trainable_parameters": "layerprune.finetune.methods",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_exports(globals(), _PUBLIC)

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from layerprune.hardware.compute import ComputeChoice
-
+from layerprune.data.collate import PadCollator
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.config import HealConfig
+from layerprune.finetune.losses import chunked_cross_entropy, chunked_distillation
+from layerprune.finetune.teacher import compute_teacher_targets
+from layerprune.hardware.compute import ComputeChoice
+from layerprune.models.logits import causal_lm_parts, labelled_positions
 from layerprune.models.prune_result import PruneResult  # noqa: F401  (public: layerprune.api.PruneResult)
 
 OPTIMIZER_SHARE = 0.05  # AdamW's update on top of forward + backward (measured ~3% for full weights on SmolLM2)
@@ -45,8 +48,6 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
     targets: the probe computes that loss (on stand-in targets); its log-softmax over the vocabulary and the
     recomputation of each checkpointed chunk cost about 40% more than cross-entropy alone on SmolLM2
     (a probe of CE only planned 3.0 s steps that took 4.2 s, and the budget cut the schedule short)."""
-    from layerprune.data.collate import PadCollator
-
     batch = PadCollator(pad_id)(rows[:batch_size])
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
@@ -59,8 +60,6 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
     model.train(was_training)
     teacher_row = 0.0
     if teacher is not None and top_k is not None:
-        from layerprune.finetune.teacher import compute_teacher_targets
-
         start = time.perf_counter()
         compute_teacher_targets(teacher, rows[:batch_size], top_k, pad_id=pad_id, batch_size=batch_size,
                                 compute=compute)
@@ -71,9 +70,6 @@ def probe_heal(model, rows: list[dict], *, batch_size: int, accumulation: int, c
 
 def _forward_backward(model, ids, mask, labels, compute: ComputeChoice, distill=None) -> float:
     """Seconds of one forward + backward with the trainer's loss (gradients left for the caller to drop)."""
-    from layerprune.finetune.losses import chunked_cross_entropy, chunked_distillation
-    from layerprune.models.logits import causal_lm_parts, labelled_positions
-
     start = time.perf_counter()
     with compute.autocast():
         hidden, targets = labelled_positions(model, ids, mask, labels)

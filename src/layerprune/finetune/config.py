@@ -18,6 +18,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from layerprune.common.config_base import StrictConfig, apply_preset
+from layerprune.data.instructions import FieldMap
+from layerprune.errors import LayerpruneError
 
 # Named recipes: a preset fills every setting it names unless the setting is given explicitly.
 HEAL_PRESETS: dict[str, dict] = {
@@ -120,7 +122,7 @@ class HealConfig(StrictConfig):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, value: str) -> str:
-        from layerprune.errors import LayerpruneError
+        # start-up: the method registry loads torch, and every command's options are built from this config
         from layerprune.finetune.methods import get_method
 
         try:
@@ -143,9 +145,6 @@ class HealConfig(StrictConfig):
     @classmethod
     def _readable_fields(cls, value):
         if value is not None:
-            from layerprune.data.instructions import FieldMap
-            from layerprune.errors import LayerpruneError
-
             try:
                 FieldMap.parse(value)
             except LayerpruneError as err:
@@ -177,6 +176,4 @@ class HealConfig(StrictConfig):
 
     def field_map(self):
         """The parsed `fields` mapping (None: the format is detected)."""
-        from layerprune.data.instructions import FieldMap
-
         return FieldMap.parse(self.fields) if self.fields else None

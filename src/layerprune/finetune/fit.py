@@ -4,7 +4,8 @@ LoRA adapter, else one error naming what fits (finetune/memory.py counts the byt
 from __future__ import annotations
 
 from layerprune.errors import LayerpruneError
-from layerprune.hardware.devices import Devices, GiB, this_machine
+from layerprune.finetune.memory import heal_memory
+from layerprune.hardware.devices import USABLE, Devices, GiB, this_machine
 from layerprune.models.shape import Job, shape_from_config
 
 FULL_WEIGHT_METHODS = ("full", "cpt", "distill")
@@ -15,9 +16,6 @@ def fit_heal(config, model_config, *, devices: Devices | None = None, loaded_byt
     neither: one error with what each needs and the options that fit. loaded_bytes: memory the model to
     heal already holds (it is part of the plan's count, so it is added back to what is available)."""
     from dataclasses import replace as with_changes
-
-    from layerprune.finetune.memory import heal_memory
-    from layerprune.hardware.devices import USABLE
 
     if config.adapter != "auto":
         return config

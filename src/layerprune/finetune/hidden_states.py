@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.decoder_calls import hidden_of
 from layerprune.models.tokens import IGNORE_INDEX
 
 
@@ -41,8 +42,6 @@ class StateRecorder:
     """Forward hooks that keep the output hidden states of some decoder layers of the latest forward."""
 
     def __init__(self, model: nn.Module, layers: list[int]):
-        from layerprune.models.decoder_calls import hidden_of
-
         self.states: dict[int, torch.Tensor] = {}
         blocks = get_anatomy(model).layers
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
+from layerprune.finetune.hidden_states import dropped_runs
 from layerprune.finetune.methods import heal_compute, register_method
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.surgery import kept_layers, provenance
@@ -31,8 +32,6 @@ MLP_OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "f
 
 def cuts(model: nn.Module) -> list[tuple[int, int]]:
     """Contiguous runs (first, last) of removed ORIGINAL layer indices."""
-    from layerprune.finetune.hidden_states import dropped_runs
-
     return dropped_runs(provenance(model)["dropped_layers"])
 
 

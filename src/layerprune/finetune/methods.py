@@ -17,9 +17,11 @@ from torch import nn
 
 from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
-from layerprune.models.anatomy import get_anatomy
-from layerprune.models.quantize import bnb_config, disable_cpu_repacking
 from layerprune.finetune.hidden_states import dropped_runs
+from layerprune.hardware.compute import compute_choice
+from layerprune.models.anatomy import get_anatomy
+from layerprune.models.model_config import trusts_remote_code
+from layerprune.models.quantize import bnb_config, disable_cpu_repacking
 from layerprune.models.surgery import kept_layers, provenance, untie_embeddings
 
 
@@ -44,7 +46,8 @@ class HealMethod:
     distills: bool = False  # the Trainer's loss is distillation toward the teacher's logits
 
 
-_METHODS: Registry[HealMethod] = Registry("healing method")
+# replace and block-local register from finetune/local.py, loaded at the first lookup
+_METHODS: Registry[HealMethod] = Registry("healing method", builtins=("layerprune.finetune.local",))
 
 
 def register_method(name: str, *, raw_text: bool = False, default_data: str | None = None,
@@ -223,8 +226,6 @@ class QLora:
         from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
 
-        from layerprune.models.model_config import trusts_remote_code
-
         choice = heal_compute(model, config)
         compute_dtype = torch.float32 if choice.dtype == "fp32" else choice.torch_dtype
         context.notes["full_precision"] = model
@@ -252,6 +253,4 @@ class QLora:
 
 def heal_compute(model, config):
     """How healing computes on the model's device: hardware.compute decides from `config.bf16`."""
-    from layerprune.hardware.compute import compute_choice
-
     return compute_choice(next(model.parameters()).device, config.bf16)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from layerprune.data.instructions import prompt_ids
 from layerprune.data.training_rows import training_rows
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import atomic_output_dir, write_json
@@ -19,11 +20,13 @@ from layerprune.finetune.hidden_states import cut_pairs
 from layerprune.finetune.methods import get_method
 from layerprune.finetune.streaming_local import stream_heal
 from layerprune.finetune.teacher_first import (
-    distills_from_cache, examples_needed, targets_before_student, teacher_placement,
+    distills_from_cache,
+    examples_needed,
+    targets_before_student,
+    teacher_placement,
 )
 from layerprune.finetune.teacher_responses import answered_by_teacher
 from layerprune.finetune.trainer import heal, write_loss_curve
-from layerprune.data.instructions import prompt_ids
 from layerprune.models.anatomy import parameter_bytes
 from layerprune.models.checkpoint_rewrite import rewrite_checkpoint
 from layerprune.models.layer_stream import local_folder

@@ -32,8 +32,10 @@ from layerprune.finetune.local import (
     row_batches,
     train_span,
 )
+from layerprune.hardware.compute import compute_choice
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import read_checkpoint
+from layerprune.models.decoder_calls import hidden_of
 from layerprune.models.layer_stream import CheckpointWeights, layer_inputs, run_layer, skeleton
 from layerprune.models.surgery import kept_layers
 
@@ -123,9 +125,6 @@ def _fold(layer, i: int, recorded, targets, batches, weights: CheckpointWeights,
 def _train(anatomy, span: list[int], recorded, targets, batches, weights: CheckpointWeights, prefixes: list[str],
            cut, config, state, student) -> None:
     """block-local: train the span's layers on their cached inputs toward the teacher's stream, then apply them."""
-    from layerprune.hardware.compute import compute_choice
-    from layerprune.models.decoder_calls import hidden_of
-
     layers = [anatomy.layers[j] for j in span]
 
     def forward(b: int) -> torch.Tensor:

@@ -21,10 +21,13 @@ from torch import nn
 from layerprune.data.collate import PadCollator
 from layerprune.errors import LayerpruneError
 from layerprune.files.user_files import disk_full_message
+from layerprune.finetune.hidden_states import StateRecorder
 from layerprune.finetune.teacher_cache import load_cached
 from layerprune.hardware.compute import ComputeChoice
 from layerprune.models.fingerprint import folder_fingerprint, teacher_fingerprint
+from layerprune.models.layer_stream import streamed_forwards
 from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions
+from layerprune.models.model_config import read_model_config
 from layerprune.models.tokens import IGNORE_INDEX
 
 
@@ -64,8 +67,6 @@ def compute_teacher_targets(teacher: nn.Module, rows: list[dict], k: int, *, pad
     and with state_layers (positions, len(state_layers), hidden) bf16 output states of those layers.
     compute: the autocast to run the teacher under (hardware.compute; bf16 is about 3x faster on a CPU with
     native bf16, 26x slower on one without); the targets are kept in fp32. None: as the weights are."""
-    from layerprune.finetune.hidden_states import StateRecorder
-
     batches = _padded_batches(rows, pad_id, batch_size)
     teacher.eval()
     parts = []
@@ -87,8 +88,6 @@ def streamed_teacher_targets(folder: str | os.PathLike, rows: list[dict], k: int
                              dtype="auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """compute_teacher_targets of a teacher checkpoint on disk, one decoder layer in memory at a time (a
     teacher bigger than memory): the rows' hidden states stay in memory and each layer is read once."""
-    from layerprune.models.layer_stream import streamed_forwards
-
     batches = _padded_batches(rows, pad_id, batch_size)
     inputs = [(padded["input_ids"], padded["attention_mask"]) for padded in batches]
     parts = []
@@ -182,7 +181,6 @@ def teacher_targets(teacher: nn.Module | str | os.PathLike, rows: list[dict], k:
 
 def _vocab_size(teacher) -> int:
     if not isinstance(teacher, nn.Module):  # a folder: its config says
-        from layerprune.models.model_config import read_model_config
 
         return int(read_model_config(Path(teacher)).get_text_config().vocab_size)
     _, head, _ = causal_lm_parts(teacher)

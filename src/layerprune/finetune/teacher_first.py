@@ -16,8 +16,13 @@ import os
 import time
 from pathlib import Path
 
+from layerprune.data.mixes import is_mix, parse_mix
+from layerprune.data.sources import BUNDLED_CORPORA
+from layerprune.files.cache import cache_dir
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.methods import get_method
+from layerprune.finetune.teacher import teacher_targets
+from layerprune.hardware.compute import compute_choice
 from layerprune.hardware.devices import available_memory_bytes
 from layerprune.models.memory_policy import MEMORY_FRACTION, checkpoint_bytes
 
@@ -56,9 +61,6 @@ def examples_needed(config: HealConfig, weight_share: float = 1.0) -> int | None
 def examples_answered(config: HealConfig) -> int | None:
     """How many prompts `responses: teacher` (finetune/teacher_responses.py) has the teacher answer under
     this config (0 with the data's responses; None for epochs over all the data)."""
-    from layerprune.data.mixes import is_mix, parse_mix
-    from layerprune.data.sources import BUNDLED_CORPORA
-
     if config.responses != "teacher":
         return 0
     source = config.data or get_method(config.method).default_data
@@ -86,10 +88,6 @@ def targets_before_student(rows: list[dict], config: HealConfig, load_teacher, *
     the cache, and the teacher released before this returns. state_layers: teacher layers whose output
     states are kept too (distill_hidden)."""
     from tqdm.auto import tqdm
-
-    from layerprune.files.cache import cache_dir
-    from layerprune.finetune.teacher import teacher_targets
-    from layerprune.hardware.compute import compute_choice
 
     covered = rows_to_cover(rows, config)
     start = time.perf_counter()

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import gc
 
-from layerprune.data.instructions import Example
+from layerprune.data.instructions import Example, prompt_ids
+from layerprune.files.cache import cache_dir
+from layerprune.files.outputs import read_json, write_json
+from layerprune.hardware.compute import compute_choice
+from layerprune.hardware.speed import GENERATED_TOKEN_COST, announced, measure_speed
+from layerprune.models.responses import GENERATION_BATCH, greedy_responses, responses_path
 
 
 def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new_tokens: int, bf16,
                         template: str = "auto", log=print) -> list[Example]:
     """The examples with the teacher's greedy responses (at most new_tokens tokens, cut at the end of turn)
     in place of their own; from the cache when this teacher answered these prompts before."""
-    from layerprune.data.instructions import prompt_ids
-    from layerprune.files.cache import cache_dir
-    from layerprune.files.outputs import read_json, write_json
-    from layerprune.hardware.compute import compute_choice
-    from layerprune.hardware.speed import GENERATED_TOKEN_COST, announced, measure_speed
-    from layerprune.models.responses import GENERATION_BATCH, greedy_responses, responses_path
-
     prompts = [prompt_ids(tokenizer, example, template) for example in examples]
     teacher = load_teacher()
     compute = compute_choice(next(teacher.parameters()).device, bf16)

@@ -16,13 +16,20 @@ import torch
 
 from layerprune.data.collate import PadCollator, TokenizedDataset  # noqa: F401  (PadCollator: public here)
 from layerprune.errors import LayerpruneError
+from layerprune.files.cache import cache_dir
+from layerprune.files.plotting import pyplot
+from layerprune.files.user_files import disk_full_message
+from layerprune.finetune.budget import budget_callback, fit_steps, probe_heal
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.finite import check_finite_weights, check_loss, finite_guard
 from layerprune.finetune.hidden_states import StateRecorder, cut_pairs, relative_state_error
+from layerprune.finetune.local import replace_unsupported
 from layerprune.finetune.losses import chunked_cross_entropy, chunked_distillation
 from layerprune.finetune.methods import HealContext, get_method, heal_compute, trainable_parameters
+from layerprune.finetune.teacher import teacher_targets
 from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
 from layerprune.hardware.compute import announce
+from layerprune.common.units import format_seconds as format_minutes
 from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions, unwrapped
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
@@ -281,9 +288,6 @@ def _training_arguments(config, work_dir: Path, compute, accumulation: int):
 def _plan_steps(model, rows, config, context, compute, *, started, accumulation, rows_per_step, teacher, log):
     """Time one step (budget.probe_heal), print the estimate, and with max_minutes fit max_steps into the
     budget. Returns (config with the steps to run, a deadline callback or None)."""
-    from layerprune.finetune.budget import budget_callback, fit_steps, probe_heal
-    from layerprune.hardware.speed import format_seconds as format_minutes
-
     distills = get_method(config.method).distills and config.distill_top_k is not None
     probe = probe_heal(model, rows, batch_size=config.batch_size, accumulation=accumulation, compute=compute,
                        pad_id=pad_token_id(context.tokenizer), teacher=teacher, top_k=config.distill_top_k,
@@ -314,9 +318,6 @@ def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute, 
     """The teacher's top-k targets of the rows, from the on-disk cache when an earlier run made them."""
     from tqdm.auto import tqdm
 
-    from layerprune.files.cache import cache_dir
-    from layerprune.finetune.teacher import teacher_targets
-
     start = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"teacher top-{config.distill_top_k} targets", unit="row", leave=False)
     try:
@@ -334,8 +335,6 @@ def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute, 
 def _replace_first(model, rows, config, context):
     """The training-free linear replacement of every cut, as the starting point of training. Skipped (and
     said so in the notes) without a teacher or for a family whose MLP output cannot take the fold."""
-    from layerprune.finetune.local import replace_unsupported
-
     reason = "no teacher model was given" if context.teacher is None else replace_unsupported(model)
     if reason:
         warnings.warn(f"init replace skipped: {reason}", stacklevel=3)
@@ -387,8 +386,6 @@ def _tokens_in_steps(rows, trainer, accumulation) -> int:
 def _train(trainer, checkpoint, work_dir: Path):
     """trainer.train; a full disk while saving a checkpoint is one error, and the checkpoint it was writing
     (no trainer_state.json yet: the Trainer writes it last) is removed instead of left filling the disk."""
-    from layerprune.files.user_files import disk_full_message
-
     try:
         return trainer.train(resume_from_checkpoint=checkpoint)
     except Exception as err:
@@ -429,8 +426,6 @@ def write_loss_curve(curve: list[dict], out_dir: Path) -> list[Path]:
         writer.writerows(curve)
     paths = [out_dir / "loss.csv"]
     if curve:
-        from layerprune.files.plotting import pyplot
-
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])

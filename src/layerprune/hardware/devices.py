@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from layerprune.errors import LayerpruneError
+from layerprune.hardware.compute import best_matmul_time, cpu_native_bf16
+
 GiB = 2**30
 
 
@@ -49,8 +52,6 @@ def parse_memory(text: str) -> int:
     """'80GB', '24 GiB', '512MB' -> bytes (GB and GiB both read as 2**30: how GPU memory is quoted)."""
     import re
 
-    from layerprune.errors import LayerpruneError
-
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?)?\s*", str(text), flags=re.I)
     if not match or not math.isfinite(float(match.group(1))):
         raise LayerpruneError(f"cannot read the memory size {text!r}; write e.g. 80GB")
@@ -65,8 +66,6 @@ def this_machine() -> Devices:
     """The GPUs here (the first one's memory, times their count), else the CPU with its available memory."""
     import torch
 
-    from layerprune.hardware.compute import cpu_native_bf16
-
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return Devices("cuda", torch.cuda.device_count(), props.total_memory, torch.cuda.is_bf16_supported())
@@ -78,8 +77,6 @@ def device_flops(devices: Devices) -> tuple[float, str]:
     if devices.kind == "cuda":
         return GPU_FLOPS * devices.count, f"nominal {GPU_FLOPS / 1e12:.0f} TFLOPS per GPU"
     import torch
-
-    from layerprune.hardware.compute import best_matmul_time
 
     dtype = torch.bfloat16 if devices.bf16 else torch.float32
     a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)

@@ -14,6 +14,9 @@ import platform
 import shutil
 from pathlib import Path
 
+from layerprune.files.cache import cache_dir
+from layerprune.hardware import compute
+
 PACKAGES = ("torch", "transformers", "peft", "lm_eval", "accelerate", "datasets", "safetensors", "gguf",
             "bitsandbytes", "trl")
 ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "LAYERPRUNE_CACHE", "HF_HOME", "CUDA_VISIBLE_DEVICES",
@@ -49,8 +52,6 @@ def package_version(name: str) -> str | None:
 
 def cpu_report() -> dict:
     """The CPU facts that decide the compute dtype: bf16 is only fast where AVX512-BF16 or AMX computes it."""
-    from layerprune.hardware import compute
-
     flags = compute.cpu_flags()
     has_bf16_flags = any(flag in flags for flag in compute.NATIVE_BF16_FLAGS)
     return {
@@ -101,8 +102,6 @@ def memory_report(meminfo: str | None = None) -> dict:
 def cache_report() -> dict:
     """Where models are cached and how much disk is free there (the cache may not exist yet: its nearest
     existing parent is on the same disk, usually)."""
-    from layerprune.files.cache import cache_dir
-
     path = cache_dir()
     existing = path.expanduser().absolute()
     while not existing.exists() and existing != existing.parent:

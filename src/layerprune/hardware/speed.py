@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from layerprune.common.units import format_seconds
+
 GENERATED_TOKEN_COST = 6.0
 
 
@@ -50,13 +52,3 @@ def announced(what: str, seconds: float | None, log):
     start = time.perf_counter()
     yield
     log(f"{what}: took {format_seconds(time.perf_counter() - start)} (estimated {format_seconds(seconds)})")
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

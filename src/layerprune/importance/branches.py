@@ -21,6 +21,7 @@ from layerprune.importance.activations import DEFAULT_BATCH_SIZE, calibration_fo
 from layerprune.importance.registry import register_group, register_metric
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.decoder_calls import hidden_of, layer_input
+from layerprune.models.sublayer import branch_spec
 
 GROUP = "branches"
 _METRIC_OF = {"attention": "attention-influence", "mlp": "mlp-influence"}
@@ -28,8 +29,6 @@ _METRIC_OF = {"attention": "attention-influence", "mlp": "mlp-influence"}
 
 def run_branch_pass(model, calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, list[float]]:
     """{"attention": [...], "mlp": [...]} branch influence of every current layer, from one forward pass."""
-    from layerprune.models.sublayer import branch_spec
-
     if batch_size < 1:
         raise LayerpruneError(f"batch_size must be >= 1, got {batch_size}")
     spec = branch_spec(model)

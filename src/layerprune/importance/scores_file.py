@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.importance.base import LayerScores
 from layerprune.files.outputs import read_json, write_json
+from layerprune.importance.base import LayerScores
 
 
 def write_scores_json(path: str | Path, model_ref: str, scores: dict[str, LayerScores],

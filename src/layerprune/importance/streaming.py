@@ -39,6 +39,7 @@ from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import read_checkpoint
 from layerprune.models.decoder_calls import hidden_of
 from layerprune.models.layer_stream import CheckpointWeights, layer_inputs, local_folder, skeleton
+from layerprune.models.loading import LoadedModel, folder_tokenizer
 
 ACTIVATION_METRICS = ("block-influence", "relative-magnitude", "angular")
 WEIGHT_NORMS = {"magnitude-l1": l1_norm, "magnitude-l2": frobenius_norms_sum}
@@ -120,8 +121,6 @@ def check_streamable(metrics) -> None:
 def load_skeleton(ref: str | os.PathLike, *, dtype: str | torch.dtype = "auto", metrics=None):
     """A LoadedModel whose weights stay on disk (meta device) + its tokenizer: what `score --streaming` needs
     to know the layers and encode calibration text. `metrics` are checked first."""
-    from layerprune.models.loading import LoadedModel, folder_tokenizer
-
     if metrics is not None:
         check_streamable(metrics)
     folder = local_folder(ref)

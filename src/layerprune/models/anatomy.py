@@ -16,6 +16,8 @@ from torch import nn
 
 from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
+from layerprune.models.quantize import logical_numel as numel
+from layerprune.models.quantize import stored_bytes
 
 # A config rewrite: (config, kept positions of the current model) -> None, in place.
 ConfigRewrite = Callable[[object, list[int]], None]
@@ -207,8 +209,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
     Packed 4-bit weights (bitsandbytes) count the parameters they stand for, not their bytes.
     """
-    from layerprune.models.quantize import logical_numel as numel
-
     anatomy = get_anatomy(model)
     seen: set[int] = set()
     total = 0
@@ -231,8 +231,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of the unique parameters as stored: packed quantized weights plus their scales."""
-    from layerprune.models.quantize import stored_bytes
-
     seen: set[int] = set()
     size = 0
     for p in model.parameters():

@@ -32,11 +32,14 @@ from pathlib import Path
 from typing import Iterable
 
 from layerprune.errors import LayerpruneError, shorten
+from layerprune.files.outputs import atomic_output_dir, check_output_dir, read_json, write_json
+from layerprune.files.user_files import check_free_space
 from layerprune.models.anatomy import family_spec, supported_model_types
+from layerprune.models.model_config import loads_tokenizer, read_model_config, trusts_remote_code
 from layerprune.models.prune_result import PruneResult
 from layerprune.models.saving import RECORD_FILE, write_record_file
+from layerprune.models.sublayer import WEIGHTS_NAME as SUBLAYER_WEIGHTS
 from layerprune.models.surgery import check_drop, config_provenance, pruned_provenance, rewrite_config
-from layerprune.files.outputs import atomic_output_dir, check_output_dir, read_json, write_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -156,8 +159,6 @@ def _valid_entry(info) -> bool:
 
 def weight_files(folder: str | os.PathLike) -> list[str]:
     """The safetensors files holding a checkpoint's weights; one clear error for other layouts."""
-    from layerprune.models.sublayer import WEIGHTS_NAME as SUBLAYER_WEIGHTS
-
     folder = Path(folder)
     if (folder / SUBLAYER_WEIGHTS).is_file():
         raise LayerpruneError(
@@ -375,8 +376,6 @@ def write_shard(folder: Path, path: Path, tensors: list[OutputTensor], metadata:
 
 
 def _read_config(folder: Path):
-    from layerprune.models.model_config import read_model_config
-
     if not (folder / "config.json").is_file():
         raise LayerpruneError(f"{folder} is not a model folder: it has no config.json")
     config = read_model_config(folder)
@@ -481,9 +480,6 @@ def prune_checkpoint(
     names the original model when the config does not yet record one (default: src_dir). tokenizer False
     leaves the tokenizer files out (None: the setting of `loading.loading_options`, default True).
     """
-    from layerprune.models.model_config import loads_tokenizer, trusts_remote_code
-    from layerprune.files.user_files import check_free_space
-
     src = Path(src_dir)
     if not src.is_dir():
         raise LayerpruneError(f"model folder not found: {src}")
@@ -562,4 +558,3 @@ def source_metadata(src: Path, entries: list[TensorEntry]) -> dict:
     first = entries[0].file if entries else weight_files(src)[0]
     metadata = read_safetensors_header(src / first)[0].get("__metadata__") or {}
     return {str(k): str(v) for k, v in {"format": "pt", **metadata}.items()}
-

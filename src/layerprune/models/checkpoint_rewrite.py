@@ -16,12 +16,20 @@ from pathlib import Path
 import torch
 
 from layerprune.errors import LayerpruneError
-from layerprune.files.outputs import atomic_output_dir, write_json
-from layerprune.models.dtypes import SAFETENSORS_FLOATS
+from layerprune.files.outputs import atomic_output_dir, read_json, write_json
 from layerprune.models.checkpoint import (
-    INDEX_NAME, OutputTensor, copy_side_files, plan_shards, read_checkpoint, shard_file_names, source_metadata,
-    weight_files, write_shard,
+    INDEX_NAME,
+    OutputTensor,
+    copy_side_files,
+    plan_shards,
+    read_checkpoint,
+    shard_file_names,
+    source_metadata,
+    weight_files,
+    write_shard,
 )
+from layerprune.models.dtypes import SAFETENSORS_FLOATS
+from layerprune.models.saving import write_record_file
 
 
 def rewrite_checkpoint(src: str | os.PathLike, out: str | os.PathLike, replaced: dict[str, torch.Tensor], *,
@@ -30,9 +38,6 @@ def rewrite_checkpoint(src: str | os.PathLike, out: str | os.PathLike, replaced:
     """Write `src` to `out` with the tensors named in `replaced` (checkpoint names) set to new values;
     provenance: the config's new `layerprune` entry (also written to layerprune.json, with record_extra);
     files: extra JSON files of the output ({"heal.json": record})."""
-    from layerprune.files.outputs import read_json
-    from layerprune.models.saving import write_record_file
-
     from safetensors.torch import save_file
 
     src = Path(src)

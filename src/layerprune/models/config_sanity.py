@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError, shorten
+from layerprune.files.outputs import read_json
 
 # Counts that must be whole and positive, by every name the families use; with a bound no real model nears.
 COUNTS = {
@@ -39,8 +40,6 @@ def check_config_sanity(folder: str | os.PathLike) -> None:
     """Refuse a config.json whose sizes are not whole positive numbers, whose per-layer lists do not match the
     layer count, or which describes far more parameters than its weight files could hold. It reads the JSON
     itself: some config classes build per-layer lists in their constructor, so even AutoConfig would hang."""
-    from layerprune.files.outputs import read_json
-
     path = Path(folder) / "config.json"
     config = read_json(path) if path.is_file() else None
     if not isinstance(config, dict):

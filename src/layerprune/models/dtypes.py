@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from layerprune.errors import LayerpruneError
@@ -36,10 +34,3 @@ def stored_dtype(config) -> torch.dtype | None:
     if isinstance(stored, str):  # configs written by older transformers keep the name
         stored = getattr(torch, stored.removeprefix("torch."), None)
     return stored if isinstance(stored, torch.dtype) else None
-
-
-# The one default of each loading setting, for every command, the API and YAML runs.
-DEFAULT_DTYPE = "auto"
-
-
-Dtype = Literal["auto", "bf16", "fp16", "fp32"]

@@ -22,8 +22,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
+from layerprune.files.outputs import atomic_output_file
+from layerprune.files.user_files import check_free_space
 from layerprune.models.prune_result import PruneResult
+from layerprune.models.surgery import check_drop, pruned_provenance
 
 # GGUF architectures that transformers reads and layerprune supports (mistral files mostly say "llama").
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
@@ -47,11 +50,9 @@ class GgufLayout:
 
 def reader(path: str | os.PathLike):
     """gguf.GGUFReader of `path`, with one clear error for what is not a readable GGUF file."""
-    import gguf
-
     import struct
 
-    from layerprune.errors import first_line
+    import gguf
 
     if not Path(path).is_file():
         raise LayerpruneError(f"GGUF file not found: {path}")
@@ -175,10 +176,6 @@ def prune_gguf(
     how: the selection record kept in the provenance history ({"chosen_by": "explicit"} by default);
     source: the name the original is recorded under (default: the file's path)."""
     import gguf
-
-    from layerprune.files.outputs import atomic_output_file
-    from layerprune.files.user_files import check_free_space
-    from layerprune.models.surgery import check_drop, pruned_provenance
 
     r = reader(src)
     shape = layout(r)

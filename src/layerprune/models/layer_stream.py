@@ -22,15 +22,15 @@ from torch import nn
 
 from layerprune.errors import LayerpruneError, first_line
 from layerprune.models.anatomy import get_anatomy
-from layerprune.models.checkpoint import TensorEntry, find_layers_prefix
-from layerprune.models.decoder_calls import last_logits_kwargs, layer_input
+from layerprune.models.checkpoint import TensorEntry, find_layers_prefix, read_checkpoint
+from layerprune.models.decoder_calls import hidden_of, last_logits_kwargs, layer_input
 from layerprune.models.dtypes import SAFETENSORS_FLOATS, parse_dtype, stored_dtype
+from layerprune.models.loading import check_causal_lm, model_folder, resolve_model_ref
+from layerprune.models.model_config import read_model_config, trusts_remote_code
 
 
 def local_folder(ref: str | os.PathLike) -> Path:
     """The Hugging Face folder of a reference (aliases and GGUF files are converted once); no hub ids."""
-    from layerprune.models.loading import model_folder, resolve_model_ref
-
     if resolve_model_ref(ref).kind == "hub":
         raise LayerpruneError(f"streaming reads a local checkpoint; {ref} is a hub id (download it first)")
     return Path(model_folder(ref))
@@ -40,9 +40,6 @@ def skeleton(folder: Path, dtype, entries: dict[str, TensorEntry]) -> nn.Module:
     """The model with parameters on the meta device and real buffers (rotary frequencies, ...)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from layerprune.models.loading import check_causal_lm
-    from layerprune.models.model_config import read_model_config, trusts_remote_code
 
     trusted = trusts_remote_code()
     check_causal_lm(str(folder), trusted)  # encoders and encoder-decoders are refused as in load_model
@@ -254,8 +251,6 @@ def tied_head(model: nn.Module):
 
 def run_layer(block: nn.Module, i: int, batches: list[dict]) -> None:
     """Push every recorded batch's hidden states through layer i; its output becomes the next layer's input."""
-    from layerprune.models.decoder_calls import hidden_of
-
     with torch.no_grad():
         for batch in batches:
             rest, kwargs = batch["calls"][i]
@@ -291,8 +286,6 @@ def streamed_forwards(model_ref: str | os.PathLike, batches: list[tuple[torch.Te
     gives batch i's real output: final norm, head, soft-capping. Used by streaming perplexity and the
     teacher's top-k targets of a teacher bigger than memory."""
     from tqdm.auto import tqdm
-
-    from layerprune.models.checkpoint import read_checkpoint
 
     folder = local_folder(model_ref)
     entries = {entry.name: entry for entry in read_checkpoint(folder)}

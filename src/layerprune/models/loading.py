@@ -26,8 +26,12 @@ import torch
 
 from layerprune.errors import LayerpruneError, first_line, shorten
 from layerprune.files.cache import cache_dir
+from layerprune.hardware.compute import announce, load_dtype
+from layerprune.models.anatomy import get_anatomy
 from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path
-from layerprune.models.dtypes import parse_dtype
+from layerprune.models.checkpoint import INDEX_NAME, layer_index, read_checkpoint
+from layerprune.models.dtypes import parse_dtype, stored_dtype
+from layerprune.models.gguf_file import apply_layout
 from layerprune.models.model_config import (  # noqa: F401  (loading_options: the public way to set them)
     loading_options,
     loads_tokenizer,
@@ -36,6 +40,9 @@ from layerprune.models.model_config import (  # noqa: F401  (loading_options: th
     remote_code_refused,
     trusts_remote_code,
 )
+from layerprune.models.quantize import bnb_config, check_load_in, compute_dtype_for, prepare_for_inference
+from layerprune.models.sublayer import is_sublayer_folder, load_sublayer_model
+from layerprune.models.surgery import provenance
 
 # Files that make a folder's tokenizer: a folder with none of them is weights-only.
 TOKENIZER_FILES = (
@@ -145,8 +152,6 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from layerprune.models.quantize import bnb_config, check_load_in, compute_dtype_for, prepare_for_inference
-
     torch_dtype = parse_dtype(dtype)
     load_in = check_load_in(load_in)
     trusted = trusts_remote_code(trust_remote_code)
@@ -169,7 +174,6 @@ def load_model(
         device_map = device_map if device_map is not None else {"": device or "cpu"}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    from layerprune.models.sublayer import is_sublayer_folder, load_sublayer_model
 
     if is_sublayer_folder(folder):
         # Layers without attention or MLP: stock from_pretrained can't build them; layerprune rebuilds them.
@@ -193,7 +197,6 @@ def load_model(
     record = getattr(model.config, "layerprune", None)
     if not isinstance(record, dict) or "source" not in record:
         # Remember where the original came from, so every derived model can say so.
-        from layerprune.models.surgery import provenance
 
         model.config.layerprune = {**provenance(model), "source": str(ref)}
     if trusted:  # the provenance says the folder's own code was allowed to run (layerprune.json)
@@ -202,9 +205,6 @@ def load_model(
 
 
 def _compute_load_dtype(torch_dtype, folder: str, device: str | None):
-    from layerprune.hardware.compute import announce, load_dtype
-    from layerprune.models.dtypes import stored_dtype
-
     if torch_dtype != "auto":
         return torch_dtype
     try:
@@ -248,8 +248,6 @@ def _from_pretrained(auto_class, folder: str, ref, kwargs: dict):
 
 def _check_weight_files(folder: str) -> None:
     """The safetensors headers of a local folder (read only): truncated or corrupt files fail here, by name."""
-    from layerprune.models.checkpoint import INDEX_NAME, read_checkpoint
-
     path = Path(folder)
     if path.is_dir() and ((path / INDEX_NAME).is_file() or any(path.glob("*.safetensors"))):
         read_checkpoint(path)
@@ -279,8 +277,6 @@ def check_loading_info(model, info: dict, ref) -> None:
 
 
 def _layer_prefixes(model) -> list[str]:
-    from layerprune.models.anatomy import get_anatomy
-
     try:
         parts = get_anatomy(model).layers_path.split(".")
     except LayerpruneError:
@@ -289,8 +285,6 @@ def _layer_prefixes(model) -> list[str]:
 
 
 def _layer_of(model, key: str) -> int | None:
-    from layerprune.models.checkpoint import layer_index
-
     for prefix in _layer_prefixes(model):
         located = layer_index(key, prefix)
         if located is not None:
@@ -398,7 +392,6 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
     # The dequantized weights are plain tensors; without this, save_pretrained/peft/Trainer refuse the model.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    from layerprune.models.gguf_file import apply_layout
 
     apply_layout(model.config, gguf_path)  # a pruned GGUF: original layer numbers, sliding-window layers
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from layerprune.models.provenance_labels import describe_quality_target
+from layerprune.models.provenance_labels import describe_quality_target, objective_label
 
 _LOAD_STOCK = """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,7 +149,6 @@ def _candidates(selection: dict) -> list[str]:
     candidates = selection.get("candidates") or {}
     if not candidates:
         return []
-    from layerprune.models.provenance_labels import objective_label
 
     label = objective_label((selection.get("validation") or {}).get("objective"))
     lines = ["", "Candidate drop-sets compared on held-out text before healing (lower loss is better):", "",

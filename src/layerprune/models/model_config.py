@@ -8,6 +8,7 @@ import os
 from typing import Iterator
 
 from layerprune.errors import LayerpruneError, first_line
+from layerprune.models.config_sanity import check_config_sanity
 
 # Whether models loaded in this context may run the Python code their folder ships (default: never), and
 # whether their tokenizer is loaded: what the CLI's --trust-remote-code / --no-tokenizer set.
@@ -65,8 +66,6 @@ def remote_code_error(what: str) -> LayerpruneError:
 def read_model_config(folder: str | os.PathLike, *, trust_remote_code: bool | None = None):
     """The transformers config of a model folder; one LayerpruneError when it can't be read."""
     from transformers import AutoConfig
-
-    from layerprune.models.config_sanity import check_config_sanity
 
     check_config_sanity(folder)  # before AutoConfig: some config classes already build per-layer lists
     try:

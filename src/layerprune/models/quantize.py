@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
+from layerprune.hardware.compute import compute_choice
 
 LOAD_IN = ("4bit", "8bit")
 
@@ -51,7 +52,6 @@ def compute_dtype_for(torch_dtype, device: str | None) -> torch.dtype:
     where native, fp16 on GPUs without bf16, fp32 on CPUs without native bf16)."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
-    from layerprune.hardware.compute import compute_choice
 
     return compute_choice(device or "cpu").torch_dtype
 

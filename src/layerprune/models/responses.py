@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from layerprune.files.outputs import read_json, write_json
+from layerprune.models.fingerprint import teacher_fingerprint
 from layerprune.models.tokens import pad_token_id
 
 GENERATION_BATCH = 32  # prompts generated at once: fewer, wider steps (50 s vs 64 s for 100 prompts at 8)
@@ -54,8 +56,6 @@ def _cut(tokens: list[int], stops: set[int]) -> list[int]:
 def reference_responses(reference, tokenizer, prompts: list[list[int]], *, new_tokens: int, batch_size: int,
                         cache_dir: Path | None) -> list[list[int]]:
     """greedy_responses of the reference, from the on-disk cache when it made them before."""
-    from layerprune.files.outputs import read_json, write_json
-
     path = None
     if cache_dir is not None:
         path = responses_path(reference, prompts, new_tokens=new_tokens, batch_size=batch_size, cache_dir=cache_dir)
@@ -72,8 +72,6 @@ def responses_path(reference, prompts: list[list[int]], *, new_tokens: int, batc
                    compute: str | None = None) -> Path:
     """Where the reference's greedy responses to `prompts` are cached (keyed by its weights, the prompts, the
     token budget, the batch and the compute dtype)."""
-    from layerprune.models.fingerprint import teacher_fingerprint
-
     key = {"model": teacher_fingerprint(reference, cache_dir), "prompts": prompts, "new_tokens": new_tokens,
            "batch_size": batch_size, "batches": "by length", "dtype": str(next(reference.parameters()).dtype)}
     if compute is not None:

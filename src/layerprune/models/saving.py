@@ -6,8 +6,12 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from layerprune.models.surgery import provenance
 from layerprune.files.outputs import atomic_output_dir, read_json, write_json
+from layerprune.files.user_files import check_free_space
+from layerprune.models.anatomy import count_parameters, parameter_bytes
+from layerprune.models.model_card import model_card
+from layerprune.models.sublayer import has_removed_sublayers, write_sublayer_model
+from layerprune.models.surgery import provenance
 
 RECORD_FILE = "layerprune.json"
 _RECORDED_PACKAGES = ("layerprune", "torch", "transformers", "accelerate", "safetensors", "peft")
@@ -26,10 +30,6 @@ def package_versions() -> dict[str, str]:
 def write_model_files(model, tokenizer, folder: str | os.PathLike, extra: dict | None = None) -> None:
     """safetensors + config + generation config + tokenizer + layerprune.json + a model card (README.md)
     into an existing folder."""
-    from layerprune.models.anatomy import count_parameters
-    from layerprune.models.model_card import model_card
-    from layerprune.models.sublayer import has_removed_sublayers, write_sublayer_model
-
     record = provenance(model)
     if has_removed_sublayers(model.config):
         write_sublayer_model(model, folder)  # layers without attention/MLP: a layerprune-only folder
@@ -66,9 +66,6 @@ def write_record_file(folder: str | os.PathLike, record: dict, extra: dict | Non
 def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the model folder atomically; it reloads with `AutoModelForCausalLM.from_pretrained(out)`
     (a model with attention-only/MLP-only removals reloads with `layerprune.load_model(out)` only)."""
-    from layerprune.models.anatomy import parameter_bytes
-    from layerprune.files.user_files import check_free_space
-
     check_free_space(out, parameter_bytes(model), "the model")  # a full disk: one error before writing
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(model, tokenizer, tmp, extra)

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerprune.errors import LayerpruneError
+from layerprune.models.anatomy import count_parameters, get_anatomy
+from layerprune.models.loading import model_folder, resolve_model_ref
+from layerprune.models.memory_policy import checkpoint_bytes
+from layerprune.models.model_config import read_model_config
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,6 @@ def shape_from_config(config, name: str = "model", stored_bytes: float | None = 
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from layerprune.models.anatomy import count_parameters, get_anatomy
-
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     counts = count_parameters(model)
@@ -89,10 +91,6 @@ def shape_from_config(config, name: str = "model", stored_bytes: float | None = 
 def model_shape(ref: str, *, trust_remote_code: bool = False) -> ModelShape:
     """The shape of a model reference from its config alone: a local folder, an alias (its converted
     folder), or a hub id whose config is in the local cache."""
-    from layerprune.models.loading import model_folder, resolve_model_ref
-    from layerprune.models.memory_policy import checkpoint_bytes
-    from layerprune.models.model_config import read_model_config
-
     resolved = resolve_model_ref(ref)
     if resolved.kind == "hub":
         from transformers import AutoConfig

@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
-from layerprune.models.anatomy import FamilySpec, get_anatomy, supported_model_types
-from layerprune.models.dtypes import parse_dtype, stored_dtype
-from layerprune.models.surgery import check_layer_indices, provenance, remove_layers
 from layerprune.files.outputs import read_json
+from layerprune.models.anatomy import FamilySpec, family_spec, get_anatomy, model_dtype, supported_model_types
+from layerprune.models.dtypes import parse_dtype, stored_dtype
+from layerprune.models.model_config import read_model_config, trusts_remote_code
+from layerprune.models.surgery import check_layer_indices, provenance, remove_layers
 
 KINDS = ("attention", "mlp")
 GRANULARITIES = ("block", *KINDS)
@@ -193,8 +194,6 @@ def branch_spec(model: nn.Module) -> FamilySpec:
 
 
 def _spec_of(model_type: str):
-    from layerprune.models.anatomy import family_spec
-
     return family_spec(model_type)
 
 
@@ -284,8 +283,6 @@ def write_sublayer_model(model: nn.Module, folder: str | os.PathLike) -> None:
     """Write config, generation config and weights of a model with removed branches into `folder`."""
     from safetensors.torch import save_file
 
-    from layerprune.models.anatomy import model_dtype
-
     folder = Path(folder)
     config = copy.deepcopy(model.config)
     config.architectures = [ARCHITECTURE_MARKER]
@@ -323,8 +320,6 @@ def load_sublayer_model(folder: str | os.PathLike, *, dtype="auto", device_map=N
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    from layerprune.models.model_config import read_model_config, trusts_remote_code
 
     folder = Path(folder)
     config = read_model_config(folder)

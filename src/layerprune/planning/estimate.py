@@ -16,7 +16,13 @@ import time
 from dataclasses import dataclass, field
 
 from layerprune.common.config_base import comma_list
-from layerprune.hardware.speed import GENERATED_TOKEN_COST, Speed, format_seconds
+from layerprune.evaluation.generation import DEFAULT_PROMPTS
+from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
+from layerprune.finetune.teacher_first import examples_answered
+from layerprune.hardware.speed import GENERATED_TOKEN_COST, Speed
+from layerprune.common.units import format_seconds
+from layerprune.importance import get_metric
+from layerprune.models.anatomy import count_parameters, get_anatomy
 
 # Forward + backward (+ optimizer) over a forward, per healing method: full weights backpropagate through
 # every layer and update every weight; LoRA skips the weight gradients; partial backpropagates only
@@ -52,8 +58,6 @@ WIKITEXT2_WINDOWS_128 = 2382  # the whole WikiText-2 test text in 128-token wind
 def work_fraction(model, kept: int) -> float:
     """Per-token cost of the model with `kept` of its layers, over the whole model's: layers scale, the
     head (vocabulary x hidden) stays."""
-    from layerprune.models.anatomy import count_parameters, get_anatomy
-
     params = count_parameters(model)
     n = get_anatomy(model).num_layers
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
@@ -65,8 +69,6 @@ def work_fraction(model, kept: int) -> float:
 # ------------------------------------------------------------------------------------------ per stage
 def score_seconds(metrics: list[str], n_layers: int, tokens: int, speed: Speed) -> float:
     """Every requested metric's passes over the calibration text (a group's metrics share one pass)."""
-    from layerprune.importance import get_metric
-
     passes, groups = 0.0, set()
     for name in metrics:
         spec = get_metric(name)
@@ -94,7 +96,6 @@ def heal_seconds(config, speed: Speed, *, student_fraction: float, rows: int | N
     accumulation = max(1, math.ceil((config.effective_batch_size or config.batch_size) / config.batch_size))
     rows_per_step = config.batch_size * accumulation
     if config.method in ("replace", "block-local"):  # procedures: a teacher pass and a student pass per row
-        from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
 
         n_rows = config.max_samples or DEFAULT_LOCAL_ROWS
         return n_rows * config.max_length * speed.forward * (1 + student_fraction) * 1.5
@@ -110,7 +111,6 @@ def heal_seconds(config, speed: Speed, *, student_fraction: float, rows: int | N
     if config.method == "distill" and config.distill_top_k is not None:
         seconds += tokens * speed.forward  # the unpruned teacher, once per row
     if config.responses == "teacher":  # the teacher answering the prompts first
-        from layerprune.finetune.teacher_first import examples_answered
 
         seconds += (examples_answered(config) or 0) * config.response_tokens * GENERATED_TOKEN_COST * speed.forward
     if config.max_minutes is not None:
@@ -123,8 +123,6 @@ def eval_seconds(config, speed: Speed, *, reference: Speed | None = None, refere
     """Perplexity windows + task documents + generation samples + instruction following of one evaluation.
     reference: the speed of the model instruction following compares with (None: the model's own, when it
     is not known before loading); reference_cached: its greedy responses are on disk already."""
-    from layerprune.evaluation.generation import DEFAULT_PROMPTS
-
     seconds = 0.0
     for text in [t for t in comma_list(config.ppl) if t != "none"]:
         windows = config.ppl_windows or WIKITEXT2_WINDOWS_128 * 128 // config.seq_len
@@ -240,5 +238,3 @@ class Plan:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-

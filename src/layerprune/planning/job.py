@@ -13,10 +13,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from layerprune.errors import LayerpruneError
+from layerprune.evaluation.config import EvalConfig
+from layerprune.finetune.config import HealConfig
+from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
 from layerprune.finetune.memory import gpus_for_full_heal
 from layerprune.hardware.devices import Devices, GiB, device_flops, this_machine
+from layerprune.hardware.speed import Speed
+from layerprune.common.units import format_seconds
 from layerprune.models.shape import Job, ModelShape, model_shape
+from layerprune.planning.estimate import eval_seconds, heal_seconds, score_seconds
 from layerprune.planning.memory import plan_memory
+from layerprune.selection.config import PruneConfig
+from layerprune.selection.ranking import count_to_drop
 
 
 @dataclass
@@ -40,18 +48,11 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
              evaluation=None) -> JobPlan:
     """The plan of prune -> heal -> eval of `shape` down to `layers_kept` layers on `devices`; adapter: auto
     (the first healing that fits: full weights, LoRA, QLoRA on a GPU, layer-local) | none | lora."""
-    from layerprune.evaluation.config import EvalConfig
-    from layerprune.finetune.config import HealConfig
-    from layerprune.hardware.speed import Speed
-    from layerprune.planning.estimate import eval_seconds, heal_seconds, score_seconds
-    from layerprune.selection.config import PruneConfig
-
     heal = heal or HealConfig()
     prune = prune or PruneConfig(num_layers=shape.layers - layers_kept or 1)
     evaluation = evaluation or EvalConfig()
     if not 1 <= layers_kept <= shape.layers:
         raise LayerpruneError(f"cannot keep {layers_kept} of {shape.layers} layers")
-    from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
 
     job = Job(layers_kept=layers_kept, batch=heal.batch_size, seq_len=heal.max_length, loss_chunk=heal.loss_chunk,
               gradient_checkpointing=heal.gradient_checkpointing, lora_r=heal.lora_r,
@@ -98,8 +99,6 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
 
 def plan_lines(plan: JobPlan) -> list[str]:
     """The plan as a few lines for the start of a long job."""
-    from layerprune.hardware.speed import format_seconds
-
     lines = [f"memory plan ({plan.params / 1e9:.1f}B -> {plan.params_kept / 1e9:.1f}B params on {plan.devices}):"]
     for row in plan.stages:
         fits = "" if row["fits"] else "  DOES NOT FIT"
@@ -111,8 +110,6 @@ def plan_lines(plan: JobPlan) -> list[str]:
 def announce_plan(model_ref: str, heal=None, *, prune=None, log=print, min_params: float = 1e9) -> None:
     """Print the plan at the start of a job on a model over `min_params` parameters (config read only);
     prune: the PruneConfig whose count gives the layers kept (default: 25% removed)."""
-    from layerprune.selection.ranking import count_to_drop
-
     try:
         shape = model_shape(model_ref)
     except (LayerpruneError, OSError, ValueError):

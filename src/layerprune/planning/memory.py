@@ -95,5 +95,3 @@ def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto
         if stage.stage != "heal":
             stage.fits = stage.bytes_per_device <= limit
     return stages
-
-

@@ -3,7 +3,9 @@ estimate.py), printed before the work starts; the real times are added as the st
 
 from __future__ import annotations
 
+from layerprune.data.task_answers import SELECT_TASKS
 from layerprune.hardware.speed import Speed
+from layerprune.models.anatomy import get_anatomy, parameter_bytes
 from layerprune.planning.estimate import (
     Plan,
     bench_seconds,
@@ -14,6 +16,8 @@ from layerprune.planning.estimate import (
     search_evaluations,
     work_fraction,
 )
+from layerprune.selection.curve import max_drop_count
+from layerprune.selection.strategies import iterative_rounds, layers_to_drop
 
 SAVE_BYTES_PER_S = 200e6  # writing safetensors, a conservative disk
 # select_objective tasks: tokens per task document as batched (SmolLM2's tokenizer: 37.6 real tokens a document,
@@ -24,16 +28,12 @@ TASK_DOCUMENT_TOKENS = 55
 def judged_tokens(config) -> int:
     """Tokens of the validation data that drop-sets are judged on (held-out calibration text, or task documents)."""
     if config.select_objective == "tasks":
-        from layerprune.data.task_answers import SELECT_TASKS
-
         return len(SELECT_TASKS) * config.select_tasks_docs * TASK_DOCUMENT_TOKENS
     return config.calibration.n_samples * config.calibration.seq_len
 
 
 def choose_seconds(model, config, speed: Speed, n_drop: int | None) -> float:
     """Scoring the metrics and choosing the drop-set of a PruneConfig (select metric | auto | search)."""
-    from layerprune.models.anatomy import get_anatomy
-
     if config.drop is not None:
         return 0.0
     n = get_anatomy(model).num_layers
@@ -52,9 +52,6 @@ def choose_seconds(model, config, speed: Speed, n_drop: int | None) -> float:
 
 def curve_seconds(model, config, speed: Speed) -> float:
     """Every selection's path of a CurveConfig, k = 1..K, on held-out text (+ the metrics' scores)."""
-    from layerprune.models.anatomy import get_anatomy
-    from layerprune.selection.curve import max_drop_count
-
     n = get_anatomy(model).num_layers
     top = max_drop_count(config.max_drop, n, config.protect_first, config.protect_last)
     tokens = config.calibration.n_samples * config.calibration.seq_len
@@ -67,17 +64,12 @@ def curve_seconds(model, config, speed: Speed) -> float:
 
 
 def save_seconds(model) -> float:
-    from layerprune.models.anatomy import parameter_bytes
-
     return parameter_bytes(model) / SAVE_BYTES_PER_S
 
 
 def plan_run(config, stages, run_dir, model, speed: Speed, heal_speed: Speed, done: set[str]) -> Plan:
     """The time plan of a run of `config` (its `stages`, runs/planner.py) on the loaded original `model`; stages
     in `done` are skipped."""
-    from layerprune.models.anatomy import get_anatomy
-    from layerprune.selection.strategies import layers_to_drop
-
     c = config
     n = get_anatomy(model).num_layers
     n_drop = layers_to_drop(model, c.prune) if c.prune.strategy == "one-shot" else c.prune.parsed_schedule()[1]
@@ -110,8 +102,6 @@ def plan_run(config, stages, run_dir, model, speed: Speed, heal_speed: Speed, do
 
 
 def _rounds_seconds(c, model, speed: Speed, heal_speed: Speed, fraction: float) -> float | None:
-    from layerprune.selection.strategies import iterative_rounds
-
     total = 0.0
     for step in iterative_rounds(c.prune):
         total += choose_seconds(model, c.prune, speed, step) + save_seconds(model)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from layerprune.files.outputs import read_json
 from layerprune.models.provenance_labels import describe_quality_target, objective_label
+from layerprune.report.gaps import gap_markdown, gap_summary, gap_table
 
 ROWS = (("original", "eval-original"), ("pruned, before healing", "eval-pruned"), ("final", "eval-final"))
 
@@ -68,7 +69,6 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
                                       "avg_acc": (e.get("average") or {}).get("value"), "layers": m["layers"],
                                       "parameters": m["parameters"]}
         lines.append("")
-        from layerprune.report.gaps import gap_markdown, gap_summary, gap_table
 
         gaps = gap_table(*(evals.get(label) for label, _ in ROWS))
         lines += gap_markdown(gaps)

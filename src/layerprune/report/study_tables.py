@@ -10,6 +10,7 @@ from pathlib import Path
 
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json, write_text
+from layerprune.report.gaps import gap_summary, gap_table
 
 
 def study_rows(study_dir: Path) -> tuple[list[str], list[dict]]:
@@ -60,8 +61,6 @@ def _eval_cells(record: dict | None) -> dict:
 
 def _gap_cells(original: dict | None, pruned: dict | None, final: dict | None) -> dict:
     """Mean gap closed over the tasks, the perplexities and instruction following (report/gaps.py)."""
-    from layerprune.report.gaps import gap_summary, gap_table
-
     rows = gap_table(original, pruned, final)
     return {f"gap closed: {k}": v for k, v in gap_summary(rows).items() if v is not None} if rows else {}
 

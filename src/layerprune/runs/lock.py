@@ -20,7 +20,6 @@ from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import LOCK_FILE  # noqa: F401  (public here too)
 
 
-
 @contextlib.contextmanager
 def run_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold the folder's lock for the body; one LayerpruneError at once when another run holds it."""

@@ -19,12 +19,20 @@ from typing import Callable
 import torch
 
 from layerprune.config import RunConfig
+from layerprune.data.calibration import load_calibration
 from layerprune.files.outputs import claim_folder, is_main_process, write_json, write_text
+from layerprune.hardware.compute import compute_choice
+from layerprune.hardware.speed import measure_speed
 from layerprune.models.loading import LoadedModel, load_model
+from layerprune.models.model_config import loading_options
 from layerprune.models.saving import package_versions
+from layerprune.planning.estimate import Plan
+from layerprune.planning.job import announce_plan
+from layerprune.planning.run_time import plan_run
 from layerprune.runs.lock import run_folder_lock
 from layerprune.runs.planner import plan_stages, run_inputs
 from layerprune.runs.stages import settings_digest, settle
+from layerprune.runs.steps import STEPS
 
 Log = Callable[[str], None]
 
@@ -35,8 +43,6 @@ class Run:
     (scores, the pruned model, the original's evaluation) is done once there and linked into each run folder."""
 
     def __init__(self, config: RunConfig, log: Log = print, shared_dir: str | Path | None = None):
-        from layerprune.planning.estimate import Plan
-
         self.plan = Plan("run")  # replaced by the estimated plan once the original is loaded
         self.config = config
         self.dir = Path(config.out)
@@ -55,18 +61,14 @@ class Run:
         with run_folder_lock(self.dir) if main else nullcontext():
             if main:
                 settle(self.dir, plan_stages(self.config), self.log)
-            from layerprune.models.model_config import loading_options
 
             with loading_options(trust_remote_code=self.config.trust_remote_code):  # every model the run loads
                 return self._execute()
 
     def _execute(self) -> dict:
-        from layerprune.runs.steps import STEPS
-
         write_text(self.dir / "config.yaml", _yaml(self.config.model_dump(mode="json")))
         write_json(self.path("versions.json"), package_versions())
         started = time.perf_counter()
-        from layerprune.planning.job import announce_plan
 
         announce_plan(self.config.model, self.config.heal[0] if self.config.heal else None, prune=self.config.prune,
                       log=self.log)  # a model over 1B parameters: the memory plan before it loads
@@ -89,10 +91,6 @@ class Run:
 
     def time_plan(self):
         """Time a forward of the original here, estimate every stage from it and print the plan."""
-        from layerprune.hardware.compute import compute_choice
-        from layerprune.hardware.speed import measure_speed
-        from layerprune.planning.run_time import plan_run
-
         model = self.original.model
         speed = measure_speed(model)
         heal_speed = speed
@@ -143,8 +141,6 @@ class Run:
         return self._final[1]
 
     def calibration(self, tokenizer, seed_offset: int = 0):
-        from layerprune.data.calibration import load_calibration
-
         c = self.config.prune.calibration
         return load_calibration(tokenizer, c.source, n_samples=c.n_samples, seq_len=c.seq_len,
                                 seed=c.seed + seed_offset, field=c.field)

@@ -13,14 +13,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Protocol
 
+from layerprune.api import evaluate_model
+from layerprune.benchmark import benchmark, write_outputs
 from layerprune.config import RunConfig
+from layerprune.data.calibration import VALIDATION_SEED_OFFSET
 from layerprune.files.outputs import atomic_output_dir, is_main_process, read_json, write_json
-from layerprune.models.loading import LoadedModel
-from layerprune.models.saving import save_model
 from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
-from layerprune.runs.planner import heal_settings, prune_settings, run_inputs, work_dir_name
+from layerprune.finetune.stage import heal_model_ref, write_healed
+from layerprune.importance import LayerScores, compute_many, get_metric
+from layerprune.importance.scores_file import read_scores_json, write_scores_json
+from layerprune.models.checkpoint import prune_checkpoint
+from layerprune.models.loading import LoadedModel, model_folder, resolve_model_ref
+from layerprune.models.memory_policy import too_big_to_load
+from layerprune.models.saving import save_model
+from layerprune.report.rebuild import write_run_report
+from layerprune.runs.planner import base_settings, heal_settings, prune_settings, run_inputs, work_dir_name
 from layerprune.runs.stages import Stage
-
+from layerprune.selection.curve import curve_for_loaded, write_curve_files
+from layerprune.selection.objectives import objective_validation
+from layerprune.selection.strategies import PruneHooks, history_entry, iterative_rounds, prune
+from layerprune.selection.strategies import choose as choose_drop_set
 
 
 class Run(Protocol):
@@ -56,24 +68,19 @@ def evaluate_step(run: Run, stage: Stage) -> None:
 
 def evaluate(run: Run, name: str, loaded: LoadedModel, key: dict | None = None, reference=None) -> dict:
     """The eval folder `name` (eval.json, samples): made once, in the study's shared folder when keyed."""
-    from layerprune.evaluation.protocol import plan_eval, run_eval, write_eval
-
     out = run.shared_path(name, key) if key is not None else run.path(name)
     if (out / "eval.json").exists():
         run.expose(name, out)
         return read_json(out / "eval.json")
-    plan = plan_eval(run.config.eval)
     run.log(f"evaluating {name}")
-    result = run_eval(loaded, plan, reference=reference)  # the original: instruction following compares with it
-    write_eval(out, result, plan, overwrite=True)
+    # reference: the original, which instruction following compares with
+    result = evaluate_model(loaded, run.config.eval, out=out, reference=reference, overwrite=True, log=run.log)
     run.expose(name, out)
     return result.record
 
 
 def curve_step(run: Run, stage: Stage) -> None:
     """The trade-off curve of the unpruned model (selection/curve.py): curve/curve.json, .csv and .png."""
-    from layerprune.selection.curve import curve_for_loaded, write_curve_files
-
     if (run.path("curve") / "curve.json").exists():
         return
     run.log("tracing the trade-off curve")
@@ -83,9 +90,6 @@ def curve_step(run: Run, stage: Stage) -> None:
 
 def prune_step(run: Run, stage: Stage) -> None:
     """Choose on the original (scores cached in scores.json), cut a copy loaded as stored, save it."""
-    from layerprune.models.checkpoint import prune_checkpoint
-    from layerprune.selection.strategies import PruneHooks, history_entry, prune
-
     selection, pruned_dir = run.path("selection.json"), run.path("pruned")
     if run.shared_dir is not None:  # a study: selection and pruned model live in the shared folder
         where = run.shared_path("prune", stage.settings)
@@ -121,9 +125,6 @@ def prune_step(run: Run, stage: Stage) -> None:
 def on_disk_source(run: Run) -> Path | None:
     """The local checkpoint folder to cut on disk, when a second copy of the model (the one to prune, kept
     in its stored dtype beside the loaded original) would not fit in memory; None to prune in memory."""
-    from layerprune.models.loading import model_folder, resolve_model_ref
-    from layerprune.models.memory_policy import too_big_to_load
-
     if run.config.prune.granularity != "block" or resolve_model_ref(run.config.model).kind == "hub":
         return None
     folder = model_folder(run.config.model)
@@ -145,8 +146,6 @@ def heal(run: Run, number: int, ref: str, out: Path, *, base: dict) -> str:
 
     base: the settings `ref` depends on. The checkpoints live in a work folder named by the digest of the
     stage's settings, so an interrupted heal only ever resumes under the same settings."""
-    from layerprune.finetune.stage import heal_model_ref, write_healed
-
     if out.is_dir():
         run.log(f"{out.name} exists: skipping")
         return str(out)
@@ -174,8 +173,6 @@ def heal(run: Run, number: int, ref: str, out: Path, *, base: dict) -> str:
 def rounds_step(run: Run, stage: Stage) -> None:
     """Score -> drop `step` layers -> heal, until `total` are gone; each round is a folder
     (rounds/round-N: scores.json, selection.json, pruned/, healed-*/, done.json) and resumes from it."""
-    from layerprune.selection.strategies import PruneHooks, iterative_rounds, prune
-
     original = run.original
     rounds = len(iterative_rounds(run.config.prune))
 
@@ -217,11 +214,6 @@ def rounds_step(run: Run, stage: Stage) -> None:
 
 def choose(run: Run, loaded: LoadedModel, n_drop: int | None = None, scores_name: str = "scores.json") -> dict:
     """The selection record (strategies.choose), with every metric's scores cached in `scores_name`."""
-    from layerprune.data.calibration import VALIDATION_SEED_OFFSET
-    from layerprune.importance.scores_file import read_scores_json, write_scores_json
-    from layerprune.selection.objectives import objective_validation
-    from layerprune.selection.strategies import choose as choose_drop_set
-
     scores_path = run.path(scores_name)
 
     def cached_scores(requests: dict[str, dict]) -> dict:
@@ -239,9 +231,6 @@ def choose(run: Run, loaded: LoadedModel, n_drop: int | None = None, scores_name
 
 def metric_scores(run: Run, loaded: LoadedModel, requests: dict[str, dict], share: bool) -> dict:
     """Scores of each requested metric; in a study, each metric's scores are computed once and shared."""
-    from layerprune.importance import LayerScores, compute_many, get_metric
-    from layerprune.runs.planner import base_settings
-
     text = {**base_settings(run.config), "calibration": run.config.prune.calibration.model_dump(mode="json")}
     paths = {name: run.shared_path(f"scores-{name}.json", {**text, "metric": name, "params": params})
              for name, params in requests.items()} if share and run.shared_dir else {}
@@ -259,8 +248,6 @@ def metric_scores(run: Run, loaded: LoadedModel, requests: dict[str, dict], shar
 
 
 def bench_step(run: Run, stage: Stage) -> None:
-    from layerprune.benchmark import benchmark, write_outputs
-
     out = run.path("bench")
     if (out / "bench.json").exists():
         return
@@ -273,8 +260,6 @@ def bench_step(run: Run, stage: Stage) -> None:
 
 
 def report_step(run: Run, stage: Stage) -> None:
-    from layerprune.report.rebuild import write_run_report
-
     run.summary, _ = write_run_report(run.dir, run.current)
 
 

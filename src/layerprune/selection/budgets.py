@@ -26,6 +26,8 @@ from torch import nn
 from layerprune.errors import LayerpruneError
 from layerprune.hardware.timing import model_device, synchronize, timed
 from layerprune.importance.base import LayerScores
+from layerprune.models.anatomy import count_parameters, get_anatomy
+from layerprune.models.surgery import kept_layers
 from layerprune.selection.ranking import Selection, count_to_drop, select_layers
 
 BUDGET_KEYS = ("num_layers", "ratio", "target_params", "target_latency")
@@ -168,8 +170,6 @@ def metric_drop_at(scores: LayerScores, *, protect_first: int = 0, protect_last:
 
 def _per_layer(model: nn.Module, scores: LayerScores | None, values: list) -> dict[int, float]:
     """Map per-position numbers of the current model onto ORIGINAL indices, checking the scores match it."""
-    from layerprune.models.surgery import kept_layers
-
     kept = kept_layers(model)
     if scores is not None and kept != list(scores.layers):
         raise LayerpruneError(f"the {scores.metric} scores are for layers {scores.layers}, but the model has {kept}")
@@ -186,8 +186,6 @@ def params_along(model: nn.Module, drop_at: DropAt, target_params: int | str, *,
                  scores: LayerScores | None = None) -> tuple[list[int], dict]:
     """The first drop-set of drop_at(1), drop_at(2), ... that leaves at most target_params parameters (layer
     sizes from the model, no forward), and its constraints record."""
-    from layerprune.models.anatomy import count_parameters
-
     target = parse_param_count(target_params)
     params = count_parameters(model)
     per_layer = _per_layer(model, scores, params["per_layer"])
@@ -296,8 +294,6 @@ def measure_layer_costs(
     with hooks inside the same forward as the total, so overhead_s = total - sum(layers) is the rest
     of the model (embeddings, norm, lm_head, masks).
     """
-    from layerprune.models.anatomy import get_anatomy
-
     if mode not in LATENCY_MODES:
         raise LayerpruneError(f"latency mode must be one of {', '.join(LATENCY_MODES)}, got {mode!r}")
     layers = get_anatomy(model).layers

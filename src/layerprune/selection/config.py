@@ -1,4 +1,8 @@
-"""The settings of choosing layers: pruning, scoring, the calibration text they read, the trade-off curve."""
+"""The settings of choosing layers: pruning, scoring, the calibration text they read, the trade-off curve.
+
+Every command's options are built from these fields, so this module loads no torch: the validators import the
+registries and parsers they check against when they run (start-up: `layerprune --help` stays under a second).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ class QualityTargetMixin:
 
     def quality_target(self):
         """The budgets.QualityTarget these settings name, or None."""
-        from layerprune.selection.budgets import QualityTarget
+        from layerprune.selection.budgets import QualityTarget  # start-up: see the module docstring
 
         if self.max_loss_increase is None and self.max_ppl_ratio is None:
             return None
@@ -114,7 +118,7 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
     @field_validator("metric")
     @classmethod
     def _known_metrics(cls, value):
-        from layerprune.importance import get_metric
+        from layerprune.importance import get_metric  # start-up: see the module docstring
 
         if value is None:
             return value
@@ -128,7 +132,7 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
     @field_validator("target_params")
     @classmethod
     def _readable_count(cls, value):
-        from layerprune.selection.budgets import parse_param_count
+        from layerprune.selection.budgets import parse_param_count  # start-up: see the module docstring
 
         if value is not None:
             try:
@@ -181,7 +185,7 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
 
     def budget(self):
         """The budgets.Budget of this prune (None for an explicit drop list or an iterative schedule)."""
-        from layerprune.selection.budgets import Budget
+        from layerprune.selection.budgets import Budget  # start-up: see the module docstring
 
         if self.drop is not None or self.schedule is not None:
             return None
@@ -205,7 +209,7 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
 
     def _check_granularity(self) -> None:
         """Fill the default metric of the granularity; refuse what attention-only/MLP-only removal can't do."""
-        from layerprune.importance.registry import check_granularity
+        from layerprune.importance.registry import check_granularity  # start-up: see the module docstring
 
         if self.select == "search":
             if self.metric is not None:
@@ -269,7 +273,7 @@ def check_objective(config) -> None:
         raise ValueError(f"max_loss_increase and max_ppl_ratio bound the validation loss on calibration text; "
                          f"they need select_objective loss, not {objective}")
     if objective == "tasks":
-        from layerprune.data.task_answers import max_documents
+        from layerprune.data.task_answers import max_documents  # start-up: see the module docstring
 
         if config.select_tasks_docs > max_documents():
             raise ValueError(f"select_tasks_docs is at most {max_documents()} (PIQA's documents after the first 1000 "
@@ -281,7 +285,7 @@ SEARCH = "search"  # the greedy drop-set search, a selection of its own next to 
 
 def curve_selections(metric) -> list[str]:
     """Names from 'a,b' or a list: whole-layer metrics and `search`; unknown names are one error."""
-    from layerprune.importance import available_metrics, get_metric
+    from layerprune.importance import available_metrics, get_metric  # start-up: see the module docstring
 
     names = comma_list(metric)
     if not names:
@@ -323,7 +327,7 @@ class ScoreConfig(StrictConfig):
     @field_validator("metric")
     @classmethod
     def _known_metrics(cls, value):
-        from layerprune.selection.scores import parse_metrics
+        from layerprune.selection.scores import parse_metrics  # start-up: see the module docstring
 
         try:
             parse_metrics(value if isinstance(value, str) else ",".join(value))
@@ -341,13 +345,13 @@ class ScoreConfig(StrictConfig):
 
     @property
     def metrics(self) -> list[str]:
-        from layerprune.selection.scores import parse_metrics
+        from layerprune.selection.scores import parse_metrics  # start-up: see the module docstring
 
         return parse_metrics(self.metric if isinstance(self.metric, str) else ",".join(self.metric))
 
     def n_drop(self, n_layers: int) -> int:
         """How many layers each metric's selection drops: num_layers, ratio, or 25% of the layers."""
-        from layerprune.selection.ranking import count_to_drop
+        from layerprune.selection.ranking import count_to_drop  # start-up: see the module docstring
 
         ratio = 0.25 if self.num_layers is None and self.ratio is None else self.ratio
         return count_to_drop(n_layers, num_layers=self.num_layers, ratio=ratio)

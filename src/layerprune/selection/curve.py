@@ -24,8 +24,19 @@ from pathlib import Path
 
 from torch import nn
 
+from layerprune.data.calibration import load_calibration_for
 from layerprune.errors import LayerpruneError
+from layerprune.files.outputs import atomic_output_dir, write_json
+from layerprune.files.plotting import pyplot, save_png
+from layerprune.importance import compute_many, get_metric
+from layerprune.models.provenance_labels import get_objective
+from layerprune.models.surgery import kept_layers
+from layerprune.selection.budgets import most_within
 from layerprune.selection.config import SEARCH
+from layerprune.selection.drop_set_losses import DropSetLosses
+from layerprune.selection.objectives import objective_validation
+from layerprune.selection.scores import metric_requests
+from layerprune.selection.search import MetricPath, SearchPath, allowed_positions
 
 
 def max_drop_count(max_drop: float, n_layers: int, protect_first: int = 0, protect_last: int = 0) -> int:
@@ -52,14 +63,6 @@ def knee(losses: list[float], slope: float) -> int:
 def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=print) -> dict:
     """The curve of a CurveConfig on an in-memory model: every selection's drop-set and validation loss for
     k = 0..K, knees, chosen counts and the work done (block forwards, seconds)."""
-    from layerprune.importance import compute_many
-    from layerprune.models.provenance_labels import get_objective
-    from layerprune.models.surgery import kept_layers
-    from layerprune.selection.budgets import most_within
-    from layerprune.selection.drop_set_losses import DropSetLosses
-    from layerprune.selection.scores import metric_requests
-    from layerprune.selection.search import MetricPath, SearchPath, allowed_positions
-
     started = time.perf_counter()
     layers = kept_layers(model)
     n = len(layers)
@@ -113,10 +116,6 @@ def trade_off_curve(model: nn.Module, config, *, calibration, validation, log=pr
 def curve_for_loaded(loaded, config, log=print) -> dict:
     """trade_off_curve on a LoadedModel: calibration text from config.calibration, validation text from the
     same source with select auto's held-out seed."""
-    from layerprune.data.calibration import load_calibration_for
-    from layerprune.importance import get_metric
-    from layerprune.selection.objectives import objective_validation
-
     needs_scores = any(name != SEARCH and get_metric(name).needs_calibration for name in config.selections)
     calibration = load_calibration_for(loaded, config.calibration) if needs_scores else None
     validation = objective_validation(config, loaded.tokenizer, held_out_text=lambda: load_calibration_for(
@@ -157,8 +156,6 @@ PLOT_CLIP = 100
 def plot_curve(record: dict, path: str | Path) -> Path:
     """Validation perplexity (log scale) against layers removed: one line per selection (the search in
     black), a circle at each knee (also in the legend), a dashed line at the quality target."""
-    from layerprune.files.plotting import pyplot, save_png
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab10" if len(record["curves"]) <= 11 else "tab20").colors
@@ -199,8 +196,6 @@ def plot_curve(record: dict, path: str | Path) -> Path:
 
 def write_curve_files(out: str | Path, record: dict, overwrite: bool = False, inputs=()) -> list[Path]:
     """curve.json, curve.csv and curve.png in `out`, written atomically (never over one of `inputs`)."""
-    from layerprune.files.outputs import atomic_output_dir, write_json
-
     with atomic_output_dir(out, overwrite, inputs) as tmp:
         tmp = Path(tmp)
         write_json(tmp / "curve.json", record)

@@ -10,11 +10,15 @@ from torch import nn
 
 from layerprune.errors import LayerpruneError
 from layerprune.importance.perplexity import (
-    capture_pass, counting_calls, eval_mode, forward_logits, predicted_positions, token_nll,
+    capture_pass,
+    counting_calls,
+    eval_mode,
+    forward_logits,
+    predicted_positions,
+    token_nll,
 )
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.bypass import StandIn, swapped
-
 
 # (dropped positions before q, q): the hidden state entering block q depends on nothing else.
 _Key = tuple[frozenset, int]

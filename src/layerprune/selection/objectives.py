@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from layerprune.data.task_answers import task_answers
 from layerprune.models.provenance_labels import objective_label
 
 
@@ -26,8 +27,6 @@ def objective_validation(config, tokenizer, held_out_text: Callable) -> Callable
         return held_out_text
 
     def answers():
-        from layerprune.data.task_answers import task_answers
-
         return task_answers(tokenizer, config.select_tasks_docs)
 
     return answers

@@ -8,8 +8,11 @@ import itertools
 from pathlib import Path
 
 from layerprune.common.config_base import comma_list
+from layerprune.data.calibration import load_calibration
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, available_metrics, compute_many, get_metric
+from layerprune.importance.plots import plot_angular_heatmap, plot_scores
+from layerprune.importance.registry import Cut
 from layerprune.importance.scores_file import write_scores_json
 from layerprune.models.surgery import kept_layers
 from layerprune.selection.ranking import Selection, select_layers
@@ -30,8 +33,6 @@ def parse_metrics(text: str) -> list[str]:
 
 def metric_requests(names: list[str], n_layers: int, *, seed: int = 0, block_size: int = 1) -> dict[str, dict]:
     """Each metric's default parameters for a cut of `block_size` layers (see MetricSpec.default_params)."""
-    from layerprune.importance.registry import Cut
-
     cut = Cut(n_layers=n_layers, n_drop=block_size, seed=seed)
     return {name: get_metric(name).default_params(cut) for name in names}
 
@@ -61,8 +62,6 @@ def write_score_files(
     out: Path, all_scores: dict[str, LayerScores], selections: dict[str, Selection], model_ref: str
 ) -> list[Path]:
     """scores.json, scores.csv (layer x metric), scores.md, scores.png, angular.png; returns the paths."""
-    from layerprune.importance.plots import plot_angular_heatmap, plot_scores
-
     write_scores_json(out / "scores.json", model_ref, all_scores, selections)
     (out / "scores.csv").write_text(scores_csv(all_scores))
     (out / "scores.md").write_text(scores_markdown(all_scores, selections))
@@ -118,8 +117,6 @@ def stability_study(
     For every (source, n_samples, seed) setting, score with each data-driven metric and select
     `n_drop` layers; report each setting's selection and its mean Jaccard overlap with the others.
     """
-    from layerprune.data.calibration import load_calibration
-
     data_metrics = [n for n in names if get_metric(n).needs_calibration]
     if not data_metrics:
         raise LayerpruneError("the stability study needs at least one data-driven metric")

@@ -27,12 +27,15 @@ from torch import nn
 
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores
+from layerprune.models.anatomy import count_parameters
 from layerprune.models.provenance_labels import get_objective
 from layerprune.models.surgery import kept_layers
+from layerprune.selection.budgets import latency_along, measure_layer_costs, metric_drop_at, most_within, params_along
 from layerprune.selection.config import PruneConfig
 from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.selection.objectives import describe_value, objective_record
 from layerprune.selection.ranking import protected_layers
+from layerprune.selection.scores import prune_metric_requests
 
 Log = Callable[[str], None]
 
@@ -110,8 +113,6 @@ class MetricPath:
 
     def __init__(self, losses: DropSetLosses, scores: LayerScores, *, protect_first: int = 0,
                  protect_last: int = 0) -> None:
-        from layerprune.selection.budgets import metric_drop_at
-
         self.losses, self.scores, self.label = losses, scores, scores.metric
         self.drop_at = metric_drop_at(scores, protect_first=protect_first, protect_last=protect_last)
         self._position = {layer: pos for pos, layer in enumerate(scores.layers)}
@@ -226,7 +227,6 @@ def _path(config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers
     """The path of the config's select, and the metric scores it read ({} for a search)."""
     if config.select == "search":
         return SearchPath(losses, allowed, layers, beam=config.search_beam, log=log, judged_by=judged_by), {}
-    from layerprune.selection.scores import prune_metric_requests
 
     scores = score(prune_metric_requests(config, len(layers), None))
     paths = [MetricPath(losses, s, protect_first=config.protect_first, protect_last=config.protect_last)
@@ -237,8 +237,6 @@ def _path(config: PruneConfig, losses: DropSetLosses, allowed: list[int], layers
 def _count(model, config: PruneConfig, path, losses: DropSetLosses, layers: list[int], n_drop: int | None
            ) -> tuple[Point, dict]:
     """The path's drop-set of the count the config asks for, and what the budgets measured."""
-    from layerprune.selection.budgets import latency_along, most_within, params_along
-
     def point_at(k: int) -> Point:
         point = path.at(k)
         if point is None:
@@ -294,9 +292,6 @@ class _SizeLeft:
     """What a drop-set leaves of the size/speed target's measure, written as the target it would meet."""
 
     def __init__(self, model, config: PruneConfig, layers: list[int]) -> None:
-        from layerprune.models.anatomy import count_parameters
-        from layerprune.selection.budgets import measure_layer_costs
-
         self.costs = None
         if config.target_params is not None:
             params = count_parameters(model)

@@ -22,16 +22,18 @@ from torch import nn
 from layerprune.errors import LayerpruneError
 from layerprune.importance import LayerScores, compute_many, get_metric
 from layerprune.models.provenance_labels import get_objective, objective_label
-from layerprune.models.sublayer import remove_units
-from layerprune.models.surgery import kept_layers, validate_drop
+from layerprune.models.sublayer import check_sublayers, removable_layers, remove_units
+from layerprune.models.surgery import kept_layers, provenance, validate_drop
+from layerprune.selection.budgets import Budget, measure_layer_costs, select_with_budget
 from layerprune.selection.config import PruneConfig
+from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.selection.objectives import objective_record
 from layerprune.selection.ranking import count_to_drop, protected_layers
 from layerprune.selection.scores import prune_metric_requests
+from layerprune.selection.search import choose_by_loss
 
 ScoreFn = Callable[[dict[str, dict]], dict[str, LayerScores]]  # {metric: params} -> scores of the current model
 Log = Callable[[str], None]
-
 
 
 def in_memory_scores(model: nn.Module, calibration) -> ScoreFn:
@@ -77,13 +79,10 @@ def choose(
         return {"dropped": dropped, "chosen_by": "explicit", "granularity": config.granularity}
     if config.granularity != "block":
         return _choose_branches(model, config, score)
-    from layerprune.selection.budgets import Budget, measure_layer_costs, select_with_budget
 
     if n_drop is None:
         n_drop = layers_to_drop(model, config)
     if config.select == "search" or config.quality_target() is not None:
-        from layerprune.selection.search import choose_by_loss
-
         return choose_by_loss(model, config, score=score, validation=validation, n_drop=n_drop, log=log)
     scores = score(prune_metric_requests(config, len(kept_layers(model)), n_drop))
     target = config.budget() if n_drop is None else None  # a parameter or latency target
@@ -123,8 +122,6 @@ def candidate_losses(model: nn.Module, drop_sets: dict[str, list[int]], validati
                      ) -> tuple[dict[str, float], Judged]:
     """The objective's value (default: mean next-token loss) on `validation` of the model without each
     drop-set (ORIGINAL indices)."""
-    from layerprune.selection.drop_set_losses import DropSetLosses
-
     if validation is None:
         raise LayerpruneError("select auto needs held-out calibration text to compare candidates")
     data = validation() if callable(validation) else validation
@@ -148,9 +145,6 @@ def _choose_branches(model: nn.Module, config: PruneConfig, score: ScoreFn) -> d
     Candidates are the layers that still have both branches; num_layers/ratio count branches of those.
     protect_first/protect_last count the first/last layers of the current model, as for whole layers.
     """
-    from layerprune.models.sublayer import check_sublayers, removable_layers
-    from layerprune.models.surgery import provenance
-
     kind, metric = config.granularity, config.metrics[0]
     record = provenance(model)
     candidates = removable_layers(record, kind)

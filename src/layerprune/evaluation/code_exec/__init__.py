@@ -11,7 +11,7 @@ Either way each program gets a pids cgroup where this process may make one.
 docs/safety.md lists exactly what holds in each mode, and the test that shows it.
 
 limits.py       Limits, ExecResult
-modes.py        Sandbox: which mode, detected once
+modes.py        Sandbox: the two modes (which one this machine allows: detect_sandbox, here, once per process)
 process.py      one program's sandbox process, from the evaluator's side
 child.py        the script that runs in the child (standard library only)
 pids_cgroup.py  a pids cgroup per program
@@ -24,19 +24,25 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from layerprune.evaluation.code_exec.limits import ExecResult, Limits
-from layerprune.evaluation.code_exec.modes import Sandbox, SandboxError, detect_sandbox, sandbox_mode
-from layerprune.evaluation.code_exec.pids_cgroup import PidsCgroup
-from layerprune.evaluation.code_exec.process import (
-    MARKER_VARIABLE, STARTED, SandboxProcess, folder_bytes, sweep,
-)
 from layerprune.evaluation.code_exec.child import remove_tree
+from layerprune.evaluation.code_exec.limits import ExecResult, Limits
+from layerprune.evaluation.code_exec.modes import Sandbox, SandboxError, namespace_sandbox
+from layerprune.evaluation.code_exec.pids_cgroup import PidsCgroup, find_base
+from layerprune.evaluation.code_exec.process import (
+    MARKER_VARIABLE,
+    STARTED,
+    SandboxProcess,
+    folder_bytes,
+    sweep,
+)
 
 __all__ = ["ExecResult", "Limits", "Sandbox", "SandboxError", "detect_sandbox", "run_many", "run_python",
            "sandbox_mode"]
@@ -92,3 +98,48 @@ def run_many(sources: list[str], limits: Limits = Limits(), workers: int | None 
     sandbox_mode()  # detect (and warn) once, before the threads start
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda source: run_python(source, limits), sources))
+
+
+def _probe(sandbox: Sandbox) -> str:
+    """"" if a program runs in `sandbox` as it should, else why not."""
+    check = "os.getpid() == 1 and os.getppid() == 0" if sandbox.unshare else "True"
+    try:
+        result = run_python(f"import os, sys\nsys.exit(0 if {check} else 3)\n", Limits(timeout_s=10.0),
+                            sandbox=sandbox)
+    except (SandboxError, OSError) as err:
+        return str(err)
+    return "" if result.passed else f"probe {result.status}: {result.detail or result.returncode}"
+
+
+def detect_sandbox() -> Sandbox:
+    """The first that runs a probe program: namespaces, then the fallback; each with a pids cgroup, then without."""
+    base = find_base()
+    cgroups = [str(base), None] if base else [None]
+    reasons = []
+    for cgroup in cgroups:
+        candidate = namespace_sandbox(cgroup)
+        why = candidate if isinstance(candidate, str) else _probe(candidate)
+        if not why:
+            return candidate
+        reasons.append(why)
+    for cgroup in cgroups:
+        candidate = Sandbox(None, cgroups=cgroup, reason=reasons[-1])
+        why = _probe(candidate)
+        if not why:
+            return candidate
+        reasons.append(why)
+    raise SandboxError("no way to run programs: " + "; ".join(reasons))
+
+
+_detected: list[Sandbox] = []
+_detect_lock = threading.Lock()
+
+
+def sandbox_mode() -> Sandbox:
+    """detect_sandbox, once per process; its warning, if any, goes to stderr then."""
+    with _detect_lock:
+        if not _detected:
+            _detected.append(detect_sandbox())
+            if _detected[0].warning():
+                print(_detected[0].warning(), file=sys.stderr, flush=True)
+        return _detected[0]

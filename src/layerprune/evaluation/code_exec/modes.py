@@ -1,15 +1,14 @@
-"""Which sandbox this machine allows: namespaces, or the fallback; found once per process by a probe program."""
+"""The sandboxes there are: namespaces, or the fallback (which one this machine allows is found by a probe
+program, in the package itself: the probe runs a program)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
-import threading
 from dataclasses import dataclass
 
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation.code_exec.pids_cgroup import find_base
 
 
 class SandboxError(LayerpruneError):
@@ -60,50 +59,3 @@ def namespace_sandbox(cgroups: str | None = None) -> Sandbox | str:
         return "python lives in /tmp, /var/tmp and /dev/shm: no folder to mount over"
     command = (unshare, "--user", "--map-root-user", "--pid", "--mount", "--net", "--ipc", "--")
     return Sandbox(command, folder, cgroups)
-
-
-def _probe(sandbox: Sandbox) -> str:
-    """"" if a program runs in `sandbox` as it should, else why not."""
-    from layerprune.evaluation.code_exec import Limits, run_python  # the package imports this module
-
-    check = "os.getpid() == 1 and os.getppid() == 0" if sandbox.unshare else "True"
-    try:
-        result = run_python(f"import os, sys\nsys.exit(0 if {check} else 3)\n", Limits(timeout_s=10.0),
-                            sandbox=sandbox)
-    except (SandboxError, OSError) as err:
-        return str(err)
-    return "" if result.passed else f"probe {result.status}: {result.detail or result.returncode}"
-
-
-def detect_sandbox() -> Sandbox:
-    """The first that runs a probe program: namespaces, then the fallback; each with a pids cgroup, then without."""
-    base = find_base()
-    cgroups = [str(base), None] if base else [None]
-    reasons = []
-    for cgroup in cgroups:
-        candidate = namespace_sandbox(cgroup)
-        why = candidate if isinstance(candidate, str) else _probe(candidate)
-        if not why:
-            return candidate
-        reasons.append(why)
-    for cgroup in cgroups:
-        candidate = Sandbox(None, cgroups=cgroup, reason=reasons[-1])
-        why = _probe(candidate)
-        if not why:
-            return candidate
-        reasons.append(why)
-    raise SandboxError("no way to run programs: " + "; ".join(reasons))
-
-
-_detected: list[Sandbox] = []
-_detect_lock = threading.Lock()
-
-
-def sandbox_mode() -> Sandbox:
-    """detect_sandbox, once per process; its warning, if any, goes to stderr then."""
-    with _detect_lock:
-        if not _detected:
-            _detected.append(detect_sandbox())
-            if _detected[0].warning():
-                print(_detected[0].warning(), file=sys.stderr, flush=True)
-        return _detected[0]

@@ -176,5 +176,3 @@ def folder_bytes(folder: str) -> int:
             except OSError:
                 pass
     return total
-
-

@@ -13,7 +13,12 @@ from pathlib import Path
 from layerprune.common.config_base import build_config
 from layerprune.config import RunConfig, apply_sets, read_yaml_mapping, set_dotted
 from layerprune.errors import LayerpruneError
-from layerprune.files.outputs import write_json
+from layerprune.files.outputs import claim_folder, write_json
+from layerprune.report.study_report import rebuild_study_report
+from layerprune.runs.lock import run_folder_lock
+from layerprune.runs.pipeline import Run
+from layerprune.runs.planner import run_inputs
+from layerprune.runs.study.similarity import similarity_stage
 
 # Short names for the axes the papers vary; anything else is a dotted path into the run config.
 GRID_ALIASES = {
@@ -109,19 +114,12 @@ class Study:
         return settings
 
     def execute(self, log=print) -> dict:
-        from layerprune.files.outputs import claim_folder
-        from layerprune.runs.lock import run_folder_lock
-        from layerprune.runs.planner import run_inputs
-
         # claimed like a run folder: never someone else's folder, never the model's or a data file's
         claim_folder(self.out, [ref for s in self.settings for ref in run_inputs(s["config"])], "study folder")
         with run_folder_lock(self.out):  # one `layerprune run` per study folder at a time
             return self._execute(log)
 
     def _execute(self, log) -> dict:
-        from layerprune.report.study_report import rebuild_study_report
-        from layerprune.runs.pipeline import Run
-
         started = time.perf_counter()
         status, final_models = {}, {}
         for number, setting in enumerate(self.settings, 1):
@@ -136,8 +134,6 @@ class Study:
                 log(f"  setting {name} failed: {err}")
             self._write_index(status)
         if self.report_options.get("similarity") and final_models:
-            from layerprune.runs.study.similarity import similarity_stage
-
             similarity_stage(self.out / "similarity.json", self.settings[0]["config"], final_models, log)
         record = rebuild_study_report(self.out)
         record["wall_time_s"] = round(time.perf_counter() - started, 1)

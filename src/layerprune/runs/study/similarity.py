@@ -13,6 +13,8 @@ from layerprune.config import RunConfig
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json, write_json
 from layerprune.hardware.timing import model_device
+from layerprune.models.anatomy import get_anatomy
+from layerprune.runs.pipeline import Run
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -40,8 +42,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def final_hidden_states(model: nn.Module, calibration, layer: str | int = "last", batch_size: int = 4) -> torch.Tensor:
     """[real tokens, hidden] output of one decoder layer (default the last, BEFORE the final norm: taken with a
     hook, since output_hidden_states returns the post-norm state), padding positions left out."""
-    from layerprune.models.anatomy import get_anatomy
-
     layers = get_anatomy(model).layers
     block = layers[-1] if layer == "last" else layers[layer]
     captured: list[torch.Tensor] = []
@@ -86,8 +86,6 @@ def similarity_stage(path: Path, config: RunConfig, final_models: dict[str, str]
     Skipped when `path` already compares the same models (a rerun recomputes it only when the set of
     finished settings changed).
     """
-    from layerprune.runs.pipeline import Run
-
     names = ["original", *final_models]
     if (read_json(path, missing_ok=True) or {}).get("names") == names:
         log("similarity.json exists: skipping")
