@@ -30,14 +30,23 @@ from layerprune.errors import LayerpruneError
 from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.generation import generate_samples
 from layerprune.evaluation.protocol import (
-    EvalResult, check_streamable_plan, describe_plan, plan_eval, run_eval, write_eval,
+    EvalResult,
+    check_streamable_plan,
+    describe_plan,
+    plan_eval,
+    run_eval,
+    write_eval,
 )
 from layerprune.files.outputs import atomic_output_dir, check_output_dir, check_output_file, is_main_process, write_json
 from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.fit import fit_heal
 from layerprune.finetune.stage import (  # noqa: F401  (prepare_training_rows: public here before it moved)
-    heal_loaded, heal_model_ref, heal_streaming, prepare_training_rows, write_healed,
+    heal_loaded,
+    heal_model_ref,
+    heal_streaming,
+    prepare_training_rows,
+    write_healed,
 )
 from layerprune.hardware.devices import Devices, parse_memory, this_machine
 from layerprune.hardware.speed import announced, measure_speed
@@ -62,10 +71,20 @@ from layerprune.selection.config import PruneConfig, ScoreConfig
 from layerprune.selection.objectives import objective_validation
 from layerprune.selection.ranking import count_to_drop
 from layerprune.selection.scores import (
-    metric_requests, select_for_each, stability_markdown, stability_study, write_score_files,
+    metric_requests,
+    select_for_each,
+    stability_markdown,
+    stability_study,
+    write_score_files,
 )
 from layerprune.selection.strategies import (
-    PruneHooks, choose, history_entry, in_memory_scores, layers_to_drop, needs_calibration, prune,
+    PruneHooks,
+    choose,
+    history_entry,
+    in_memory_scores,
+    layers_to_drop,
+    needs_calibration,
+    prune,
 )
 
 __all__ = [

@@ -17,12 +17,11 @@ import yaml
 from pydantic import Field, field_validator
 
 from layerprune.benchmark.config import BenchConfig
-from layerprune.common.config_base import StrictConfig, as_config, build_config
+from layerprune.common.config_base import DEFAULT_DTYPE, Dtype, StrictConfig, as_config, build_config
 from layerprune.errors import LayerpruneError, shorten
 from layerprune.evaluation.config import DEFAULT_PPL_WINDOWS, DEFAULT_TASK_LIMIT, EvalConfig
 from layerprune.files.user_files import read_text
 from layerprune.finetune.config import HealConfig
-from layerprune.common.config_base import DEFAULT_DTYPE, Dtype
 from layerprune.selection.config import (
     DEFAULT_METRICS,
     PRUNE_PRESETS,

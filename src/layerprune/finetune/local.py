@@ -20,6 +20,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.finetune.hidden_states import dropped_runs
 from layerprune.finetune.methods import heal_compute, register_method
 from layerprune.models.anatomy import get_anatomy
+from layerprune.models.decoder_calls import call_layer, hidden_of, layer_input
 from layerprune.models.surgery import kept_layers, provenance
 from layerprune.models.tokens import pad_token_id
 
@@ -89,10 +90,6 @@ def row_batches(rows: list[dict], pad_id: int, batch_size: int, device):
         yield ids.to(device), mask.to(device)
 
 
-def _output(value) -> torch.Tensor:
-    return value[0] if isinstance(value, tuple) else value
-
-
 class Capture:
     """Forward hooks that keep, for one pass, the outputs of named modules and the call arguments (args,
     kwargs) of others: a layer can then be run again on its own with exactly what the model gave it."""
@@ -106,7 +103,7 @@ class Capture:
 
     def _keep(self, name):
         def hook(module, args, output):
-            self.values[name] = _output(output).detach()
+            self.values[name] = hidden_of(output).detach()
         return hook
 
     def _keep_inputs(self, key):
@@ -120,17 +117,6 @@ class Capture:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
-
-
-def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Run a decoder layer on `hidden` with the other arguments the model passed it."""
-    if args:
-        return _output(layer(hidden, *args[1:], **kwargs))
-    return _output(layer(**{**kwargs, "hidden_states": hidden}))
 
 
 def cut_positions(student: nn.Module, teacher: nn.Module, first: int, last: int) -> tuple[int, int] | None:
@@ -246,7 +232,7 @@ class Replace:
             fold_linear_map(projection, t_map)
             changed += sum(p.numel() for p in projection.parameters())
             fitted.append({"cut": [first, last], "into_layer": first - 1, "tokens": tokens})
-        context.notes.update(cuts=fitted, changed_params=changed, tokens=sum(f["tokens"] for f in fitted))
+        context.cuts, context.changed_params, context.tokens = fitted, changed, sum(f["tokens"] for f in fitted)
         return model
 
 
@@ -283,17 +269,17 @@ class BlockLocal:
 
             def forward(j: int) -> torch.Tensor:
                 inputs = batches[j][0]
-                hidden = _hidden_argument(*inputs[span[0]])
+                hidden = layer_input(*inputs[span[0]])
                 for i in span:  # each layer with its own arguments (masks differ between layer types)
-                    hidden = _call_layer(student_layers[i], hidden, *inputs[i])
+                    hidden = call_layer(student_layers[i], hidden, *inputs[i])
                 return hidden
 
             steps = train_span(params, forward, [(b[1], b[2]) for b in batches], config, compute, curve)
             changed += sum(p.numel() for p in params)
             trained.append({"cut": [first, last], "trained_layers": [kept_layers(model)[i] for i in span],
                             "steps": steps})
-        context.notes.update(cuts=trained, changed_params=changed, loss_curve=curve,
-                             tokens=sum(len(r["input_ids"]) for r in rows))
+        context.cuts, context.changed_params, context.loss_curve = trained, changed, curve
+        context.tokens = sum(len(r["input_ids"]) for r in rows)
         return model
 
 

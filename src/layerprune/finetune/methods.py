@@ -27,11 +27,20 @@ from layerprune.models.surgery import kept_layers, provenance, untie_embeddings
 
 @dataclass
 class HealContext:
-    """What methods may need besides the model: the tokenizer, a teacher, scratch space."""
+    """What methods may need besides the model, and what they hand back besides it.
+
+    notes: what heal.json records of the run (each method adds its own keys). The rest are typed outputs
+    that the training loop reads: a procedure (replace, block-local) reports the cuts it changed, the
+    parameters and tokens, and its loss curve; QLoRA keeps the full-precision model its adapter merges into."""
 
     tokenizer: object = None
     teacher: nn.Module | None = None
     notes: dict = field(default_factory=dict)
+    cuts: list[dict] = field(default_factory=list)  # a procedure's record of each cut it healed
+    changed_params: int = 0  # parameters a procedure changed
+    tokens: int = 0  # tokens a procedure read
+    loss_curve: list[dict] = field(default_factory=list)  # a procedure's own loss curve
+    full_precision: nn.Module | None = None  # QLoRA: the unquantized model the adapter is merged into
 
 
 @dataclass(frozen=True)
@@ -228,7 +237,7 @@ class QLora:
 
         choice = heal_compute(model, config)
         compute_dtype = torch.float32 if choice.dtype == "fp32" else choice.torch_dtype
-        context.notes["full_precision"] = model
+        context.full_precision = model
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             quantized = AutoModelForCausalLM.from_pretrained(
@@ -246,7 +255,7 @@ class QLora:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
         adapters = get_peft_model_state_dict(model)
-        full = get_peft_model(context.notes.pop("full_precision"), _lora_config(config))
+        full, context.full_precision = get_peft_model(context.full_precision, _lora_config(config)), None
         set_peft_model_state_dict(full, adapters)
         return _merge_adapters(full)
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import ProgressCallback, TrainingArguments, set_seed
 
+from layerprune.common.units import format_seconds as format_minutes
 from layerprune.data.collate import PadCollator, TokenizedDataset  # noqa: F401  (PadCollator: public here)
 from layerprune.errors import LayerpruneError
 from layerprune.files.cache import cache_dir
@@ -29,7 +31,6 @@ from layerprune.finetune.methods import HealContext, get_method, heal_compute, t
 from layerprune.finetune.teacher import teacher_targets
 from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
 from layerprune.hardware.compute import announce
-from layerprune.common.units import format_seconds as format_minutes
 from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions, unwrapped
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
@@ -115,6 +116,27 @@ class HealResult:
         return {k: v for k, v in self.__dict__.items() if k not in ("model", "loss_curve")}
 
 
+@dataclass
+class _Prepared:
+    """What the steps of `heal` hand each other, once the method, the teacher and the compute are settled."""
+
+    method: object  # methods.HealMethod
+    model: object  # the model to train (a peft model, a quantized copy, ... after method.prepare)
+    rows: list[dict]
+    config: HealConfig  # max_steps fitted to the budget once planned
+    context: HealContext
+    compute: object  # hardware.compute.ComputeChoice
+    started: float  # perf_counter when heal began: the budget counts from there
+    teacher: object = None  # the model distillation reads live (None once its targets are cached)
+    targets: object = None  # the teacher's cached top-k targets
+    pairs: list = field(default_factory=list)  # (student, teacher) layers of the hidden-state loss
+    accumulation: int = 1
+    rows_per_step: int = 1
+    deadline: object = None  # budget.budget_callback when max_minutes is set
+    trainable: int = 0
+    total: int = 0
+
+
 def heal(
     model,
     rows: list[dict],
@@ -137,108 +159,130 @@ def heal(
     work_dir holds Trainer checkpoints (resume picks up the last one). Under `accelerate launch`
     the Trainer runs data-parallel (DDP/FSDP) with no change here. Before training, one timed step gives
     the estimate printed through `log`, and fits the steps into `config.max_minutes` when set (budget.py).
+    Four steps: prepare (method, teacher, compute), plan (the method's trainable model, the timed step and
+    the budget, the teacher's targets), train (the Trainer), finish (the stock model and its record).
     """
-    from transformers import set_seed
+    prepared = _prepare(model, rows, config, tokenizer=tokenizer, teacher=teacher, targets=targets)
+    if prepared.method.run is not None:  # a procedure of its own (e.g. training-free replacement), not the Trainer
+        return _run_procedure(prepared.method, prepared.model, prepared.rows, prepared.config, prepared.context)
+    _plan(prepared, log)
+    trainer, output, seconds = _train_prepared(prepared, Path(work_dir or Path.cwd() / "heal-checkpoints"), resume)
+    return _finish(prepared, trainer, output, seconds)
 
+
+def _prepare(model, rows, config, *, tokenizer, teacher, targets) -> _Prepared:
+    """Check the inputs, settle the teacher (targets made before the student loaded, or a loader called now),
+    seed, and decide the compute dtype."""
     if not rows:
         raise LayerpruneError("no training examples")
     method = get_method(config.method)
+    started = time.perf_counter()
+    notes = {}
     if targets is not None:  # the teacher pass already ran, with the teacher alone in memory
-        targets, context_notes = targets
+        targets, notes["teacher_targets"] = targets
         rows, teacher = rows[:len(targets.offsets) - 1], None
     elif callable(teacher) and not isinstance(teacher, torch.nn.Module):  # a loader: nothing else holds the model
         teacher = teacher()
     if method.needs_teacher and teacher is None and targets is None:
         raise LayerpruneError(f"{config.method} needs a teacher model (the unpruned model)")
-    started = time.perf_counter()
     set_seed(config.seed)
-    context = HealContext(tokenizer=tokenizer, teacher=teacher)
-    if targets is not None:
-        context.notes["teacher_targets"] = context_notes
+    context = HealContext(tokenizer=tokenizer, teacher=teacher, notes=notes)
     compute = heal_compute(model, config)
     announce(compute)
     context.notes["compute"] = compute.to_json()
-    if method.run is not None:  # a procedure of its own (e.g. training-free replacement), not the Trainer
-        return _run_procedure(method, model, rows, config, context)
-    if config.init == "replace" and provenance(model)["dropped_layers"]:  # an unpruned model has no cut
-        model = _replace_first(model, rows, config, context)
-    pairs = _state_pairs(model, config, context)
     rows_per_step = rows_per_optimizer_step(config)
-    accumulation = rows_per_step // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
-    # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
-    distill_from = teacher if method.distills else None
-    cached_targets = distill_from is not None and config.distill_top_k is not None
-    trainable_model = method.prepare(model, config, context)
-    trainable, total = trainable_parameters(trainable_model)
-    config, deadline = _plan_steps(trainable_model, rows, config, context, compute, started=started,
-                                   accumulation=accumulation, rows_per_step=rows_per_step,
-                                   teacher=distill_from if cached_targets else None, log=log)
-    if targets is None and cached_targets:
-        if config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
-            rows = rows[:config.max_steps * rows_per_step]
-        targets = _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute,
-                                          state_layers=[t for _, t in pairs])
-        teacher = distill_from = context.teacher = None  # its targets are on disk: free it before training
-        gc.collect()
+    return _Prepared(method, model, rows, config, context, compute, started, teacher=teacher, targets=targets,
+                     rows_per_step=rows_per_step,
+                     accumulation=rows_per_step // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
 
-    if pairs and (targets is None or targets.states is None):  # a teacher read layer by layer gives logits only
-        context.notes["hidden_states"]["skipped"], pairs = "the teacher's states were not recorded (streamed)", []
-    work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
-    args = _training_arguments(config, work_dir, compute, accumulation)
+
+def _plan(p: _Prepared, log) -> None:
+    """Replace the cuts first (init replace), make the method's trainable model, time one step and fit the steps
+    to the budget, then cache the teacher's targets of the rows those steps read and free the teacher."""
+    if p.config.init == "replace" and provenance(p.model)["dropped_layers"]:  # an unpruned model has no cut
+        p.model = _replace_first(p.model, p.rows, p.config, p.context)
+    p.pairs = _state_pairs(p.model, p.config, p.context)
+    # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
+    distill_from = p.teacher if p.method.distills else None
+    cached_targets = distill_from is not None and p.config.distill_top_k is not None
+    p.model = p.method.prepare(p.model, p.config, p.context)
+    p.trainable, p.total = trainable_parameters(p.model)
+    p.config, p.deadline = _plan_steps(p.model, p.rows, p.config, p.context, p.compute, started=p.started,
+                                       accumulation=p.accumulation, rows_per_step=p.rows_per_step,
+                                       teacher=distill_from if cached_targets else None, log=log)
+    p.teacher = distill_from
+    if p.targets is None and cached_targets:
+        if p.config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
+            p.rows = p.rows[:p.config.max_steps * p.rows_per_step]
+        p.targets = _cached_teacher_targets(distill_from, p.rows, p.config, p.context.tokenizer, p.context,
+                                            p.compute, state_layers=[t for _, t in p.pairs])
+        p.teacher = p.context.teacher = distill_from = None  # its targets are on disk: free it before training
+        gc.collect()
+    if p.pairs and (p.targets is None or p.targets.states is None):  # a teacher read layer by layer: logits only
+        p.context.notes["hidden_states"]["skipped"] = "the teacher's states were not recorded (streamed)"
+        p.pairs = []
+
+
+def _train_prepared(p: _Prepared, work_dir: Path, resume: bool):
+    """Run the Trainer over the planned steps: (trainer, its output, seconds)."""
+    config = p.config
     trainer = _trainer_class()(
-        model=trainable_model,
-        args=args,
-        train_dataset=TokenizedDataset(rows),
-        data_collator=PadCollator(pad_token_id(tokenizer)),
-        teacher=distill_from if targets is None else None,
-        teacher_targets=targets,
+        model=p.model,
+        args=_training_arguments(config, work_dir, p.compute, p.accumulation),
+        train_dataset=TokenizedDataset(p.rows),
+        data_collator=PadCollator(pad_token_id(p.context.tokenizer)),
+        teacher=p.teacher if p.targets is None else None,
+        teacher_targets=p.targets,
         temperature=config.distill_temperature,
         alpha=config.distill_alpha,
         top_k=config.distill_top_k,
         chunk=config.loss_chunk,
-        state_layers=[s for s, _ in pairs] if targets is not None else [],
+        state_layers=[s for s, _ in p.pairs] if p.targets is not None else [],
         state_weight=config.hidden_weight,
-        callbacks=[finite_guard(config.learning_rate), *([deadline] if deadline is not None else [])],
+        callbacks=[finite_guard(config.learning_rate), *([p.deadline] if p.deadline is not None else [])],
     )
-    if deadline is not None:
-        from transformers import ProgressCallback
-
+    if p.deadline is not None:
         bars = [c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
-        deadline.progress = bars[0] if bars else None
-    if distill_from is not None:
-        distill_from.eval().requires_grad_(False)
+        p.deadline.progress = bars[0] if bars else None
+    if p.teacher is not None:
+        p.teacher.eval().requires_grad_(False)
     start = time.perf_counter()
-    checkpoint = _last_checkpoint(work_dir) if resume else None
-    output = _train(trainer, checkpoint, work_dir)
+    output = _train(trainer, _last_checkpoint(work_dir) if resume else None, work_dir)
     if trainer.recorder is not None:
         trainer.recorder.remove()  # the healed model carries no hooks
     _close_process_group_at_exit()
-    seconds = time.perf_counter() - start
+    return trainer, output, time.perf_counter() - start
+
+
+def _finish(p: _Prepared, trainer, output, seconds: float) -> HealResult:
+    """The stock model back from the method (merged, untied as trained), checked finite, and its record."""
     curve = [
         {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "grad_norm": e.get("grad_norm")}
         for e in trainer.state.log_history
         if "loss" in e
     ]
-    if deadline is not None:
-        context.notes["time_budget"]["stopped_early"] = deadline.stopped_early
-        context.notes["time_budget"]["refitted_to"] = deadline.refitted_to  # steps at the real pace
-    context.notes["estimate"]["took_seconds"] = round(time.perf_counter() - started, 1)  # teacher pass included
-    final = method.finalize(trainable_model, config, context)
+    notes = p.context.notes
+    if p.deadline is not None:
+        notes["time_budget"]["stopped_early"] = p.deadline.stopped_early
+        notes["time_budget"]["refitted_to"] = p.deadline.refitted_to  # steps at the real pace
+    notes["estimate"]["took_seconds"] = round(time.perf_counter() - p.started, 1)  # teacher pass included
+    final = p.method.finalize(p.model, p.config, p.context)
     final.eval()
     check_finite_weights(final)
-    tokens = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in rows)
+    tokens = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in p.rows)
     epochs_done = trainer.state.epoch or 0
     return HealResult(
         model=final,
-        method=config.method,
-        trainable_params=trainable,
-        total_params=total,
+        method=p.config.method,
+        trainable_params=p.trainable,
+        total_params=p.total,
         steps=trainer.state.global_step,
-        tokens_seen=int(tokens * epochs_done) if config.max_steps < 0 else _tokens_in_steps(rows, trainer, accumulation),
+        tokens_seen=int(tokens * epochs_done) if p.config.max_steps < 0 else _tokens_in_steps(p.rows, trainer,
+                                                                                              p.accumulation),
         seconds=seconds,
         final_loss=curve[-1]["loss"] if curve else output.training_loss,
         loss_curve=curve,
-        notes={**{k: v for k, v in context.notes.items() if k != "full_precision"}, "gradient_accumulation": accumulation},
+        notes={**notes, "gradient_accumulation": p.accumulation},
     )
 
 
@@ -254,8 +298,6 @@ def _state_pairs(model, config, context) -> list[tuple[int, int]]:
 
 def _training_arguments(config, work_dir: Path, compute, accumulation: int):
     """The Trainer's arguments of a healing config, computing as hardware.compute decided."""
-    from transformers import TrainingArguments
-
     return TrainingArguments(
         output_dir=str(work_dir),
         learning_rate=config.learning_rate,
@@ -342,9 +384,7 @@ def _replace_first(model, rows, config, context):
         return model
     start = time.perf_counter()
     model = get_method("replace").run(model, rows, config, context)
-    context.notes["init_replace"] = {"cuts": context.notes.pop("cuts"), "seconds": round(time.perf_counter() - start, 1)}
-    for key in ("changed_params", "tokens"):
-        context.notes.pop(key, None)
+    context.notes["init_replace"] = {"cuts": context.cuts, "seconds": round(time.perf_counter() - start, 1)}
     return model
 
 
@@ -355,11 +395,11 @@ def _run_procedure(method, model, rows, config, context) -> HealResult:
     healed = method.run(model, rows, config, context)
     healed.eval()
     check_finite_weights(healed)
-    curve = context.notes.pop("loss_curve", [])
-    return HealResult(model=healed, method=config.method, trainable_params=context.notes.pop("changed_params", 0),
-                      total_params=total, steps=len(curve), tokens_seen=context.notes.pop("tokens", 0),
+    curve = context.loss_curve
+    return HealResult(model=healed, method=config.method, trainable_params=context.changed_params,
+                      total_params=total, steps=len(curve), tokens_seen=context.tokens,
                       seconds=time.perf_counter() - start, final_loss=curve[-1]["loss"] if curve else None,
-                      loss_curve=curve, notes=context.notes)
+                      loss_curve=curve, notes={**context.notes, "cuts": context.cuts})
 
 
 def _close_process_group_at_exit() -> None:

@@ -60,6 +60,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.importance.registry import register_metric
 from layerprune.models.anatomy import Anatomy, get_anatomy
 from layerprune.models.bypass import StandIn, swapped
+from layerprune.models.decoder_calls import layer_input
 
 METHODS = ("fast", "naive")
 
@@ -158,7 +159,7 @@ def capture_pass(
 
     def pre_hook(pos: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_input(args, kwargs)
             # A copy: the cache must not alias an activation that a block could modify in place.
             inputs[pos] = hidden.detach().to(device=store or hidden.device, copy=True)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from layerprune.models.anatomy import Anatomy, get_anatomy
+from layerprune.models.decoder_calls import layer_input
 
 
 @contextlib.contextmanager
@@ -29,7 +30,7 @@ def bypass_layers(model: nn.Module, positions: Iterable[int]) -> Iterator[None]:
     handles = []
 
     def passthrough(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = layer_input(args, kwargs)
         if isinstance(output, tuple):
             return (hidden,) + tuple(output[1:])
         return hidden
@@ -69,7 +70,7 @@ class StandIn(nn.Module):
             return getattr(block, name)
 
     def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = layer_input(args, kwargs)
         if self.value is not None:
             # The cache belongs to one chunk of samples; a different batch must never get it.
             if self.value.shape != hidden.shape:

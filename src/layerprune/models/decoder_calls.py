@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch import nn
 
 
 def hidden_of(out) -> torch.Tensor:
@@ -20,3 +21,10 @@ def last_logits_kwargs(model) -> dict:
     """Ask for the last position's logits only, when the model allows it (saves the [B, L, V] logits)."""
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run a decoder layer on `hidden` with the other arguments the model passed it."""
+    if args:
+        return hidden_of(layer(hidden, *args[1:], **kwargs))
+    return hidden_of(layer(**{**kwargs, "hidden_states": hidden}))

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 from layerprune.common.config_base import comma_list
+from layerprune.common.units import format_seconds
 from layerprune.evaluation.generation import DEFAULT_PROMPTS
 from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
 from layerprune.finetune.teacher_first import examples_answered
 from layerprune.hardware.speed import GENERATED_TOKEN_COST, Speed
-from layerprune.common.units import format_seconds
 from layerprune.importance import get_metric
 from layerprune.models.anatomy import count_parameters, get_anatomy
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from layerprune.common.units import format_seconds
 from layerprune.errors import LayerpruneError
 from layerprune.evaluation.config import EvalConfig
 from layerprune.finetune.config import HealConfig
@@ -19,7 +20,6 @@ from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
 from layerprune.finetune.memory import gpus_for_full_heal
 from layerprune.hardware.devices import Devices, GiB, device_flops, this_machine
 from layerprune.hardware.speed import Speed
-from layerprune.common.units import format_seconds
 from layerprune.models.shape import Job, ModelShape, model_shape
 from layerprune.planning.estimate import eval_seconds, heal_seconds, score_seconds
 from layerprune.planning.memory import plan_memory

@@ -19,6 +19,7 @@ from layerprune.importance.perplexity import (
 )
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.bypass import StandIn, swapped
+from layerprune.models.decoder_calls import layer_input
 
 # (dropped positions before q, q): the hidden state entering block q depends on nothing else.
 _Key = tuple[frozenset, int]
@@ -220,7 +221,7 @@ def _logits_batch(model: nn.Module, seq_len: int) -> int:
 
 def _keep_input(states: list[torch.Tensor]):
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = layer_input(args, kwargs)
         states.append(hidden.detach().clone())  # a copy: a block could modify its input in place
 
     return hook
