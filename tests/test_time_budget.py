@@ -97,22 +97,20 @@ def test_heal_refits_a_plan_that_ran_slower_than_its_probe(tmp_path, monkeypatch
     import itertools
     import time
 
-    from layerprune import remove_layers
-    from layerprune.data.instructions import Example, tokenize_examples
-    from layerprune.finetune import HealConfig, heal
-    from layerprune.finetune import budget
-    from layerprune.finetune import trainer as trainer_module
     from tiny_models import tiny_model, tiny_tokenizer
 
-    monkeypatch.setattr(trainer_module, "probe_heal", lambda *a, **k: HealProbe(step_seconds=0.01,
-                                                                                  teacher_row_seconds=0.0))
+    from layerprune import remove_layers
+    from layerprune.data.instructions import Example, tokenize_examples
+    from layerprune.finetune import HealConfig, budget, heal
+
+    monkeypatch.setattr(budget, "probe_heal", lambda *a, **k: HealProbe(step_seconds=0.01, teacher_row_seconds=0.0))
     real_callback = budget.budget_callback
 
     def one_second_steps(deadline):
         start, ticks = time.perf_counter(), itertools.count(1)
         return real_callback(deadline, clock=lambda: start + next(ticks))
 
-    monkeypatch.setattr(trainer_module, "budget_callback", one_second_steps)
+    monkeypatch.setattr(budget, "budget_callback", one_second_steps)
     rows = tokenize_examples([Example(f"say {w}", "", f"{w} {w}") for w in ["cat", "dog"] * 50], tiny_tokenizer(),
                              max_length=32)
     config = HealConfig(method="full", data="dolly", learning_rate=1e-3, max_steps=100, max_minutes=0.5,

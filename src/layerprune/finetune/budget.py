@@ -168,3 +168,35 @@ def less_budget(config: HealConfig, seconds: float) -> HealConfig:
         raise LayerpruneError(f"the teacher's responses took {seconds / 60:.1f} min, the whole max_minutes budget "
                               f"of {config.max_minutes:g}; raise max_minutes or lower response_tokens")
     return config.model_copy(update={"max_minutes": left})
+
+
+@dataclass
+class StepPlan:
+    """How many steps a heal runs and why: the steps wanted, the steps planned (fitted to max_minutes), the
+    deadline callback that keeps them to it, and the timed probe the estimate comes from."""
+
+    wanted: int
+    steps: int
+    probe: HealProbe
+    teacher_rows: int  # rows the teacher's top-k pass reads before training (0: no pass)
+    deadline: object = None  # budget_callback(...) when max_minutes is set
+
+    @property
+    def estimate_s(self) -> float:
+        return self.probe.seconds(self.steps, self.teacher_rows)
+
+
+def plan_steps(model, rows, config, *, compute, pad_id: int, started: float, accumulation: int, rows_per_step: int,
+               teacher=None, distill=None) -> StepPlan:
+    """The one place a heal's steps are decided: time one step (and the teacher's pass), then with max_minutes
+    fit the steps into what is left of the budget since `started` and make the deadline that keeps them to it."""
+    probe = probe_heal(model, rows, batch_size=config.batch_size, accumulation=accumulation, compute=compute,
+                       pad_id=pad_id, teacher=teacher, top_k=config.distill_top_k, distill=distill)
+    wanted = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(rows) / rows_per_step)
+    steps, deadline = wanted, None
+    if config.max_minutes is not None:
+        budget = config.max_minutes * 60 - (time.perf_counter() - started)
+        steps = fit_steps(probe, budget, wanted, rows_per_step if teacher is not None else 0)
+        deadline = budget_callback(started + config.max_minutes * 60)
+    teacher_rows = min(len(rows), steps * rows_per_step) if teacher is not None else 0
+    return StepPlan(wanted, steps, probe, teacher_rows, deadline)

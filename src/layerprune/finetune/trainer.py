@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import math
 import os
 import shutil
 import time
@@ -21,7 +20,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.files.cache import cache_dir
 from layerprune.files.plotting import pyplot
 from layerprune.files.user_files import disk_full_message
-from layerprune.finetune.budget import budget_callback, fit_steps, probe_heal
+from layerprune.finetune.budget import plan_steps
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.finite import check_finite_weights, check_loss, finite_guard
 from layerprune.finetune.hidden_states import StateRecorder, cut_pairs, relative_state_error
@@ -328,32 +327,29 @@ def _training_arguments(config, work_dir: Path, compute, accumulation: int):
 
 
 def _plan_steps(model, rows, config, context, compute, *, started, accumulation, rows_per_step, teacher, log):
-    """Time one step (budget.probe_heal), print the estimate, and with max_minutes fit max_steps into the
-    budget. Returns (config with the steps to run, a deadline callback or None)."""
+    """The steps to run (budget.plan_steps: a timed step, fitted to max_minutes), said before training and kept
+    in the notes. Returns (config with the steps to run, a deadline callback or None)."""
     distills = get_method(config.method).distills and config.distill_top_k is not None
-    probe = probe_heal(model, rows, batch_size=config.batch_size, accumulation=accumulation, compute=compute,
-                       pad_id=pad_token_id(context.tokenizer), teacher=teacher, top_k=config.distill_top_k,
-                       distill=(config.distill_alpha, config.distill_temperature, config.distill_top_k)
-                       if distills else None)
-    wanted = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(rows) / rows_per_step)
-    steps, deadline = wanted, None
-    if config.max_minutes is not None:
-        budget = config.max_minutes * 60 - (time.perf_counter() - started)
-        steps = fit_steps(probe, budget, wanted, rows_per_step if teacher is not None else 0)
-        deadline = budget_callback(started + config.max_minutes * 60)
-        context.notes["time_budget"] = {"minutes": config.max_minutes, "steps_wanted": wanted, "steps_planned": steps}
-    teacher_rows = min(len(rows), steps * rows_per_step) if teacher is not None else 0
-    estimate = probe.seconds(steps, teacher_rows)
-    context.notes["estimate"] = {"seconds": round(estimate, 1), "step_seconds": round(probe.step_seconds, 3),
+    plan = plan_steps(model, rows, config, compute=compute, pad_id=pad_token_id(context.tokenizer), started=started,
+                      accumulation=accumulation, rows_per_step=rows_per_step, teacher=teacher,
+                      distill=(config.distill_alpha, config.distill_temperature, config.distill_top_k)
+                      if distills else None)
+    if plan.deadline is not None:
+        context.notes["time_budget"] = {"minutes": config.max_minutes, "steps_wanted": plan.wanted,
+                                        "steps_planned": plan.steps}
+    probe = plan.probe
+    context.notes["estimate"] = {"seconds": round(plan.estimate_s, 1), "step_seconds": round(probe.step_seconds, 3),
                                  "teacher_row_seconds": round(probe.teacher_row_seconds, 4)}
-    teacher_part = (f" + teacher top-{config.distill_top_k} pass over {teacher_rows} rows "
-                    f"({format_minutes(teacher_rows * probe.teacher_row_seconds)}, unless cached)") if teacher_rows else ""
-    budget_part = f", fitted to a {config.max_minutes:.3g}-minute budget (of {wanted} wanted)" if deadline else ""
-    log(f"healing plan: {steps} steps x {format_minutes(probe.step_seconds)}{teacher_part}{budget_part}; "
-        f"estimated {format_minutes(estimate)} on this machine ({compute.dtype})")
-    if steps < wanted:
-        config = config.model_copy(update={"max_steps": steps})
-    return config, deadline
+    teacher_part = (f" + teacher top-{config.distill_top_k} pass over {plan.teacher_rows} rows "
+                    f"({format_minutes(plan.teacher_rows * probe.teacher_row_seconds)}, unless cached)"
+                    ) if plan.teacher_rows else ""
+    budget_part = f", fitted to a {config.max_minutes:.3g}-minute budget (of {plan.wanted} wanted)" \
+        if plan.deadline else ""
+    log(f"healing plan: {plan.steps} steps x {format_minutes(probe.step_seconds)}{teacher_part}{budget_part}; "
+        f"estimated {format_minutes(plan.estimate_s)} on this machine ({compute.dtype})")
+    if plan.steps < plan.wanted:
+        config = config.model_copy(update={"max_steps": plan.steps})
+    return config, plan.deadline
 
 
 def _cached_teacher_targets(teacher, rows, config, tokenizer, context, compute, state_layers=()):
