@@ -1,5 +1,5 @@
 """`layerprune plan`: before any weight is read, each stage's peak memory per device, the disk it needs, a
-time estimate, and the healing that fits (hardware/memory_plan.py) on this machine or on `--gpus N
+time estimate, and the healing that fits (planning/memory.py, finetune/memory.py) on this machine or on `--gpus N
 --gpu-memory 80GB`.
 
 Times come from the model's FLOPs per token (2 x parameters, plus the logits) over a measured throughput:
