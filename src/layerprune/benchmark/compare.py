@@ -13,6 +13,14 @@ class Figure:
     lower_is_better: bool = True
     ideal: str | None = None  # which MACs ratio is this figure's ideal gain: "macs" | "decode:<L>"
     std: float | None = None
+    derived_spread: float | None = None  # std / mean of the timing a derived figure (throughput) comes from
+
+    @property
+    def spread(self) -> float | None:
+        """std / mean of the timing behind this figure (None: not a timing)."""
+        if self.derived_spread is not None:
+            return self.derived_spread
+        return self.std / self.value if self.std is not None and self.value else None
 
 
 def figures(result: dict) -> dict[str, Figure]:
@@ -48,6 +56,7 @@ def figures(result: dict) -> dict[str, Figure]:
         out[f"gen_throughput_M{m}_L{length}"] = Figure(
             f"throughput M={m} L={length}", gen["throughput_tok_s"], "tok/s", lower_is_better=False,
             ideal=f"decode:{length}",
+            derived_spread=gen["std_s"] / gen["mean_s"] if gen.get("std_s") is not None and gen["mean_s"] else None,
         )
     return out
 
@@ -68,12 +77,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+# A timing whose spread (std / mean) passes this, or a gain past its ideal by more than this share, was taken
+# while other work ran: it is flagged unreliable rather than reported as a speed-up.
+NOISY_SPREAD = 0.2
+PAST_IDEAL = 1.1
+
+
 def compare(base: dict, other: dict) -> dict:
     """How much better `other` is than `base` on every figure both have.
 
     gain = base/other for costs (latency, bytes, MACs), other/base for throughput (> 1: other is better).
     ideal = base MACs / other MACs (per decoded token for generation figures); of_ideal = gain / ideal,
-    the share of the theoretical speedup that is real.
+    the share of the theoretical speedup that is real. reliable: False when either timing spread more than
+    NOISY_SPREAD of its mean, or the gain is beyond PAST_IDEAL x its ideal (removing layers cannot speed up a
+    model more than the work it removes: a busy machine slowed one of the two measurements).
     """
     a, b = figures(base), figures(other)
     rows = []
@@ -83,9 +100,12 @@ def compare(base: dict, other: dict) -> dict:
             continue
         gain = _ratio(fa.value, fb.value) if fa.lower_is_better else _ratio(fb.value, fa.value)
         ideal = _ideal(fa.ideal, base, other)
+        spread = max((f.spread for f in (fa, fb) if f.spread is not None), default=None)
+        beyond = gain is not None and ideal is not None and gain > PAST_IDEAL * ideal
         rows.append({
             "key": key, "label": fa.label, "unit": fa.unit, "base": fa.value, "other": fb.value,
-            "gain": gain, "ideal": ideal, "of_ideal": _ratio(gain, ideal),
+            "gain": gain, "ideal": ideal, "of_ideal": _ratio(gain, ideal), "spread": spread,
+            "reliable": not beyond and (spread is None or spread <= NOISY_SPREAD),
         })
     return {
         "base": base["model"],

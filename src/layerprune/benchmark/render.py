@@ -46,7 +46,8 @@ def table_rows(base: dict, other: dict | None = None, comparison: dict | None = 
             row["label"],
             format_value(a.value, a.unit) + (f" ± {a.std * 1000:.1f}" if a.std else ""),
             format_value(b.value, b.unit) + (f" ± {b.std * 1000:.1f}" if b.std else ""),
-            _gain(row["gain"]), _gain(row["ideal"]), _share(row["of_ideal"]),
+            _gain(row["gain"]), _gain(row["ideal"]),
+            _share(row["of_ideal"]) if row.get("reliable", True) else "unreliable: machine busy",
         ])
     return ["figure", base["model"], other["model"], "gain", "ideal (MACs)", "of ideal"], rows
 

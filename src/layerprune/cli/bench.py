@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from layerprune.benchmark.compare import NOISY_SPREAD
 from layerprune.benchmark.config import BenchConfig
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
 from layerprune.cli.options import config_from_options, config_option, parse_int_list
@@ -68,4 +69,8 @@ def bench(
             f"ideal speedup from MACs: {comparison['ideal_speedup']:.3f}x "
             f"(layers {base['layers']} -> {other['layers']}: {comparison['layer_ratio']:.3f}x)"
         )
+        noisy = [row["label"] for row in comparison["rows"] if not row["reliable"]]
+        if noisy:
+            console.print(f"[yellow]unreliable (spread over {NOISY_SPREAD:.0%} of the mean, or a gain past the ideal: "
+                          f"other work ran): {', '.join(noisy)}; measure again on an idle machine[/]", highlight=False)
     console.print(f"wrote bench.json, bench.md, bench.png to [bold]{out}[/]")

@@ -227,6 +227,28 @@ class Plan:
             rows.append(f"  {s.name:<14} {left:>10}{took}  {s.what}")
         return rows
 
+    def pace(self) -> float | None:
+        """Measured time over estimated time of the stages that ran so far (None before any)."""
+        ran = [s for s in self.stages if s.seconds is not None and s.estimate and not s.skipped]
+        return sum(s.seconds for s in ran) / sum(s.estimate for s in ran) if ran else None
+
+    def remaining(self) -> float | None:
+        """The estimate of the stages still to run, scaled by the pace measured so far."""
+        left = [s.estimate for s in self.stages if s.seconds is None and not s.skipped and s.estimate is not None]
+        pace = self.pace()
+        return sum(left) * (pace if pace is not None else 1.0) if left else None
+
+    def progress_line(self, name: str) -> str:
+        """After stage `name`: what it took against its estimate, and the time left at the pace measured so far."""
+        stage = next((s for s in self.stages if s.name == name), None)
+        took = f"{name} took {format_seconds(stage.seconds if stage else None)}"
+        if stage is not None and stage.estimate is not None:
+            took += f" (estimated {format_seconds(stage.estimate)})"
+        left, pace = self.remaining(), self.pace()
+        if left is None:
+            return took
+        return f"{took}; left: ~{format_seconds(left)}" + (f" at {pace:.2g}x the estimated pace" if pace else "")
+
     def _actual(self) -> float | None:
         times = [s.seconds for s in self.stages if s.seconds is not None]
         return sum(times) if times else None

@@ -70,7 +70,7 @@ def _decode_speedup(bench: dict | None) -> float | None:
         return None
     for row in bench.get("comparison", {}).get("rows", []):
         if row["key"].startswith("gen_latency"):
-            return row["gain"]
+            return row["gain"] if row.get("reliable", True) else None  # timed on a busy machine: no figure
     return None
 
 

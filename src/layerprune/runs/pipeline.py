@@ -22,7 +22,7 @@ from layerprune.config import RunConfig
 from layerprune.data.calibration import load_calibration
 from layerprune.files.outputs import claim_folder, is_main_process, write_json, write_text
 from layerprune.hardware.compute import compute_choice
-from layerprune.hardware.speed import measure_speed
+from layerprune.hardware.speed import busy_note, measure_speed
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.models.model_config import loading_options
 from layerprune.models.saving import package_versions
@@ -78,6 +78,7 @@ class Run:
         for stage in plan_stages(self.config):
             with self.plan.timed(stage.name):
                 STEPS[stage.step](self, stage)
+            self.log(self.plan.progress_line(stage.name))  # the stages left, re-estimated at the real pace
         summary = {**self.summary, "wall_time_s": round(time.perf_counter() - started, 1),
                    "stage_times": self.plan.to_json()}
         write_json(self.path("run.json"), summary)
@@ -102,6 +103,9 @@ class Run:
         plan = plan_run(self.config, stages, self.dir, model, speed, heal_speed, done)
         for line in plan.lines():
             self.log(line)
+        busy = busy_note()
+        if busy:
+            self.log(busy)
         return plan
 
     # ------------------------------------------------------------------ what the steps share
