@@ -91,3 +91,21 @@ def test_progress_lines_count_only_stages_with_estimates():
     assert plan.pace() is None and plan.remaining() is None
     assert plan.progress_line("eval-original") == "eval-original took 0 s (estimated 0 s)"
     assert list(itertools.islice(plan.lines(), 1))[0].startswith("run: estimated")
+
+
+def test_a_busy_machine_does_not_turn_native_bf16_into_fp32(monkeypatch):
+    """A bf16 matmul timed while other work runs can read a few times slow; emulated bf16 is 10-200x slower.
+    Reading the first as emulated computed a whole run in fp32: several times slower, and other numbers."""
+    from layerprune.hardware import compute
+
+    compute.cpu_bf16_support.cache_clear()
+    monkeypatch.setattr(compute, "cpu_flags", lambda cpuinfo=None: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(compute, "torch_cpu_capability", lambda: "AVX512")
+    try:
+        monkeypatch.setattr(compute, "bf16_matmul_ratio", lambda: 3.0)  # a native CPU, timed on a loaded machine
+        assert compute.cpu_bf16_support()[0] is True
+        compute.cpu_bf16_support.cache_clear()
+        monkeypatch.setattr(compute, "bf16_matmul_ratio", lambda: 12.0)  # emulated
+        assert compute.cpu_bf16_support()[0] is False
+    finally:
+        compute.cpu_bf16_support.cache_clear()
