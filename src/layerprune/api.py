@@ -61,7 +61,7 @@ from layerprune.models.memory_policy import on_disk_folder, too_big_to_load
 from layerprune.models.model_config import read_model_config
 from layerprune.models.prune_result import PruneResult
 from layerprune.models.quantize import check_load_in
-from layerprune.models.saving import save_model
+from layerprune.models.saving import save_model, write_model_files  # noqa: F401  (public here before)
 from layerprune.models.shape import model_shape
 from layerprune.models.surgery import kept_layers
 from layerprune.planning import job as job_plans

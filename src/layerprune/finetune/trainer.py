@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import ProgressCallback, TrainingArguments, set_seed
 
 from layerprune.common.units import format_seconds as format_minutes
 from layerprune.data.collate import PadCollator, TokenizedDataset  # noqa: F401  (PadCollator: public here)
@@ -172,6 +171,8 @@ def heal(
 def _prepare(model, rows, config, *, tokenizer, teacher, targets) -> _Prepared:
     """Check the inputs, settle the teacher (targets made before the student loaded, or a loader called now),
     seed, and decide the compute dtype."""
+    from transformers import set_seed  # heavy: transformers' training utilities import peft, accelerate
+
     if not rows:
         raise LayerpruneError("no training examples")
     method = get_method(config.method)
@@ -241,6 +242,8 @@ def _train_prepared(p: _Prepared, work_dir: Path, resume: bool):
         callbacks=[finite_guard(config.learning_rate), *([p.deadline] if p.deadline is not None else [])],
     )
     if p.deadline is not None:
+        from transformers import ProgressCallback  # heavy: see _prepare
+
         bars = [c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
         p.deadline.progress = bars[0] if bars else None
     if p.teacher is not None:
@@ -297,6 +300,8 @@ def _state_pairs(model, config, context) -> list[tuple[int, int]]:
 
 def _training_arguments(config, work_dir: Path, compute, accumulation: int):
     """The Trainer's arguments of a healing config, computing as hardware.compute decided."""
+    from transformers import TrainingArguments  # heavy: see _prepare
+
     return TrainingArguments(
         output_dir=str(work_dir),
         learning_rate=config.learning_rate,
