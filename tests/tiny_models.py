@@ -52,12 +52,13 @@ FAMILY_CONFIGS: dict[str, dict] = {
 FAMILIES = list(FAMILY_CONFIGS)
 
 # Mixture-of-experts families for expert removal: 2 layers, 8 experts, top-2 (apart from FAMILY_CONFIGS, whose
-# families every layer-removal test covers). DeepSeek's 8 experts form 2 groups of 4 with group-limited routing.
+# families every layer-removal test covers). DeepSeek's 8 experts form 2 groups of 4 with group-limited routing
+# (and as many KV heads as heads: its attention with a padding mask needs them).
 N_EXPERTS = 8
 _MOE = dict(_DECODER, num_hidden_layers=2, intermediate_size=16, num_experts_per_tok=2)
 _DEEPSEEK = dict(
-    _MOE, intermediate_size=32, moe_intermediate_size=16, n_routed_experts=N_EXPERTS, n_shared_experts=1,
-    first_k_dense_replace=0, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+    _MOE, num_key_value_heads=4, intermediate_size=32, moe_intermediate_size=16, n_routed_experts=N_EXPERTS,
+    n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
     n_group=2, topk_group=1,
 )
 MOE_CONFIGS: dict[str, dict] = {
