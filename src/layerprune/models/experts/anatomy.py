@@ -36,6 +36,8 @@ class MoeSpec:
     experts: str = "experts"  # inside the block; shared experts (`shared_expert(s)`) are other modules
     routing: str = ""  # what routing does after removal (documentation, shown by `info`)
     check_cut: RoutingCheck | None = None  # constraints of the routing (DeepSeek's expert groups)
+    # Groups of consecutive experts a cut must thin evenly (group-limited routing): config -> count (1: none).
+    groups: Callable[[object], int] | None = None
 
 
 _MOE: Registry[MoeSpec] = Registry("mixture-of-experts model_type", ("layerprune.models.experts.routing",))
@@ -111,3 +113,9 @@ def expert_count(model: nn.Module) -> int:
 def experts_per_layer(model: nn.Module) -> dict[int, int]:
     """ORIGINAL layer index -> number of experts its MoE block holds now."""
     return {layer.original: layer.num_experts for layer in moe_layers(model)}
+
+
+def expert_groups(model: nn.Module) -> int:
+    """How many runs of consecutive experts a cut must remove as many experts from (1: no constraint)."""
+    spec = moe_spec(model)
+    return spec.groups(model.config.get_text_config()) if spec.groups is not None else 1

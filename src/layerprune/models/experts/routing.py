@@ -64,9 +64,21 @@ def check_even_groups(config, kept: dict[int, list[int]], *, min_per_group: int,
             )
 
 
+def _deepseek_v2_group_limited(config) -> bool:
+    return getattr(config, "topk_method", "greedy") == "group_limited_greedy"
+
+
 def _deepseek_v2_groups(config, kept: dict[int, list[int]]) -> None:
-    if getattr(config, "topk_method", "greedy") == "group_limited_greedy":
+    if _deepseek_v2_group_limited(config):
         check_even_groups(config, kept, min_per_group=1, what="DeepSeek-V2 (topk_method group_limited_greedy)")
+
+
+def _deepseek_v2_group_count(config) -> int:
+    return (config.n_group or 1) if _deepseek_v2_group_limited(config) else 1
+
+
+def _deepseek_v3_group_count(config) -> int:
+    return config.n_group or 1
 
 
 def _deepseek_v3_groups(config, kept: dict[int, list[int]]) -> None:
@@ -81,7 +93,7 @@ register_moe_family(
 register_moe_family(MoeSpec("olmoe", "num_experts", routing=_SOFTMAX_TOPK), ["olmoe"])
 register_moe_family(
     MoeSpec(
-        "deepseek-v2", "n_routed_experts", check_cut=_deepseek_v2_groups,
+        "deepseek-v2", "n_routed_experts", check_cut=_deepseek_v2_groups, groups=_deepseek_v2_group_count,
         routing="softmax over the remaining experts, top-k (greedy or group-limited, groups cut evenly), "
         "times routed_scaling_factor; shared experts untouched",
     ),
@@ -89,7 +101,7 @@ register_moe_family(
 )
 register_moe_family(
     MoeSpec(
-        "deepseek-v3", "n_routed_experts", check_cut=_deepseek_v3_groups,
+        "deepseek-v3", "n_routed_experts", check_cut=_deepseek_v3_groups, groups=_deepseek_v3_group_count,
         routing="sigmoid scores (unchanged), chosen with the sliced e_score_correction_bias within the best "
         "topk_group groups (groups cut evenly, n_group kept), norm_topk_prob, routed_scaling_factor; "
         "shared experts untouched",
