@@ -62,6 +62,9 @@ def prune(
                                             "(with --heal-config's settings)."),
     heal_config: Optional[str] = typer.Option(None, "--heal-config", help="YAML file of healing settings for the "
                                               "rounds of --schedule (default: the finetune defaults)."),
+    expert_ratio: Optional[float] = config_option(P, "expert_ratio"),
+    num_experts: Optional[int] = config_option(P, "num_experts"),
+    expert_metric: Optional[str] = config_option(P, "expert_metric"),
     protect_first: Optional[int] = config_option(P, "protect_first"),
     protect_last: Optional[int] = config_option(P, "protect_last"),
     preset: Optional[str] = config_option(P, "preset"),
@@ -85,7 +88,8 @@ def prune(
         "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
     ),
 ) -> None:
-    """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
+    """Remove decoder layers (or only their attention / MLP), or experts of a mixture-of-experts model, and save
+    the pruned model."""
     # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.api import prune_model
 
@@ -112,7 +116,13 @@ def prune(
     table.add_row("parameters", f"{result.params_before:,}", f"{result.params_after:,} (-{pct:.1f}%)")
     console.print(table)
     what = {"attention": "removed the attention of", "mlp": "removed the MLP of"}.get(result.granularity, "dropped")
-    console.print(f"{what} original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
+    if result.dropped or not result.experts:
+        console.print(f"{what} original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
+    if result.experts:
+        console.print(f"removed {result.experts['experts_per_layer']} experts from each MoE layer (chosen by: "
+                      f"{result.experts['chosen_by']}); original indices per original layer:")
+        for layer, experts in result.experts["dropped"].items():
+            console.print(f"  layer {layer}: {','.join(map(str, experts))}", highlight=False)
     constraints = result.how.get("constraints", {})
     if "estimated_latency_ratio" in constraints:
         console.print(f"estimated {constraints['latency']['mode']} latency: {constraints['estimated_latency_ratio']:.3f} "

@@ -1,0 +1,76 @@
+"""The door: prune_model and `layerprune prune` remove experts (alone or after layers), and a dense model
+given an expert budget gets one clear error with nothing written."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from layerprune.api import prune_model
+from layerprune.cli import app
+from layerprune.errors import LayerpruneError
+from layerprune.models.saving import save_model
+from tiny_models import CORPUS, N_EXPERTS, tiny_model, tiny_moe_model, tiny_tokenizer
+from cli_asserts import assert_one_line_error
+
+
+@pytest.fixture
+def moe_dir(tmp_path):
+    save_model(tiny_moe_model("qwen3_moe"), tiny_tokenizer(), tmp_path / "moe")
+    (tmp_path / "text.txt").write_text(CORPUS)
+    return tmp_path
+
+
+def calibration(tmp_path):
+    return {"source": str(tmp_path / "text.txt"), "n_samples": 4, "seq_len": 32}
+
+
+@pytest.mark.parametrize("metric", ["reap", "frequency", "random"])
+def test_prune_model_removes_experts_alone(moe_dir, metric):
+    out = moe_dir / f"out-{metric}"
+    result = prune_model(str(moe_dir / "moe"), out=str(out), expert_ratio=0.25, expert_metric=metric,
+                         calibration=calibration(moe_dir), log=lambda _: None)
+    assert result.dropped == [] and result.layers_after == result.layers_before
+    assert result.experts["experts_per_layer"] == 2 and result.params_after < result.params_before
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_experts == N_EXPERTS - 2
+    record = json.loads((out / "layerprune.json").read_text())
+    assert record["experts"]["dropped"] == result.experts["dropped"]
+    assert all(len(v) == 2 for v in result.experts["dropped"].values())
+    assert record["selection"]["experts"]["chosen_by"] == metric
+    with torch.no_grad():
+        reloaded(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_layers_then_experts_in_one_prune(moe_dir):
+    out = moe_dir / "both"
+    result = prune_model(str(moe_dir / "moe"), out=str(out), drop=[0], num_experts=4, expert_metric="soft-count",
+                         calibration=calibration(moe_dir), log=lambda _: None)
+    assert result.dropped == [0] and list(result.experts["dropped"]) == ["1"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 1 and reloaded.config.num_experts == N_EXPERTS - 4
+
+
+def test_a_dense_model_is_refused_before_anything_is_written(tmp_path):
+    save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "dense")
+    with pytest.raises(LayerpruneError, match="not a supported mixture-of-experts"):
+        prune_model(str(tmp_path / "dense"), out=str(tmp_path / "out"), expert_ratio=0.25, log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prunes_experts_and_refuses_bad_budgets(moe_dir):
+    runner = CliRunner()
+    result = runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "cli"), "--num-experts", "2",
+                                 "--expert-metric", "frequency", "--calib", str(moe_dir / "text.txt"),
+                                 "--n-samples", "4", "--seq-len", "32"])
+    assert result.exit_code == 0, result.output
+    assert "removed 2 experts from each MoE layer" in result.output
+    assert AutoModelForCausalLM.from_pretrained(moe_dir / "cli").config.num_experts == N_EXPERTS - 2
+    for args, message in [(["--num-experts", "7"], "at least 2 must stay"),
+                          (["--expert-ratio", "0.25", "--num-experts", "2"], "not both"),
+                          (["--num-experts", "2", "--no-load"], "need the loaded model")]:
+        bad = runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "bad"), *args])
+        assert_one_line_error(bad, message)
+        assert not (moe_dir / "bad").exists()
