@@ -74,3 +74,15 @@ def test_cli_prunes_experts_and_refuses_bad_budgets(moe_dir):
         bad = runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "bad"), *args])
         assert_one_line_error(bad, message)
         assert not (moe_dir / "bad").exists()
+
+
+def test_info_shows_experts_per_layer(moe_dir):
+    runner = CliRunner()
+    prune_model(str(moe_dir / "moe"), out=str(moe_dir / "cut"), num_experts=2, expert_metric="random",
+                log=lambda _: None)
+    result = runner.invoke(app, ["info", str(moe_dir / "cut")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "experts per MoE layer" in result.output and f"6 (original {N_EXPERTS}), top-2" in result.output
+    assert "experts removed, layer 0" in result.output
+    dense = runner.invoke(app, ["info", str(moe_dir / "moe")], terminal_width=200)
+    assert "experts removed" not in dense.output and "experts per MoE layer" in dense.output

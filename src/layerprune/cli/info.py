@@ -23,6 +23,7 @@ def info(
         return
     # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype
+    from layerprune.models.experts.surgery import expert_summary
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import provenance
 
@@ -39,6 +40,8 @@ def info(
     for kind, layers in (record.get("removed_sublayers") or {}).items():
         if layers:
             table.add_row(f"{kind} removed (original indices)", ",".join(map(str, layers)))
+    for label, text in expert_summary(loaded.model):  # mixture-of-experts models
+        table.add_row(label, text)
     table.add_row("parameters", f"{params['total']:,} ({params['non_embedding']:,} non-embedding)")
     table.add_row("tied embeddings", str(anatomy.tied_embeddings))
     table.add_row("dtype", str(model_dtype(loaded.model)).replace("torch.", ""))

@@ -161,3 +161,24 @@ def _check_layout(layer: MoeLayer, n_experts: int) -> None:
 
 def _describe(counts: dict[int, int]) -> str:
     return ", ".join(f"layer {layer}: {n}" for layer, n in counts.items())
+
+
+def expert_summary(model: nn.Module) -> list[tuple[str, str]]:
+    """Rows (label, text) for `layerprune info`: experts per MoE layer, routing, what went; [] for a dense model."""
+    try:
+        spec, layers = moe_spec(model), moe_layers(model)
+    except LayerpruneError:
+        return []
+    record = expert_record(model)
+    config = model.config.get_text_config()
+    counts = sorted({layer.num_experts for layer in layers})
+    rows = [
+        ("MoE layers (original indices)", ",".join(str(layer.original) for layer in layers)),
+        ("experts per MoE layer", f"{'/'.join(map(str, counts))} (original {record['original_num_experts']}), "
+                                  f"top-{config.num_experts_per_tok}"),
+        ("routing", spec.routing),
+    ]
+    for layer, experts in record["dropped"].items():
+        if experts:
+            rows.append((f"experts removed, layer {layer}", ",".join(map(str, experts))))
+    return rows
