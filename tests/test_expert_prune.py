@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from layerprune.api import prune_model
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
+from layerprune.models.experts.surgery import remove_experts
 from layerprune.models.saving import save_model
 from tiny_models import CORPUS, N_EXPERTS, tiny_model, tiny_moe_model, tiny_tokenizer
 from cli_asserts import assert_one_line_error
@@ -86,3 +87,14 @@ def test_info_shows_experts_per_layer(moe_dir):
     assert "experts removed, layer 0" in result.output
     dense = runner.invoke(app, ["info", str(moe_dir / "moe")], terminal_width=200)
     assert "experts removed" not in dense.output and "experts per MoE layer" in dense.output
+
+
+def test_model_card_names_the_removed_experts(tmp_path):
+    model = tiny_moe_model("qwen2_moe")
+    remove_experts(model, {0: [1, 6], 2: [2, 5]}, how={"chosen_by": "reap"})
+    save_model(model, None, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "experts removed from its mixture-of-experts layers" in card
+    assert "- experts per MoE layer now: 6" in card
+    assert "- removed from layer 2 (original expert indices): 2, 5" in card
+    assert "removed experts (layer 0: 1, 6; layer 2: 2, 5): the lowest `reap` scores" in card
