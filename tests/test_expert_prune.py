@@ -98,3 +98,10 @@ def test_model_card_names_the_removed_experts(tmp_path):
     assert "- experts per MoE layer now: 6" in card
     assert "- removed from layer 2 (original expert indices): 2, 5" in card
     assert "removed experts (layer 0: 1, 6; layer 2: 2, 5): the lowest `reap` scores" in card
+
+
+def test_metrics_lists_the_expert_metrics():
+    result = CliRunner().invoke(app, ["metrics"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for name in ("reap", "frequency", "soft-count", "activation-norm"):
+        assert name in result.output
