@@ -28,12 +28,17 @@ def padded_batch():
     return ids, mask
 
 
+def moe_block(layer):
+    return getattr(layer, "block_sparse_moe", None) or layer.mlp
+
+
 def block_inputs(model, ids, mask):
     """The hidden states entering every MoE block (a pre-hook on the stock block), [B, S, H] per layer."""
     captured, handles = {}, []
     for i, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "experts"):
-            handles.append(layer.mlp.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0])))
+        if hasattr(moe_block(layer), "experts"):
+            hook = lambda m, args, i=i: captured.__setitem__(i, args[0])  # noqa: E731
+            handles.append(moe_block(layer).register_forward_pre_hook(hook))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     for handle in handles:
@@ -41,40 +46,81 @@ def block_inputs(model, ids, mask):
     return captured
 
 
-def hand_scores(model, ids, mask, renormalise: bool) -> dict[int, dict[str, list[float]]]:
-    """Router probabilities and expert outputs written out: softmax, top-k, (renormalise), SwiGLU experts."""
-    top_k = model.config.num_experts_per_tok
+# Each family's router, written out: x [T, H] (float64) -> (gate values [T, k], chosen experts [T, k]).
+def softmax_topk(block, x, config, renormalise):
+    top, chosen = F.softmax(x @ block.gate.weight.double().T, dim=-1).topk(config.num_experts_per_tok, dim=-1)
+    return (top / top.sum(-1, keepdim=True) if renormalise else top), chosen
+
+
+def topk_softmax(router, x, config):
+    logits = x @ router.weight.double().T + (router.bias.double() if getattr(router, "bias", None) is not None else 0)
+    top, chosen = logits.topk(config.num_experts_per_tok, dim=-1)
+    return F.softmax(top, dim=-1), chosen
+
+
+def deepseek_v3_router(block, x, config):
+    scores = torch.sigmoid(x @ block.gate.weight.double().T)
+    choice = scores + block.gate.e_score_correction_bias.double()
+    groups = choice.view(-1, config.n_group, N_EXPERTS // config.n_group)
+    best_groups = groups.topk(2, dim=-1).values.sum(-1).topk(config.topk_group, dim=-1).indices
+    allowed = torch.zeros_like(groups[..., 0]).scatter(1, best_groups, 1.0).bool()
+    choice = choice.masked_fill(~allowed.repeat_interleave(N_EXPERTS // config.n_group, dim=1), float("-inf"))
+    chosen = choice.topk(config.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, chosen)
+    return weights / (weights.sum(-1, keepdim=True) + 1e-20) * config.routed_scaling_factor, chosen
+
+
+ROUTERS = {
+    "mixtral": lambda block, x, c: softmax_topk(block, x, c, True),
+    "qwen2_moe": lambda block, x, c: softmax_topk(block, x, c, False),  # norm_topk_prob False
+    "qwen3_moe": lambda block, x, c: softmax_topk(block, x, c, True),  # norm_topk_prob True
+    "granitemoe": lambda block, x, c: topk_softmax(block.router, x, c),
+    "gpt_oss": lambda block, x, c: topk_softmax(block.router, x, c),  # with the router bias
+    "deepseek_v3": deepseek_v3_router,
+}
+
+
+def swiglu_expert(experts, j, x):
+    gate, up = (x @ experts.gate_up_proj[j].double().T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ experts.down_proj[j].double().T
+
+
+def gpt_oss_expert(experts, j, x):
+    """Interleaved gate/up, biases, clamped SwiGLU with alpha and (up + 1)."""
+    gate_up = x @ experts.gate_up_proj[j].double() + experts.gate_up_proj_bias[j].double()
+    gate, up = gate_up[..., ::2].clamp(max=experts.limit), gate_up[..., 1::2].clamp(-experts.limit, experts.limit)
+    glu = gate * torch.sigmoid(gate * experts.alpha)
+    return ((up + 1) * glu) @ experts.down_proj[j].double() + experts.down_proj_bias[j].double()
+
+
+def hand_scores(model, ids, mask, family) -> dict[int, dict[str, list[float]]]:
+    """Router probabilities and expert outputs written out per family; real tokens only."""
     real = mask.reshape(-1).bool()
+    expert_fn = gpt_oss_expert if family == "gpt_oss" else swiglu_expert
     out = {}
     for i, x in block_inputs(model, ids, mask).items():
-        block = model.model.layers[i].mlp
-        x = x.reshape(-1, x.shape[-1])[real].double()
-        probs = F.softmax(x @ block.gate.weight.double().T, dim=-1)
-        top, chosen = probs.topk(top_k, dim=-1)
-        if renormalise:
-            top = top / top.sum(-1, keepdim=True)
+        block = moe_block(model.model.layers[i])
+        x = x.reshape(-1, x.shape[-1])[real].double().detach()
+        top, chosen = ROUTERS[family](block, x, model.config)
         n = x.shape[0]
         scores = {name: [0.0] * N_EXPERTS for name in CALIBRATED}
         for j in range(N_EXPERTS):
             rows, slots = (chosen == j).nonzero(as_tuple=True)
-            gate_up = x[rows] @ block.experts.gate_up_proj[j].double().T
-            gate, up = gate_up.chunk(2, dim=-1)
-            f = (F.silu(gate) * up) @ block.experts.down_proj[j].double().T
-            norms, g = f.norm(dim=-1), top[rows, slots]
+            norms, g = expert_fn(block.experts, j, x[rows]).detach().norm(dim=-1), top[rows, slots].detach()
             scores["frequency"][j] = len(rows) / n
-            scores["soft-count"][j] = float(g.detach().sum()) / n
-            scores["reap"][j] = float((g * norms).detach().sum()) / len(rows) if len(rows) else 0.0
-            scores["activation-norm"][j] = float(norms.detach().sum()) / n
+            scores["soft-count"][j] = float(g.sum()) / n
+            scores["reap"][j] = float((g * norms).sum()) / len(rows) if len(rows) else 0.0
+            scores["activation-norm"][j] = float(norms.sum()) / n
         out[i] = scores
     return out
 
 
-@pytest.mark.parametrize(("family", "renormalise"), [("mixtral", True), ("qwen2_moe", False), ("qwen3_moe", True)])
-def test_scores_equal_hand_computation(family, renormalise):
+@pytest.mark.parametrize("family", list(ROUTERS))
+def test_scores_equal_hand_computation(family):
     model = tiny_moe_model(family)
     ids, mask = padded_batch()
     scores = compute_expert_scores(model, {name: {} for name in CALIBRATED}, calib(ids, mask), batch_size=1)
-    expected = hand_scores(model, ids, mask, renormalise)
+    expected = hand_scores(model, ids, mask, family)
     for name in CALIBRATED:
         assert scores[name].layers == sorted(expected)
         for layer, values in zip(scores[name].layers, scores[name].values):
@@ -87,20 +133,17 @@ def test_every_family_is_scored_and_padding_never_counts(family):
     model = tiny_moe_model(family)
     ids, mask = padded_batch()
     padded = compute_expert_scores(model, {name: {} for name in CALIBRATED}, calib(ids, mask), batch_size=2)
-    # The same real tokens without padding: row 1 alone, cut to its 5 real tokens, and row 0.
-    trimmed = {name: [] for name in CALIBRATED}
+    # The same real tokens without padding: row 0, and row 1 cut to its 5 real tokens, scored apart.
     alone = [compute_expert_scores(model, {n: {} for n in CALIBRATED}, calib(row)) for row in (ids[:1], ids[1:, :5])]
     for name in CALIBRATED:
-        for k, layer in enumerate(padded[name].layers):
+        for k, got in enumerate(padded[name].values):
             a, b = (torch.tensor(s[name].values[k], dtype=torch.float64) for s in alone)
             if name == "reap":  # a mean over routed tokens: weight each part by its routed count
                 ca, cb = (torch.tensor(s["frequency"].values[k], dtype=torch.float64) * t for s, t in zip(alone, (12, 5)))
-                combined = torch.where(ca + cb > 0, (a * ca + b * cb) / (ca + cb).clamp_min(1), 0.0)
+                want = torch.where(ca + cb > 0, (a * ca + b * cb) / (ca + cb).clamp_min(1), 0.0)
             else:
-                combined = (a * 12 + b * 5) / 17
-            trimmed[name].append(combined.tolist())
-        for got, want in zip(padded[name].values, trimmed[name]):
-            assert got == pytest.approx(want, rel=1e-5, abs=1e-9), name
+                want = (a * 12 + b * 5) / 17
+            assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-9), name
     top_k = model.config.num_experts_per_tok
     for values in padded["frequency"].values:
         assert sum(values) == pytest.approx(top_k) and len(values) == N_EXPERTS
