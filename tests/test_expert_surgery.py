@@ -185,3 +185,17 @@ def test_deepseek_v2_greedy_routing_has_no_group_constraint():
     model = tiny_moe_model("deepseek_v2", topk_method="greedy", n_group=None, topk_group=None)
     remove_experts(model, {0: [0, 1], 1: [2, 3]})
     assert model.config.n_routed_experts == 6
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_greedy_generation_with_cache_matches_full_forward(family):
+    model = tiny_moe_model(family)
+    remove_experts(model, cut_for(model))
+    prompt = tiny_input(batch=1, length=8)
+    with torch.no_grad():
+        generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                                   min_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    ids = prompt
+    for _ in range(5):
+        ids = torch.cat([ids, logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, ids)
