@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from layerprune import LayerpruneError, remove_layers, save_model
+from layerprune import LayerpruneError, bypass_layers, remove_layers, save_model
 from layerprune.models.experts.anatomy import experts_per_layer
 from layerprune.models.experts.surgery import remove_experts
 from tiny_models import MOE_FAMILIES, N_EXPERTS, tiny_input, tiny_model, tiny_moe_model
@@ -199,3 +199,26 @@ def test_greedy_generation_with_cache_matches_full_forward(family):
     for _ in range(5):
         ids = torch.cat([ids, logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_layers_then_experts_reload_stock(family, tmp_path):
+    """Three layers (DeepSeek: the first dense, first_k_dense_replace=1); layer 0 goes, then experts."""
+    overrides = {} if family == "qwen2_moe" else {"num_hidden_layers": 3}
+    if family.startswith("deepseek"):
+        overrides["first_k_dense_replace"] = 1
+    if family == "gpt_oss":
+        overrides["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+    model = tiny_moe_model(family, **overrides)
+    ids = tiny_input()
+    with bypass_layers(model, [0]):
+        reference = logits(model, ids)
+    remove_layers(model, [0])
+    torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-6)
+    remove_experts(model, {layer: [1, N_EXPERTS - 2] for layer in experts_per_layer(model)})
+    expected = logits(model, ids)
+    save_model(model, None, tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-6)
+    assert experts_per_layer(reloaded) == experts_per_layer(model) == {
+        layer: N_EXPERTS - 2 for layer in ((2,) if family == "qwen2_moe" else (1, 2))}  # qwen2_moe: 1 is dense
