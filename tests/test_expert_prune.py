@@ -70,7 +70,7 @@ def test_cli_prunes_experts_and_refuses_bad_budgets(moe_dir):
     assert "removed 2 experts from each MoE layer" in result.output
     assert AutoModelForCausalLM.from_pretrained(moe_dir / "cli").config.num_experts == N_EXPERTS - 2
     for args, message in [(["--num-experts", "7"], "at least 2 must stay"),
-                          (["--expert-ratio", "0.25", "--num-experts", "2"], "not both"),
+                          (["--expert-ratio", "0.25", "--num-experts", "2"], "not several"),
                           (["--num-experts", "2", "--no-load"], "need the loaded model")]:
         bad = runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "bad"), *args])
         assert_one_line_error(bad, message)
@@ -105,3 +105,29 @@ def test_metrics_lists_the_expert_metrics():
     assert result.exit_code == 0, result.output
     for name in ("reap", "frequency", "soft-count", "activation-norm"):
         assert name in result.output
+
+
+def test_explicit_experts_need_no_calibration(moe_dir):
+    out = moe_dir / "explicit"
+    result = prune_model(str(moe_dir / "moe"), out=str(out), drop_experts={0: [1, 6], 1: [0, 7]}, log=lambda _: None)
+    assert result.experts == {"dropped": {"0": [1, 6], "1": [0, 7]}, "chosen_by": "explicit", "experts_per_layer": 2}
+    record = json.loads((out / "layerprune.json").read_text())
+    assert record["experts"]["kept"]["1"] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(LayerpruneError, match="every MoE layer must keep as many"):
+        prune_model(str(moe_dir / "moe"), out=str(moe_dir / "uneven"), drop_experts={0: [1]}, log=lambda _: None)
+    assert not (moe_dir / "uneven").exists()
+
+
+def test_cli_reads_explicit_experts(moe_dir):
+    runner = CliRunner()
+    result = runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "cli"),
+                                 "--drop-experts", "0:1,6; 1:0-1"])
+    assert result.exit_code == 0, result.output
+    assert "layer 1: 0,1" in result.output
+    for text, message in [("0:1;0:2", "layer 0 is given twice"), ("1,6", "write them like '0:1,6;1:0,7'"),
+                          ("0:x", "layer 0: could not read expert indices")]:
+        assert_one_line_error(runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "bad"),
+                                                  "--drop-experts", text]), message)
+    assert_one_line_error(runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "bad"),
+                                              "--drop-experts", "0:1;1:1", "--num-experts", "1"]), "not several")
+    assert not (moe_dir / "bad").exists()

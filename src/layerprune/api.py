@@ -213,7 +213,7 @@ def prune_model(
         model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
             "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
             "--granularity": config.granularity != "block",
-            "--expert-ratio/--num-experts": config.prunes_experts})
+            "--expert-ratio/--num-experts/--drop-experts": config.prunes_experts})
     if folder is not None:
         return prune_checkpoint(folder, config.drop, out, overwrite=overwrite, source=model_ref)
     loaded = load_model(model_ref, dtype=dtype, device_map=device_map)
@@ -244,7 +244,8 @@ def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal
     if config.strategy == "one-shot" and config.granularity == "block":
         layers_to_drop(loaded.model, config)  # an impossible count fails before calibration text is read
     calibration = validation = None
-    if needs_calibration(config) or (config.prunes_experts and get_expert_metric(config.expert_metric).needs_calibration):
+    experts_read_text = config.drop_experts is None and get_expert_metric(config.expert_metric).needs_calibration
+    if needs_calibration(config) or (config.prunes_experts and experts_read_text):
         calibration = load_calibration_for(loaded, config.calibration)
         validation = objective_validation(config, loaded.tokenizer, held_out_text=lambda: load_calibration_for(
             loaded, config.calibration, validation=True))
@@ -275,7 +276,14 @@ def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal
 
 
 def _prune_experts(model, config: PruneConfig, calibration, log) -> dict:
-    """Choose and remove the experts of every MoE layer (config.expert_ratio / num_experts); the record."""
+    """Choose and remove the experts of every MoE layer (config.expert_ratio / num_experts / drop_experts);
+    the record."""
+    if config.drop_experts is not None:
+        drop = config.drop_experts
+        per_layer = {len(experts) for experts in drop.values()}
+        remove_experts(model, drop, how={"chosen_by": "explicit"})
+        return {"dropped": {str(layer): sorted(experts) for layer, experts in drop.items()}, "chosen_by": "explicit",
+                "experts_per_layer": max(per_layer)}
     drop, how = choose_experts(model, calibration, metric=config.expert_metric, num_experts=config.num_experts,
                                ratio=config.expert_ratio, params={"seed": config.calibration.seed}
                                if config.expert_metric == "random" else None)

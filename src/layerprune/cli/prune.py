@@ -17,7 +17,13 @@ from layerprune.cli.app import (
     trust_remote_code_option,
     user_errors,
 )
-from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
+from layerprune.cli.options import (
+    CALIBRATION_OPTIONS,
+    config_from_options,
+    config_option,
+    parse_expert_indices,
+    parse_indices,
+)
 from layerprune.common.config_base import DEFAULT_DTYPE, comma_list
 from layerprune.config import read_yaml_mapping
 from layerprune.errors import LayerpruneError
@@ -65,6 +71,9 @@ def prune(
     expert_ratio: Optional[float] = config_option(P, "expert_ratio"),
     num_experts: Optional[int] = config_option(P, "num_experts"),
     expert_metric: Optional[str] = config_option(P, "expert_metric"),
+    drop_experts: Optional[str] = config_option(P, "drop_experts", help="Mixture-of-experts models: ORIGINAL expert "
+                                                "indices to remove per ORIGINAL layer, e.g. '0:1,6;1:0,7' (as many in "
+                                                "every MoE layer)."),
     protect_first: Optional[int] = config_option(P, "protect_first"),
     protect_last: Optional[int] = config_option(P, "protect_last"),
     preset: Optional[str] = config_option(P, "preset"),
@@ -93,7 +102,8 @@ def prune(
     # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.api import prune_model
 
-    config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics},
+    config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics,
+                                                                "drop_experts": parse_expert_indices},
                                  nested={"calibration": CALIBRATION_OPTIONS})
     heal = read_yaml_mapping(heal_config) if heal_config else None
     if heal is not None and config.strategy != "iterative":

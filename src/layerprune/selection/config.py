@@ -103,6 +103,9 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
         "(layers go first, then experts are scored on the model that remains).")
     num_experts: int | None = Field(None, ge=1, description="Mixture-of-experts models: number of experts to remove "
                                     "from every MoE layer (like expert_ratio).")
+    drop_experts: dict[int, list[int]] | None = Field(
+        None, description="Mixture-of-experts models: ORIGINAL expert indices to remove per ORIGINAL layer, e.g. "
+        "{0: [1, 6], 1: [0, 7]} (CLI: '0:1,6;1:0,7'); as many in every MoE layer (no scoring).")
     expert_metric: str = Field("reap", description="How experts are scored for expert_ratio / num_experts: reap | "
                                "frequency | soft-count | activation-norm | random (higher = keep).")
     protect_first: int = Field(0, ge=0, description="Never drop the first K layers.")
@@ -206,7 +209,7 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
 
     @property
     def prunes_experts(self) -> bool:
-        return self.expert_ratio is not None or self.num_experts is not None
+        return self.expert_ratio is not None or self.num_experts is not None or self.drop_experts is not None
 
     @property
     def prunes_layers(self) -> bool:
@@ -215,12 +218,13 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
             or self.quality_target() is not None
 
     def _check_experts(self) -> None:
-        if self.expert_ratio is not None and self.num_experts is not None:
-            raise ValueError("give one of expert_ratio or num_experts, not both")
+        if sum(x is not None for x in (self.expert_ratio, self.num_experts, self.drop_experts)) > 1:
+            raise ValueError("give one of expert_ratio, num_experts or drop_experts, not several")
         if not self.prunes_experts:
             return
         if self.strategy == "iterative" or self.schedule is not None:
-            raise ValueError("expert removal is one-shot: give expert_ratio / num_experts without a schedule")
+            raise ValueError("expert removal is one-shot: give expert_ratio / num_experts / drop_experts without a "
+                             "schedule")
         if self.granularity != "block":
             raise ValueError("expert removal goes with whole-layer removal (granularity block) only")
 
