@@ -117,6 +117,11 @@ def prune(
     result = prune_model(model, out=out, config=config, heal=heal, dtype=dtype, device_map=device_map,
                          prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite, no_load=no_load,
                          output_format=output_format, log=say)
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    """The before/after table, what went and how it was chosen, the samples, and how to reload."""
     table = Table(title="layerprune prune")
     table.add_column("")
     table.add_column("before", justify="right")
