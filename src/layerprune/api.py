@@ -210,12 +210,14 @@ def prune_model(
         check_output_dir(out, overwrite, inputs=inputs)
     job_plans.announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan
     folder = None if gguf_source is not None else on_disk_folder(
-        model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
+        model_ref, no_load=no_load, drop_given=config.drop is not None or config.drop_experts is not None, say=log,
+        model_options={
             "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
             "--granularity": config.granularity != "block",
-            "--expert-ratio/--num-experts/--drop-experts": config.prunes_experts})
+            "--expert-ratio/--num-experts": config.expert_ratio is not None or config.num_experts is not None})
     if folder is not None:
-        return prune_checkpoint(folder, config.drop, out, overwrite=overwrite, source=model_ref)
+        return prune_checkpoint(folder, config.drop or [], out, overwrite=overwrite, source=model_ref,
+                                drop_experts=config.drop_experts)
     loaded = load_model(model_ref, dtype=dtype, device_map=device_map)
     before = count_parameters(loaded.model)
     how, records, samples = _prune_loaded(loaded, model_ref, config, heal_config, prompts, max_new_tokens, log)

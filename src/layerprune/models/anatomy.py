@@ -124,6 +124,10 @@ register_family(
 )
 register_family(FamilySpec("deepseek", **_LLAMA_LIKE, config_rewrites=(_remap_first_dense,)),
                 ["deepseek_v2", "deepseek_v3"])
+# Mixture-of-experts families whose layer list is plain (GPT-OSS's layer_types are trimmed like every family's).
+register_family(FamilySpec("olmoe", **_LLAMA_LIKE), ["olmoe"])
+register_family(FamilySpec("gpt-oss", **_LLAMA_LIKE), ["gpt_oss"])
+register_family(FamilySpec("granite-moe", **_LLAMA_LIKE), ["granitemoe"])
 register_family(FamilySpec("gpt2", layers="transformer.h", attention="attn"), ["gpt2"])
 register_family(FamilySpec("gpt-neox", layers="gpt_neox.layers", attention="attention"), ["gpt_neox"])
 register_family(FamilySpec("opt", layers="model.decoder.layers", mlp="fc1"), ["opt"])

@@ -70,7 +70,12 @@ class MoeLayer:
 
 def moe_spec(model: nn.Module) -> MoeSpec:
     """The family's MoE facts; one LayerpruneError for a dense or unsupported model."""
-    config = model.config.get_text_config()
+    return config_moe_spec(model.config)
+
+
+def config_moe_spec(config) -> MoeSpec:
+    """`moe_spec` from a config alone (checkpoints on disk)."""
+    config = config.get_text_config()
     model_type = getattr(config, "model_type", None)
     _MOE.load_builtins()
     spec = _MOE.get(model_type)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
-from layerprune.models.experts.anatomy import MoeLayer, expert_count, expert_tensors, moe_layers, moe_spec
+from layerprune.models.experts.anatomy import MoeLayer, MoeSpec, expert_tensors, moe_layers, moe_spec
 from layerprune.models.surgery import check_layer_indices, provenance
 
 RECORD_KEY = "experts"
@@ -40,34 +40,47 @@ class ExpertCut:
 def expert_record(model: nn.Module) -> dict:
     """`config.layerprune["experts"]`: original expert count, ORIGINAL expert indices kept / dropped per ORIGINAL
     layer (string keys, as JSON has them). A model never cut gets a fresh record."""
-    record = provenance(model).get(RECORD_KEY)
+    originals = [layer.original for layer in moe_layers(model)]
+    return config_expert_record(model.config, moe_spec(model), originals, provenance(model))
+
+
+def config_expert_record(config, spec: MoeSpec, moe_originals: list[int], layer_record: dict) -> dict:
+    """`expert_record` from a config alone (checkpoints on disk): its record, or a fresh one for these MoE layers."""
+    record = layer_record.get(RECORD_KEY)
     if isinstance(record, dict) and "kept" in record:
         return record
-    n = expert_count(model)
-    layers = [str(layer.original) for layer in moe_layers(model)]
+    n = int(getattr(config.get_text_config(), spec.count_field))
+    layers = [str(original) for original in moe_originals]
     return {"original_num_experts": n, "kept": {k: list(range(n)) for k in layers}, "dropped": {k: [] for k in layers}}
 
 
 def plan_expert_cut(model: nn.Module, drop: Mapping[int, Iterable[int]]) -> ExpertCut:
     """Check a cut {ORIGINAL layer: [ORIGINAL experts]} against the model; raises LayerpruneError, changes nothing."""
-    spec = moe_spec(model)
-    layers = {layer.original: layer for layer in moe_layers(model)}
-    drop = _checked_layers(model, drop, layers)
+    layers = moe_layers(model)
     record = expert_record(model)
+    for layer in layers:
+        _check_layout(layer, len(record["kept"][str(layer.original)]))
+    return check_expert_cut(moe_spec(model), model.config.get_text_config(), provenance(model), record,
+                            [layer.original for layer in layers], drop)
+
+
+def check_expert_cut(spec: MoeSpec, config, layer_record: dict, record: dict, moe_originals: list[int],
+                     drop: Mapping[int, Iterable[int]]) -> ExpertCut:
+    """The checked cut, from records alone (in memory and on disk): `layer_record` the layer provenance, `record`
+    the experts record, `moe_originals` the ORIGINAL indices of the MoE layers there are. Pure."""
+    drop = _checked_layers(layer_record, drop, moe_originals)
     keep, dropped = {}, {}
-    for original, layer in layers.items():
+    for original in moe_originals:
         kept_before = record["kept"][str(original)]
         gone = _checked_experts(original, drop.get(original, []), kept_before, record["original_num_experts"])
         keep[original] = [pos for pos, expert in enumerate(kept_before) if expert not in gone]
         dropped[original] = gone
-        _check_layout(layer, len(kept_before))
     counts = {original: len(positions) for original, positions in keep.items()}
     if len(set(counts.values())) != 1:
         raise LayerpruneError(
             f"{spec.name} configs hold one expert count for every MoE layer, so every MoE layer must keep as many "
             f"experts; this cut would leave {_describe(counts)}"
         )
-    config = model.config.get_text_config()
     n, top_k = next(iter(counts.values())), config.num_experts_per_tok
     if n < top_k:
         raise LayerpruneError(f"cannot keep {n} experts per layer: the router chooses num_experts_per_tok={top_k}")
@@ -75,8 +88,8 @@ def plan_expert_cut(model: nn.Module, drop: Mapping[int, Iterable[int]]) -> Expe
         spec.check_cut(config, keep)
     new_record = {
         "original_num_experts": record["original_num_experts"],
-        "kept": {str(o): [record["kept"][str(o)][p] for p in keep[o]] for o in layers},
-        "dropped": {str(o): sorted(set(record["dropped"].get(str(o), [])) | set(dropped[o])) for o in layers},
+        "kept": {str(o): [record["kept"][str(o)][p] for p in keep[o]] for o in moe_originals},
+        "dropped": {str(o): sorted(set(record["dropped"].get(str(o), [])) | set(dropped[o])) for o in moe_originals},
     }
     return ExpertCut(keep, n, {o: d for o, d in dropped.items() if d}, new_record)
 
@@ -118,13 +131,14 @@ def _slice_experts(module: nn.Module, positions: list[int]) -> None:
         module.num_experts = len(positions)
 
 
-def _checked_layers(model: nn.Module, drop, layers: dict[int, MoeLayer]) -> dict[int, list]:
+def _checked_layers(layer_record: dict, drop, moe_originals: list[int]) -> dict[int, list]:
     if not isinstance(drop, Mapping):
         raise LayerpruneError("experts to remove must be a mapping {layer index: [expert indices]}")
     drop = {layer: list(experts) for layer, experts in drop.items()}
     if not any(drop.values()):
         raise LayerpruneError("no experts to remove were given")
-    check_layer_indices(provenance(model), list(drop))
+    check_layer_indices(layer_record, list(drop))
+    layers = sorted(moe_originals)
     dense = sorted(layer for layer in drop if layer not in layers)
     if dense:
         raise LayerpruneError(f"layers {dense} have no mixture-of-experts block (MoE layers: {sorted(layers)})")
