@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from layerprune import LayerpruneError, remove_layers
 from layerprune.api import prune_model
+from layerprune.cli import app
 from layerprune.models.checkpoint import OutputTensor, TensorEntry, prune_checkpoint, read_checkpoint
 from layerprune.models.experts.anatomy import experts_per_layer
 from layerprune.models.experts.surgery import remove_experts
@@ -111,3 +113,12 @@ def test_prune_model_no_load_cuts_experts_on_disk(tmp_path):
                          drop_experts={0: [2, 3], 1: [4, 5]}, log=lambda _: None)
     assert result.on_disk and result.experts["experts_per_layer"] == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == N_EXPERTS - 2
+
+
+def test_cli_no_load_drop_experts(tmp_path):
+    saved("granitemoe", tmp_path / "src")
+    result = CliRunner().invoke(app, ["prune", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--no-load",
+                                      "--drop-experts", "0:0,1;1:6,7"])
+    assert result.exit_code == 0, result.output
+    assert "layer 1: 6,7" in result.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_local_experts == N_EXPERTS - 2

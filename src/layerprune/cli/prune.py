@@ -94,7 +94,8 @@ def prune(
                                       "stored)."),
     no_load: bool = typer.Option(
         False, "--no-load", help="Prune the safetensors checkpoint on disk, tensor by tensor, without loading the "
-        "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
+        "model (only with --drop and/or --drop-experts; used by itself when the weights exceed 80% of available "
+        "memory).",
     ),
 ) -> None:
     """Remove decoder layers (or only their attention / MLP), or experts of a mixture-of-experts model, and save
