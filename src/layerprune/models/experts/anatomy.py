@@ -75,8 +75,11 @@ def moe_spec(model: nn.Module) -> MoeSpec:
 
 def config_moe_spec(config) -> MoeSpec:
     """`moe_spec` from a config alone (checkpoints on disk)."""
-    config = config.get_text_config()
-    model_type = getattr(config, "model_type", None)
+    return model_type_moe_spec(getattr(config.get_text_config(), "model_type", None))
+
+
+def model_type_moe_spec(model_type: str | None) -> MoeSpec:
+    """`moe_spec` from a model_type alone (GGUF files)."""
     _MOE.load_builtins()
     spec = _MOE.get(model_type)
     if spec is None:
