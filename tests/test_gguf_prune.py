@@ -293,3 +293,15 @@ def test_gguf_expert_cuts_refused(tmp_path):
     dense = write_gguf(tmp_path / "dense.gguf", "llama", n_blocks=2)
     with pytest.raises(LayerpruneError, match="has no experts to remove"):
         prune_gguf(dense, [], tmp_path / "out.gguf", drop_experts={0: [1]})
+
+
+def test_cli_cuts_experts_from_a_gguf_file(tmp_path):
+    source = write_moe_gguf(tmp_path / "src.gguf", "qwen2moe")
+    result = runner.invoke(app, ["prune", str(source), "--out", str(tmp_path / "out.gguf"),
+                                 "--drop-experts", "0:1,2;1:3,4;2:5,6"])
+    assert result.exit_code == 0, result.output
+    assert "layer 2: 5,6" in result.output
+    assert field(gguf.GGUFReader(tmp_path / "out.gguf"), "qwen2moe.expert_count") == MOE_EXPERTS - 2
+    bad = runner.invoke(app, ["prune", str(source), "--out", str(tmp_path / "bad.gguf"), "--expert-ratio", "0.25"])
+    assert_one_line_error(bad, "a GGUF file loses the experts given by --drop-experts")
+    assert not (tmp_path / "bad.gguf").exists()

@@ -204,8 +204,11 @@ def prune_model(
     gguf_source = _gguf_output_source(model_ref, out, config, output_format)
     if gguf_source is not None:
         check_output_file(out, overwrite, inputs=inputs)
-        if config.drop is not None and not prompts:  # nothing to compute: no need to dequantize the file
-            return prune_gguf(gguf_source, config.drop, out, overwrite=overwrite, source=model_ref, inputs=inputs)
+        explicit = (config.drop is not None or not config.prunes_layers) and config.expert_ratio is None \
+            and config.num_experts is None
+        if explicit and not prompts:  # nothing to compute: no need to dequantize the file
+            return prune_gguf(gguf_source, config.drop or [], out, overwrite=overwrite, source=model_ref,
+                              inputs=inputs, drop_experts=config.drop_experts)
     else:
         check_output_dir(out, overwrite, inputs=inputs)
     job_plans.announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan
@@ -223,7 +226,7 @@ def prune_model(
     how, records, samples = _prune_loaded(loaded, model_ref, config, heal_config, prompts, max_new_tokens, log)
     if gguf_source is not None:  # the same layers cut from the GGUF file, its tensors as stored
         result = prune_gguf(gguf_source, how["dropped"], out, overwrite=overwrite, how=history_entry(how),
-                            source=model_ref, inputs=inputs)
+                            source=model_ref, inputs=inputs, drop_experts=config.drop_experts)
         result.how, (result.samples_before, result.samples_after) = how, samples
         return result
     save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra={"selection": how})
@@ -306,9 +309,9 @@ def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "
     if resolved.kind not in ("gguf", "builtin"):
         raise LayerpruneError(f"a .gguf output is cut from a GGUF model (a .gguf file or a built-in alias), and "
                               f"{model_ref} is not one; prune to a folder, then `layerprune export --format gguf`")
-    if config is not None and config.prunes_experts:
-        raise LayerpruneError("expert removal writes a model folder for now, not a .gguf file: prune to a folder, "
-                              "then `layerprune export --format gguf`")
+    if config is not None and (config.expert_ratio is not None or config.num_experts is not None):
+        raise LayerpruneError("a GGUF file loses the experts given by --drop-experts; --expert-ratio / --num-experts "
+                              "choose them on a loaded model: prune to a folder, then `layerprune export --format gguf`")
     if config is not None and config.granularity != "block":
         raise LayerpruneError("GGUF and llama.cpp need whole decoder layers: --granularity attention/mlp cannot be "
                               "written to a .gguf file")
