@@ -305,3 +305,12 @@ def test_cli_cuts_experts_from_a_gguf_file(tmp_path):
     bad = runner.invoke(app, ["prune", str(source), "--out", str(tmp_path / "bad.gguf"), "--expert-ratio", "0.25"])
     assert_one_line_error(bad, "a GGUF file loses the experts given by --drop-experts")
     assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_info_shows_the_experts_of_a_gguf_file(tmp_path):
+    source = write_moe_gguf(tmp_path / "src.gguf", "qwen3moe")
+    prune_gguf(source, [1], tmp_path / "out.gguf", drop_experts={0: [2, 3], 2: [4, 5]})
+    result = runner.invoke(app, ["info", str(tmp_path / "out.gguf")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"6 (original {MOE_EXPERTS})" in result.output and "experts removed, layer 2" in result.output
+    assert "dropped 1 (" in result.output
