@@ -314,3 +314,13 @@ def test_info_shows_the_experts_of_a_gguf_file(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"6 (original {MOE_EXPERTS})" in result.output and "experts removed, layer 2" in result.output
     assert "dropped 1 (" in result.output
+
+
+def test_loading_a_gguf_that_transformers_reads_incompletely_is_refused(tmp_path, monkeypatch):
+    """A Mixtral-style `llama` file with experts: transformers would read a dense Llama with random MLPs."""
+    from layerprune.models.loading import load_model
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    source = write_moe_gguf(tmp_path / "mixtral.gguf", "llama")
+    with pytest.raises(LayerpruneError, match="without weights for model.layers.0.mlp"):
+        load_model(str(source), dtype="fp32")
