@@ -107,3 +107,89 @@ def write_gguf(path: str | Path, arch: str, *, n_blocks: int = N_BLOCKS, seed: i
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+# Mixture-of-experts files as llama.cpp names them: qwen2moe (with a shared expert), qwen3moe, and llama with
+# experts (Mixtral's layout). The experts of every block are drawn for all N_EXPERTS first, so a file written
+# with a subset of them holds exactly those experts' bytes: the reference an expert cut must equal.
+N_EXPERTS, EXPERTS_USED, EXPERT_FFN, SHARED_FFN = 8, 2, 64, 64
+
+
+def moe_block_tensors(arch: str, rng, experts: list[int]) -> dict[str, tuple[np.ndarray, bool]]:
+    def w(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.1
+
+    found = {k: v for k, v in block_tensors("llama", rng).items() if not k.startswith("ffn_") or k == "ffn_norm.weight"}
+    found.update({
+        "ffn_gate_inp.weight": (w(N_EXPERTS, HIDDEN)[experts], False),
+        "ffn_gate_exps.weight": (w(N_EXPERTS, EXPERT_FFN, HIDDEN)[experts], True),
+        "ffn_up_exps.weight": (w(N_EXPERTS, EXPERT_FFN, HIDDEN)[experts], True),
+        "ffn_down_exps.weight": (w(N_EXPERTS, HIDDEN, EXPERT_FFN)[experts], True),
+    })
+    if arch == "qwen2moe":
+        found.update({"attn_q.bias": (w(HEADS * HEAD_DIM), False), "attn_k.bias": (w(KV_HEADS * HEAD_DIM), False),
+                      "attn_v.bias": (w(KV_HEADS * HEAD_DIM), False),
+                      "ffn_gate_inp_shexp.weight": (w(HIDDEN), False),
+                      "ffn_gate_shexp.weight": (w(SHARED_FFN, HIDDEN), True),
+                      "ffn_up_shexp.weight": (w(SHARED_FFN, HIDDEN), True),
+                      "ffn_down_shexp.weight": (w(HIDDEN, SHARED_FFN), True)})
+    if arch == "qwen3moe":
+        found.update({"attn_q_norm.weight": (1 + w(HEAD_DIM), False), "attn_k_norm.weight": (1 + w(HEAD_DIM), False)})
+    return found
+
+
+def write_moe_gguf(path: str | Path, arch: str, *, n_blocks: int = 3, seed: int = 0,
+                   experts: dict[int, list[int]] | None = None, blocks: list[int] | None = None) -> Path:
+    """A random MoE model of `arch` (qwen2moe, qwen3moe, llama) as a Q8_0 GGUF file. experts: {block: the
+    experts it keeps} (default all); blocks: the blocks written (default all): a cut's exact reference."""
+    import gguf
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(seed)
+    kept_blocks = list(range(n_blocks)) if blocks is None else blocks
+    n_kept = len(next(iter(experts.values()))) if experts else N_EXPERTS
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny {arch}")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(len(kept_blocks))
+    writer.add_feed_forward_length(EXPERT_FFN if arch == "llama" else FFN)  # llama's experts take this length
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_key_length(HEAD_DIM)
+    writer.add_value_length(HEAD_DIM)
+    writer.add_expert_count(n_kept)
+    writer.add_expert_used_count(EXPERTS_USED)
+    if arch == "llama":
+        writer.add_rope_dimension_count(HEAD_DIM)
+    else:
+        writer.add_expert_feed_forward_length(EXPERT_FFN)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(SHARED_FFN)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    vocab = tokenizer_fields(writer)
+    writer.add_vocab_size(vocab)
+
+    def add(name, values, quantized):
+        if quantized:
+            writer.add_tensor(name, quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, values)
+
+    add("token_embd.weight", rng.standard_normal((vocab, HIDDEN)).astype(np.float32) * 0.1, True)
+    for block in range(n_blocks):
+        chosen = (experts or {}).get(block, list(range(N_EXPERTS)))
+        tensors = moe_block_tensors(arch, rng, chosen)  # drawn for every block, written for the kept ones
+        if block in kept_blocks:
+            for suffix, (values, quantized) in tensors.items():
+                add(f"blk.{kept_blocks.index(block)}.{suffix}", values, quantized)
+    add("output_norm.weight", 1 + rng.standard_normal(HIDDEN).astype(np.float32) * 0.1, False)
+    add("output.weight", rng.standard_normal((vocab, HIDDEN)).astype(np.float32) * 0.1, True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli_asserts import assert_one_line_error
-from gguf_files import write_gguf
+from gguf_files import N_EXPERTS as MOE_EXPERTS
+from gguf_files import write_gguf, write_moe_gguf
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
 from layerprune.models.gguf_file import DROPPED_KEY, PROVENANCE_KEY, layout, prune_gguf
@@ -233,3 +234,93 @@ def test_cli_format_gguf_writes_a_gguf_whatever_the_name(tmp_path):
     assert field(gguf.GGUFReader(tmp_path / "pruned.bin"), "llama.block_count") == N - 1
     bad = runner.invoke(app, ["prune", str(source), "--drop", "2", "--format", "onnx", "--out", str(tmp_path / "x")])
     assert_one_line_error(bad, "unknown output format 'onnx'")
+
+
+# ------------------------------------------------------------------------------------- experts
+MOE_ARCHS = ["qwen2moe", "qwen3moe", "llama"]
+
+
+def tensor_bytes(path) -> dict[str, bytes]:
+    return {t.name: bytes(np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_cut_equals_a_file_written_with_those_experts(arch, tmp_path):
+    """Cut = the file written from the same weights with only the kept experts: every byte, and llama.cpp's logits."""
+    source = write_moe_gguf(tmp_path / "src.gguf", arch)
+    cut = {0: [1, 6], 1: [0, 7], 2: [3, 4]}
+    kept = {block: [e for e in range(MOE_EXPERTS) if e not in gone] for block, gone in cut.items()}
+    result = prune_gguf(source, [], tmp_path / "out.gguf", drop_experts=cut)
+    reference = write_moe_gguf(tmp_path / "ref.gguf", arch, experts=kept)
+    assert tensor_bytes(tmp_path / "out.gguf") == tensor_bytes(reference)
+    assert field(gguf.GGUFReader(tmp_path / "out.gguf"), f"{arch}.expert_count") == MOE_EXPERTS - 2
+    assert result.experts["dropped"] == {str(k): v for k, v in cut.items()} and result.bytes_after < result.bytes_before
+    record = json.loads(field(gguf.GGUFReader(tmp_path / "out.gguf"), PROVENANCE_KEY))
+    assert record["experts"]["kept"] == {str(k): v for k, v in kept.items()}
+    pytest.importorskip("llama_cpp")
+    from layerprune.export.llamacpp import open_gguf
+
+    ids = [1, 40, 50, 60, 70, 80]
+    runs = []
+    for path in (tmp_path / "out.gguf", reference):
+        llm = open_gguf(path, n_ctx=64, threads=1, logits_all=True)
+        llm.eval(ids)
+        runs.append(np.array(llm.scores[: len(ids)]))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_layers_and_experts_from_a_gguf_file(tmp_path):
+    source = write_moe_gguf(tmp_path / "src.gguf", "qwen3moe")
+    prune_gguf(source, [1], tmp_path / "out.gguf", drop_experts={0: [2, 3], 2: [4, 5]})
+    reference = write_moe_gguf(tmp_path / "ref.gguf", "qwen3moe", blocks=[0, 2],
+                               experts={0: [0, 1, 4, 5, 6, 7], 2: [0, 1, 2, 3, 6, 7]})
+    assert tensor_bytes(tmp_path / "out.gguf") == tensor_bytes(reference)
+    # a second cut speaks ORIGINAL indices, and refuses what already went
+    prune_gguf(tmp_path / "out.gguf", [], tmp_path / "again.gguf", drop_experts={0: [0], 2: [7]})
+    record = json.loads(field(gguf.GGUFReader(tmp_path / "again.gguf"), PROVENANCE_KEY))
+    assert record["experts"]["dropped"] == {"0": [0, 2, 3], "2": [4, 5, 7]} and record["kept_layers"] == [0, 2]
+    with pytest.raises(LayerpruneError, match="already removed"):
+        prune_gguf(tmp_path / "again.gguf", [], tmp_path / "bad.gguf", drop_experts={0: [2], 2: [1]})
+
+
+def test_gguf_expert_cuts_refused(tmp_path):
+    source = write_moe_gguf(tmp_path / "src.gguf", "qwen2moe")
+    for cut, message in [({0: [1]}, "every MoE layer must keep as many"), ({0: [8], 1: [1], 2: [1]}, "out of range"),
+                         ({b: list(range(7)) for b in range(3)}, "num_experts_per_tok=2")]:
+        with pytest.raises(LayerpruneError, match=message):
+            prune_gguf(source, [], tmp_path / "out.gguf", drop_experts=cut)
+        assert not (tmp_path / "out.gguf").exists()
+    dense = write_gguf(tmp_path / "dense.gguf", "llama", n_blocks=2)
+    with pytest.raises(LayerpruneError, match="has no experts to remove"):
+        prune_gguf(dense, [], tmp_path / "out.gguf", drop_experts={0: [1]})
+
+
+def test_cli_cuts_experts_from_a_gguf_file(tmp_path):
+    source = write_moe_gguf(tmp_path / "src.gguf", "qwen2moe")
+    result = runner.invoke(app, ["prune", str(source), "--out", str(tmp_path / "out.gguf"),
+                                 "--drop-experts", "0:1,2;1:3,4;2:5,6"])
+    assert result.exit_code == 0, result.output
+    assert "layer 2: 5,6" in result.output
+    assert field(gguf.GGUFReader(tmp_path / "out.gguf"), "qwen2moe.expert_count") == MOE_EXPERTS - 2
+    bad = runner.invoke(app, ["prune", str(source), "--out", str(tmp_path / "bad.gguf"), "--expert-ratio", "0.25"])
+    assert_one_line_error(bad, "a GGUF file loses the experts given by --drop-experts")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_info_shows_the_experts_of_a_gguf_file(tmp_path):
+    source = write_moe_gguf(tmp_path / "src.gguf", "qwen3moe")
+    prune_gguf(source, [1], tmp_path / "out.gguf", drop_experts={0: [2, 3], 2: [4, 5]})
+    result = runner.invoke(app, ["info", str(tmp_path / "out.gguf")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"6 (original {MOE_EXPERTS})" in result.output and "experts removed, layer 2" in result.output
+    assert "dropped 1 (" in result.output
+
+
+def test_loading_a_gguf_that_transformers_reads_incompletely_is_refused(tmp_path, monkeypatch):
+    """A Mixtral-style `llama` file with experts: transformers would read a dense Llama with random MLPs."""
+    from layerprune.models.loading import load_model
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    source = write_moe_gguf(tmp_path / "mixtral.gguf", "llama")
+    with pytest.raises(LayerpruneError, match="without weights for model.layers.0.mlp"):
+        load_model(str(source), dtype="fp32")

@@ -51,6 +51,49 @@ FAMILY_CONFIGS: dict[str, dict] = {
 }
 FAMILIES = list(FAMILY_CONFIGS)
 
+# Mixture-of-experts families for expert removal: 2 layers, 8 experts, top-2 (apart from FAMILY_CONFIGS, whose
+# families every layer-removal test covers). DeepSeek's 8 experts form 2 groups of 4 with group-limited routing
+# (and as many KV heads as heads: its attention with a padding mask needs them).
+N_EXPERTS = 8
+_MOE = dict(_DECODER, num_hidden_layers=2, intermediate_size=16, num_experts_per_tok=2)
+_DEEPSEEK = dict(
+    _MOE, num_key_value_heads=4, intermediate_size=32, moe_intermediate_size=16, n_routed_experts=N_EXPERTS,
+    n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+    n_group=2, topk_group=1,
+)
+MOE_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(_MOE, num_local_experts=N_EXPERTS),
+    # A dense layer between two MoE layers, and a shared expert; softmax weights not renormalised.
+    "qwen2_moe": dict(
+        _MOE, num_hidden_layers=3, mlp_only_layers=[1], intermediate_size=32, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=N_EXPERTS, norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(_MOE, intermediate_size=32, moe_intermediate_size=16, num_experts=N_EXPERTS, norm_topk_prob=True),
+    "olmoe": dict(_MOE, num_experts=N_EXPERTS, norm_topk_prob=False),
+    "deepseek_v2": dict(_DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
+    "deepseek_v3": dict(_DEEPSEEK, q_lora_rank=16, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "gpt_oss": dict(
+        _MOE, num_local_experts=N_EXPERTS, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "granitemoe": dict(_MOE, num_local_experts=N_EXPERTS),
+}
+MOE_FAMILIES = list(MOE_CONFIGS)
+
+
+def tiny_moe_model(model_type: str, seed: int = 0, **overrides):
+    """A seeded tiny MoE model; every weight perturbed (DeepSeek-V3's zero correction bias too)."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**MOE_CONFIGS[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    return model.eval()
+
 
 def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **{**FAMILY_CONFIGS[model_type], **overrides})

@@ -51,10 +51,13 @@ from layerprune.finetune.stage import (  # noqa: F401  (prepare_training_rows: p
 from layerprune.hardware.devices import Devices, parse_memory, this_machine
 from layerprune.hardware.speed import announced, measure_speed
 from layerprune.importance import compute_many, get_metric
+from layerprune.importance.experts.registry import get_expert_metric
 from layerprune.importance.streaming import load_skeleton, stream_scores
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.builtin import builtin_gguf_path
 from layerprune.models.checkpoint import prune_checkpoint
+from layerprune.models.experts.anatomy import moe_layers
+from layerprune.models.experts.surgery import remove_experts
 from layerprune.models.gguf_file import layout, prune_gguf
 from layerprune.models.loading import LoadedModel, load_model, model_folder, resolve_model_ref
 from layerprune.models.memory_policy import on_disk_folder, too_big_to_load
@@ -68,6 +71,7 @@ from layerprune.planning import job as job_plans
 from layerprune.planning.estimate import eval_seconds
 from layerprune.planning.run_time import choose_seconds
 from layerprune.selection.config import PruneConfig, ScoreConfig
+from layerprune.selection.experts import choose_experts
 from layerprune.selection.objectives import objective_validation
 from layerprune.selection.ranking import count_to_drop
 from layerprune.selection.scores import (
@@ -219,23 +223,29 @@ def prune_model(
     gguf_source = _gguf_output_source(model_ref, out, config, output_format)
     if gguf_source is not None:
         check_output_file(out, overwrite, inputs=inputs)
-        if config.drop is not None and not prompts:  # nothing to compute: no need to dequantize the file
-            return prune_gguf(gguf_source, config.drop, out, overwrite=overwrite, source=model_ref, inputs=inputs)
+        explicit = (config.drop is not None or not config.prunes_layers) and config.expert_ratio is None \
+            and config.num_experts is None
+        if explicit and not prompts:  # nothing to compute: no need to dequantize the file
+            return prune_gguf(gguf_source, config.drop or [], out, overwrite=overwrite, source=model_ref,
+                              inputs=inputs, drop_experts=config.drop_experts)
     else:
         check_output_dir(out, overwrite, inputs=inputs)
     job_plans.announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan
     folder = None if gguf_source is not None else on_disk_folder(
-        model_ref, no_load=no_load, drop_given=config.drop is not None, say=log, model_options={
+        model_ref, no_load=no_load, drop_given=config.drop is not None or config.drop_experts is not None, say=log,
+        model_options={
             "--sample": bool(prompts), "--dtype": dtype != DEFAULT_DTYPE, "--device-map": device_map is not None,
-            "--granularity": config.granularity != "block"})
+            "--granularity": config.granularity != "block",
+            "--expert-ratio/--num-experts": config.expert_ratio is not None or config.num_experts is not None})
     if folder is not None:
-        return prune_checkpoint(folder, config.drop, out, overwrite=overwrite, source=model_ref)
+        return prune_checkpoint(folder, config.drop or [], out, overwrite=overwrite, source=model_ref,
+                                drop_experts=config.drop_experts)
     loaded = load_model(model_ref, dtype=dtype, device_map=device_map)
     before = count_parameters(loaded.model)
     how, records, samples = _prune_loaded(loaded, model_ref, config, heal_config, prompts, max_new_tokens, log)
     if gguf_source is not None:  # the same layers cut from the GGUF file, its tensors as stored
         result = prune_gguf(gguf_source, how["dropped"], out, overwrite=overwrite, how=history_entry(how),
-                            source=model_ref, inputs=inputs)
+                            source=model_ref, inputs=inputs, drop_experts=config.drop_experts)
         result.how, (result.samples_before, result.samples_after) = how, samples
         return result
     save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra={"selection": how})
@@ -244,7 +254,7 @@ def prune_model(
                        layers_before=len(before["per_layer"]), layers_after=len(after["per_layer"]),
                        params_before=before["total"], params_after=after["total"], samples_before=samples[0],
                        samples_after=samples[1], how=how, granularity=config.granularity,
-                       rounds=records if config.strategy == "iterative" else [])
+                       rounds=records if config.strategy == "iterative" else [], experts=how.get("experts", {}))
 
 
 def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal_config: HealConfig | None,
@@ -253,14 +263,20 @@ def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal
     chosen, the records of each round, the generation samples before and after)."""
     if prompts and loaded.tokenizer is None:
         raise LayerpruneError(f"{model_ref} has no tokenizer, so no generation samples can be made")
+    if config.prunes_experts:
+        moe_layers(loaded.model)  # a dense model fails before calibration text is read
     if config.strategy == "one-shot" and config.granularity == "block":
         layers_to_drop(loaded.model, config)  # an impossible count fails before calibration text is read
     calibration = validation = None
-    if needs_calibration(config):
+    experts_read_text = config.drop_experts is None and get_expert_metric(config.expert_metric).needs_calibration
+    if needs_calibration(config) or (config.prunes_experts and experts_read_text):
         calibration = load_calibration_for(loaded, config.calibration)
         validation = objective_validation(config, loaded.tokenizer, held_out_text=lambda: load_calibration_for(
             loaded, config.calibration, validation=True))
     samples_before = _samples(loaded, prompts, max_new_tokens)
+    if not config.prunes_layers:  # experts alone
+        how = {"dropped": [], "chosen_by": "none", "experts": _prune_experts(loaded.model, config, calibration, log)}
+        return how, [how], (samples_before, _samples(loaded, prompts, max_new_tokens))
 
     def select(number: int, current, n_drop: int | None) -> dict:
         with _announced_choice(current, config, n_drop, log):
@@ -278,7 +294,27 @@ def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal
         how = {"dropped": dropped, "chosen_by": config.metrics[0], "schedule": config.schedule, "rounds": records}
     else:
         how = records[0]
+    if config.prunes_experts:  # then experts, scored on the model that remains
+        how = {**how, "experts": _prune_experts(loaded.model, config, calibration, log)}
     return how, records, (samples_before, _samples(loaded, prompts, max_new_tokens))
+
+
+def _prune_experts(model, config: PruneConfig, calibration, log) -> dict:
+    """Choose and remove the experts of every MoE layer (config.expert_ratio / num_experts / drop_experts);
+    the record."""
+    if config.drop_experts is not None:
+        drop = config.drop_experts
+        per_layer = {len(experts) for experts in drop.values()}
+        remove_experts(model, drop, how={"chosen_by": "explicit"})
+        return {"dropped": {str(layer): sorted(experts) for layer, experts in drop.items()}, "chosen_by": "explicit",
+                "experts_per_layer": max(per_layer)}
+    drop, how = choose_experts(model, calibration, metric=config.expert_metric, num_experts=config.num_experts,
+                               ratio=config.expert_ratio, params={"seed": config.calibration.seed}
+                               if config.expert_metric == "random" else None)
+    remove_experts(model, drop, how={"chosen_by": config.expert_metric})
+    log(f"removed {how['experts_per_layer']} experts from each of {len(drop)} MoE layers (chosen by "
+        f"{config.expert_metric})")
+    return {"dropped": {str(layer): experts for layer, experts in drop.items()}, **how}
 
 
 def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "auto") -> Path | None:
@@ -292,6 +328,9 @@ def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "
     if resolved.kind not in ("gguf", "builtin"):
         raise LayerpruneError(f"a .gguf output is cut from a GGUF model (a .gguf file or a built-in alias), and "
                               f"{model_ref} is not one; prune to a folder, then `layerprune export --format gguf`")
+    if config is not None and (config.expert_ratio is not None or config.num_experts is not None):
+        raise LayerpruneError("a GGUF file loses the experts given by --drop-experts; --expert-ratio / --num-experts "
+                              "choose them on a loaded model: prune to a folder, then `layerprune export --format gguf`")
     if config is not None and config.granularity != "block":
         raise LayerpruneError("GGUF and llama.cpp need whole decoder layers: --granularity attention/mlp cannot be "
                               "written to a .gguf file")

@@ -23,6 +23,7 @@ def info(
         return
     # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.models.anatomy import count_parameters, get_anatomy, model_dtype
+    from layerprune.models.experts.surgery import expert_summary
     from layerprune.models.loading import load_model
     from layerprune.models.surgery import provenance
 
@@ -39,6 +40,8 @@ def info(
     for kind, layers in (record.get("removed_sublayers") or {}).items():
         if layers:
             table.add_row(f"{kind} removed (original indices)", ",".join(map(str, layers)))
+    for label, text in expert_summary(loaded.model):  # mixture-of-experts models
+        table.add_row(label, text)
     table.add_row("parameters", f"{params['total']:,} ({params['non_embedding']:,} non-embedding)")
     table.add_row("tied embeddings", str(anatomy.tied_embeddings))
     table.add_row("dtype", str(model_dtype(loaded.model)).replace("torch.", ""))
@@ -49,11 +52,12 @@ def _gguf_info(path: str) -> None:
     from pathlib import Path
 
     # start-up: `layerprune --help` loads no torch (cli/__init__.py)
-    from layerprune.models.gguf_file import layout, reader, tensor_groups
+    from layerprune.models.gguf_file import field_value, layout, reader, tensor_groups
 
     if not Path(path).is_file():
         raise LayerpruneError(f"GGUF file not found: {path}")
-    shape = layout(reader(path))
+    r = reader(path)
+    shape = layout(r)
     record = shape.provenance
     table = Table(title=path, show_header=False)
     table.add_row("architecture", f"{shape.arch} (GGUF)")
@@ -61,8 +65,16 @@ def _gguf_info(path: str) -> None:
     if record["dropped_layers"]:
         table.add_row("dropped (original indices)", ",".join(map(str, record["dropped_layers"])))
         for number, step in enumerate(record.get("history", []), 1):
-            how = ", ".join(f"{k}={v}" for k, v in step.items() if k != "dropped")
-            table.add_row(f"prune {number}", f"dropped {','.join(map(str, step['dropped']))} ({how})")
+            if "dropped" in step:  # expert cuts are listed below
+                how = ", ".join(f"{k}={v}" for k, v in step.items() if k != "dropped")
+                table.add_row(f"prune {number}", f"dropped {','.join(map(str, step['dropped']))} ({how})")
+    count_key = f"{shape.arch}.expert_count"
+    if count_key in r.fields and field_value(r.fields[count_key]):  # a mixture-of-experts file
+        count, experts = field_value(r.fields[count_key]), record.get("experts") or {}
+        table.add_row("experts per MoE layer", f"{count} (original {experts.get('original_num_experts', count)})")
+        for layer, gone in (experts.get("dropped") or {}).items():
+            if gone:
+                table.add_row(f"experts removed, layer {layer}", ",".join(map(str, gone)))
     if shape.sliding is not None:
         table.add_row("global-attention layers", ",".join(str(i) for i, s in enumerate(shape.sliding) if not s))
     for group, kinds in tensor_groups(path).items():

@@ -101,3 +101,24 @@ def parse_indices(text: str) -> list[int]:
     if not indices:
         raise LayerpruneError("no layer indices given")
     return indices
+
+
+def parse_expert_indices(text: str) -> dict[int, list[int]]:
+    """'0:1,6;3:0-2' -> {0: [1, 6], 3: [0, 1, 2]}: ORIGINAL layer, colon, its ORIGINAL expert indices; layers
+    separated by ';'."""
+    drop: dict[int, list[int]] = {}
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        layer, colon, experts = part.partition(":")
+        if not colon or not re.fullmatch(r"\d+", layer.strip()):
+            raise LayerpruneError(f"could not read experts from {text!r}; write them like '0:1,6;1:0,7' (layer: experts)")
+        if int(layer) in drop:
+            raise LayerpruneError(f"layer {int(layer)} is given twice in {text!r}")
+        try:
+            drop[int(layer)] = parse_indices(experts)
+        except LayerpruneError as err:
+            raise LayerpruneError(f"layer {int(layer)}: {str(err).replace('layer ', 'expert ')}") from None
+    if not drop:
+        raise LayerpruneError("no experts given")
+    return drop

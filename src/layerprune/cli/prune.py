@@ -17,7 +17,13 @@ from layerprune.cli.app import (
     trust_remote_code_option,
     user_errors,
 )
-from layerprune.cli.options import CALIBRATION_OPTIONS, config_from_options, config_option, parse_indices
+from layerprune.cli.options import (
+    CALIBRATION_OPTIONS,
+    config_from_options,
+    config_option,
+    parse_expert_indices,
+    parse_indices,
+)
 from layerprune.common.config_base import DEFAULT_DTYPE, comma_list
 from layerprune.config import read_yaml_mapping
 from layerprune.errors import LayerpruneError
@@ -62,6 +68,12 @@ def prune(
                                             "(with --heal-config's settings)."),
     heal_config: Optional[str] = typer.Option(None, "--heal-config", help="YAML file of healing settings for the "
                                               "rounds of --schedule (default: the finetune defaults)."),
+    expert_ratio: Optional[float] = config_option(P, "expert_ratio"),
+    num_experts: Optional[int] = config_option(P, "num_experts"),
+    expert_metric: Optional[str] = config_option(P, "expert_metric"),
+    drop_experts: Optional[str] = config_option(P, "drop_experts", help="Mixture-of-experts models: ORIGINAL expert "
+                                                "indices to remove per ORIGINAL layer, e.g. '0:1,6;1:0,7' (as many in "
+                                                "every MoE layer)."),
     protect_first: Optional[int] = config_option(P, "protect_first"),
     protect_last: Optional[int] = config_option(P, "protect_last"),
     preset: Optional[str] = config_option(P, "preset"),
@@ -82,14 +94,17 @@ def prune(
                                       "stored)."),
     no_load: bool = typer.Option(
         False, "--no-load", help="Prune the safetensors checkpoint on disk, tensor by tensor, without loading the "
-        "model (only with --drop; used by itself when the weights exceed 80% of available memory).",
+        "model (only with --drop and/or --drop-experts; used by itself when the weights exceed 80% of available "
+        "memory).",
     ),
 ) -> None:
-    """Remove decoder layers (or only their attention / MLP) and save the pruned model."""
+    """Remove decoder layers (or only their attention / MLP), or experts of a mixture-of-experts model, and save
+    the pruned model."""
     # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.api import prune_model
 
-    config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics},
+    config = config_from_options(PruneConfig, locals(), convert={"drop": parse_indices, "metric": _metrics,
+                                                                "drop_experts": parse_expert_indices},
                                  nested={"calibration": CALIBRATION_OPTIONS})
     heal = read_yaml_mapping(heal_config) if heal_config else None
     if heal is not None and config.strategy != "iterative":
@@ -103,6 +118,11 @@ def prune(
     result = prune_model(model, out=out, config=config, heal=heal, dtype=dtype, device_map=device_map,
                          prompts=sample, max_new_tokens=max_new_tokens, overwrite=overwrite, no_load=no_load,
                          output_format=output_format, log=say)
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    """The before/after table, what went and how it was chosen, the samples, and how to reload."""
     table = Table(title="layerprune prune")
     table.add_column("")
     table.add_column("before", justify="right")
@@ -112,7 +132,13 @@ def prune(
     table.add_row("parameters", f"{result.params_before:,}", f"{result.params_after:,} (-{pct:.1f}%)")
     console.print(table)
     what = {"attention": "removed the attention of", "mlp": "removed the MLP of"}.get(result.granularity, "dropped")
-    console.print(f"{what} original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
+    if result.dropped or not result.experts:
+        console.print(f"{what} original layers: {','.join(map(str, result.dropped))}  (chosen by: {result.chosen_by})")
+    if result.experts:
+        console.print(f"removed {result.experts['experts_per_layer']} experts from each MoE layer (chosen by: "
+                      f"{result.experts['chosen_by']}); original indices per original layer:")
+        for layer, experts in result.experts["dropped"].items():
+            console.print(f"  layer {layer}: {','.join(map(str, experts))}", highlight=False)
     constraints = result.how.get("constraints", {})
     if "estimated_latency_ratio" in constraints:
         console.print(f"estimated {constraints['latency']['mode']} latency: {constraints['estimated_latency_ratio']:.3f} "

@@ -88,6 +88,14 @@ def _remap_moe_layout(config, kept: list[int]) -> None:
     config.mlp_only_layers = [new for new, old in enumerate(kept) if not is_sparse(old)]
 
 
+def _remap_first_dense(config, kept: list[int]) -> None:
+    """DeepSeek: the first `first_k_dense_replace` blocks are dense, the rest MoE. Kept blocks stay in order, so
+    the kept dense ones are still a prefix: the count of kept blocks below the old threshold."""
+    threshold = getattr(config, "first_k_dense_replace", None)
+    if isinstance(threshold, int):
+        config.first_k_dense_replace = sum(1 for i in kept if i < threshold)
+
+
 _LLAMA_LIKE = dict(layers="model.layers")
 # Llama's `post_attention_layernorm` is the MLP's pre-norm; Gemma 2/3 also norm each branch's output.
 _LLAMA_BRANCHES = dict(attention_norms=("input_layernorm",), mlp_norms=("post_attention_layernorm",))
@@ -114,6 +122,12 @@ register_family(
     ),
     ["qwen2_moe", "qwen3_moe"],
 )
+register_family(FamilySpec("deepseek", **_LLAMA_LIKE, config_rewrites=(_remap_first_dense,)),
+                ["deepseek_v2", "deepseek_v3"])
+# Mixture-of-experts families whose layer list is plain (GPT-OSS's layer_types are trimmed like every family's).
+register_family(FamilySpec("olmoe", **_LLAMA_LIKE), ["olmoe"])
+register_family(FamilySpec("gpt-oss", **_LLAMA_LIKE), ["gpt_oss"])
+register_family(FamilySpec("granite-moe", **_LLAMA_LIKE), ["granitemoe"])
 register_family(FamilySpec("gpt2", layers="transformer.h", attention="attn"), ["gpt2"])
 register_family(FamilySpec("gpt-neox", layers="gpt_neox.layers", attention="attention"), ["gpt_neox"])
 register_family(FamilySpec("opt", layers="model.decoder.layers", mlp="fc1"), ["opt"])

@@ -35,6 +35,7 @@ from layerprune.errors import LayerpruneError, shorten
 from layerprune.files.outputs import atomic_output_dir, check_output_dir, read_json, write_json
 from layerprune.files.user_files import check_free_space
 from layerprune.models.anatomy import family_spec, supported_model_types
+from layerprune.models.experts.checkpoint import cut_experts_on_disk
 from layerprune.models.model_config import loads_tokenizer, read_model_config, trusts_remote_code
 from layerprune.models.prune_result import PruneResult
 from layerprune.models.saving import RECORD_FILE, write_record_file
@@ -273,6 +274,38 @@ def plan_renames(
 class OutputTensor:
     name: str  # name in the output
     source: TensorEntry
+    # Rows (indices along axis 0) of the source kept, in order; None: the whole tensor. Each row's bytes are
+    # contiguous, so a slice is still a byte copy (expert removal cuts the experts' axis this way).
+    rows: tuple[int, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape if self.rows is None else (len(self.rows), *self.source.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes if self.rows is None else len(self.rows) * self._row_bytes
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def _row_bytes(self) -> int:
+        return self.source.nbytes // self.source.shape[0]
+
+    def byte_ranges(self) -> list[tuple[int, int]]:
+        """(absolute offset, length) of the bytes to copy, consecutive rows merged into one range."""
+        if self.rows is None:
+            return [(self.source.start, self.source.nbytes)]
+        ranges: list[tuple[int, int]] = []
+        for row in self.rows:
+            start = self.source.start + row * self._row_bytes
+            if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + self._row_bytes)
+            else:
+                ranges.append((start, self._row_bytes))
+        return ranges
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
@@ -284,11 +317,11 @@ def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[O
     current: list[OutputTensor] = []
     size = 0
     for tensor in tensors:
-        if current and size + tensor.source.nbytes > max_shard_size:
+        if current and size + tensor.nbytes > max_shard_size:
             shards.append(current)
             current, size = [], 0
         current.append(tensor)
-        size += tensor.source.nbytes
+        size += tensor.nbytes
     if current or not shards:
         shards.append(current)
     return shards
@@ -354,11 +387,10 @@ def write_shard(folder: Path, path: Path, tensors: list[OutputTensor], metadata:
     header: dict = {"__metadata__": metadata}
     offset = 0
     for tensor in tensors:
-        source = tensor.source
         header[tensor.name] = {
-            "dtype": source.dtype, "shape": list(source.shape), "data_offsets": [offset, offset + source.nbytes],
+            "dtype": tensor.source.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes],
         }
-        offset += source.nbytes
+        offset += tensor.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     handles: dict[str, object] = {}
@@ -369,7 +401,8 @@ def write_shard(folder: Path, path: Path, tensors: list[OutputTensor], metadata:
                 file = tensor.source.file
                 if file not in handles:
                     handles[file] = open(folder / file, "rb")
-                _copy_range(handles[file], out, tensor.source.start, tensor.source.nbytes)
+                for start, nbytes in tensor.byte_ranges():
+                    _copy_range(handles[file], out, start, nbytes)
     finally:
         for handle in handles.values():
             handle.close()
@@ -467,8 +500,11 @@ def prune_checkpoint(
     how: dict | None = None,
     source: str | None = None,
     tokenizer: bool | None = None,
+    drop_experts: dict[int, list[int]] | None = None,
 ) -> PruneResult:
-    """Write a copy of the checkpoint in `src_dir` without the layers of ORIGINAL indices `drop`.
+    """Write a copy of the checkpoint in `src_dir` without the layers of ORIGINAL indices `drop` (and, for a
+    mixture-of-experts model, without the experts `drop_experts` {ORIGINAL layer: [ORIGINAL experts]} of the layers
+    that stay: models/experts/checkpoint.py).
 
     The output is what loading, `remove_layers` and `save_model` would write: the kept layers'
     tensors renumbered, every other tensor as it was, the config rewritten with its `layerprune`
@@ -488,33 +524,29 @@ def prune_checkpoint(
     entries = read_checkpoint(src)
     names = [entry.name for entry in entries]
     n_layers = config.get_text_config().num_hidden_layers
-    record = config_provenance(config, n_layers)
-    if len(record["kept_layers"]) != n_layers:
-        raise LayerpruneError(
-            f"{src}/config.json is inconsistent: its layerprune record keeps {len(record['kept_layers'])} layers "
-            f"but num_hidden_layers is {n_layers}"
-        )
-    if "source" not in record:
-        record = {**record, "source": source or str(src_dir)}  # as load_model records it
-    if trusts_remote_code():
-        record = {**record, "trust_remote_code": True}  # as load_model records it
+    record = _source_record(config, n_layers, src, source or str(src_dir))
     drop = check_drop(record, drop)
     how = {"chosen_by": "explicit", **(how or {})}
-    keep_positions, new_record = pruned_provenance(record, drop, how)
+    keep_positions, new_record = pruned_provenance(record, drop, how) if drop or drop_experts is None else (
+        list(range(n_layers)), record)  # experts alone: no layer step in the history
     prefix = find_layers_prefix(names, spec.layers)
     _check_layer_indices(names, prefix, n_layers)
-    renames = plan_renames(names, prefix, keep_positions)
+    cuts, experts = {}, {}
+    if drop_experts is not None:
+        cuts, new_record, experts = cut_experts_on_disk(
+            config, {e.name: e.shape for e in entries}, prefix, record["kept_layers"], keep_positions, new_record,
+            drop_experts, how)
     rewrite_config(config, keep_positions, spec)
     config.layerprune = new_record
 
-    kept = [OutputTensor(renames[e.name], e) for e in entries if renames[e.name] is not None]
+    kept = _output_tensors(entries, cuts, prefix, keep_positions)
     limit = parse_size(max_shard_size) if max_shard_size is not None else max(
         (src / f).stat().st_size for f in weight_files(src)
     )
     shards = plan_shards(kept, limit)
     files = shard_file_names(len(shards))
     metadata = source_metadata(src, entries)
-    check_free_space(out_dir, sum(t.source.nbytes for t in kept), "the pruned checkpoint")
+    check_free_space(out_dir, sum(t.nbytes for t in kept), "the pruned checkpoint")
     copy_side_files(src, None, tokenizer=loads_tokenizer(tokenizer))  # links outside the folder fail here
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for file, shard in zip(files, shards):
@@ -522,8 +554,8 @@ def prune_checkpoint(
         if len(shards) > 1:
             write_json(tmp / INDEX_NAME, {
                 "metadata": {
-                    "total_size": sum(t.source.nbytes for t in kept),
-                    "total_parameters": sum(t.source.numel for t in kept),
+                    "total_size": sum(t.nbytes for t in kept),
+                    "total_parameters": sum(t.numel for t in kept),
                 },
                 "weight_map": {t.name: file for file, shard in zip(files, shards) for t in shard},
             })
@@ -546,11 +578,39 @@ def prune_checkpoint(
         layers_before=n_layers,
         layers_after=len(keep_positions),
         params_before=sum(e.numel for e in entries),
-        params_after=sum(t.source.numel for t in kept),
+        params_after=sum(t.numel for t in kept),
         bytes_before=sum(e.nbytes for e in entries),
-        bytes_after=sum(t.source.nbytes for t in kept),
+        bytes_after=sum(t.nbytes for t in kept),
         shards=len(shards),
+        experts=experts,
     )
+
+
+def _source_record(config, n_layers: int, src: Path, source: str) -> dict:
+    """The checkpoint's provenance record, as load_model would record it (its source, remote code trusted)."""
+    record = config_provenance(config, n_layers)
+    if len(record["kept_layers"]) != n_layers:
+        raise LayerpruneError(
+            f"{src}/config.json is inconsistent: its layerprune record keeps {len(record['kept_layers'])} layers "
+            f"but num_hidden_layers is {n_layers}"
+        )
+    if "source" not in record:
+        record = {**record, "source": source}
+    if trusts_remote_code():
+        record = {**record, "trust_remote_code": True}
+    return record
+
+
+def _output_tensors(entries: list[TensorEntry], cuts: dict, prefix: str, keep_positions: list[int]) -> list[OutputTensor]:
+    """The kept tensors under their new names: an expert cut first (within the layer), then the layer renumbering."""
+    cut_names = {e.name: (cuts[e.name].name if e.name in cuts else e.name) for e in entries}
+    renames = plan_renames([n for n in cut_names.values() if n is not None], prefix, keep_positions)
+    kept = []
+    for entry in entries:
+        name = cut_names[entry.name]
+        if name is not None and renames[name] is not None:
+            kept.append(OutputTensor(renames[name], entry, cuts[entry.name].rows if entry.name in cuts else None))
+    return kept
 
 
 def source_metadata(src: Path, entries: list[TensorEntry]) -> dict:

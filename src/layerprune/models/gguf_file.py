@@ -25,11 +25,12 @@ from pathlib import Path
 from layerprune.errors import LayerpruneError, first_line
 from layerprune.files.outputs import atomic_output_file
 from layerprune.files.user_files import check_free_space
+from layerprune.models.experts.gguf_cut import cut_gguf_experts
 from layerprune.models.prune_result import PruneResult
 from layerprune.models.surgery import check_drop, pruned_provenance
 
 # GGUF architectures that transformers reads and layerprune supports (mistral files mostly say "llama").
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe")
 # llama.cpp's default sliding-window rule when a file has no per-layer array: layer il is sliding when
 # il % n < n - 1 (models/gemma2.cpp, models/gemma3.cpp: load_swa_pattern).
 SWA_PATTERNS = {"gemma2": 2, "gemma3": 6}
@@ -156,7 +157,8 @@ def pruned_metadata(fields, arch: str, keep: list[int], count: int, swa: list[bo
     if swa is not None:
         out[f"{arch}.attention.sliding_window_pattern"] = (
             [swa[p] for p in keep], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
-    out[DROPPED_KEY] = (record["dropped_layers"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    if record["dropped_layers"]:  # GGUF has no empty arrays (an expert cut alone drops no layer)
+        out[DROPPED_KEY] = (record["dropped_layers"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     out[PROVENANCE_KEY] = (json.dumps(record), gguf.GGUFValueType.STRING, None)
     return out
 
@@ -170,8 +172,11 @@ def prune_gguf(
     how: dict | None = None,
     source: str | None = None,
     inputs=(),
+    drop_experts: dict[int, list[int]] | None = None,
 ) -> PruneResult:
-    """Write `src` without the layers of ORIGINAL indices `drop` to the GGUF file `out` (atomically).
+    """Write `src` without the layers of ORIGINAL indices `drop` (and, for a MoE file, the experts `drop_experts`
+    {ORIGINAL layer: [ORIGINAL experts]} of the layers that stay: models/experts/gguf_cut.py) to the GGUF file
+    `out` (atomically).
 
     how: the selection record kept in the provenance history ({"chosen_by": "explicit"} by default);
     source: the name the original is recorded under (default: the file's path)."""
@@ -183,19 +188,18 @@ def prune_gguf(
     record.setdefault("source", source or str(src))
     drop = check_drop(record, drop)
     how = {"chosen_by": "explicit", **(how or {})}
-    keep, new_record = pruned_provenance(record, drop, how)
-    positions = {old: new for new, old in enumerate(keep)}
-    tensors = []
-    for tensor in r.tensors:
-        match = _BLOCK.match(tensor.name)
-        if match is None:
-            tensors.append((tensor.name, tensor))
-        elif int(match.group(1)) in positions:
-            tensors.append((f"blk.{positions[int(match.group(1))]}.{match.group(2)}", tensor))
-        elif int(match.group(1)) >= shape.block_count:
-            raise LayerpruneError(f"{src} has tensor {tensor.name} beyond its {shape.block_count} blocks")
+    keep, new_record = pruned_provenance(record, drop, how) if drop or drop_experts is None else (
+        list(range(shape.block_count)), record)  # experts alone: no layer step in the history
+    rows, experts, n_experts = {}, {}, None
+    if drop_experts is not None:
+        rows, n_experts, new_record, experts = cut_gguf_experts(
+            shape.arch, _scalar(r.fields, f"{shape.arch}.expert_count"), _scalar(r.fields, f"{shape.arch}.expert_used_count"),
+            {t.name: tuple(t.data.shape) for t in r.tensors}, record["kept_layers"], keep, new_record, drop_experts, how)
+    tensors = _kept_tensors(r, keep, shape.block_count, src, rows)
     metadata = pruned_metadata(r.fields, shape.arch, keep, shape.block_count, shape.sliding, new_record)
-    check_free_space(Path(out).parent, sum(int(t.n_bytes) for _, t in tensors), "the pruned GGUF")
+    if n_experts is not None:
+        metadata[f"{shape.arch}.expert_count"] = (n_experts, gguf.GGUFValueType.UINT32, None)
+    check_free_space(Path(out).parent, sum(int(t.nbytes) for _, t, _ in tensors), "the pruned GGUF")
     with atomic_output_file(out, overwrite, inputs=[src, *inputs]) as tmp:
         writer = gguf.GGUFWriter(tmp, shape.arch, endianess=r.endianess)
         alignment = _scalar(r.fields, "general.alignment")
@@ -203,8 +207,8 @@ def prune_gguf(
             writer.data_alignment = alignment
         for key, (value, kind, sub) in metadata.items():
             writer.add_key_value(key, value, kind, sub_type=sub)
-        for name, tensor in tensors:
-            writer.add_tensor(name, tensor.data, raw_dtype=tensor.tensor_type, tensor_endianess=r.endianess)
+        for name, data, tensor in tensors:
+            writer.add_tensor(name, data, raw_dtype=tensor.tensor_type, tensor_endianess=r.endianess)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -213,10 +217,42 @@ def prune_gguf(
         out=Path(out), dropped=drop, chosen_by=how["chosen_by"], how=how, on_disk=True,
         layers_before=shape.block_count, layers_after=len(keep),
         params_before=sum(int(t.n_elements) for t in r.tensors),
-        params_after=sum(int(t.n_elements) for _, t in tensors),
-        bytes_before=sum(int(t.n_bytes) for t in r.tensors), bytes_after=sum(int(t.n_bytes) for _, t in tensors),
-        shards=1,
+        params_after=sum(int(t.n_elements) * data.shape[0] // max(t.data.shape[0], 1) for _, data, t in tensors),
+        bytes_before=sum(int(t.n_bytes) for t in r.tensors), bytes_after=sum(int(data.nbytes) for _, data, _ in tensors),
+        shards=1, experts=experts,
     )
+
+
+class RowSlice:
+    """Rows of a memory-mapped tensor (its outer axis), read one row at a time when the writer writes them, so an
+    expert cut holds no tensor in memory. What gguf.GGUFWriter asks of a tensor: shape, dtype, nbytes, tofile."""
+
+    def __init__(self, data, rows: tuple[int, ...]) -> None:
+        self.data, self.rows = data, rows
+        self.shape = (len(rows), *data.shape[1:])
+        self.dtype = data.dtype
+        self.nbytes = len(rows) * (data.nbytes // data.shape[0])
+
+    def tofile(self, fout) -> None:
+        for row in self.rows:
+            self.data[row].tofile(fout)
+
+
+def _kept_tensors(r, keep: list[int], block_count: int, src, rows: dict) -> list[tuple]:
+    """(new name, data as stored, the source tensor) of every kept tensor: blocks renumbered, and the rows an expert
+    cut keeps (the outer axis of the raw data; a quantized row is whole blocks)."""
+    positions = {old: new for new, old in enumerate(keep)}
+    tensors = []
+    for tensor in r.tensors:
+        data = RowSlice(tensor.data, rows[tensor.name]) if tensor.name in rows else tensor.data
+        match = _BLOCK.match(tensor.name)
+        if match is None:
+            tensors.append((tensor.name, data, tensor))
+        elif int(match.group(1)) in positions:
+            tensors.append((f"blk.{positions[int(match.group(1))]}.{match.group(2)}", data, tensor))
+        elif int(match.group(1)) >= block_count:
+            raise LayerpruneError(f"{src} has tensor {tensor.name} beyond its {block_count} blocks")
+    return tensors
 
 
 def tensor_groups(path: str | os.PathLike) -> dict[str, dict[str, int]]:

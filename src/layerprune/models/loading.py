@@ -380,15 +380,27 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
 
     print(f"layerprune: converting {gguf_path.name} to a Hugging Face folder (once) in {target}", flush=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
+        model, info = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False,
+            output_loading_info=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as err:
         raise LayerpruneError(f"could not read {gguf_path} as a GGUF model: {first_line(err)}") from err
+    except RuntimeError as err:  # tensors whose shapes the config transformers derived does not match
+        if "mismatched_sizes" not in str(err):
+            raise
+        raise LayerpruneError(f"transformers cannot read {gguf_path.name}: its tensors do not match the config it "
+                              f"derives from the file's metadata ({first_line(err)})") from err
     except (struct.error, EOFError, IndexError) as err:  # the gguf reader on a file cut short
         raise LayerpruneError(f"could not read {gguf_path} as a GGUF model: it is truncated or corrupt "
                               f"({first_line(err)})") from err
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # e.g. a Mixtral-style `llama` file with experts, which transformers reads as a dense Llama
+        raise LayerpruneError(f"transformers reads {gguf_path.name} without weights for {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + ", which it would fill with random values; this GGUF architecture is not supported "
+                              "by transformers' GGUF loader")
     # The dequantized weights are plain tensors; without this, save_pretrained/peft/Trainer refuse the model.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)

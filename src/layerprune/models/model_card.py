@@ -127,10 +127,29 @@ def _history_lines(history: list[dict]) -> tuple[list[str], list[str]]:
             if f"removed_{kind}" in entry:
                 pruning.append(f"- step {step}: removed the {label} of layers "
                                f"{format_layers(entry[f'removed_{kind}'])}: {_chosen_by(entry)}{_step_details(entry)}")
+        if entry.get("dropped_experts"):
+            per_layer = "; ".join(f"layer {layer}: {format_layers(experts)}"
+                                  for layer, experts in entry["dropped_experts"].items())
+            pruning.append(f"- step {step}: removed experts ({per_layer}): {_chosen_by(entry)}")
         if "healed" in entry:
             data = f" on {entry['data']}" if entry.get("data") else ""
             healing.append(f"- step {step}: healed with `{entry['healed']}`{data}")
     return pruning, healing
+
+
+def _expert_lines(record: dict) -> list[str]:
+    """The `## Experts` section of a mixture-of-experts model that lost experts (the record's `experts`)."""
+    experts = record.get("experts") or {}
+    dropped = {layer: v for layer, v in (experts.get("dropped") or {}).items() if v}
+    if not dropped:
+        return []
+    kept = {len(v) for v in (experts.get("kept") or {}).values()}
+    lines = ["", "## Experts", "", f"- original experts per MoE layer: {experts.get('original_num_experts')}"]
+    if kept:
+        lines.append(f"- experts per MoE layer now: {', '.join(map(str, sorted(kept)))} (the router's rows and the "
+                     "config's expert count cut to match)")
+    lines += [f"- removed from layer {layer} (original expert indices): {format_layers(v)}" for layer, v in dropped.items()]
+    return lines
 
 
 def _with_selection(entry, selection: dict):
@@ -217,6 +236,8 @@ def model_card(record: dict, *, title: str | None = None, parameters: int | None
         summary += ("; " if dropped else ": ") + "; ".join(
             f"the {'attention' if k == 'attention' else 'MLP'} of layers {format_layers(v)} removed"
             for k, v in removed.items())
+    if any((record.get("experts") or {}).get("dropped", {}).values()):
+        summary += ("; " if dropped or sublayer else ": ") + "experts removed from its mixture-of-experts layers"
     lines += [summary + ". Made with layerprune.", ""]
 
     lines += ["## Layers", ""]
@@ -233,6 +254,8 @@ def model_card(record: dict, *, title: str | None = None, parameters: int | None
     disk = record.get("pruned_on_disk")
     if isinstance(disk, dict):
         lines.append("- pruned on disk (tensors copied shard to shard, the model never loaded)")
+
+    lines += _expert_lines(record)
 
     lines += ["", "## How the layers were chosen", ""]
     lines += pruning or ["- not recorded"]

@@ -25,3 +25,6 @@ class PruneResult:
     bytes_before: int | None = None  # on disk: the checkpoint's tensor bytes, and the output's
     bytes_after: int | None = None
     shards: int | None = None  # on disk: weight files written
+    # Mixture-of-experts: the expert removal's record ({"dropped": {ORIGINAL layer: [ORIGINAL experts]},
+    # "chosen_by", "experts_per_layer", ...}); empty when no expert went.
+    experts: dict = field(default_factory=dict)

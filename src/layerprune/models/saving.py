@@ -55,6 +55,7 @@ def write_record_file(folder: str | os.PathLike, record: dict, extra: dict | Non
             "kept_layers": record["kept_layers"],
             "dropped_layers": record["dropped_layers"],
             **({"removed_sublayers": record["removed_sublayers"]} if record.get("removed_sublayers") else {}),
+            **({"experts": record["experts"]} if record.get("experts") else {}),  # experts kept / dropped per layer
             "history": record.get("history", []),
             "trust_remote_code": bool(record.get("trust_remote_code", False)),  # may its own code have run
             **(extra or {}),

@@ -115,6 +115,13 @@ def pruned_provenance(record: dict, drop: list[int], how: dict | None = None) ->
     removed = {k: [i for i in v if i not in drop] for k, v in (record.get("removed_sublayers") or {}).items()}
     if any(removed.values()):
         new_record["removed_sublayers"] = removed
+    # Experts removed from the layers that stay (models/experts/) are still true; keyed by ORIGINAL layer.
+    experts = record.get("experts")
+    if experts:
+        new_record["experts"] = {
+            key: ({layer: v for layer, v in value.items() if int(layer) not in drop} if isinstance(value, dict) else value)
+            for key, value in experts.items()
+        }
     return keep_positions, new_record
 
 

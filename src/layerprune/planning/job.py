@@ -116,7 +116,9 @@ def announce_plan(model_ref: str, heal=None, *, prune=None, log=print, min_param
         return  # no config to read here (a hub id not cached): the job's own loading says why
     if shape.params() < min_params:
         return
-    if prune is not None and prune.drop is not None:
+    if prune is not None and not prune.prunes_layers:  # experts alone: every layer stays (experts not counted yet)
+        kept = shape.layers
+    elif prune is not None and prune.drop is not None:
         kept = shape.layers - len(prune.drop)
     elif prune is not None and (prune.num_layers or prune.ratio):
         kept = shape.layers - count_to_drop(shape.layers, num_layers=prune.num_layers, ratio=prune.ratio)

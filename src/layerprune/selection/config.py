@@ -97,6 +97,17 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
     max_ppl_ratio: float | None = Field(
         None, gt=1, description="Like max_loss_increase, as a perplexity ratio: 2.0 = at most twice the unpruned "
         "perplexity on held-out calibration text.")
+    expert_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Mixture-of-experts models: fraction of the experts to remove from every MoE "
+        "layer, e.g. 0.25 (as many from every layer: the config holds one expert count). Alone or with a layer budget "
+        "(layers go first, then experts are scored on the model that remains).")
+    num_experts: int | None = Field(None, ge=1, description="Mixture-of-experts models: number of experts to remove "
+                                    "from every MoE layer (like expert_ratio).")
+    drop_experts: dict[int, list[int]] | None = Field(
+        None, description="Mixture-of-experts models: ORIGINAL expert indices to remove per ORIGINAL layer, e.g. "
+        "{0: [1, 6], 1: [0, 7]} (CLI: '0:1,6;1:0,7'); as many in every MoE layer (no scoring).")
+    expert_metric: str = Field("reap", description="How experts are scored for expert_ratio / num_experts: reap | "
+                               "frequency | soft-count | activation-norm | random (higher = keep).")
     protect_first: int = Field(0, ge=0, description="Never drop the first K layers.")
     protect_last: int = Field(0, ge=0, description="Never drop the last K layers.")
     strategy: Literal["one-shot", "iterative"] = Field(
@@ -129,6 +140,17 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
                 raise ValueError(str(err)) from None
         return value
 
+    @field_validator("expert_metric")
+    @classmethod
+    def _known_expert_metric(cls, value):
+        from layerprune.importance.experts.registry import get_expert_metric  # start-up: see the module docstring
+
+        try:
+            get_expert_metric(value)
+        except LayerpruneError as err:
+            raise ValueError(str(err)) from None
+        return value
+
     @field_validator("target_params")
     @classmethod
     def _readable_count(cls, value):
@@ -152,10 +174,12 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
         self._check_one_quality_target()
         # a quality target stands alone, or guards a size/speed target (which then sets the count)
         guards = quality and (self.target_params is not None or self.target_latency is not None)
-        if self.schedule is None and sum(given) + (quality and not guards) != 1:
+        self._check_experts()
+        layer_budgets = sum(given) + (quality and not guards)
+        if self.schedule is None and not (layer_budgets == 1 or (layer_budgets == 0 and self.prunes_experts)):
             raise ValueError("give exactly one of drop, num_layers, ratio, target_params or target_latency, or a "
                              "quality target (max_loss_increase or max_ppl_ratio; it may also guard target_params "
-                             "or target_latency)")
+                             "or target_latency), and/or an expert budget (expert_ratio or num_experts)")
         if self.schedule is not None and (self.target_params is not None or self.target_latency is not None
                                           or quality):
             raise ValueError("an iterative schedule fixes the layer count; target_params, target_latency, "
@@ -182,6 +206,27 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
         if self.select == "metric" and isinstance(self.metric, list) and len(self.metric) != 1:
             raise ValueError("several metrics need select auto")
         return self
+
+    @property
+    def prunes_experts(self) -> bool:
+        return self.expert_ratio is not None or self.num_experts is not None or self.drop_experts is not None
+
+    @property
+    def prunes_layers(self) -> bool:
+        """Whether layers go (else only experts: expert_ratio / num_experts alone)."""
+        return self.drop is not None or self.schedule is not None or self.budget() is not None \
+            or self.quality_target() is not None
+
+    def _check_experts(self) -> None:
+        if sum(x is not None for x in (self.expert_ratio, self.num_experts, self.drop_experts)) > 1:
+            raise ValueError("give one of expert_ratio, num_experts or drop_experts, not several")
+        if not self.prunes_experts:
+            return
+        if self.strategy == "iterative" or self.schedule is not None:
+            raise ValueError("expert removal is one-shot: give expert_ratio / num_experts / drop_experts without a "
+                             "schedule")
+        if self.granularity != "block":
+            raise ValueError("expert removal goes with whole-layer removal (granularity block) only")
 
     def budget(self):
         """The budgets.Budget of this prune (None for an explicit drop list or an iterative schedule)."""

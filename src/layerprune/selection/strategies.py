@@ -42,8 +42,8 @@ def in_memory_scores(model: nn.Module, calibration) -> ScoreFn:
 
 
 def needs_calibration(config: PruneConfig) -> bool:
-    """Whether choosing layers with this config reads calibration text."""
-    if config.drop is not None:
+    """Whether choosing layers with this config reads calibration text (experts are scored apart)."""
+    if config.drop is not None or not config.prunes_layers:
         return False
     if config.select != "metric" or config.quality_target() is not None:
         return True  # candidates are judged on held-out calibration text
