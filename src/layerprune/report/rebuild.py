@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.files.outputs import read_json, write_text
+from layerprune.files.outputs import MARKER, is_layerprune_output, read_json, write_text
 from layerprune.importance.base import LayerScores
 from layerprune.importance.plots import plot_angular_heatmap, plot_scores
 from layerprune.importance.scores_file import read_scores_json
@@ -109,6 +109,12 @@ def write_run_report(run_dir: str | Path, final_ref: str | None = None) -> tuple
 def rebuild_report(folder: str | Path) -> list[Path]:
     """`layerprune report DIR`: a study folder (study.json) or a run folder (config.yaml); returns the files written."""
     folder = Path(folder)
+    if ((folder / "study.json").is_file() or (folder / "config.yaml").is_file()) and not is_layerprune_output(folder):
+        # the round-2 rule: layerprune rewrites only what it made (a run or study folder it claimed carries the
+        # marker); a folder of the user's own with a config.yaml keeps its report.md, study.md, study.csv...
+        raise LayerpruneError(f"{folder} was not made by layerprune (it has no {MARKER} file); report rebuilds "
+                              "only the run and study folders layerprune made, and leaves your report.md and "
+                              "study files as they are")
     if (folder / "study.json").is_file():
         return [Path(p) for p in rebuild_study_report(folder)["plots"]]
     if (folder / "config.yaml").is_file():
