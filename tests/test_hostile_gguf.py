@@ -58,6 +58,10 @@ def claims_8_blocks(r):
     r.fields["llama.block_count"].parts[-1][0] = 8
 
 
+def claims_2_to_the_31_blocks(r):
+    r.fields["llama.block_count"].parts[-1][0] = 2**31
+
+
 def overlapping(r):
     offsets = {t.name: t.field.parts[-1] for t in r.tensors}
     offsets["blk.1.attn_q.weight"][0] = offsets["blk.0.attn_q.weight"][0]
@@ -73,6 +77,9 @@ def with_fields(change):
 LIES = {
     "block_count says 8 of 6": (lambda src, dst: patched(src, dst, claims_8_blocks),
                                 "llama.block_count says 8 blocks, but the file has no tensors of blk.6, blk.7"),
+    "block_count says 2**31": (lambda src, dst: patched(src, dst, claims_2_to_the_31_blocks),
+                               "says 2147483648 blocks, but the file has no tensors of blk.6, blk.7, blk.8, blk.9, "
+                               "blk.10 ..."),
     "no blk.1": (lambda src, dst: rewritten(src, dst, tensors=lambda ts: [t for t in ts if not t[0].startswith(
                  "blk.1.")]), "has no tensors of blk.1"),
     "blk.1 and blk.01": (lambda src, dst: rewritten(src, dst, tensors=lambda ts: ts + [
