@@ -63,3 +63,33 @@ def test_the_same_tokenizer_and_size_still_teach(workspace):
     save_model(tiny_model("llama", seed=1), tiny_tokenizer(), workspace / "teacher")
     result = finetune(workspace, workspace / "teacher", "distill")
     assert result.exit_code == 0, result.output
+
+
+def test_a_hand_edited_responses_cache_is_answered_again_not_trained_on(tmp_path, monkeypatch):
+    import json
+
+    import layerprune.finetune.teacher_responses as teacher_responses
+    from layerprune.finetune.config import HealConfig
+    from layerprune.finetune.stage import prepare_training_rows
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"instruction": f"say {w}", "context": "",
+                                                            "response": f"{w} {w}"}) + "\n" for w in ("cat", "dog")))
+    teacher, calls = tiny_model("llama").eval(), []
+    real = teacher_responses.greedy_responses
+    monkeypatch.setattr(teacher_responses, "greedy_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = HealConfig(method="distill", data=str(tmp_path / "sft.jsonl"), responses="teacher", response_tokens=4,
+                        max_steps=1, batch_size=2, max_length=64, bf16=False)
+
+    def rows():
+        return prepare_training_rows(config, tiny_tokenizer(), load_teacher=lambda: teacher, log=lambda m: None)[0]
+
+    first = rows()
+    assert rows() == first and len(calls) == 1  # the second time from the cache
+    (path,) = (tmp_path / "cache" / "responses").rglob("*.json")
+    record = json.loads(path.read_text())
+    record["responses"][0] = [7, 7, 7]  # edited by hand: the digest no longer matches
+    path.write_text(json.dumps(record))
+    assert rows() == first and len(calls) == 2  # answered again, never trained on the edit
+    path.write_text(json.dumps(record["responses"]))  # the old layout, a bare list: answered again too
+    assert rows() == first and len(calls) == 3
