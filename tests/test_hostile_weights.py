@@ -46,3 +46,13 @@ def test_scoring_in_memory_refuses_them_and_a_finite_model_scores():
         compute_many(poisoned(), {"block-influence": {}}, calibration)
     scores = compute_scores(tiny_model("llama"), "block-influence", calibration)
     assert all(v == v for v in scores.values)  # no NaN
+
+
+def test_the_layer_by_layer_scorer_refuses_them_too(tmp_path):
+    from layerprune.data.calibration import CalibrationData
+    from layerprune.importance.streaming import stream_scores
+
+    save_model(poisoned(), tiny_tokenizer(), tmp_path / "model")
+    ids = tiny_input(batch=2, length=8)
+    with pytest.raises(LayerpruneError, match=r"NaN or infinite weights in model\.layers\.2\.mlp\.up_proj\.weight"):
+        stream_scores(tmp_path / "model", CalibrationData(ids, torch.ones_like(ids), {}), ["block-influence"])
