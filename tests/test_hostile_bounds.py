@@ -68,3 +68,15 @@ def test_a_cache_path_that_is_a_file_is_refused_before_any_work(workspace, monke
     result = runner.invoke(app, ["plan", str(workspace / "tiny")])
     assert_one_line_error(result, "is not a folder")
     assert "LAYERPRUNE_CACHE" in result.stderr and cache.read_bytes() == before
+
+
+@pytest.mark.parametrize("missing, what", [("num_hidden_layers", "no layer count"), ("hidden_size", "no hidden size")])
+@pytest.mark.parametrize("command", ["plan", "info"])
+def test_a_config_without_its_shape_is_refused_not_planned_as_a_default_model(workspace, missing, what, command):
+    import json
+
+    path = workspace / "tiny" / "config.json"
+    config = json.loads(path.read_text())
+    del config[missing]
+    path.write_text(json.dumps(config))
+    assert_one_line_error(runner.invoke(app, [command, str(workspace / "tiny")]), f"config.json states {what}")
