@@ -211,7 +211,7 @@ def _short_write(err: BaseException, where, written: int | None) -> str | None:
     if not (isinstance(err, OSError) and err.errno is None and "requested and" in str(err)):
         return None
     try:
-        import resource
+        import resource  # optional: Unix only
 
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if limit != resource.RLIM_INFINITY and written is not None and written + MB > limit:
