@@ -24,6 +24,7 @@ from layerprune.selection.search import SearchPath
 from layerprune.selection.ranking import select_layers
 from cli_asserts import assert_one_line_error
 from test_search import full_forward_loss
+from numerics import approx_value
 from tiny_models import CORPUS, N_LAYERS, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -78,12 +79,12 @@ def test_k0_is_the_unpruned_model_and_every_point_is_a_real_forward(curve_run):
     loaded = load_model(str(tmp / "tiny"))
     validation = load_calibration(loaded.tokenizer, str(tmp / "text.txt"), n_samples=4, seq_len=32, seed=1000)
     unpruned = full_forward_loss(loaded.model, validation, [])
-    assert record["unpruned_loss"] == pytest.approx(unpruned, abs=1e-5)
+    assert record["unpruned_loss"] == approx_value(unpruned)
     for name in SELECTIONS:
         rows = record["curves"][name]
         assert rows[0]["loss"] == record["unpruned_loss"] and rows[0]["dropped"] == []
         for row in rows[1:]:
-            assert row["loss"] == pytest.approx(full_forward_loss(loaded.model, validation, row["dropped"]), abs=1e-5)
+            assert row["loss"] == approx_value(full_forward_loss(loaded.model, validation, row["dropped"]))
 
 
 def test_each_selection_traces_its_own_drop_sets(curve_run):

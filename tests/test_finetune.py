@@ -296,6 +296,21 @@ def test_freeze_prefix_builds_no_autograd_graph_before_the_cut(rows):
     assert seen[:3] == [False, False, True]
 
 
+@pytest.mark.parametrize("remove", ["attention", "mlp"])
+def test_freeze_prefix_counts_a_removed_attention_or_mlp_as_the_first_cut(remove):
+    """An attention (or MLP) removed at original layer 2 changes layer 2's output: layers from 1 on train,
+    even when the first whole-layer cut comes later (at 4)."""
+    from layerprune.models.sublayer import remove_attention, remove_mlp
+
+    model = (remove_attention if remove == "attention" else remove_mlp)(remove_layers(tiny_model("llama"), [4]), [2])
+    context = HealContext()
+    Full.prepare(model, HealConfig(method="distill", freeze="prefix"), context)
+    assert context.notes["frozen"] == ["embeddings", "layers [0]"]
+    layers = get_anatomy(model).layers
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+
+
 def test_freeze_is_refused_where_it_does_not_apply():
     for bad in (dict(method="lora", freeze="prefix"), dict(method="distill", adapter="lora", freeze="embeddings"),
                 dict(method="distill", freeze="head")):

@@ -23,6 +23,7 @@ from layerprune.models.bypass import bypass_layers
 from layerprune.selection.search import SearchPath, swap_pass
 from layerprune.selection.strategies import choose, in_memory_scores
 from cli_asserts import assert_one_line_error
+from numerics import approx_value
 from tiny_models import N_LAYERS, tiny_input, tiny_model, tiny_tokenizer
 
 SENTENCES = [f"the {w} sat on the mat and looked at the {v}." for w in ("cat", "dog", "owl")
@@ -102,8 +103,8 @@ def test_resumed_candidates_equal_full_forwards(family):
     assert len(tried) == 5 + 4 + 3
     checked = [frozenset(s) for s in ({1}, {0, 4}, {2, 3}, {1, 2, 4})] + [path.at(k).positions for k in (1, 2, 3)]
     for drop in checked:
-        assert losses.loss(drop) == pytest.approx(full_forward_loss(model, data, drop), abs=1e-5), sorted(drop)
-    assert losses.intact_loss == pytest.approx(full_forward_loss(model, data, []), abs=1e-5)
+        assert losses.loss(drop) == approx_value(full_forward_loss(model, data, drop)), sorted(drop)
+    assert losses.intact_loss == approx_value(full_forward_loss(model, data, []))
     assert losses.block_forwards < 0.6 * losses.naive_block_forwards
 
 
@@ -119,7 +120,7 @@ def test_lineage_states_skip_blocks_the_parent_cache_would_rerun():
     before = losses.block_forwards
     value = losses.loss({1, 4})  # resumes at block 4 (dropped), runs block 5 only
     assert losses.block_forwards - before == 1
-    assert value == pytest.approx(full_forward_loss(model, data, [1, 4]), abs=1e-5)
+    assert value == approx_value(full_forward_loss(model, data, [1, 4]))
     assert intact == 6
     # with no room for extra states, the same candidate reruns blocks 2, 3 and 5
     bare = DropSetLosses(model, data, batch_size=2, cache_bytes=0)

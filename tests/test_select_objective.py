@@ -26,6 +26,7 @@ from layerprune.data.task_data import BUNDLED_TASKS, read_task_rows
 from layerprune.selection.drop_set_losses import DropSetLosses
 from layerprune.selection.strategies import choose, in_memory_scores
 from cli_asserts import assert_one_line_error
+from numerics import approx_value
 from tiny_models import CORPUS, tiny_input, tiny_model, tiny_tokenizer
 
 IDENTITY, PERTURBED = 1, 3
@@ -60,14 +61,14 @@ def test_kl_equals_a_hand_computation_fresh_and_resumed_from_cached_states(famil
     engine = DropSetLosses(model, data, batch_size=2, measure="kl")
     assert engine.intact_loss == 0.0
     fresh = engine.loss({3})  # resumes from the intact pass's state entering block 3
-    assert fresh == pytest.approx(hand_kl(model, data, [3]), abs=1e-5)
+    assert fresh == approx_value(hand_kl(model, data, [3]))
     assert fresh > 1e-3
 
     engine.loss({1})  # keeps the states it computes: those entering blocks 2, 3 and 4 with block 1 gone
     before = engine.block_forwards
     resumed = engine.loss({1, 3})  # resumes from {1}'s state entering block 3 and runs block 4 only
     assert engine.block_forwards - before == len(engine.batches)  # one block per batch: the cache served the rest
-    assert resumed == pytest.approx(hand_kl(model, data, [1, 3]), abs=1e-5)
+    assert resumed == approx_value(hand_kl(model, data, [1, 3]))
 
 
 def test_the_loss_measure_is_still_the_token_cross_entropy():
@@ -80,7 +81,7 @@ def test_the_loss_measure_is_still_the_token_cross_entropy():
     target = data.input_ids[:, 1:].masked_fill((data.attention_mask[:, 1:] == 0) | (data.attention_mask[:, :-1] == 0),
                                                -100)
     expected = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100).item()
-    assert engine.loss({2}) == pytest.approx(expected, abs=1e-5)
+    assert engine.loss({2}) == approx_value(expected)
 
 
 def identity_and_perturbed_model():
@@ -110,7 +111,7 @@ def test_search_with_kl_drops_the_identity_and_keeps_the_layer_that_changes_the_
     assert "loss" not in validation and "ppl_ratio" not in validation  # not a next-token loss
     candidates = {c["add"]: c["loss"] for c in record["search"]["path"][0]["candidates"]}
     assert max(candidates, key=candidates.get) == PERTURBED  # the most harmful layer to remove
-    assert candidates[PERTURBED] == pytest.approx(hand_kl(model, data, [PERTURBED]), abs=1e-5)
+    assert candidates[PERTURBED] == approx_value(hand_kl(model, data, [PERTURBED]))
     assert candidates[PERTURBED] > 3 * max(v for layer, v in candidates.items() if layer != PERTURBED)
 
 
@@ -121,11 +122,11 @@ def test_select_auto_with_kl_compares_the_candidates_by_kl():
                          metric=["reverse-order", "random"])
     expected = {name: hand_kl(model, data, c["dropped"]) for name, c in record["candidates"].items()}
     for name, c in record["candidates"].items():
-        assert c["validation_loss"] == pytest.approx(expected[name], abs=1e-5)
+        assert c["validation_loss"] == approx_value(expected[name])
     best = min(expected, key=expected.get)
     assert record["chosen_by"] == f"auto:{best}"
     assert record["validation"]["objective"] == "kl"
-    assert record["validation"]["value"] == pytest.approx(expected[best], abs=1e-5)
+    assert record["validation"]["value"] == approx_value(expected[best])
 
 
 def test_the_loss_objective_keeps_the_record_fields_older_readers_know():
@@ -178,10 +179,9 @@ def test_the_tasks_objective_is_the_answer_loss_of_a_hand_computation(monkeypatc
     assert data.description["answer_tokens"] == sum(len(answer) for _, answer in SYNTHETIC_PAIRS)  # 1 char, 1 token
     model = tiny_model("llama")
     engine = DropSetLosses(model, data, batch_size=2)  # rows of unequal length: batches of 2 and 1
-    assert engine.intact_loss == pytest.approx(hand_answer_loss(model, tokenizer, SYNTHETIC_PAIRS, []), abs=1e-5)
-    assert engine.loss({2}) == pytest.approx(hand_answer_loss(model, tokenizer, SYNTHETIC_PAIRS, [2]), abs=1e-5)
-    assert engine.loss({0, 2}) == pytest.approx(hand_answer_loss(model, tokenizer, SYNTHETIC_PAIRS, [0, 2]),
-                                                abs=1e-5)
+    assert engine.intact_loss == approx_value(hand_answer_loss(model, tokenizer, SYNTHETIC_PAIRS, []))
+    assert engine.loss({2}) == approx_value(hand_answer_loss(model, tokenizer, SYNTHETIC_PAIRS, [2]))
+    assert engine.loss({0, 2}) == approx_value(hand_answer_loss(model, tokenizer, SYNTHETIC_PAIRS, [0, 2]))
 
 
 def test_pairs_are_encoded_as_lm_eval_encodes_them():
@@ -243,7 +243,7 @@ def test_tasks_objective_through_the_command_line(tmp_path):
     assert validation["objective"] == "tasks"
     assert validation["data"]["documents"] == "1000-1001 of each" and validation["data"]["rows"] == 6
     expected = hand_answer_loss(model, tiny_tokenizer(), task_answers.gold_pairs(2), selection["dropped"])
-    assert validation["value"] == pytest.approx(expected, abs=1e-5)
+    assert validation["value"] == approx_value(expected)
 
 
 # ---------------------------------------------------------------- config, runs, curve
@@ -297,7 +297,7 @@ def test_the_curve_traces_the_objective(tmp_path):
     assert record["objective"] == "kl" and record["unpruned_loss"] == 0.0
     rows = record["curves"]["search"]
     assert rows[1]["dropped"] == [IDENTITY] and rows[1]["loss"] == pytest.approx(0.0, abs=1e-6)
-    assert rows[2]["loss"] == pytest.approx(hand_kl(model, validation, rows[2]["dropped"]), abs=1e-5)
+    assert rows[2]["loss"] == approx_value(hand_kl(model, validation, rows[2]["dropped"]))
     with pytest.raises(LayerpruneError, match="need select_objective loss"):
         as_config(CurveConfig, select_objective="tasks", max_ppl_ratio=2.0)
 

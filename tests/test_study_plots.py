@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from layerprune import LayerpruneError
 from layerprune.cli import app
 from layerprune.data.calibration import CalibrationData
+from layerprune.files.outputs import mark_output_dir
 from layerprune.finetune.trainer import write_loss_curve
 from layerprune.report.study_plots import (
     plot_layer_map, plot_loss_curves, plot_metric_vs_removed, plot_similarity, read_loss_csv,
@@ -203,6 +204,7 @@ def test_report_of_an_iterative_run_built_from_files(tmp_path):
         scores = LayerScores("reverse-order", layers, [float(len(layers) - i) for i in layers])
         write_scores_json(folder / "scores.json", "tiny", {"reverse-order": scores})
     (run / "config.yaml").write_text("model: tiny\n")
+    mark_output_dir(run)  # as `layerprune run` marks its folder: report rewrites only folders layerprune made
     result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert is_png(run / "layer_map.png") and is_png(run / "loss_curves.png")
@@ -214,6 +216,7 @@ def test_report_of_a_study_folder_is_delegated(tmp_path, monkeypatch):
     import layerprune.report.rebuild
 
     (tmp_path / "study.json").write_text("{}")
+    mark_output_dir(tmp_path)
     calls = []
     monkeypatch.setattr(layerprune.report.rebuild, "rebuild_study_report",
                         lambda folder: calls.append(folder) or {"plots": [str(tmp_path / "plots" / "x.png")]})

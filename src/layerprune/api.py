@@ -38,7 +38,7 @@ from layerprune.evaluation.protocol import (
     write_eval,
 )
 from layerprune.files.outputs import atomic_output_dir, check_output_dir, check_output_file, is_main_process, write_json
-from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
+from layerprune.files.work_dirs import claim_work_dir, remove_work_dir, removed_unless_used
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.fit import fit_heal
 from layerprune.finetune.stage import (  # noqa: F401  (prepare_training_rows: public here before it moved)
@@ -391,7 +391,8 @@ def heal_model(
         loaded["model"] = load_model(model_ref, dtype=config.train_dtype)
         return loaded["model"]
 
-    result, record = heal_model_ref(model_ref, config, load=load, work_dir=work_dir, resume=resumable)
+    with removed_unless_used(work_dir):
+        result, record = heal_model_ref(model_ref, config, load=load, work_dir=work_dir, resume=resumable)
     if not is_main_process():
         return result, Path(out)  # under accelerate/torchrun only the main process writes
     write_healed(result, record, loaded["model"].tokenizer, out, overwrite=overwrite)
@@ -560,10 +561,12 @@ def plan_job(
         raise LayerpruneError("--gpus must be at least 1")
     if adapter not in ("auto", "none", "lora"):
         raise LayerpruneError(f"unknown --adapter {adapter!r}; choose auto, none or lora")
+    gpu_bytes = parse_memory(gpu_memory)  # checked whether or not --gpus uses it
+    heal, evaluation = as_config(HealConfig, heal), as_config(EvalConfig, evaluation)
     shape = model_shape(model_ref, trust_remote_code=trust_remote_code)
     drop = 0 if num_layers == 0 else count_to_drop(
         shape.layers, num_layers=num_layers, ratio=ratio if ratio is not None or num_layers else 0.25)
-    devices = Devices("cuda", gpus, parse_memory(gpu_memory)) if gpus else this_machine()
+    devices = Devices("cuda", gpus, gpu_bytes) if gpus else this_machine()
     prune = as_config(PruneConfig, prune, num_layers=max(drop, 1))
-    return job_plans.plan_job(shape, shape.layers - drop, devices, as_config(HealConfig, heal), adapter=adapter,
-                              prune=prune, evaluation=as_config(EvalConfig, evaluation))
+    return job_plans.plan_job(shape, shape.layers - drop, devices, heal, adapter=adapter, prune=prune,
+                              evaluation=evaluation)

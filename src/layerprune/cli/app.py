@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from layerprune.errors import LayerpruneError, shorten
+from layerprune.files.cache import cache_dir
 from layerprune.files.user_files import os_error_message
 from layerprune.models.model_config import loading_options
 
@@ -51,6 +52,7 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            cache_dir()  # a LAYERPRUNE_CACHE naming a file is refused before any work, not at the first write
             with _loading_options(kwargs):
                 return fn(*args, **kwargs)
         except LayerpruneError as err:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from layerprune.cli.app import MODEL_HELP, app, console, trust_remote_code_option, user_errors
+from layerprune.cli.options import config_from_options
 from layerprune.common.units import format_seconds
 from layerprune.evaluation.config import EvalConfig
 from layerprune.finetune.config import HealConfig
@@ -42,10 +43,11 @@ def plan_command(
 
     plan = plan_job(model, num_layers=num_layers, ratio=ratio, adapter=adapter, gpus=gpus, gpu_memory=gpu_memory,
                     trust_remote_code=trust_remote_code,
-                    heal=HealConfig(method=method, batch_size=batch_size, max_length=max_length,
-                                    max_samples=max_samples, gradient_checkpointing=gradient_checkpointing),
+                    heal=config_from_options(HealConfig, dict(  # one line naming the option on a bad value
+                        method=method, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
+                        gradient_checkpointing=gradient_checkpointing)),
                     prune={"calibration": {"n_samples": n_samples, "seq_len": seq_len}},
-                    evaluation=EvalConfig(ppl_windows=ppl_windows))
+                    evaluation=config_from_options(EvalConfig, {"ppl_windows": ppl_windows}))
     if as_json:
         print(json.dumps(plan.to_json(), indent=2))
         return

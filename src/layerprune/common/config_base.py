@@ -14,9 +14,10 @@ from layerprune.errors import LayerpruneError, shorten
 
 
 class StrictConfig(BaseModel):
-    """A YAML typo is an error, not a silently ignored key."""
+    """A YAML typo is an error, not a silently ignored key; inf and nan are no setting's value (an endless
+    budget or a nan rate would fail only after the work began)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def apply_preset(data, presets: dict[str, dict]):

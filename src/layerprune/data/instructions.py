@@ -183,8 +183,17 @@ def render_prompt(example: Example, tokenizer, template: str) -> tuple[str, str]
     raise LayerpruneError(f"unknown prompt template {template!r}; use chat or alpaca")
 
 
+# Bounds on what reaches the tokenizer: a JSONL line of 200 MB took over 14 GB in it and aborted in Rust.
+# No token is longer than MAX_CHARS_PER_TOKEN characters in practice, so a field cut there still gives every
+# one of the max_length tokens a row keeps; general text is tokenized in pieces of PIECE_CHARS.
+MAX_CHARS_PER_TOKEN = 100
+PIECE_CHARS = 1_000_000
+
+
 def tokenize_example(example: Example, tokenizer, *, template: str, max_length: int) -> dict | None:
     """input_ids + labels where prompt tokens are IGNORE_INDEX; None if no response token fits."""
+    cap = max_length * MAX_CHARS_PER_TOKEN  # a row keeps max_length tokens: the rest of a field is never read
+    example = Example(example.instruction[:cap], example.context[:cap], example.response[:cap])
     prompt, response = render_prompt(example, tokenizer, template)
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) and not prompt.startswith(tokenizer.bos_token or "\0") else []
     prompt_ids = bos + tokenizer(prompt, add_special_tokens=False).input_ids
@@ -219,7 +228,9 @@ def tokenize_text(texts: list[str], tokenizer, *, max_length: int, max_samples: 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     limit = max_samples * max_length if max_samples else None
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False).input_ids + eos)
+        for piece in text_pieces(text):
+            stream.extend(tokenizer(piece, add_special_tokens=False).input_ids)
+        stream.extend(eos)
         if limit and len(stream) >= limit:
             break
     blocks = [stream[i : i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
@@ -228,6 +239,20 @@ def tokenize_text(texts: list[str], tokenizer, *, max_length: int, max_samples: 
     if not blocks:
         raise LayerpruneError(f"the text is shorter than one block of {max_length} tokens")
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+def text_pieces(text: str, size: int | None = None):
+    """The text in pieces of at most `size` (PIECE_CHARS) characters, each cut after a whitespace where there
+    is one (so no word is split), for a tokenizer whose memory grows with its input."""
+    size = size or PIECE_CHARS
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        space = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+        end = space + 1 if space > start else end
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def pack(rows: list[dict], max_length: int) -> list[dict]:

@@ -4,11 +4,26 @@ response), interleaved in fixed proportions so every stretch of training sees th
 
 from __future__ import annotations
 
+import os
+
 from layerprune.errors import LayerpruneError
 
 
 def is_mix(spec: str | None) -> bool:
-    return bool(spec) and "+" in spec
+    """Several sources (`a+b`), or one with a weight (`c4:2`, `c4:-1`: read as a mix, so a bad weight is named
+    as one instead of searched for as a file); a path that exists stays a path."""
+    if not spec:
+        return False
+    head, sep, tail = spec.rpartition(":")
+    return "+" in spec or (bool(sep and head) and _is_number(tail) and not os.path.exists(spec))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:

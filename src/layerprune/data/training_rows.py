@@ -12,6 +12,7 @@ from typing import Callable
 
 from layerprune.data.instructions import Example, load_examples, pack, tokenize_examples, tokenize_text
 from layerprune.data.mixes import interleave, is_mix, parse_mix
+from layerprune.data.reserved import reserved_text_hits, without_reserved_prompts
 from layerprune.data.sources import BUNDLED_CORPORA, read_texts
 from layerprune.errors import LayerpruneError
 
@@ -64,12 +65,10 @@ def _source_rows(source: str, config, tokenizer, *, raw_text: bool, answer: Answ
             f"the bundled {source} is TEST data that `layerprune eval` measures on; training on it would make "
             "that measure meaningless. Use c4 or dolly (bundled) or data of your own")
     if raw_text or source in BUNDLED_CORPORA or source.endswith((".txt", ".txt.gz")):
-        rows = tokenize_text(read_texts(source), tokenizer, max_length=config.max_length,
+        rows = tokenize_text(_training_texts(source), tokenizer, max_length=config.max_length,
                              max_samples=config.max_samples)
         return rows, {"source": source, "kind": "raw text", "blocks": len(rows), "block_tokens": config.max_length}
-    examples = load_examples(source, fields=config.field_map(), max_samples=config.max_samples, seed=config.seed)
-    if config.max_samples is None:  # max_samples already drew a seeded random subset
-        random.Random(config.seed).shuffle(examples)
+    examples, dropped = _training_examples(source, config)
     responses = "data"
     if answer is not None:
         examples = answer(examples, share)
@@ -77,6 +76,35 @@ def _source_rows(source: str, config, tokenizer, *, raw_text: bool, answer: Answ
     rows = tokenize_examples(examples, tokenizer, template=config.template, max_length=config.max_length)
     if config.packing:
         rows = pack(rows, config.max_length)
-    return rows, {"source": source, "kind": "instructions", "examples": len(examples), "rows": len(rows),
-                  "template": config.template, "max_length": config.max_length, "packing": config.packing,
-                  "responses": responses}
+    info = {"source": source, "kind": "instructions", "examples": len(examples), "rows": len(rows),
+            "template": config.template, "max_length": config.max_length, "packing": config.packing,
+            "responses": responses}
+    if dropped:
+        info["reserved_dropped"] = (f"{dropped} records whose prompt is one of the 500 reserved Dolly prompts "
+                                    "(dolly-heldout, evaluation only) were left out")
+    return rows, info
+
+
+def _training_texts(source: str) -> list[str]:
+    """The documents of a text source, refused if it holds reserved evaluation text (data/reserved.py)."""
+    texts = read_texts(source)
+    hits = reserved_text_hits(texts)
+    if hits:
+        found = "; ".join(f"{count} lines or documents of {label}" for label, count in hits.items())
+        raise LayerpruneError(
+            f"{source} holds {found}, which `layerprune eval` measures on (reserved for evaluation); training "
+            "on it would make that measure meaningless. Use c4 or dolly (bundled) or data of your own")
+    return texts
+
+
+def _training_examples(source: str, config) -> tuple[list[Example], int]:
+    """(instruction examples in a seeded random order, max_samples of them, how many were dropped as reserved
+    Dolly prompts): reserved records are dropped before the draw, so the draw is from what may be trained on."""
+    examples, dropped = without_reserved_prompts(load_examples(source, fields=config.field_map()))
+    if not examples:
+        raise LayerpruneError(f"every record of {source} is one of the 500 Dolly prompts reserved for evaluation "
+                              "(dolly-heldout); training on them would make that measure meaningless")
+    if config.max_samples is not None and config.max_samples < 1:
+        raise LayerpruneError(f"max_samples must be >= 1, got {config.max_samples}")
+    random.Random(config.seed).shuffle(examples)
+    return (examples if config.max_samples is None else examples[:config.max_samples]), dropped

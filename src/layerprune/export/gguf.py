@@ -157,9 +157,10 @@ def export_gguf(
     q4_k_m (llama.cpp's quantizer: llama-cpp-python's, or a `llama-quantize` binary). The GGUF carries the tokenizer and chat
     template from the model folder. Refuses an existing `out_file` unless overwrite.
     """
-    keep_types = {}
+    keep_types, reference = {}, None
     if quant.lower().startswith(SAME_AS):
-        quant, keep_types = same_quantization_as(quant[len(SAME_AS):])
+        reference = quant[len(SAME_AS):]
+        quant, keep_types = same_quantization_as(reference)
         if log is not None:
             log(f"quantizing as {quant} (the reference's file type"
                 f"{', and its embedding/output tensor types' if keep_types else ''})")
@@ -174,7 +175,7 @@ def export_gguf(
         raise LayerpruneError(f"output {out} is a folder; pass a .gguf file path")
     if os.path.lexists(out) and not overwrite:  # a dangling symlink too
         raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
-    check_not_input(out, [model])
+    check_not_input(out, [model, reference])  # the same-as reference is an input too, through links as well
     quantize = None
     if quant in QUANTIZER_QUANTS:
         quantize = find_llama_quantize() or ("llama_cpp" if have_llama_cpp() else None)

@@ -283,8 +283,12 @@ def atomic_output_file(out: str | os.PathLike, overwrite: bool = False, inputs: 
         _remove(tmp)
         signal.raise_signal(caught.signum)
         raise SystemExit(128 + caught.signum) from None
-    except BaseException:
+    except BaseException as err:
+        written = tmp.stat().st_size if tmp.is_file() else None
         _remove(tmp)
+        message = disk_full_message(err, out, written) if isinstance(err, Exception) else None
+        if message is not None:  # a full disk or a file-size limit: one line naming the output
+            raise LayerpruneError(message) from None
         raise
 
 

@@ -170,7 +170,7 @@ def _mb(n: int) -> str:
 
 
 # Errors of the machine, not of layerprune: a full disk, a read-only file system, a refused permission.
-OS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+OS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def os_error_message(err: OSError) -> str | None:
@@ -184,6 +184,8 @@ def os_error_message(err: OSError) -> str | None:
         room = f" ({_mb(free)} MB free)" if free is not None else ""
         quota = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the disk"
         return f"{quota} while writing{where}{room}; free some space or write the output elsewhere"
+    if err.errno == errno.EFBIG:
+        return _too_large(name)
     if err.errno == errno.EROFS:
         return f"cannot write{where}: it is on a read-only file system; write the output elsewhere"
     return f"permission denied{':' + where if where else ''}; check the file's permissions or use another path"
@@ -193,12 +195,46 @@ def os_error_message(err: OSError) -> str | None:
 _DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "file write failed")
 
 
-def disk_full_message(err: BaseException, where: str | os.PathLike) -> str | None:
-    """One line for an error that is a full disk (an OSError ENOSPC/EDQUOT, or a library's error that wraps
-    one), naming `where` and its free space; None for any other error."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+# How a file-size limit (RLIMIT_FSIZE, `ulimit -f`, or the file system's largest file) shows in a library.
+_TOO_LARGE_TEXTS = ("file too large", "os error 27")
+
+
+def _too_large(where) -> str:
+    named = f" {where}" if where is not None else ""
+    return (f"a file grew past the file-size limit while writing{named} (`ulimit -f`, or the largest file its file "
+            "system allows); raise the limit or write the output elsewhere")
+
+
+def _short_write(err: BaseException, where, written: int | None) -> str | None:
+    """numpy's tofile reports a write cut short ("N requested and M written") without an errno: a file-size
+    limit when the file reached it, else a full disk."""
+    if not (isinstance(err, OSError) and err.errno is None and "requested and" in str(err)):
+        return None
+    try:
+        import resource  # optional: Unix only
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and written is not None and written + MB > limit:
+            return _too_large(where)
+    except (ImportError, ValueError, OSError):
+        pass
+    free = free_bytes(where)
+    room = f" ({_mb(free)} MB free)" if free is not None else ""
+    return f"the disk took only part of {where}{room}; free some space or write the output elsewhere"
+
+
+def disk_full_message(err: BaseException, where: str | os.PathLike, written: int | None = None) -> str | None:
+    """One line for an error that is a full disk or a file-size limit (an OSError ENOSPC/EDQUOT/EFBIG, a
+    library's error that wraps one, a short write), naming `where` (and its free space); None for any other
+    error. written: bytes of the file when the write failed, if known."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return os_error_message(err if err.filename is not None else OSError(err.errno, err.strerror, str(where)))
+    short = _short_write(err, where, written)
+    if short is not None:
+        return short
     text = str(err).lower()
+    if not isinstance(err, OSError) and any(marker in text for marker in _TOO_LARGE_TEXTS):
+        return _too_large(where)
     if isinstance(err, OSError) or not any(marker in text for marker in _DISK_FULL_TEXTS):
         return None
     free = free_bytes(where)

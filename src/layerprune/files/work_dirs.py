@@ -8,10 +8,11 @@ files, the input model, the teacher, a symlink) is refused before any work, neve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from layerprune.common.settings import changed_keys, settings_digest
 from layerprune.errors import LayerpruneError
@@ -73,3 +74,16 @@ def remove_work_dir(folder: str | os.PathLike) -> bool:
         return False
     shutil.rmtree(folder, ignore_errors=True)
     return True
+
+
+@contextlib.contextmanager
+def removed_unless_used(folder: str | os.PathLike) -> Iterator[None]:
+    """A heal refused or failed before its first checkpoint (bad data, a bad budget) leaves no work folder:
+    one that still holds only its record is removed; one with checkpoints stays for --resume."""
+    try:
+        yield
+    except BaseException:
+        folder = Path(folder)
+        if _record(folder) is not None and all(p.name == WORK_MARKER for p in folder.iterdir()):
+            remove_work_dir(folder)
+        raise

@@ -21,6 +21,9 @@ from layerprune.common.config_base import StrictConfig, apply_preset
 from layerprune.data.instructions import FieldMap
 from layerprune.errors import LayerpruneError
 
+# The longest time budget (about two years): past it the deadline arithmetic overflows (1e308 minutes).
+MAX_MINUTES = 1e6
+
 # Named recipes: a preset fills every setting it names unless the setting is given explicitly.
 HEAL_PRESETS: dict[str, dict] = {
     "paper": {  # arXiv 2411.15558 section 4.2: lm_head + last 3 layers, AdamW lr 1e-5, 2 epochs, batch 64
@@ -50,7 +53,7 @@ class HealConfig(StrictConfig):
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int = Field(150, description="Stop after this many optimizer steps (-1: use epochs).")
     max_minutes: float | None = Field(
-        None, gt=0, description="Time budget of the healing stage (teacher pass + steps) on this machine: one timed "
+        None, gt=0, le=MAX_MINUTES, description="Time budget of the healing stage (teacher pass + steps) on this machine: one timed "
         "step fits the number of steps into it, so the schedule completes; it never runs more than max_steps.")
     batch_size: int = Field(4, ge=1, description="Micro-batch per device.")
     effective_batch_size: int | None = Field(

@@ -22,6 +22,7 @@ from layerprune.hardware.compute import compute_choice
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.model_config import trusts_remote_code
 from layerprune.models.quantize import bnb_config, disable_cpu_repacking
+from layerprune.models.sublayer import removed_sublayers
 from layerprune.models.surgery import kept_layers, provenance, untie_embeddings
 
 
@@ -117,7 +118,10 @@ def freeze_parts(model: nn.Module, freeze: str) -> list[str]:
     if freeze == "prefix":
         kept = kept_layers(model)
         runs = dropped_runs(provenance(model)["dropped_layers"])
-        first = runs[0][0] if runs else len(kept)  # nothing removed: every layer but the last is "before the cut"
+        # a layer whose attention or MLP was removed is changed too: its input is the first that differs
+        changed = [runs[0][0]] if runs else []
+        changed += [layer for layers in removed_sublayers(model).values() for layer in layers]
+        first = min(changed) if changed else len(kept)  # nothing removed: every layer but the last is "before the cut"
         stop = kept.index(first - 1) if first > 0 else 0  # the layer that feeds the first cut trains
         for pos in range(stop):
             anatomy.layers[pos].requires_grad_(False)

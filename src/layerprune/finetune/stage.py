@@ -25,6 +25,7 @@ from layerprune.finetune.teacher_first import (
     targets_before_student,
     teacher_placement,
 )
+from layerprune.finetune.teacher_checks import check_teacher
 from layerprune.finetune.teacher_responses import answered_by_teacher
 from layerprune.finetune.trainer import heal, write_loss_curve
 from layerprune.models.anatomy import parameter_bytes
@@ -72,6 +73,8 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
         if not teacher_ref or teacher_ref == loaded.ref:
             wanted = "responses: teacher" if config.responses == "teacher" else config.method
             raise LayerpruneError(f"{wanted} needs a teacher: set teacher (the unpruned model)")
+        if targets is None:  # heal_model_ref checked the teacher before its pass
+            check_teacher(loaded.model.config, loaded.tokenizer, teacher_ref, config)
         load_teacher = _teacher_loader(_vocab_size(loaded.model.config), teacher_ref, config.train_dtype)
     if prepared is None:
         start = time.perf_counter()
@@ -104,6 +107,7 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
         tokenizer = tokenizer or folder_tokenizer(folder)
         teacher_folder = Path(model_folder(teacher_ref)) if teacher_ref and teacher_ref != model_ref else None
         if teacher_folder is not None and teacher_folder.is_dir() and tokenizer is not None:
+            check_teacher(student_config, tokenizer, teacher_ref, config)
             first, streamed = teacher_placement(config, folder, teacher_folder)
             if first:
                 load_teacher = _teacher_loader(_vocab_size(student_config), teacher_ref, config.train_dtype)
@@ -157,6 +161,7 @@ def heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool):
     tokenizer = folder_tokenizer(student)
     if tokenizer is None:
         raise LayerpruneError(f"{model_ref} has no tokenizer, so the healing text cannot be encoded")
+    check_teacher(model_config, tokenizer, teacher_ref, config)
     rows, data_info = prepare_training_rows(config, tokenizer)
     replaced, notes = stream_heal(student, local_folder(teacher_ref), rows, config, pad_id=pad_token_id(tokenizer))
     heal_record = {"method": config.method, "notes": notes, "config": config.model_dump(mode="json"),

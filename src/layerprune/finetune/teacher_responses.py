@@ -15,10 +15,11 @@ import gc
 
 from layerprune.data.instructions import Example, prompt_ids
 from layerprune.files.cache import cache_dir
-from layerprune.files.outputs import read_json, write_json
 from layerprune.hardware.compute import compute_choice
 from layerprune.hardware.speed import GENERATED_TOKEN_COST, announced, measure_speed
-from layerprune.models.responses import GENERATION_BATCH, greedy_responses, responses_path
+from layerprune.models.responses import (
+    GENERATION_BATCH, greedy_responses, read_cached_responses, responses_path, write_cached_responses,
+)
 
 
 def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new_tokens: int, bf16,
@@ -30,18 +31,19 @@ def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new
     compute = compute_choice(next(teacher.parameters()).device, bf16)
     path = responses_path(teacher, prompts, new_tokens=new_tokens, batch_size=GENERATION_BATCH,
                           cache_dir=cache_dir() / "responses", compute=compute.dtype)
-    responses = read_json(path, missing_ok=True) if path.is_file() else None
-    if not (isinstance(responses, list) and len(responses) == len(prompts)):
+    responses = read_cached_responses(path, len(prompts))
+    if responses is None:
         speed = measure_speed(teacher, compute=compute)
         seconds = (sum(map(len, prompts)) + len(prompts) * new_tokens * GENERATED_TOKEN_COST) * speed.forward
         with announced(f"the teacher answers {len(prompts)} prompts (up to {new_tokens} tokens, {compute.dtype})",
                        seconds, log), compute.autocast():
             responses = greedy_responses(teacher, tokenizer, prompts, new_tokens=new_tokens,
                                          batch_size=GENERATION_BATCH, progress="teacher responses")
-        write_json(path, responses)
+        write_cached_responses(path, responses)
     else:
         log(f"the teacher's responses to {len(prompts)} prompts: from the cache")
     del teacher
     gc.collect()
     return [Example(e.instruction, e.context, tokenizer.decode(r, skip_special_tokens=True).strip())
             for e, r in zip(examples, responses)]
+

@@ -52,9 +52,9 @@ def parse_memory(text: str) -> int:
     """'80GB', '24 GiB', '512MB' -> bytes (GB and GiB both read as 2**30: how GPU memory is quoted)."""
     import re
 
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?)?\s*", str(text), flags=re.I)
-    if not match or not math.isfinite(float(match.group(1))):
-        raise LayerpruneError(f"cannot read the memory size {text!r}; write e.g. 80GB")
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]i?B?)?\s*", str(text), flags=re.I)
+    if not match or not 0 < float(match.group(1)) < 1e6:  # "1.2.3GB", "0GB", a number of 400 digits
+        raise LayerpruneError(f"cannot read the memory size {text!r}; write a positive size such as 80GB")
     unit = (match.group(2) or "G").upper()[0]
     return int(float(match.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
 

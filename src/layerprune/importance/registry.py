@@ -25,6 +25,7 @@ from typing import Callable
 from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
 from layerprune.importance.base import LayerScores
+from layerprune.models.finite import check_finite_parameters
 from layerprune.models.surgery import kept_layers
 
 MetricFn = Callable[..., object]
@@ -138,6 +139,8 @@ def compute_many(model, metrics: dict[str, dict], calibration=None) -> dict[str,
     """Score with several metrics ({name: params}), sharing one pass per metric group."""
     for name in metrics:
         _check_calibration(name, calibration)
+    check_finite_parameters(model, "its layer scores would all be NaN, so no layer could be chosen on them; "
+                                   "repair or re-download the model")
     results: dict[str, LayerScores] = {}
     by_group: dict[str, dict[str, dict]] = {}
     for name, params in metrics.items():

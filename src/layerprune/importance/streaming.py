@@ -38,6 +38,7 @@ from layerprune.importance.weights import frobenius_norms_sum, l1_norm, scored_p
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import read_checkpoint
 from layerprune.models.decoder_calls import hidden_of
+from layerprune.models.finite import non_finite_parameters
 from layerprune.models.layer_stream import CheckpointWeights, layer_inputs, local_folder, skeleton
 from layerprune.models.loading import LoadedModel, folder_tokenizer
 
@@ -86,6 +87,12 @@ def stream_scores(
         for i, block in enumerate(anatomy.layers):
             loaded = weights.load(f"{anatomy.layers_path}.{i}.", block)
             try:
+                bad = non_finite_parameters(block)  # before this layer is scored: NaN would spread to every score
+                if bad:
+                    names = ", ".join(f"{anatomy.layers_path}.{i}.{name}" for name in bad[:3])
+                    raise LayerpruneError(f"the model holds NaN or infinite weights in {names}; its layer scores "
+                                          "would be NaN, so no layer could be chosen on them; repair or "
+                                          "re-download the model")
                 for name, params in norms.items():
                     scored = scored_parameters(block, params.get("include_norms", False))
                     sums[name].append(math.fsum(WEIGHT_NORMS[name](p) for _, p in scored))

@@ -25,6 +25,11 @@ COUNTS = {
     "vocab_size": 100_000_000, "head_dim": 100_000,
 }
 PER_LAYER_LISTS = ("layer_types",)
+# The shape a config must state: without it transformers takes its class default (LlamaConfig's is a 7B
+# model's 32 layers of 4096) and every plan and load is of a model the folder does not hold. save_pretrained
+# always writes these (they are not PretrainedConfig defaults); a nested text_config may omit its defaults.
+SHAPE_FIELDS = {"layer count": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+                "hidden size": ("hidden_size", "n_embd", "d_model", "dim")}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -62,6 +67,11 @@ def check_config_sanity(folder: str | os.PathLike) -> None:
             if value is not None and layers is not None and (not isinstance(value, list) or len(value) != layers):
                 length = len(value) if isinstance(value, list) else type(value).__name__
                 raise LayerpruneError(f"{folder}: config.json's {name} has {length} entries for {layers} layers")
+    if "text_config" not in config and "model_type" in config:
+        for what, names in SHAPE_FIELDS.items():
+            if not any(name in config for name in names):
+                raise LayerpruneError(f"{folder}: config.json states no {what} ({' / '.join(names)}); transformers "
+                                      "would take its class default, a model this folder does not hold")
     _check_size_against_files(config, folder)
     _check_layers_against_weights(config, folder)
 

@@ -26,6 +26,7 @@ from layerprune.errors import LayerpruneError, first_line
 from layerprune.files.outputs import atomic_output_file
 from layerprune.files.user_files import check_free_space
 from layerprune.models.experts.gguf_cut import cut_gguf_experts
+from layerprune.models.gguf_checks import check_blocks, check_per_layer_arrays, check_tensor_data
 from layerprune.models.prune_result import PruneResult
 from layerprune.models.surgery import check_drop, pruned_provenance
 
@@ -58,12 +59,14 @@ def reader(path: str | os.PathLike):
     if not Path(path).is_file():
         raise LayerpruneError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(str(path))
+        r = gguf.GGUFReader(str(path))
     except OSError as err:
         raise LayerpruneError(f"could not read {path}: {err.strerror or err}") from err
     except (ValueError, IndexError, KeyError, struct.error, EOFError) as err:
         raise LayerpruneError(f"could not read {path} as a GGUF model: it is truncated or corrupt "
                               f"({first_line(err)})") from err
+    check_tensor_data(r, path)
+    return r
 
 
 def field_value(field):
@@ -87,18 +90,33 @@ def _scalar(fields, key: str, default=None):
     return default if field is None else field_value(field)
 
 
+def _architecture(r) -> str:
+    value = _scalar(r.fields, "general.architecture")
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """The header of a GGUF file checked against its data (models/gguf_checks.py), before a loader reads
+    it: tensor data for every file, blocks and per-layer arrays for the architectures layerprune prunes."""
+    r = reader(path)
+    if _architecture(r) in SUPPORTED_ARCHS:
+        layout(r)
+
+
 def layout(source) -> GgufLayout:
     """The layers of a GGUF file (a path or a gguf.GGUFReader); refuses an architecture layerprune does not
     prune."""
     r = source if hasattr(source, "fields") else reader(source)
-    arch_value = _scalar(r.fields, "general.architecture")
-    arch = arch_value.decode("utf-8", "replace") if isinstance(arch_value, bytes) else str(arch_value)
+    arch = _architecture(r)
     if arch not in SUPPORTED_ARCHS:
         raise LayerpruneError(f"GGUF architecture {arch!r} is not supported for pruning "
                               f"(supported: {', '.join(SUPPORTED_ARCHS)})")
     count = _scalar(r.fields, f"{arch}.block_count")
     if not isinstance(count, int) or count < 1:
         raise LayerpruneError(f"GGUF file has no valid {arch}.block_count")
+    where = getattr(r.data, "filename", None) or "the GGUF file"
+    check_blocks(r, arch, count, where)  # before any weight is read: the header against the tensors
+    check_per_layer_arrays(r.fields, arch, count, where)
     stored = _scalar(r.fields, PROVENANCE_KEY)
     if stored is not None:
         try:
@@ -127,10 +145,10 @@ def apply_layout(config, path: str | os.PathLike) -> None:
     """Complete the config transformers built from a GGUF file with what its loader does not read: the
     layerprune provenance (original layer numbers) and, for Gemma-2/3, which layers use sliding windows
     (transformers derives them from the layer number, which a cut file no longer tells)."""
-    try:
-        shape = layout(path)
-    except LayerpruneError:
+    r = reader(path)
+    if _architecture(r) not in SUPPORTED_ARCHS:
         return  # an architecture layerprune does not prune: nothing to add
+    shape = layout(r)
     text = config.get_text_config()
     if shape.provenance["dropped_layers"]:
         config.layerprune = shape.provenance

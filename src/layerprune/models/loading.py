@@ -31,7 +31,7 @@ from layerprune.models.anatomy import get_anatomy
 from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path
 from layerprune.models.checkpoint import INDEX_NAME, layer_index, read_checkpoint
 from layerprune.models.dtypes import parse_dtype, stored_dtype
-from layerprune.models.gguf_file import apply_layout
+from layerprune.models.gguf_file import apply_layout, check_gguf
 from layerprune.models.model_config import (  # noqa: F401  (loading_options: the public way to set them)
     loading_options,
     loads_tokenizer,
@@ -378,6 +378,7 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf_path)  # a header that lies about its blocks is refused before transformers reads weights
     print(f"layerprune: converting {gguf_path.name} to a Hugging Face folder (once) in {target}", flush=True)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(

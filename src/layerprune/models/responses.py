@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import read_json, write_json
 from layerprune.models.fingerprint import teacher_fingerprint
 from layerprune.models.tokens import pad_token_id
@@ -59,12 +60,36 @@ def reference_responses(reference, tokenizer, prompts: list[list[int]], *, new_t
     path = None
     if cache_dir is not None:
         path = responses_path(reference, prompts, new_tokens=new_tokens, batch_size=batch_size, cache_dir=cache_dir)
-        cached = read_json(path, missing_ok=True) if path.is_file() else None
-        if isinstance(cached, list) and len(cached) == len(prompts):
+        cached = read_cached_responses(path, len(prompts))
+        if cached is not None:
             return cached
     responses = greedy_responses(reference, tokenizer, prompts, new_tokens=new_tokens, batch_size=batch_size)
     if path is not None:
-        write_json(path, responses)
+        write_cached_responses(path, responses)
+    return responses
+
+
+def _digest(responses: list) -> str:
+    return hashlib.sha256(json.dumps(responses, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_cached_responses(path: Path, responses: list[list[int]]) -> None:
+    """Cache responses with a digest of their content, so an edited file is recognised as such."""
+    write_json(path, {"responses": responses, "sha256": _digest(responses)})
+
+
+def read_cached_responses(path: Path, count: int) -> list[list[int]] | None:
+    """The cached responses, or None to generate them again: a file missing, damaged, of an older layout, or
+    edited by hand (its content no longer matches the digest written with it) is never used."""
+    try:
+        record = read_json(path, missing_ok=True) if path.is_file() else None
+    except LayerpruneError:
+        return None
+    responses = record.get("responses") if isinstance(record, dict) else None
+    if not (isinstance(responses, list) and len(responses) == count and record.get("sha256") == _digest(responses)):
+        return None
+    if not all(isinstance(r, list) and all(isinstance(t, int) and t >= 0 for t in r) for r in responses):
+        return None
     return responses
 
 

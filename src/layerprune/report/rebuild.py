@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune.errors import LayerpruneError
-from layerprune.files.outputs import read_json, write_text
+from layerprune.errors import LayerpruneError, first_line
+from layerprune.files.outputs import MARKER, is_layerprune_output, read_json, write_text
 from layerprune.importance.base import LayerScores
 from layerprune.importance.plots import plot_angular_heatmap, plot_scores
 from layerprune.importance.scores_file import read_scores_json
@@ -86,8 +86,9 @@ def write_run_report(run_dir: str | Path, final_ref: str | None = None) -> tuple
     """
     run_dir = Path(run_dir)
     if final_ref is None:
-        final_ref = (read_json(run_dir / "run.json", missing_ok=True) or {}).get("final_model")
+        final_ref = _mapping(run_dir, "run.json").get("final_model")
     selection = read_json(run_dir / "selection.json", missing_ok=True)
+    text, summary = run_report(run_dir, final_ref)  # reads every file the text needs before any plot is written
     made = _score_plots(run_dir, selection)
     for round_dir in sorted((run_dir / "rounds").glob("round-*"), key=_round_number):
         made += _score_plots(round_dir, read_json(round_dir / "selection.json", missing_ok=True))
@@ -98,7 +99,6 @@ def write_run_report(run_dir: str | Path, final_ref: str | None = None) -> tuple
     if rows:
         n_layers = _original_layers(run_dir, [i for drop in rows.values() for i in drop])
         made.append(study_plots.plot_layer_map(rows, n_layers, run_dir / "layer_map.png"))
-    text, summary = run_report(run_dir, final_ref)
     images = [p for p in made if p.parent == run_dir]
     if images:
         text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
@@ -106,13 +106,47 @@ def write_run_report(run_dir: str | Path, final_ref: str | None = None) -> tuple
     return summary, [run_dir / "report.md", *made]
 
 
+def _mapping(folder: Path, name: str) -> dict:
+    """A JSON run file that layerprune writes as an object ({} when absent); anything else is refused."""
+    value = read_json(folder / name, missing_ok=True)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LayerpruneError(f"{folder / name} holds a JSON {type(value).__name__}, not the object layerprune "
+                              "writes; restore it or rerun the stage that wrote it")
+    return value
+
+
+def _check_run_files(folder: Path) -> None:
+    """The top level of the run files report reads: objects, and the selection's dropped layers a list of
+    layer numbers."""
+    for name in ("run.json", "stages.json", "selection.json", "eval-original/eval.json", "eval-final/eval.json"):
+        _mapping(folder, name)
+    dropped = _mapping(folder, "selection.json").get("dropped", [])
+    if not (isinstance(dropped, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in dropped)):
+        raise LayerpruneError(f"{folder / 'selection.json'}: dropped is {str(dropped)[:40]!r}, not a list of layer "
+                              "numbers; restore it or rerun the prune stage")
+
+
 def rebuild_report(folder: str | Path) -> list[Path]:
     """`layerprune report DIR`: a study folder (study.json) or a run folder (config.yaml); returns the files written."""
     folder = Path(folder)
-    if (folder / "study.json").is_file():
-        return [Path(p) for p in rebuild_study_report(folder)["plots"]]
-    if (folder / "config.yaml").is_file():
-        return write_run_report(folder)[1]
+    if ((folder / "study.json").is_file() or (folder / "config.yaml").is_file()) and not is_layerprune_output(folder):
+        # the round-2 rule: layerprune rewrites only what it made (a run or study folder it claimed carries the
+        # marker); a folder of the user's own with a config.yaml keeps its report.md, study.md, study.csv...
+        raise LayerpruneError(f"{folder} was not made by layerprune (it has no {MARKER} file); report rebuilds "
+                              "only the run and study folders layerprune made, and leaves your report.md and "
+                              "study files as they are")
+    try:
+        if (folder / "study.json").is_file():
+            return [Path(p) for p in rebuild_study_report(folder)["plots"]]
+        if (folder / "config.yaml").is_file():
+            _check_run_files(folder)
+            return write_run_report(folder)[1]
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+        # run files are user input here: a hand-edited or damaged one is one line, not a traceback
+        raise LayerpruneError(f"{folder}: a run file is not as layerprune wrote it ({type(err).__name__}: "
+                              f"{first_line(err)}); restore it or rerun the stage that wrote it") from None
     if not folder.exists():
         raise LayerpruneError(f"{folder} does not exist")
     raise LayerpruneError(f"{folder} is neither a run folder (config.yaml) nor a study folder (study.json)")

@@ -18,7 +18,7 @@ from layerprune.benchmark import benchmark, write_outputs
 from layerprune.config import RunConfig
 from layerprune.data.calibration import VALIDATION_SEED_OFFSET
 from layerprune.files.outputs import atomic_output_dir, is_main_process, read_json, write_json
-from layerprune.files.work_dirs import claim_work_dir, remove_work_dir
+from layerprune.files.work_dirs import claim_work_dir, remove_work_dir, removed_unless_used
 from layerprune.finetune.stage import heal_model_ref, write_healed
 from layerprune.importance import LayerScores, compute_many, get_metric
 from layerprune.importance.scores_file import read_scores_json, write_scores_json
@@ -162,8 +162,9 @@ def heal(run: Run, number: int, ref: str, out: Path, *, base: dict) -> str:
     resume = work.exists()
     if is_main_process():  # claimed like an output: only a folder layerprune made is resumed or deleted
         resume = claim_work_dir(work, settings, inputs=run_inputs(run.config), resume=True, option="resume")
-    result, record = heal_model_ref(ref, config, load=load, tokenizer=run.original.tokenizer,
-                                    default_teacher=run.config.model, work_dir=work, resume=resume, log=run.log)
+    with removed_unless_used(work):
+        result, record = heal_model_ref(ref, config, load=load, tokenizer=run.original.tokenizer,
+                                        default_teacher=run.config.model, work_dir=work, resume=resume, log=run.log)
     if is_main_process():  # under accelerate/torchrun only the main process writes
         write_healed(result, record, loaded["model"].tokenizer, out, overwrite=True)
         remove_work_dir(work)
