@@ -3,7 +3,6 @@ bf16 natively, their matmul rate, and memory sizes as users write them (80GB).""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from layerprune.errors import LayerpruneError
