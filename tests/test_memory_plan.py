@@ -9,9 +9,16 @@ from typer.testing import CliRunner
 from cli_asserts import assert_one_line_error
 from layerprune.cli import app
 from layerprune.planning.memory import inference_activations, plan_memory
-from layerprune.finetune.memory import ADAM_BYTES, choose_heal, gpus_for_full_heal, heal_memory, training_activations
+from layerprune.finetune.memory import (
+    ADAM_BYTES,
+    choose_heal,
+    gpus_for_full_heal,
+    heal_memory,
+    replace_streaming_bytes,
+    training_activations,
+)
 from layerprune.models.shape import Job, shape_from_config
-from layerprune.hardware.devices import GiB, USABLE, Devices, parse_memory
+from layerprune.hardware.devices import GiB, USABLE, Devices, parse_memory, runtime_bytes
 
 runner = CliRunner()
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -68,8 +75,39 @@ def test_a_70b_on_one_gpu_needs_qlora_with_checkpointing_and_nothing_fits_a_smal
     shape = shape_from_config(LlamaConfig(**LLAMA_70B))
     job = Job(layers_kept=60, gradient_checkpointing=True)
     assert choose_heal(shape, job, Devices("cuda", 1, 80 * GiB)).settings["option"] == "qlora"
-    nothing = choose_heal(shape, job, Devices("cpu", 1, 16 * GiB))
+    nothing = choose_heal(shape, job, Devices("cpu", 1, 8 * GiB))
     assert nothing.settings["option"] == "layer-local" and not nothing.fits
+
+
+def test_a_70b_heals_layer_by_layer_within_24gb_and_every_streaming_stage_fits():
+    """Llama-3-70B with 16 layers removed on a 24 GB CPU: the replace heal's least-squares system is hidden x
+    hidden (it maps the MLP's output), solved in place; the peak is the step of the layer before a cut (its
+    weights in fp32 beside their bf16 copy, the system, the folded output projection), above the embeddings'
+    pass (1.05B params in fp32 beside their bf16 copy). The teacher is streamed inside the heal, so there
+    is no separate teacher pass, whatever method was asked."""
+    shape = shape_from_config(LlamaConfig(**LLAMA_70B))
+    cpu = Devices("cpu", 1, 24 * GiB)
+    job = Job(layers_kept=64)
+    h, i = 8192, 28672
+    system = 2 * h * h * 8 + h * h * 4 + 3 * h * 1024 * 8
+    layer_step = max(shape.per_layer) * 6 + max(system, 8 * 256 * (8 * h + 2 * i) * 4) + 2 * h * i * 4
+    assert layer_step > shape.embedding * 6  # at 70B a layer's step is the peak, not the embeddings' pass
+    heal = replace_streaming_bytes(shape, job, cpu)
+    assert heal == runtime_bytes(cpu) + layer_step + 64 * 256 * h * 4 * 3 < 10 * GiB
+    for teacher in (True, False):
+        stages = {s.stage: s for s in plan_memory(shape, job, cpu, teacher=teacher)}
+        assert "teacher pass" not in stages
+        assert stages["heal"].settings["option"] == "layer-local" and stages["heal"].fits
+        for name in ("score (streaming)", "prune (on disk)", "heal", "eval (streaming)"):
+            assert stages[name].fits and stages[name].bytes_per_device < 12 * GiB, name
+    assert not {s.stage: s for s in plan_memory(shape, job, cpu)}["eval"].fits  # in memory: 100+ GiB
+
+
+def test_the_plan_counts_the_solver_block_of_the_normal_equations():
+    from layerprune.finetune.memory import NORMAL_EQUATIONS_BLOCK
+    from layerprune.finetune.normal_equations import BLOCK
+
+    assert NORMAL_EQUATIONS_BLOCK == BLOCK
 
 
 def test_the_teacher_pass_holds_teacher_and_student_and_eval_the_pruned_model(llama8b):
@@ -173,7 +211,9 @@ def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_d
     lines = []
     announce_plan(str(tmp_path / "llama-8b"), prune=PruneConfig(num_layers=8), log=lines.append)
     assert lines[0].startswith("memory plan (8.0B -> 6.3B params on ")
-    assert any(line.startswith("  teacher pass: ") for line in lines) and lines[-1].startswith("  healing: ")
+    layer_local = lines[-1] == "  healing: layer-local"  # this machine's memory decides
+    assert any(line.startswith("  teacher pass: ") for line in lines) != layer_local
+    assert lines[-1].startswith("  healing: ")
     quiet = []
     announce_plan(str(tiny_dir), log=quiet.append)
     assert quiet == []

@@ -18,6 +18,9 @@ NF4_BYTES = 0.5625  # 4-bit values + one fp32 absmax per 64 (bitsandbytes, doubl
 HEAL_ORDER = ("full", "lora", "qlora", "layer-local")
 
 
+NORMAL_EQUATIONS_BLOCK = 1024  # finetune/normal_equations.py BLOCK (not imported: planning loads no torch)
+
+
 def training_activations(shape: ModelShape, job: Job, layers: int, value_bytes: int) -> int:
     tokens = job.batch * job.seq_len
     per_layer = (2 if job.gradient_checkpointing else 34) * shape.hidden * tokens * value_bytes // 2
@@ -70,20 +73,26 @@ def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> S
                            settings={"method": option if option == "qlora" else None, "adapter": "lora"})
     # layer-local: `replace --streaming`, one layer at a time
     total = replace_streaming_bytes(shape, job, devices)
-    how = f"one layer in fp32 + its least-squares system ({shape.intermediate}^2 in fp64) + {job.rows} rows"
+    how = f"one layer in fp32 + its least-squares system ({shape.hidden}^2 in fp64) + {job.rows} rows"
     return StageMemory("heal", total, how, settings={"method": "replace", "streaming": True})
 
 
 def replace_streaming_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
     """`finetune --method replace --streaming`: fp32 skeletons; the embeddings (first pass) or one layer (+ its
-    stored copy while read), the fp64 normal equations of the MLP's output map and the LU copy of the solve,
-    and the rows' hidden states of student and teacher."""
+    stored copy while read) with one batch's activations, the least-squares step of the layer before a cut, and
+    the rows' hidden states of student and teacher. The map T is hidden x hidden (it acts on the MLP's output):
+    the normal equations in fp64 (gram and right-hand side, solved in place by Cholesky: one block column of
+    extra), T in fp32, and the folded output projection (the product, then its copy kept until written; one
+    cut counted)."""
     stored = shape.stored_bytes
     layer = max(shape.per_layer)
+    h = shape.hidden
     embedding = shape.embedding * (4 + stored)
-    system = 2 * shape.intermediate ** 2 * 8 + shape.intermediate * shape.hidden * 8
-    layer_step = layer * (4 + stored) + system
-    hidden = job.rows * job.seq_len * shape.hidden * 4 * 3  # student in/out + the teacher's stream at a cut
+    system = 2 * h * h * 8 + h * h * 4 + 3 * h * NORMAL_EQUATIONS_BLOCK * 8
+    folded = 2 * h * shape.intermediate * 4
+    batch = min(job.rows, 8) * job.seq_len * (8 * h + 2 * shape.intermediate) * 4
+    layer_step = layer * (4 + stored) + max(system, batch) + folded
+    hidden = job.rows * job.seq_len * h * 4 * 3  # student in/out + the teacher's stream at a cut
     return int(runtime_bytes(devices) + max(embedding, layer_step) + hidden)
 
 

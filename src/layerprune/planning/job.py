@@ -83,6 +83,8 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
     if heal.method == "distill" and heal.distill_top_k is not None and heal.max_steps > 0:
         rows = heal.max_steps * (heal.effective_batch_size or heal.batch_size)
         seconds["teacher pass"] = rows * heal.max_length * speed.forward
+    if any(stage.settings.get("option") == "layer-local" for stage in stages):  # auto fell back to replace
+        seconds["heal"] = seconds["heal (streaming)"]
     rows = []
     for stage in stages:
         rows.append({"stage": stage.stage, "peak_gib": round(stage.bytes_per_device / GiB, 2), "fits": stage.fits,
