@@ -81,19 +81,20 @@ def test_a_70b_on_one_gpu_needs_qlora_with_checkpointing_and_nothing_fits_a_smal
 
 def test_a_70b_heals_layer_by_layer_within_24gb_and_every_streaming_stage_fits():
     """Llama-3-70B with 16 layers removed on a 24 GB CPU: the replace heal's least-squares system is hidden x
-    hidden (it maps the MLP's output), solved in place; the peak is the step of the layer before a cut (its
-    weights in fp32 beside their bf16 copy, the system, the folded output projection), above the embeddings'
-    pass (1.05B params in fp32 beside their bf16 copy). The teacher is streamed inside the heal, so there
+    hidden (it maps the MLP's output), solved in place; the embeddings' pass (1.05B params in fp32 beside their
+    bf16 copy) is the peak, above each step of the layer before a cut (its weights in fp32 with their bf16
+    copy, the system, the folded output projection). The teacher is streamed inside the heal, so there
     is no separate teacher pass, whatever method was asked."""
     shape = shape_from_config(LlamaConfig(**LLAMA_70B))
     cpu = Devices("cpu", 1, 24 * GiB)
     job = Job(layers_kept=64)
     h, i = 8192, 28672
     system = 2 * h * h * 8 + h * h * 4 + 3 * h * 1024 * 8
-    layer_step = max(shape.per_layer) * 6 + max(system, 8 * 256 * (8 * h + 2 * i) * 4) + 2 * h * i * 4
-    assert layer_step > shape.embedding * 6  # at 70B a layer's step is the peak, not the embeddings' pass
+    layer = max(shape.per_layer)
+    steps = [layer * 6, layer * 4 + max(system, 8 * 256 * (8 * h + 2 * i) * 4), layer * 4 + 2 * h * i * 4]
+    assert max(steps) < shape.embedding * 6  # the embeddings' pass is the peak at 70B (as measured)
     heal = replace_streaming_bytes(shape, job, cpu)
-    assert heal == runtime_bytes(cpu) + layer_step + 64 * 256 * h * 4 * 3 < 10 * GiB
+    assert heal == runtime_bytes(cpu) + shape.embedding * 6 + 64 * 256 * h * 4 * 3 < 8 * GiB
     for teacher in (True, False):
         stages = {s.stage: s for s in plan_memory(shape, job, cpu, teacher=teacher)}
         assert "teacher pass" not in stages
