@@ -1,6 +1,7 @@
 """The memory plan from configs alone (meta device) at the papers' scale, against hand computations."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from transformers import LlamaConfig, MixtralConfig, Qwen2Config
@@ -102,6 +103,24 @@ def test_a_70b_heals_layer_by_layer_within_24gb_and_every_streaming_stage_fits()
         for name in ("score (streaming)", "prune (on disk)", "heal", "eval (streaming)"):
             assert stages[name].fits and stages[name].bytes_per_device < 12 * GiB, name
     assert not {s.stage: s for s in plan_memory(shape, job, cpu)}["eval"].fits  # in memory: 100+ GiB
+
+
+def test_an_8b_with_8_layers_removed_heals_with_lora_over_a_16bit_base_on_one_24gb_gpu(llama8b):
+    """The frozen base at 2 bytes per weight where the device computes bf16 natively (as LoRA now holds it),
+    adapters and AdamW states fp32; fp32 (and autocast's copies) where bf16 is emulated."""
+    job = Job(layers_kept=24)
+    kept = llama8b.params(24)
+    plan = choose_heal(llama8b, job, Devices("cuda", 1, 24 * GiB))
+    assert plan.settings["option"] == "lora" and plan.fits
+    assert "(2 B per weight)" in plan.detail and plan.detail.startswith(f"frozen weights {kept * 2 / GiB:.1f} GiB")
+    on_80 = heal_memory("lora", llama8b, job, Devices("cuda", 1, 80 * GiB))
+    assert on_80.bytes_per_device < 24 * GiB  # 43.6 GiB with the base in fp32
+    emulated = heal_memory("lora", llama8b, job, Devices("cpu", 1, 64 * GiB, bf16=False))
+    assert "(4 B per weight)" in emulated.detail
+    native_cpu = heal_memory("lora", llama8b, job, Devices("cpu", 1, 64 * GiB))
+    assert native_cpu.bytes_per_device >= kept * 4  # loaded in fp32 before the base is cast
+    fp32_checkpoint = heal_memory("lora", replace(llama8b, stored_bytes=4.0), job, Devices("cuda", 1, 80 * GiB))
+    assert "(4 B per weight)" in fp32_checkpoint.detail
 
 
 def test_the_plan_counts_the_solver_block_of_the_normal_equations():

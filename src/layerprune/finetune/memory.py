@@ -42,6 +42,12 @@ def lora_dropout_activations(shape: ModelShape, job: Job, layers: int, value_byt
     return kept * tokens * sum(i for i, _ in shape.linear_dims) * value_bytes * 2
 
 
+def lora_base_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
+    """Bytes per frozen weight under LoRA: the checkpoint's 16-bit where the device computes 16-bit natively
+    (finetune/methods.py holds the base so: hardware/compute.py frozen_dtype), else train_dtype (fp32)."""
+    return 2 if devices.compute_bytes == 2 and shape.stored_bytes == 2 else job.train_dtype_bytes
+
+
 def lora_params(shape: ModelShape, layers: int, r: int) -> int:
     return layers * sum(r * (i + o) for i, o in shape.linear_dims)
 
@@ -62,15 +68,19 @@ def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> S
         return StageMemory("heal", runtime + states + autocast_copies(params, job, compute) // shards + acts, how,
                            settings={"adapter": "none", "fsdp": sharded})
     if option in ("lora", "qlora"):
-        frozen_bytes = NF4_BYTES if option == "qlora" else job.train_dtype_bytes
+        held = lora_base_bytes(shape, job, devices) if option == "lora" else job.train_dtype_bytes
+        frozen_bytes = NF4_BYTES if option == "qlora" else held
         trained = lora_params(shape, kept, job.lora_r)
-        frozen = round(shape.layer_params(kept) * frozen_bytes) + (shape.params(kept) - shape.layer_params(kept)) * \
-            job.train_dtype_bytes
-        copies = autocast_copies(params, job, compute) if option == "lora" else 0
-        how = f"frozen weights {frozen / GiB:.1f} GiB + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
-        return StageMemory("heal", runtime + frozen + trained * ADAM_BYTES + copies + acts +
-                           lora_dropout_activations(shape, job, kept, compute), how,
-                           settings={"method": option if option == "qlora" else None, "adapter": "lora"})
+        frozen = round(shape.layer_params(kept) * frozen_bytes) + (shape.params(kept) - shape.layer_params(kept)) * held
+        copies = params * compute if option == "lora" and compute < held else 0  # autocast's 16-bit copies
+        how = f"frozen weights {frozen / GiB:.1f} GiB" + (f" ({held} B per weight)" if option == "lora" else "") + \
+            f" + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
+        total = runtime + frozen + trained * ADAM_BYTES + copies + acts + lora_dropout_activations(shape, job, kept,
+                                                                                                   compute)
+        if devices.kind == "cpu":  # loaded in train_dtype before the base is cast (on a GPU: before it moves)
+            total = max(total, runtime + params * job.train_dtype_bytes)
+        return StageMemory("heal", total, how, settings={"method": option if option == "qlora" else None,
+                                                         "adapter": "lora"})
     # layer-local: `replace --streaming`, one layer at a time
     total = replace_streaming_bytes(shape, job, devices)
     how = f"one layer in fp32 + its least-squares system ({shape.hidden}^2 in fp64) + {job.rows} rows"
