@@ -123,6 +123,16 @@ def test_an_8b_with_8_layers_removed_heals_with_lora_over_a_16bit_base_on_one_24
     assert "(4 B per weight)" in fp32_checkpoint.detail
 
 
+def test_the_plan_says_which_healing_each_common_card_takes(llama8b):
+    from layerprune.planning.job import plan_job
+
+    plan = plan_job(llama8b, 24, Devices("cuda", 1, 24 * GiB))
+    assert list(plan.heal_per_card) == ["24 GB", "48 GB", "80 GB"]
+    assert {card["option"] for card in plan.heal_per_card.values()} == {"lora"}
+    assert all(card["fits"] and card["peak_gib"] < 21.6 for card in plan.heal_per_card.values())
+    assert plan.to_json()["heal_per_card"]["24 GB"]["option"] == "lora"
+
+
 def test_the_plan_counts_the_solver_block_of_the_normal_equations():
     from layerprune.finetune.memory import NORMAL_EQUATIONS_BLOCK
     from layerprune.finetune.normal_equations import BLOCK
