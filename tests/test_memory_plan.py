@@ -15,9 +15,12 @@ from layerprune.finetune.memory import (
     choose_heal,
     gpus_for_full_heal,
     heal_memory,
+    NORMAL_EQUATIONS_BLOCK,
     replace_streaming_bytes,
     training_activations,
 )
+from layerprune.finetune.normal_equations import BLOCK
+from layerprune.planning.job import plan_job
 from layerprune.models.shape import Job, shape_from_config
 from layerprune.hardware.devices import GiB, USABLE, Devices, parse_memory, runtime_bytes
 
@@ -124,8 +127,6 @@ def test_an_8b_with_8_layers_removed_heals_with_lora_over_a_16bit_base_on_one_24
 
 
 def test_the_plan_says_which_healing_each_common_card_takes(llama8b):
-    from layerprune.planning.job import plan_job
-
     plan = plan_job(llama8b, 24, Devices("cuda", 1, 24 * GiB))
     assert list(plan.heal_per_card) == ["24 GB", "48 GB", "80 GB"]
     assert {card["option"] for card in plan.heal_per_card.values()} == {"lora"}
@@ -134,9 +135,6 @@ def test_the_plan_says_which_healing_each_common_card_takes(llama8b):
 
 
 def test_the_plan_counts_the_solver_block_of_the_normal_equations():
-    from layerprune.finetune.memory import NORMAL_EQUATIONS_BLOCK
-    from layerprune.finetune.normal_equations import BLOCK
-
     assert NORMAL_EQUATIONS_BLOCK == BLOCK
 
 
