@@ -231,17 +231,17 @@ def test_finetune_heals_with_lora_when_full_weights_do_not_fit_and_refuses_befor
     assert not (tmp_path / "refused").exists()
 
 
-def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_dir):
+def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_dir, monkeypatch):
     from layerprune.selection.config import PruneConfig
     from layerprune.planning.job import announce_plan
 
+    # a machine where full weights fit: the default heal (distill) with its teacher pass, whatever runs the test
+    monkeypatch.setattr("layerprune.planning.job.this_machine", lambda: Devices("cpu", 1, 256 * GiB))
     LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")  # the config alone: no weights
     lines = []
     announce_plan(str(tmp_path / "llama-8b"), prune=PruneConfig(num_layers=8), log=lines.append)
     assert lines[0].startswith("memory plan (8.0B -> 6.3B params on ")
-    layer_local = lines[-1] == "  healing: layer-local"  # this machine's memory decides
-    assert any(line.startswith("  teacher pass: ") for line in lines) != layer_local
-    assert lines[-1].startswith("  healing: ")
+    assert any(line.startswith("  teacher pass: ") for line in lines) and lines[-1].startswith("  healing: ")
     quiet = []
     announce_plan(str(tiny_dir), log=quiet.append)
     assert quiet == []
