@@ -63,6 +63,16 @@ def cpu_kind() -> str:
             f"{choice.dtype} ({choice.reason})")
 
 
+CHUNKED_ABOVE = 1.5e9  # bytes in bf16: larger tensors are drawn in blocks of rows (smaller ones as before)
+
+
+def nbytes_of(shape: tuple[int, ...]) -> int:
+    size = 2
+    for n in shape:
+        size *= n
+    return size
+
+
 def write_random_checkpoint(folder: Path, tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: float) -> None:
     """Random bf16 tensors (norm weights near 1, matrices at std 0.02) in safetensors shards of about
     `shard_bytes`, written one shard at a time, with the index; no model is instantiated."""
@@ -88,8 +98,13 @@ def write_random_checkpoint(folder: Path, tensors: list[tuple[str, tuple[int, ..
         for name, shape in shard:
             if len(shape) == 1:
                 data[name] = 1 + 0.02 * torch.randn(shape, generator=generator).to(torch.bfloat16)
-            else:
+            elif nbytes_of(shape) <= CHUNKED_ABOVE:
                 data[name] = (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
+            else:  # a 70B-shaped embedding (2.1 GB in bf16) drawn whole would pass through 8 GB of fp32
+                data[name] = torch.empty(shape, dtype=torch.bfloat16)
+                for start in range(0, shape[0], 8192):
+                    rows = data[name][start:start + 8192]
+                    rows.copy_(0.02 * torch.randn(rows.shape, generator=generator))
         save_file(data, folder / file, metadata={"format": "pt"})
         weight_map.update({name: file for name, _ in shard})
         print(f"  wrote {file}", flush=True)

@@ -1,6 +1,7 @@
 """The memory plan from configs alone (meta device) at the papers' scale, against hand computations."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from transformers import LlamaConfig, MixtralConfig, Qwen2Config
@@ -9,9 +10,19 @@ from typer.testing import CliRunner
 from cli_asserts import assert_one_line_error
 from layerprune.cli import app
 from layerprune.planning.memory import inference_activations, plan_memory
-from layerprune.finetune.memory import ADAM_BYTES, choose_heal, gpus_for_full_heal, heal_memory, training_activations
+from layerprune.finetune.memory import (
+    ADAM_BYTES,
+    choose_heal,
+    gpus_for_full_heal,
+    heal_memory,
+    NORMAL_EQUATIONS_BLOCK,
+    replace_streaming_bytes,
+    training_activations,
+)
+from layerprune.finetune.normal_equations import BLOCK
+from layerprune.planning.job import plan_job
 from layerprune.models.shape import Job, shape_from_config
-from layerprune.hardware.devices import GiB, USABLE, Devices, parse_memory
+from layerprune.hardware.devices import GiB, USABLE, Devices, parse_memory, runtime_bytes
 
 runner = CliRunner()
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -68,8 +79,63 @@ def test_a_70b_on_one_gpu_needs_qlora_with_checkpointing_and_nothing_fits_a_smal
     shape = shape_from_config(LlamaConfig(**LLAMA_70B))
     job = Job(layers_kept=60, gradient_checkpointing=True)
     assert choose_heal(shape, job, Devices("cuda", 1, 80 * GiB)).settings["option"] == "qlora"
-    nothing = choose_heal(shape, job, Devices("cpu", 1, 16 * GiB))
+    nothing = choose_heal(shape, job, Devices("cpu", 1, 8 * GiB))
     assert nothing.settings["option"] == "layer-local" and not nothing.fits
+
+
+def test_a_70b_heals_layer_by_layer_within_24gb_and_every_streaming_stage_fits():
+    """Llama-3-70B with 16 layers removed on a 24 GB CPU: the replace heal's least-squares system is hidden x
+    hidden (it maps the MLP's output), solved in place; the embeddings' pass (1.05B params in fp32 beside their
+    bf16 copy) is the peak, above each step of the layer before a cut (its weights in fp32 with their bf16
+    copy, the system, the folded output projection). The teacher is streamed inside the heal, so there
+    is no separate teacher pass, whatever method was asked."""
+    shape = shape_from_config(LlamaConfig(**LLAMA_70B))
+    cpu = Devices("cpu", 1, 24 * GiB)
+    job = Job(layers_kept=64)
+    h, i = 8192, 28672
+    system = 2 * h * h * 8 + h * h * 4 + 3 * h * 1024 * 8
+    layer = max(shape.per_layer)
+    steps = [layer * 6, layer * 4 + max(system, 8 * 256 * (8 * h + 2 * i) * 4), layer * 4 + 2 * h * i * 4]
+    assert max(steps) < shape.embedding * 6  # the embeddings' pass is the peak at 70B (as measured)
+    heal = replace_streaming_bytes(shape, job, cpu)
+    assert heal == runtime_bytes(cpu) + shape.embedding * 6 + 64 * 256 * h * 4 * 3 < 8 * GiB
+    for teacher in (True, False):
+        stages = {s.stage: s for s in plan_memory(shape, job, cpu, teacher=teacher)}
+        assert "teacher pass" not in stages
+        assert stages["heal"].settings["option"] == "layer-local" and stages["heal"].fits
+        for name in ("score (streaming)", "prune (on disk)", "heal", "eval (streaming)"):
+            assert stages[name].fits and stages[name].bytes_per_device < 12 * GiB, name
+    assert not {s.stage: s for s in plan_memory(shape, job, cpu)}["eval"].fits  # in memory: 100+ GiB
+
+
+def test_an_8b_with_8_layers_removed_heals_with_lora_over_a_16bit_base_on_one_24gb_gpu(llama8b):
+    """The frozen base at 2 bytes per weight where the device computes bf16 natively (as LoRA now holds it),
+    adapters and AdamW states fp32; fp32 (and autocast's copies) where bf16 is emulated."""
+    job = Job(layers_kept=24)
+    kept = llama8b.params(24)
+    plan = choose_heal(llama8b, job, Devices("cuda", 1, 24 * GiB))
+    assert plan.settings["option"] == "lora" and plan.fits
+    assert "(2 B per weight)" in plan.detail and plan.detail.startswith(f"frozen weights {kept * 2 / GiB:.1f} GiB")
+    on_80 = heal_memory("lora", llama8b, job, Devices("cuda", 1, 80 * GiB))
+    assert on_80.bytes_per_device < 24 * GiB  # 43.6 GiB with the base in fp32
+    emulated = heal_memory("lora", llama8b, job, Devices("cpu", 1, 64 * GiB, bf16=False))
+    assert "(4 B per weight)" in emulated.detail
+    native_cpu = heal_memory("lora", llama8b, job, Devices("cpu", 1, 64 * GiB))
+    assert native_cpu.bytes_per_device >= kept * 4  # loaded in fp32 before the base is cast
+    fp32_checkpoint = heal_memory("lora", replace(llama8b, stored_bytes=4.0), job, Devices("cuda", 1, 80 * GiB))
+    assert "(4 B per weight)" in fp32_checkpoint.detail
+
+
+def test_the_plan_says_which_healing_each_common_card_takes(llama8b):
+    plan = plan_job(llama8b, 24, Devices("cuda", 1, 24 * GiB))
+    assert list(plan.heal_per_card) == ["24 GB", "48 GB", "80 GB"]
+    assert {card["option"] for card in plan.heal_per_card.values()} == {"lora"}
+    assert all(card["fits"] and card["peak_gib"] < 21.6 for card in plan.heal_per_card.values())
+    assert plan.to_json()["heal_per_card"]["24 GB"]["option"] == "lora"
+
+
+def test_the_plan_counts_the_solver_block_of_the_normal_equations():
+    assert NORMAL_EQUATIONS_BLOCK == BLOCK
 
 
 def test_the_teacher_pass_holds_teacher_and_student_and_eval_the_pruned_model(llama8b):
@@ -165,10 +231,12 @@ def test_finetune_heals_with_lora_when_full_weights_do_not_fit_and_refuses_befor
     assert not (tmp_path / "refused").exists()
 
 
-def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_dir):
+def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_dir, monkeypatch):
     from layerprune.selection.config import PruneConfig
     from layerprune.planning.job import announce_plan
 
+    # a machine where full weights fit: the default heal (distill) with its teacher pass, whatever runs the test
+    monkeypatch.setattr("layerprune.planning.job.this_machine", lambda: Devices("cpu", 1, 256 * GiB))
     LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")  # the config alone: no weights
     lines = []
     announce_plan(str(tmp_path / "llama-8b"), prune=PruneConfig(num_layers=8), log=lines.append)

@@ -62,5 +62,8 @@ def plan_command(
     choice = plan.heal
     console.print(f"healing: {choice['option']}" + ("" if choice["fits"] else " [red](does not fit: nothing does)[/]")
                   + f"; disk for the pruned and healed models: {plan.disk_bytes / 2**30:.1f} GiB")
+    cards = [f"{gb} {c['option']} ({c['peak_gib']:.1f} GiB)" if c["fits"] else f"{gb} [red]none fits[/]"
+             for gb, c in plan.heal_per_card.items()]
+    console.print("healing on one GPU of " + ", ".join(cards))
     if plan.gpus_for_full_heal:
         console.print(f"a full-weight heal needs {plan.gpus_for_full_heal} of these GPUs (FSDP)")

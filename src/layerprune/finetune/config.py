@@ -108,7 +108,8 @@ class HealConfig(StrictConfig):
     # runtime
     train_dtype: Literal["fp32", "auto"] = Field(
         "fp32", description="Weights while training: fp32 master weights (compute still uses `bf16`'s autocast) | auto "
-        "(the checkpoint's dtype).")
+        "(the checkpoint's dtype). LoRA's frozen base is held in the checkpoint's 16-bit dtype where healing computes "
+        "in it natively, whichever is set.")
     bf16: bool | Literal["auto"] = Field(
         "auto", description="bf16 autocast. auto: where the hardware computes bf16 natively (a GPU with bf16, a CPU "
         "with AVX512-BF16 or AMX), else fp32 on a CPU (emulated bf16 is many times slower) and fp16 on a GPU.")

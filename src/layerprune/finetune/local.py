@@ -19,6 +19,7 @@ from torch import nn
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.hidden_states import dropped_runs
 from layerprune.finetune.methods import heal_compute, register_method
+from layerprune.finetune.normal_equations import solve_normal_equations
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.decoder_calls import call_layer, hidden_of, layer_input
 from layerprune.models.surgery import kept_layers, provenance
@@ -174,7 +175,8 @@ def fit_cut(model: nn.Module, teacher: nn.Module, first: int, last: int, rows: l
 
 
 class LeastSquares:
-    """Accumulates, batch by batch, the normal equations of T in  M T = target - (layer output - M)  (fp64)."""
+    """Accumulates, batch by batch and in place, the normal equations of T in  M T = target - (layer output - M)
+    (fp64, hidden x hidden), and solves them in place by Cholesky (finetune/normal_equations.py)."""
 
     def __init__(self):
         self.gram = self.rhs = None
@@ -184,16 +186,17 @@ class LeastSquares:
         keep = mask.bool()
         m = mlp[keep].double()
         wanted = (target - (layer_output - mlp))[keep].double()
-        self.gram = m.T @ m if self.gram is None else self.gram + m.T @ m
-        self.rhs = m.T @ wanted if self.rhs is None else self.rhs + m.T @ wanted
+        if self.gram is None:
+            self.gram = m.new_zeros(m.shape[1], m.shape[1])
+            self.rhs = m.new_zeros(m.shape[1], wanted.shape[1])
+        self.gram.addmm_(m.T, m)  # no gram-sized temporary
+        self.rhs.addmm_(m.T, wanted)
         self.tokens += int(keep.sum())
 
     def solve(self) -> torch.Tensor:
-        """T, with a tiny ridge added to the diagonal in place (the gram matrix of an 8B model's MLP is 1.5 GiB
-        in fp64: no second copy)."""
-        gram = self.gram
-        gram.diagonal().add_(1e-9 * gram.diagonal().mean())
-        t = torch.linalg.solve(gram, self.rhs).float()
+        """T (fp32), with a tiny ridge (grown where the system is not numerically positive definite); the gram
+        matrix is factored in place and the right-hand side becomes the solution: no second copy of either."""
+        t = solve_normal_equations(self.gram, self.rhs).float()
         self.gram = self.rhs = None
         return t
 

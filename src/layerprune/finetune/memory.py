@@ -18,6 +18,9 @@ NF4_BYTES = 0.5625  # 4-bit values + one fp32 absmax per 64 (bitsandbytes, doubl
 HEAL_ORDER = ("full", "lora", "qlora", "layer-local")
 
 
+NORMAL_EQUATIONS_BLOCK = 1024  # finetune/normal_equations.py BLOCK (not imported: planning loads no torch)
+
+
 def training_activations(shape: ModelShape, job: Job, layers: int, value_bytes: int) -> int:
     tokens = job.batch * job.seq_len
     per_layer = (2 if job.gradient_checkpointing else 34) * shape.hidden * tokens * value_bytes // 2
@@ -37,6 +40,12 @@ def lora_dropout_activations(shape: ModelShape, job: Job, layers: int, value_byt
     tokens = job.batch * job.seq_len
     kept = 1 if job.gradient_checkpointing else layers
     return kept * tokens * sum(i for i, _ in shape.linear_dims) * value_bytes * 2
+
+
+def lora_base_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
+    """Bytes per frozen weight under LoRA: the checkpoint's 16-bit where the device computes 16-bit natively
+    (finetune/methods.py holds the base so: hardware/compute.py frozen_dtype), else train_dtype (fp32)."""
+    return 2 if devices.compute_bytes == 2 and shape.stored_bytes == 2 else job.train_dtype_bytes
 
 
 def lora_params(shape: ModelShape, layers: int, r: int) -> int:
@@ -59,32 +68,44 @@ def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> S
         return StageMemory("heal", runtime + states + autocast_copies(params, job, compute) // shards + acts, how,
                            settings={"adapter": "none", "fsdp": sharded})
     if option in ("lora", "qlora"):
-        frozen_bytes = NF4_BYTES if option == "qlora" else job.train_dtype_bytes
+        held = lora_base_bytes(shape, job, devices) if option == "lora" else job.train_dtype_bytes
+        frozen_bytes = NF4_BYTES if option == "qlora" else held
         trained = lora_params(shape, kept, job.lora_r)
-        frozen = round(shape.layer_params(kept) * frozen_bytes) + (shape.params(kept) - shape.layer_params(kept)) * \
-            job.train_dtype_bytes
-        copies = autocast_copies(params, job, compute) if option == "lora" else 0
-        how = f"frozen weights {frozen / GiB:.1f} GiB + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
-        return StageMemory("heal", runtime + frozen + trained * ADAM_BYTES + copies + acts +
-                           lora_dropout_activations(shape, job, kept, compute), how,
-                           settings={"method": option if option == "qlora" else None, "adapter": "lora"})
+        frozen = round(shape.layer_params(kept) * frozen_bytes) + (shape.params(kept) - shape.layer_params(kept)) * held
+        copies = params * compute if option == "lora" and compute < held else 0  # autocast's 16-bit copies
+        how = f"frozen weights {frozen / GiB:.1f} GiB" + (f" ({held} B per weight)" if option == "lora" else "") + \
+            f" + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
+        total = runtime + frozen + trained * ADAM_BYTES + copies + acts + lora_dropout_activations(shape, job, kept,
+                                                                                                   compute)
+        if devices.kind == "cpu":  # loaded in train_dtype before the base is cast (on a GPU: before it moves)
+            total = max(total, runtime + params * job.train_dtype_bytes)
+        return StageMemory("heal", total, how, settings={"method": option if option == "qlora" else None,
+                                                         "adapter": "lora"})
     # layer-local: `replace --streaming`, one layer at a time
     total = replace_streaming_bytes(shape, job, devices)
-    how = f"one layer in fp32 + its least-squares system ({shape.intermediate}^2 in fp64) + {job.rows} rows"
+    how = f"one layer in fp32 + its least-squares system ({shape.hidden}^2 in fp64) + {job.rows} rows"
     return StageMemory("heal", total, how, settings={"method": "replace", "streaming": True})
 
 
 def replace_streaming_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
-    """`finetune --method replace --streaming`: fp32 skeletons; the embeddings (first pass) or one layer (+ its
-    stored copy while read), the fp64 normal equations of the MLP's output map and the LU copy of the solve,
-    and the rows' hidden states of student and teacher."""
+    """`finetune --method replace --streaming`: fp32 skeletons, and the rows' hidden states of student and
+    teacher, beside the largest of: the embeddings (first pass) in fp32 with their stored copy while read; one
+    layer in fp32 with its stored copy while read; the layer before a cut in fp32 with one batch's activations
+    or its least-squares step, whichever is larger; that layer with its folded output projection. The map T
+    is hidden x hidden (it acts on the MLP's output): the normal equations in fp64 (gram and right-hand side,
+    solved in place by Cholesky: one block column of extra) and T in fp32; the fold makes the product, then
+    its copy is kept until written (one cut counted). Measured on a Llama-3-70B-shaped checkpoint: 6.42 GiB
+    against 6.41 planned (bench/scale_rehearsal.py)."""
     stored = shape.stored_bytes
     layer = max(shape.per_layer)
-    embedding = shape.embedding * (4 + stored)
-    system = 2 * shape.intermediate ** 2 * 8 + shape.intermediate * shape.hidden * 8
-    layer_step = layer * (4 + stored) + system
-    hidden = job.rows * job.seq_len * shape.hidden * 4 * 3  # student in/out + the teacher's stream at a cut
-    return int(runtime_bytes(devices) + max(embedding, layer_step) + hidden)
+    h = shape.hidden
+    system = 2 * h * h * 8 + h * h * 4 + 3 * h * NORMAL_EQUATIONS_BLOCK * 8
+    batch = min(job.rows, 8) * job.seq_len * (8 * h + 2 * shape.intermediate) * 4
+    folded = 2 * h * shape.intermediate * 4
+    weights = max(shape.embedding * (4 + stored), layer * (4 + stored), layer * 4 + max(system, batch),
+                  layer * 4 + folded)
+    hidden = job.rows * job.seq_len * h * 4 * 3  # student in/out + the teacher's stream at a cut
+    return int(runtime_bytes(devices) + weights + hidden)
 
 
 def choose_heal(shape: ModelShape, job: Job, devices: Devices, wanted: str = "auto") -> StageMemory:

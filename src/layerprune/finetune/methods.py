@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,9 +19,10 @@ from torch import nn
 from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.hidden_states import dropped_runs
-from layerprune.hardware.compute import compute_choice
+from layerprune.hardware.compute import compute_choice, frozen_dtype
 from layerprune.models.anatomy import get_anatomy
-from layerprune.models.model_config import trusts_remote_code
+from layerprune.models.dtypes import stored_dtype
+from layerprune.models.model_config import read_model_config, trusts_remote_code
 from layerprune.models.quantize import bnb_config, disable_cpu_repacking
 from layerprune.models.sublayer import removed_sublayers
 from layerprune.models.surgery import kept_layers, provenance, untie_embeddings
@@ -223,7 +225,10 @@ class Lora:
     def prepare(model, config, context):
         from peft import get_peft_model
 
-        return get_peft_model(model, _lora_config(config))
+        held = frozen_dtype(heal_compute(model, config), checkpoint_dtype(model))
+        peft_model = get_peft_model(model, _lora_config(config))  # adapters in fp32 (peft upcasts them)
+        hold_frozen_weights(peft_model, held)
+        return peft_model
 
     @staticmethod
     def finalize(model, config, context):
@@ -262,6 +267,28 @@ class QLora:
         full, context.full_precision = get_peft_model(context.full_precision, _lora_config(config)), None
         set_peft_model_state_dict(full, adapters)
         return _merge_adapters(full)
+
+
+def checkpoint_dtype(model) -> torch.dtype | None:
+    """The dtype the loaded model's checkpoint stores its weights in (its folder's config), or None for a model
+    built in memory or a folder whose config says nothing usable."""
+    folder = Path(str(getattr(model, "name_or_path", "") or ""))
+    if not str(folder) or not (folder / "config.json").is_file():
+        return None
+    try:
+        return stored_dtype(read_model_config(folder))
+    except LayerpruneError:
+        return None
+
+
+def hold_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen floating-point parameters (the base under an adapter) to `dtype`, one at a time (the
+    fp32 copy of each is freed as it goes); trainable parameters and buffers (rotary frequencies) stay."""
+    if dtype == torch.float32:
+        return
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
 
 
 def heal_compute(model, config):

@@ -102,6 +102,16 @@ def compute_choice(device: str | torch.device = "cpu", setting: bool | str | Non
     )
 
 
+def frozen_dtype(choice: ComputeChoice, stored: torch.dtype | None) -> torch.dtype:
+    """The dtype an adapter's frozen base weights are held in while it trains: the checkpoint's 16-bit dtype
+    where healing computes in that dtype (chosen where the device computes it natively, or asked for), as
+    peft/trl keep a bf16 base under LoRA; fp32 otherwise (an emulated half type, an fp32 checkpoint, or a
+    model whose stored dtype is unknown). The adapters and the optimizer state stay fp32 either way."""
+    if stored in (torch.bfloat16, torch.float16) and choice.mixed and choice.torch_dtype == stored:
+        return stored
+    return torch.float32
+
+
 def load_dtype(setting: str | torch.dtype, stored: torch.dtype | None, device: str = "cpu") -> tuple[str | torch.dtype, str | None]:
     """The dtype to load weights in for a command that computes with them: `setting` unless it is "auto"
     and the weights are stored in a half type this device only emulates; then fp32, with the reason."""

@@ -10,14 +10,14 @@ stage estimates of the job itself (`run`, `finetune`) are measured on the loaded
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from layerprune.common.units import format_seconds
 from layerprune.errors import LayerpruneError
 from layerprune.evaluation.config import EvalConfig
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
-from layerprune.finetune.memory import gpus_for_full_heal
+from layerprune.finetune.memory import choose_heal, gpus_for_full_heal
 from layerprune.hardware.devices import Devices, GiB, device_flops, this_machine
 from layerprune.hardware.speed import Speed
 from layerprune.models.shape import Job, ModelShape, model_shape
@@ -39,9 +39,23 @@ class JobPlan:
     heal: dict
     gpus_for_full_heal: int | None
     disk_bytes: int
+    heal_per_card: dict = field(default_factory=dict)  # "24 GB": the healing that one such GPU takes
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+CARDS_GB = (24, 48, 80)  # common GPU memories
+
+
+def heal_per_card(shape: ModelShape, job: Job, wanted: str) -> dict:
+    """{"24 GB": {option, fits, peak_gib}, ...}: the healing one GPU of each common size takes."""
+    cards = {}
+    for gb in CARDS_GB:
+        chosen = choose_heal(shape, job, Devices("cuda", 1, gb * GiB), wanted)
+        cards[f"{gb} GB"] = {"option": chosen.settings.get("option"), "fits": chosen.fits,
+                             "peak_gib": round(chosen.bytes_per_device / GiB, 2)}
+    return cards
 
 
 def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *, adapter: str = "auto", prune=None,
@@ -83,6 +97,8 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
     if heal.method == "distill" and heal.distill_top_k is not None and heal.max_steps > 0:
         rows = heal.max_steps * (heal.effective_batch_size or heal.batch_size)
         seconds["teacher pass"] = rows * heal.max_length * speed.forward
+    if any(stage.settings.get("option") == "layer-local" for stage in stages):  # auto fell back to replace
+        seconds["heal"] = seconds["heal (streaming)"]
     rows = []
     for stage in stages:
         rows.append({"stage": stage.stage, "peak_gib": round(stage.bytes_per_device / GiB, 2), "fits": stage.fits,
@@ -94,7 +110,8 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
                    params=shape.params(), params_kept=shape.params(layers_kept), stages=rows,
                    heal={"option": heal_row.settings.get("option"), "fits": heal_row.fits, **heal_row.settings},
                    gpus_for_full_heal=full_gpus,
-                   disk_bytes=round(shape.params(layers_kept) * shape.stored_bytes * (2 if heal else 1)))
+                   disk_bytes=round(shape.params(layers_kept) * shape.stored_bytes * (2 if heal else 1)),
+                   heal_per_card=heal_per_card(shape, job, wanted))
 
 
 def plan_lines(plan: JobPlan) -> list[str]:

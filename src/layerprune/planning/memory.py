@@ -62,8 +62,9 @@ def stream_eval_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
 
 def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto", teacher: bool = True
                 ) -> list[StageMemory]:
-    """Peak bytes per device of each stage: score, prune, teacher pass, heal, eval, and the layer-by-layer
-    variants of score, heal (replace) and eval."""
+    """Peak bytes per device of each stage: score, prune, teacher pass (none where the healing chosen is
+    layer-local: it streams the teacher inside its own peak), heal, eval, and the layer-by-layer variants of
+    score, heal (replace) and eval."""
     compute = devices.compute_bytes
     full, kept = shape.params(), shape.params(job.layers_kept)
     infer = inference_activations(shape, job, compute)
@@ -77,11 +78,11 @@ def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto
                     "one layer or the embeddings + every calibration row's hidden state"),
         StageMemory("prune (on disk)", runtime, "tensors copied file to file by the kernel (never in memory)"),
     ]
-    if teacher:
+    chosen = choose_heal(shape, job, devices, heal)
+    if teacher and chosen.settings.get("option") != "layer-local":  # layer-local streams the teacher itself
         both = (full + kept) * job.train_dtype_bytes // per_device
         stages.append(StageMemory("teacher pass", runtime + both + infer,
                                   "the unpruned teacher beside the student; the teacher is freed before training"))
-    chosen = choose_heal(shape, job, devices, heal)
     stages.append(chosen)
     if chosen.settings.get("option") != "layer-local":  # the layer-by-layer alternative
         stages.append(StageMemory("heal (streaming)", replace_streaming_bytes(shape, job, devices),
