@@ -12,19 +12,13 @@ from torch import nn
 from layerprune.errors import LayerpruneError
 from layerprune.importance.experts.registry import ExpertScores, compute_expert_scores, get_expert_metric
 from layerprune.models.experts.anatomy import expert_count, expert_groups
+from layerprune.selection.ranking import count_or_share
 
 
 def experts_to_drop(n_experts: int, top_k: int, *, num_experts: int | None = None, ratio: float | None = None,
                     groups: int = 1) -> int:
     """How many experts each MoE layer loses: `num_experts`, or `ratio` of the current ones (rounded)."""
-    if (num_experts is None) == (ratio is None):
-        raise LayerpruneError("give exactly one of a number of experts to remove per layer or an expert ratio")
-    if ratio is not None:
-        if not 0 < ratio < 1:
-            raise LayerpruneError(f"expert ratio must be between 0 and 1 (exclusive), got {ratio}")
-        num_experts = round(n_experts * ratio)
-    if num_experts < 1:
-        raise LayerpruneError(f"nothing to remove: {num_experts} experts per layer requested of {n_experts}")
+    num_experts = count_or_share(n_experts, num_experts, ratio, what="experts to remove", ratio_name="an expert ratio")
     if n_experts - num_experts < top_k:
         raise LayerpruneError(f"cannot remove {num_experts} of {n_experts} experts per layer: the router chooses "
                               f"num_experts_per_tok={top_k}, so at least {top_k} must stay")

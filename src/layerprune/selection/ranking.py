@@ -19,16 +19,24 @@ class Selection:
         return asdict(self)
 
 
-def count_to_drop(n_layers: int, *, num_layers: int | None = None, ratio: float | None = None) -> int:
-    """How many layers to drop, given a count or a ratio of the current layers (rounded to nearest)."""
-    if (num_layers is None) == (ratio is None):
-        raise LayerpruneError("give exactly one of a number of layers to drop or a ratio")
+def count_or_share(total: int, count: int | None, ratio: float | None, *, what: str, ratio_name: str = "a ratio"
+                   ) -> int:
+    """`count`, or `ratio` of `total` rounded to nearest: exactly one given, the ratio inside (0, 1), at least one.
+    what / ratio_name: how the messages name the count ("layers to drop") and the ratio ("a ratio")."""
+    if (count is None) == (ratio is None):
+        raise LayerpruneError(f"give exactly one of a number of {what} or {ratio_name}")
     if ratio is not None:
         if not 0 < ratio < 1:
-            raise LayerpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
-        num_layers = round(n_layers * ratio)
-    if num_layers < 1:
-        raise LayerpruneError(f"nothing to drop: {num_layers} layers requested")
+            raise LayerpruneError(f"{ratio_name.split(' ', 1)[-1]} must be between 0 and 1 (exclusive), got {ratio}")
+        count = round(total * ratio)
+    if count < 1:
+        raise LayerpruneError(f"nothing to {what.rsplit(' ', 1)[-1]}: {count} {what.split(' ')[0]} requested")
+    return count
+
+
+def count_to_drop(n_layers: int, *, num_layers: int | None = None, ratio: float | None = None) -> int:
+    """How many layers to drop, given a count or a ratio of the current layers (rounded to nearest)."""
+    num_layers = count_or_share(n_layers, num_layers, ratio, what="layers to drop", ratio_name="a ratio")
     if num_layers >= n_layers:
         raise LayerpruneError(f"cannot drop {num_layers} of {n_layers} layers; at least one must stay")
     return num_layers
