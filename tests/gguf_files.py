@@ -3,6 +3,7 @@ Q8_0 matrices, F32 norms and biases, a tiny byte-level BPE tokenizer that transf
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,21 @@ def block_tensors(arch: str, rng) -> dict[str, tuple[np.ndarray, bool]]:
     return found
 
 
+def add_tensor(writer, name: str, values: np.ndarray, quantized: bool) -> None:
+    """Write one tensor, as Q8_0 blocks when `quantized` (the quantized type every test file uses)."""
+    import gguf
+    from gguf.quants import quantize
+
+    if quantized:
+        writer.add_tensor(name, quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        writer.add_tensor(name, values)
+
+
 def write_gguf(path: str | Path, arch: str, *, n_blocks: int = N_BLOCKS, seed: int = 0, extra_metadata=None) -> Path:
     """A random model of `arch` as a GGUF file; extra_metadata: {key: (value, GGUFValueType, sub_type)}."""
     import gguf
-    from gguf.quants import quantize
 
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -88,12 +100,7 @@ def write_gguf(path: str | Path, arch: str, *, n_blocks: int = N_BLOCKS, seed: i
     for key, (value, kind, sub) in (extra_metadata or {}).items():
         writer.add_key_value(key, value, kind, sub_type=sub)
 
-    def add(name, values, quantized):
-        if quantized:
-            writer.add_tensor(name, quantize(values, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, values)
+    add = functools.partial(add_tensor, writer)
 
     add("token_embd.weight", rng.standard_normal((vocab, HIDDEN)).astype(np.float32) * 0.1, True)
     for block in range(n_blocks):
@@ -143,7 +150,6 @@ def write_moe_gguf(path: str | Path, arch: str, *, n_blocks: int = 3, seed: int 
     """A random MoE model of `arch` (qwen2moe, qwen3moe, llama) as a Q8_0 GGUF file. experts: {block: the
     experts it keeps} (default all); blocks: the blocks written (default all): a cut's exact reference."""
     import gguf
-    from gguf.quants import quantize
 
     rng = np.random.default_rng(seed)
     kept_blocks = list(range(n_blocks)) if blocks is None else blocks
@@ -172,12 +178,7 @@ def write_moe_gguf(path: str | Path, arch: str, *, n_blocks: int = 3, seed: int 
     vocab = tokenizer_fields(writer)
     writer.add_vocab_size(vocab)
 
-    def add(name, values, quantized):
-        if quantized:
-            writer.add_tensor(name, quantize(values, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, values)
+    add = functools.partial(add_tensor, writer)
 
     add("token_embd.weight", rng.standard_normal((vocab, HIDDEN)).astype(np.float32) * 0.1, True)
     for block in range(n_blocks):
