@@ -19,13 +19,13 @@ from layerprune.finetune.fit import fit_heal
 from layerprune.finetune.hidden_states import cut_pairs
 from layerprune.finetune.methods import get_method
 from layerprune.finetune.streaming_local import stream_heal
+from layerprune.finetune.teacher_checks import check_teacher, check_vocab_sizes
 from layerprune.finetune.teacher_first import (
     distills_from_cache,
     examples_needed,
     targets_before_student,
     teacher_placement,
 )
-from layerprune.finetune.teacher_checks import check_teacher
 from layerprune.finetune.teacher_responses import answered_by_teacher
 from layerprune.finetune.trainer import heal, write_loss_curve
 from layerprune.models.anatomy import parameter_bytes
@@ -115,7 +115,7 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
                 prepared = prepare_training_rows(config, tokenizer, load_teacher=load_teacher, log=log)
                 spent = time.perf_counter() - start
                 if streamed:
-                    _check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
+                    check_vocab_sizes(_vocab_size(student_config), _vocab_size(read_model_config(teacher_folder)),
                                        teacher_ref)
                 pairs = cut_pairs(record["dropped_layers"], record["kept_layers"]) \
                     if config.hidden_weight and not streamed else []  # a streamed teacher gives logits only
@@ -134,7 +134,7 @@ def _teacher_loader(student_vocab: int, teacher_ref: str, dtype: str):
     cached (nothing else holds it), so training peaks at the student alone."""
     def load_teacher():
         teacher = load_model(teacher_ref, dtype=dtype, load_tokenizer=False).model
-        _check_vocab_sizes(student_vocab, teacher.get_output_embeddings().weight.shape[0], teacher_ref)
+        check_vocab_sizes(student_vocab, teacher.get_output_embeddings().weight.shape[0], teacher_ref)
         return teacher
 
     return load_teacher
@@ -170,14 +170,6 @@ def heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool):
     rewrite_checkpoint(student, out, replaced, overwrite=overwrite, provenance={**record, "history": history},
                        record_extra={"heal": heal_record}, files={"heal.json": heal_record}, inputs=[teacher_ref])
     return None, Path(out)
-
-
-def _check_vocab_sizes(student: int, teacher: int, teacher_ref: str) -> None:
-    """Distillation matches logits token by token: a teacher of another vocabulary cannot teach."""
-    if student != teacher:
-        raise LayerpruneError(f"the teacher {teacher_ref} has a vocabulary of {teacher:,} tokens and the model "
-                              f"{student:,}: distillation needs the same tokenizer; use the unpruned original as "
-                              "the teacher")
 
 
 def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = False) -> Path:

@@ -40,3 +40,11 @@ def check_teacher(student_config, student_tokenizer, teacher_ref: str, config: H
             f"the teacher {teacher_ref} has another tokenizer than the model: token {token!r} is id "
             f"{theirs.get(token, 'absent')} there and {ours.get(token, 'absent')} here; distillation compares "
             "them id by id, so use the unpruned original as the teacher")
+
+
+def check_vocab_sizes(student: int, teacher: int, teacher_ref: str) -> None:
+    """Distillation matches logits token by token: a teacher of another vocabulary cannot teach."""
+    if student != teacher:
+        raise LayerpruneError(f"the teacher {teacher_ref} has a vocabulary of {teacher:,} tokens and the model "
+                              f"{student:,}: distillation needs the same tokenizer; use the unpruned original as "
+                              "the teacher")
