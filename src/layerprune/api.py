@@ -429,6 +429,7 @@ def evaluate_model(
     device_map: str | None = None,
     load_in: str | None = None,
     overwrite: bool = False,
+    estimate: bool = True,
     log=print,
     **fields,
 ) -> EvalResult:
@@ -437,7 +438,8 @@ def evaluate_model(
 
     reference: the unpruned model in memory, for instruction following (else config.reference or the
     model's provenance source is loaded). streaming: perplexity with one decoder layer in memory at a time
-    (chosen by itself when only perplexity is asked and the weights do not fit in memory)."""
+    (chosen by itself when only perplexity is asked and the weights do not fit in memory). estimate: time a
+    forward first and say how long the evaluation will take (a run has its stage estimates already)."""
     config = as_config(EvalConfig, config, **fields)
     if out is not None:
         check_output_dir(out, overwrite, inputs=[model if isinstance(model, str) else None, config.tasks,
@@ -455,10 +457,10 @@ def evaluate_model(
             log("streaming: one decoder layer in memory at a time (perplexity only)")
         else:
             loaded = load_model(model, dtype=dtype, device_map=device_map, load_in=load_in, for_compute=True)
-    estimate = None if streaming else eval_seconds(config, measure_speed(loaded.model))
-    with announced("evaluation", estimate, log):
+    seconds = eval_seconds(config, measure_speed(loaded.model)) if estimate and not streaming else None
+    with announced("evaluation", seconds, log) if estimate else contextlib.nullcontext():
         result = run_eval(loaded, plan, streaming=streaming, reference=reference)
-    result.estimate_s = estimate
+    result.estimate_s = seconds
     if out is not None:
         write_eval(out, result, plan, overwrite=overwrite)
     return result

@@ -74,7 +74,9 @@ def evaluate(run: Run, name: str, loaded: LoadedModel, key: dict | None = None, 
         return read_json(out / "eval.json")
     run.log(f"evaluating {name}")
     # reference: the original, which instruction following compares with
-    result = evaluate_model(loaded, run.config.eval, out=out, reference=reference, overwrite=True, log=run.log)
+    # the run's plan estimated this stage already: no second timed forward
+    result = evaluate_model(loaded, run.config.eval, out=out, reference=reference, overwrite=True, estimate=False,
+                            log=run.log)
     run.expose(name, out)
     return result.record
 
