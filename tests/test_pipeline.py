@@ -117,7 +117,6 @@ def test_interrupted_iterative_run_resumes_from_its_last_round(workspace, monkey
         ({"prune": {"metric": "reverse-order", "strategy": "iterative", "schedule": "1:3:8"}}, "multiple of the step"),
         ({"heal": [{"method": "partial", "learning_rate": 0}]}, "heal.0.learning_rate"),
         ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
-        ({"prune": {"expert_ratio": 0.25}}, "prune: expert_ratio / num_experts are not supported in a YAML run"),
     ],
 )
 def test_config_errors_name_the_key(workspace, overrides, message):

@@ -57,7 +57,6 @@ from layerprune.models.anatomy import count_parameters
 from layerprune.models.builtin import builtin_gguf_path
 from layerprune.models.checkpoint import prune_checkpoint
 from layerprune.models.experts.anatomy import moe_layers
-from layerprune.models.experts.surgery import remove_experts
 from layerprune.models.gguf_file import layout, prune_gguf
 from layerprune.models.loading import LoadedModel, load_model, model_folder, resolve_model_ref
 from layerprune.models.memory_policy import on_disk_folder, too_big_to_load
@@ -71,7 +70,7 @@ from layerprune.planning import job as job_plans
 from layerprune.planning.estimate import eval_seconds
 from layerprune.planning.run_time import choose_seconds
 from layerprune.selection.config import PruneConfig, ScoreConfig
-from layerprune.selection.experts import choose_experts
+from layerprune.selection.experts import prune_experts
 from layerprune.selection.objectives import objective_validation
 from layerprune.selection.ranking import count_to_drop
 from layerprune.selection.scores import (
@@ -275,7 +274,7 @@ def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal
             loaded, config.calibration, validation=True))
     samples_before = _samples(loaded, prompts, max_new_tokens)
     if not config.prunes_layers:  # experts alone
-        how = {"dropped": [], "chosen_by": "none", "experts": _prune_experts(loaded.model, config, calibration, log)}
+        how = {"dropped": [], "chosen_by": "none", "experts": prune_experts(loaded.model, config, calibration, log)}
         return how, [how], (samples_before, _samples(loaded, prompts, max_new_tokens))
 
     def select(number: int, current, n_drop: int | None) -> dict:
@@ -295,26 +294,8 @@ def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal
     else:
         how = records[0]
     if config.prunes_experts:  # then experts, scored on the model that remains
-        how = {**how, "experts": _prune_experts(loaded.model, config, calibration, log)}
+        how = {**how, "experts": prune_experts(loaded.model, config, calibration, log)}
     return how, records, (samples_before, _samples(loaded, prompts, max_new_tokens))
-
-
-def _prune_experts(model, config: PruneConfig, calibration, log) -> dict:
-    """Choose and remove the experts of every MoE layer (config.expert_ratio / num_experts / drop_experts);
-    the record."""
-    if config.drop_experts is not None:
-        drop = config.drop_experts
-        per_layer = {len(experts) for experts in drop.values()}
-        remove_experts(model, drop, how={"chosen_by": "explicit"})
-        return {"dropped": {str(layer): sorted(experts) for layer, experts in drop.items()}, "chosen_by": "explicit",
-                "experts_per_layer": max(per_layer)}
-    drop, how = choose_experts(model, calibration, metric=config.expert_metric, num_experts=config.num_experts,
-                               ratio=config.expert_ratio, params={"seed": config.calibration.seed}
-                               if config.expert_metric == "random" else None)
-    remove_experts(model, drop, how={"chosen_by": config.expert_metric})
-    log(f"removed {how['experts_per_layer']} experts from each of {len(drop)} MoE layers (chosen by "
-        f"{config.expert_metric})")
-    return {"dropped": {str(layer): experts for layer, experts in drop.items()}, **how}
 
 
 def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "auto") -> Path | None:

@@ -72,14 +72,6 @@ class RunConfig(StrictConfig):
     def _one_or_many(cls, value):
         return [value] if isinstance(value, dict) else value
 
-    @field_validator("prune")
-    @classmethod
-    def _layers_only(cls, value: PruneConfig) -> PruneConfig:
-        if value.prunes_experts:  # the run's prune stage (runs/steps.py) chooses and caches layers only
-            raise ValueError("expert_ratio / num_experts are not supported in a YAML run yet; remove experts with "
-                             "`layerprune prune --expert-ratio` (or api.prune_model), then run on its output")
-        return value
-
 
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file that must hold a mapping; one LayerpruneError otherwise."""

@@ -17,12 +17,15 @@ from layerprune.api import evaluate_model
 from layerprune.benchmark import benchmark, write_outputs
 from layerprune.config import RunConfig
 from layerprune.data.calibration import VALIDATION_SEED_OFFSET
+from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import atomic_output_dir, is_main_process, read_json, write_json
 from layerprune.files.work_dirs import claim_work_dir, remove_work_dir, removed_unless_used
 from layerprune.finetune.stage import heal_model_ref, write_healed
 from layerprune.importance import LayerScores, compute_many, get_metric
+from layerprune.importance.experts.registry import get_expert_metric
 from layerprune.importance.scores_file import read_scores_json, write_scores_json
 from layerprune.models.checkpoint import prune_checkpoint
+from layerprune.models.experts.surgery import remove_experts
 from layerprune.models.loading import LoadedModel, model_folder, resolve_model_ref
 from layerprune.models.memory_policy import too_big_to_load
 from layerprune.models.saving import save_model
@@ -30,6 +33,7 @@ from layerprune.report.rebuild import write_run_report
 from layerprune.runs.planner import base_settings, heal_settings, prune_settings, run_inputs, work_dir_name
 from layerprune.runs.stages import Stage
 from layerprune.selection.curve import curve_for_loaded, write_curve_files
+from layerprune.selection.experts import prune_experts
 from layerprune.selection.objectives import objective_validation
 from layerprune.selection.strategies import PruneHooks, history_entry, iterative_rounds, prune
 from layerprune.selection.strategies import choose as choose_drop_set
@@ -99,6 +103,9 @@ def prune_step(run: Run, stage: Stage) -> None:
     folder = on_disk_source(run)
     if pruned_dir.is_dir():
         run.log("pruned model exists: skipping score/select/prune")
+    elif folder is not None and run.config.prune.prunes_experts:
+        raise LayerpruneError("a run removes experts from the model in memory, and this one does not fit twice; "
+                              "remove them with `layerprune prune --no-load --drop-experts ...`, then run on its output")
     elif folder is not None:
         record = read_json(selection, missing_ok=True) or choose(run, run.original)
         prune_checkpoint(folder, record["dropped"], pruned_dir, overwrite=True, how=history_entry(record),
@@ -107,21 +114,40 @@ def prune_step(run: Run, stage: Stage) -> None:
         run.log(f"pruned original layers {record['dropped']} ({record['chosen_by']}) on disk")
     else:
         pruned = run.load(run.config.model, saved=True)
+        config = run.config.prune
 
         def select(number, model, n_drop):
-            return read_json(selection, missing_ok=True) or choose(run, run.original)
+            cached = read_json(selection, missing_ok=True)
+            if cached is not None:
+                return cached
+            return choose(run, run.original) if config.prunes_layers else {"dropped": [], "chosen_by": "none"}
 
         def saved(number, model, record):
+            if config.prunes_experts:  # after the layers: experts scored on the model that remains
+                record = {**record, "experts": experts_step(run, model, pruned.tokenizer, record.get("experts"))}
             write_json(selection, record)  # only once it applied: a selection that fails must not be reused
             save_model(model, pruned.tokenizer, pruned_dir, overwrite=True, extra={"selection": record})
             granularity = run.config.prune.granularity  # block, or attention/MLP only (models/sublayer.py)
             what = "pruned" if granularity == "block" else f"removed the {granularity} of"
-            run.log(f"{what} original layers {record['dropped']} ({record['chosen_by']})")
+            if record["dropped"]:
+                run.log(f"{what} original layers {record['dropped']} ({record['chosen_by']})")
 
         prune(pruned.model, run.config.prune, PruneHooks(select=select, saved=saved), log=run.log)
     run.expose("selection.json", selection)
     run.expose("pruned", pruned_dir)
     run.current = str(run.path("pruned"))
+
+
+def experts_step(run: Run, model, tokenizer, cached: dict | None) -> dict:
+    """Remove the experts the run's prune config asks for (selection/experts.py), or those a cached selection
+    recorded; the record."""
+    if cached is not None:
+        remove_experts(model, {int(layer): experts for layer, experts in cached["dropped"].items()},
+                       how={"chosen_by": cached["chosen_by"]})
+        return cached
+    config = run.config.prune
+    reads_text = config.drop_experts is None and get_expert_metric(config.expert_metric).needs_calibration
+    return prune_experts(model, config, run.calibration(tokenizer) if reads_text else None, run.log)
 
 
 def on_disk_source(run: Run) -> Path | None:

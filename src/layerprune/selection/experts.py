@@ -2,7 +2,8 @@
 
 Every supported config holds one expert count for all MoE layers, so a budget is a count per layer (a ratio
 of the current experts, rounded to nearest). Group-limited routing (DeepSeek) takes as many from every group
-of consecutive experts. Pure over ExpertScores; `choose_experts` scores the model first.
+of consecutive experts. Pure over ExpertScores; `choose_experts` scores the model first, `prune_experts`
+chooses and removes (the one expert step of the API, the CLI and runs).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 from layerprune.errors import LayerpruneError
 from layerprune.importance.experts.registry import ExpertScores, compute_expert_scores, get_expert_metric
 from layerprune.models.experts.anatomy import expert_count, expert_groups
+from layerprune.models.experts.surgery import remove_experts
 from layerprune.selection.ranking import count_or_share
 
 
@@ -54,3 +56,21 @@ def choose_experts(model: nn.Module, calibration, *, metric: str, num_experts: i
     drop = lowest_experts(scores, n_drop, groups)
     how = {"chosen_by": metric, "experts_per_layer": n_drop, "scores": scores.to_json()}
     return drop, how
+
+
+def prune_experts(model: nn.Module, config, calibration, log=print) -> dict:
+    """Choose and remove the experts of every MoE layer (a PruneConfig's expert_ratio / num_experts /
+    drop_experts), in place; the record the provenance and selection.json keep."""
+    if config.drop_experts is not None:
+        drop = config.drop_experts
+        per_layer = {len(experts) for experts in drop.values()}
+        remove_experts(model, drop, how={"chosen_by": "explicit"})
+        return {"dropped": {str(layer): sorted(experts) for layer, experts in drop.items()}, "chosen_by": "explicit",
+                "experts_per_layer": max(per_layer)}
+    drop, how = choose_experts(model, calibration, metric=config.expert_metric, num_experts=config.num_experts,
+                               ratio=config.expert_ratio, params={"seed": config.calibration.seed}
+                               if config.expert_metric == "random" else None)
+    remove_experts(model, drop, how={"chosen_by": config.expert_metric})
+    log(f"removed {how['experts_per_layer']} experts from each of {len(drop)} MoE layers (chosen by "
+        f"{config.expert_metric})")
+    return {"dropped": {str(layer): experts for layer, experts in drop.items()}, **how}
