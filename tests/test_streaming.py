@@ -112,13 +112,10 @@ def test_metrics_that_need_the_whole_model_are_refused(metric, fragment, tmp_pat
         stream_scores(tmp_path, calibration(), [metric])
 
 
-def test_missing_calibration_and_converted_checkpoints_are_refused(tmp_path):
+def test_missing_calibration_is_refused(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "llama")
     with pytest.raises(LayerpruneError, match="needs calibration data"):
         stream_scores(tmp_path / "llama", None, ["block-influence"])
-    tiny_model("mixtral").save_pretrained(tmp_path / "moe")  # experts are stored unfused, loaded fused
-    with pytest.raises(LayerpruneError, match="scored in memory"):
-        stream_scores(tmp_path / "moe", None, ["magnitude-l1"])
 
 
 @pytest.mark.integration

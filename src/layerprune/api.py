@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,7 +51,8 @@ from layerprune.finetune.stage import (  # noqa: F401  (prepare_training_rows: p
 from layerprune.hardware.devices import Devices, parse_memory, this_machine
 from layerprune.hardware.speed import announced, measure_speed
 from layerprune.importance import compute_many, get_metric
-from layerprune.importance.experts.registry import get_expert_metric
+from layerprune.importance.experts.registry import compute_expert_scores, expert_scores_markdown, get_expert_metric
+from layerprune.importance.experts.streaming import stream_expert_scores
 from layerprune.importance.streaming import load_skeleton, stream_scores
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.builtin import builtin_gguf_path
@@ -104,6 +105,7 @@ class ScoreResult:
     selections: dict  # metric -> selection.Selection: the layers it would drop
     stability: dict | None = None  # the calibration-stability study, when asked for
     out: Path | None = None
+    experts: dict = field(default_factory=dict)  # expert metric -> ExpertScores (mixture-of-experts models)
 
 
 def score_model(
@@ -128,22 +130,31 @@ def score_model(
         check_output_dir(out, overwrite, inputs=[model_ref, c.source, *(config.stability.sources
                                                                          if config.stability else [])])
     loaded = _load_for_scores(model_ref, config, dtype, device_map)
+    if not config.metrics and not config.expert_metrics:
+        raise LayerpruneError("nothing to score: metric none needs expert metrics (--expert-metric)")
+    if config.expert_metrics:
+        moe_layers(loaded.model)  # a dense model fails before any text is read
     n_layers = len(kept_layers(loaded.model))
-    n_drop = config.n_drop(n_layers)
-    requests = metric_requests(config.metrics, n_layers, seed=c.seed, block_size=config.block_size or n_drop)
+    n_drop = config.n_drop(n_layers) if config.metrics else 0
+    requests = metric_requests(config.metrics, n_layers, seed=c.seed, block_size=config.block_size or n_drop or 1)
     calibration = None
-    if any(get_metric(n).needs_calibration for n in config.metrics):
+    if any(get_metric(n).needs_calibration for n in config.metrics) or \
+            any(get_expert_metric(n).needs_calibration for n in config.expert_metrics):
         if loaded.tokenizer is None:
             raise LayerpruneError(f"{model_ref} has no tokenizer, so calibration text cannot be encoded")
         calibration = load_calibration(loaded.tokenizer, c.source, n_samples=c.n_samples, seq_len=c.seq_len,
                                        seed=c.seed, field=c.field)
-    log(f"scoring {n_layers} layers with {', '.join(config.metrics)}"
-        + (f" on {calibration.description}" if calibration else ""))
-    if config.streaming:
-        scores = stream_scores(loaded.path, calibration, requests, dtype=dtype)
-    else:
-        scores = compute_many(loaded.model, requests, calibration)
-    result = ScoreResult(scores, select_for_each(scores, n_drop))
+    scores = {}
+    if config.metrics:
+        log(f"scoring {n_layers} layers with {', '.join(config.metrics)}"
+            + (f" on {calibration.description}" if calibration else ""))
+        if config.streaming:
+            scores = stream_scores(loaded.path, calibration, requests, dtype=dtype)
+        else:
+            scores = compute_many(loaded.model, requests, calibration)
+    result = ScoreResult(scores, select_for_each(scores, n_drop) if scores else {})
+    if config.expert_metrics:
+        result.experts = _expert_scores(loaded, config, calibration, dtype, log)
     if config.stability is not None:
         st = config.stability
         result.stability = stability_study(loaded.model, loaded.tokenizer, config.metrics, sources=st.sources,
@@ -154,17 +165,32 @@ def score_model(
     return result
 
 
+def _expert_scores(loaded, config: ScoreConfig, calibration, dtype: str, log) -> dict:
+    """{expert metric: ExpertScores} of a loaded model, or one layer at a time with streaming."""
+    requests = {name: {"seed": config.calibration.seed} if name == "random" else {} for name in config.expert_metrics}
+    log(f"scoring the experts with {', '.join(requests)}" + (f" on {calibration.description}" if calibration else "")
+        + (" (one layer at a time)" if config.streaming else ""))
+    if config.streaming:
+        return stream_expert_scores(loaded.path, requests, calibration, dtype=dtype)
+    return compute_expert_scores(loaded.model, requests, calibration)
+
+
 def _load_for_scores(model_ref: str, config: ScoreConfig, dtype: str, device_map):
     if not config.streaming:
         return load_model(model_ref, dtype=dtype, device_map=device_map, for_compute=True)
     if device_map is not None:
         raise LayerpruneError("streaming scores one layer at a time on the CPU; device_map needs the loaded model")
-    return load_skeleton(model_ref, dtype=dtype, metrics=config.metrics)  # weights stay on disk
+    return load_skeleton(model_ref, dtype=dtype, metrics=config.metrics or None)  # weights stay on disk
 
 
 def _write_scores(out: str, result: ScoreResult, model_ref: str, overwrite: bool) -> Path:
     with atomic_output_dir(out, overwrite) as tmp:
-        write_score_files(Path(tmp), result.scores, result.selections, model_ref)
+        if result.scores:
+            write_score_files(Path(tmp), result.scores, result.selections, model_ref)
+        if result.experts:
+            write_json(Path(tmp) / "expert_scores.json",
+                       {"model": model_ref, "metrics": {n: s.to_json() for n, s in result.experts.items()}})
+            (Path(tmp) / "expert_scores.md").write_text(expert_scores_markdown(result.experts))
         if result.stability is not None:
             write_json(Path(tmp) / "stability.json", result.stability)
             (Path(tmp) / "stability.md").write_text(stability_markdown(result.stability))

@@ -37,6 +37,7 @@ def score(
     num_layers: Optional[int] = config_option(S, "num_layers", "--num-layers", "-n"),
     ratio: Optional[float] = config_option(S, "ratio"),
     streaming: Optional[bool] = config_option(S, "streaming", "--streaming"),
+    expert_metric: Optional[str] = config_option(S, "expert_metric"),
     dtype: str = typer.Option(DEFAULT_DTYPE, help="auto | bf16 | fp16 | fp32"),
     trust_remote_code: bool = trust_remote_code_option(),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over devices (accelerate)."),
@@ -45,6 +46,7 @@ def score(
     """Score every layer with one or more importance metrics; write files and plots."""
     # start-up: `layerprune --help` loads no torch (cli/__init__.py)
     from layerprune.api import score_model
+    from layerprune.importance.experts.registry import expert_scores_markdown
     from layerprune.selection.scores import stability_markdown
 
     sources = comma_list(calib) if calib is not None else [C().source]
@@ -64,11 +66,16 @@ def score(
         task = bar.add_task("stability study", total=len(sources) * len(sample_counts) * seeds)
         result = score_model(model, out=out, config=config, dtype=dtype, device_map=device_map, overwrite=overwrite,
                              progress=lambda: bar.advance(task), log=console.print)
-    _print_scores(result.scores, result.selections)
+    if result.scores:
+        _print_scores(result.scores, result.selections)
+    if result.experts:
+        console.print(expert_scores_markdown(result.experts), highlight=False)
     if result.stability is not None:
         console.print(stability_markdown(result.stability))
-    console.print(f"wrote scores.json/csv/md and plots{', stability.json/md' if result.stability else ''} to "
-                  f"[bold]{out}[/]")
+    written = [*(["scores.json/csv/md and plots"] if result.scores else []),
+               *(["expert_scores.json/md"] if result.experts else []), *(["stability.json/md"] if result.stability
+                                                                          else [])]
+    console.print(f"wrote {', '.join(written)} to [bold]{out}[/]")
 
 
 def _print_scores(all_scores, selections) -> None:

@@ -87,12 +87,7 @@ def stream_scores(
         for i, block in enumerate(anatomy.layers):
             loaded = weights.load(f"{anatomy.layers_path}.{i}.", block)
             try:
-                bad = non_finite_parameters(block)  # before this layer is scored: NaN would spread to every score
-                if bad:
-                    names = ", ".join(f"{anatomy.layers_path}.{i}.{name}" for name in bad[:3])
-                    raise LayerpruneError(f"the model holds NaN or infinite weights in {names}; its layer scores "
-                                          "would be NaN, so no layer could be chosen on them; repair or "
-                                          "re-download the model")
+                refuse_non_finite(block, f"{anatomy.layers_path}.{i}.")
                 for name, params in norms.items():
                     scored = scored_parameters(block, params.get("include_norms", False))
                     sums[name].append(math.fsum(WEIGHT_NORMS[name](p) for _, p in scored))
@@ -110,6 +105,15 @@ def stream_scores(
         else:
             scores[name] = to_layer_scores(model, name, results[name], params, calibration)
     return scores
+
+
+def refuse_non_finite(block: nn.Module, prefix: str) -> None:
+    """One error naming the tensors before a layer is scored: NaN would spread to every score."""
+    bad = non_finite_parameters(block)
+    if bad:
+        names = ", ".join(prefix + name for name in bad[:3])
+        raise LayerpruneError(f"the model holds NaN or infinite weights in {names}; its scores would be NaN, so "
+                              "nothing could be chosen on them; repair or re-download the model")
 
 
 def check_streamable(metrics) -> None:

@@ -69,6 +69,21 @@ def resolve_dtype(config, dtype, entries: dict[str, TensorEntry]) -> torch.dtype
     return torch.float32
 
 
+# How transformers 5 fuses the per-expert tensors of a checkpoint into one 3-D parameter per kind on load
+# (its conversion_mapping.py): the in-memory name after ".experts." -> the stored parts of expert j
+# (".experts.<j>.<part>"), concatenated on their output axis; Qwen2/3-MoE, OLMoE, DeepSeek spell them
+# gate/up/down_proj, Mixtral w1/w3/w2. GPT-OSS and Granite-MoE store their experts fused already.
+FUSED_EXPERTS = {
+    "gate_up_proj": (("gate_proj.weight", "up_proj.weight"), ("w1.weight", "w3.weight")),
+    "down_proj": (("down_proj.weight",), ("w2.weight",)),
+}
+# Where transformers renames on load, (in memory, on disk): Mixtral's block, Granite-MoE's fused experts and router.
+RENAMES = ((".mlp.", ".block_sparse_moe."),
+           (".block_sparse_moe.experts.gate_up_proj", ".block_sparse_moe.input_linear.weight"),
+           (".block_sparse_moe.experts.down_proj", ".block_sparse_moe.output_linear.weight"),
+           (".block_sparse_moe.router.weight", ".block_sparse_moe.router.layer.weight"))
+
+
 class CheckpointWeights:
     """Puts tensors of the checkpoint into the skeleton and takes them out again.
 
@@ -91,27 +106,65 @@ class CheckpointWeights:
             return name[len(self.wrapper):]
         return None
 
+    def stored_name(self, name: str) -> str | None:
+        """The checkpoint's name for `name`, also where transformers renames on load (RENAMES)."""
+        for spelling in (name, *(name.replace(memory, disk) for memory, disk in RENAMES if memory in name)):
+            stored = self.checkpoint_name(spelling)
+            if stored is not None:
+                return stored
+        return None
+
     def load(self, prefix: str, module: nn.Module) -> list[str]:
         """Materialise every parameter (and stored buffer) of `module`, whose full name starts with prefix."""
         wanted: dict[str, str] = {}
+        fused: dict[str, list[list[str]]] = {}
         missing = []
-        for local, _ in module.named_parameters():
-            stored = self.checkpoint_name(prefix + local)
-            if stored is None:
+        for local, param in module.named_parameters():
+            stored = self.stored_name(prefix + local)
+            if stored is not None:
+                wanted[prefix + local] = stored
+            elif (parts := self.expert_parts(prefix + local, param.shape[0])) is not None:
+                fused[prefix + local] = parts
+            else:
                 missing.append(prefix + local)
-            wanted[prefix + local] = stored
         if missing:
             raise LayerpruneError(
                 f"the checkpoint has no tensor for {missing[0]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + "; streaming needs tensors stored under the model's own parameter names (models whose weights "
-                "transformers converts on load, such as fused MoE experts, are scored in memory)"
+                + "; streaming needs tensors stored under the model's own parameter names, or per-expert tensors "
+                "as transformers fuses them"
             )
         for local, _ in module.named_buffers():
-            stored = self.checkpoint_name(prefix + local)
+            stored = self.stored_name(prefix + local)
             if stored is not None:
                 wanted[prefix + local] = stored
-        return self.read(wanted)
+        return self.read(wanted) + self.read_fused(fused)
+
+    def expert_parts(self, name: str, n_experts: int) -> list[list[str]] | None:
+        """For a fused 3-D expert parameter (`...experts.gate_up_proj`), the stored per-expert tensors it is
+        made of, [expert][part] (None when the checkpoint does not hold them)."""
+        head, _, attr = name.rpartition(".experts.")
+        for parts in FUSED_EXPERTS.get(attr, ()):
+            names = [[self.stored_name(f"{head}.experts.{j}.{part}") for part in parts] for j in range(n_experts)]
+            if all(all(names_j) for names_j in names):
+                return names
+        return None
+
+    def read_fused(self, fused: dict[str, list[list[str]]]) -> list[str]:
+        """Stack each expert's parts (concatenated on their output axis) into the fused parameter, as
+        transformers' loader does (MergeModulelist(dim=0), then Concatenate(dim=1))."""
+        from safetensors import safe_open
+
+        for name, parts in fused.items():
+            by_file: dict[str, list[str]] = {}
+            for stored in (part for expert in parts for part in expert):
+                by_file.setdefault(self.entries[stored].file, []).append(stored)
+            tensors = {}
+            for file, names in by_file.items():
+                with safe_open(self.folder / file, framework="pt", device="cpu") as f:
+                    tensors.update((stored, f.get_tensor(stored)) for stored in names)
+            set_tensor(self.model, name, torch.stack([torch.cat([tensors[p] for p in expert]) for expert in parts]))
+        return list(fused)
 
     def read(self, wanted: dict[str, str]) -> list[str]:
         from safetensors import safe_open

@@ -358,7 +358,7 @@ class ScoreConfig(StrictConfig):
     metric would drop."""
 
     metric: str | list[str] = Field("all", description="Metric name(s), comma separated, or 'all' (every "
-                                    "whole-layer metric; see `layerprune metrics`).")
+                                    "whole-layer metric; see `layerprune metrics`), or 'none' (experts only).")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
                                            description="Text the data-driven metrics read.")
     num_layers: int | None = Field(None, ge=1, description="Layers each metric would drop (default: 25%).")
@@ -368,6 +368,27 @@ class ScoreConfig(StrictConfig):
     streaming: bool = Field(False, description="Read one layer at a time from the checkpoint, for models bigger than "
                             "memory (block-influence, relative-magnitude, angular, magnitude-l1/-l2, the baselines).")
     stability: StabilityConfig | None = Field(None, description="Also run the calibration-stability study.")
+    expert_metric: str | list[str] | None = Field(
+        None, description="Mixture-of-experts models: also score every expert with these expert metrics (comma "
+        "separated, or 'all'; see `layerprune metrics`): expert_scores.json/md; with streaming one layer at a time.")
+
+    @field_validator("expert_metric")
+    @classmethod
+    def _known_expert_metrics(cls, value):
+        from layerprune.importance.experts.registry import parse_expert_metrics  # start-up: see the module docstring
+
+        if value is not None:
+            try:
+                parse_expert_metrics(value)
+            except LayerpruneError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @property
+    def expert_metrics(self) -> list[str]:
+        from layerprune.importance.experts.registry import parse_expert_metrics  # start-up: see the module docstring
+
+        return [] if self.expert_metric is None else parse_expert_metrics(self.expert_metric)
 
     @field_validator("metric")
     @classmethod

@@ -19,7 +19,10 @@ from layerprune.selection.ranking import Selection, select_layers
 
 
 def parse_metrics(text: str) -> list[str]:
-    """'all' (every whole-layer metric) or a comma list; unknown names fail here, before any model loads."""
+    """'all' (every whole-layer metric), 'none' (experts only: `score --expert-metric`) or a comma list;
+    unknown names fail here, before any model loads."""
+    if text.strip() == "none":
+        return []
     if text.strip() == "all":
         names = [n for n in available_metrics() if "block" in get_metric(n).granularities]
     else:

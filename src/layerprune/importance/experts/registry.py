@@ -48,6 +48,18 @@ def get_expert_metric(name: str) -> ExpertMetricSpec:
     return _METRICS.lookup(name)
 
 
+def parse_expert_metrics(value: str | list[str]) -> list[str]:
+    """Names from "reap,frequency" (or a list), or "all"; unknown names are the registry's error."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+    if names == ["all"]:
+        return available_expert_metrics()
+    if not names:
+        raise LayerpruneError("no expert metric given")
+    for name in names:
+        get_expert_metric(name)
+    return names
+
+
 @dataclass
 class ExpertScores:
     """One score per expert of every MoE layer. `layers`: ORIGINAL layer indices; `experts[i]`: the ORIGINAL
@@ -69,9 +81,12 @@ class ExpertScores:
         return asdict(self)
 
 
-def compute_expert_scores(model, metrics: dict[str, dict] | str, calibration=None, *, batch_size: int = 8):
+def compute_expert_scores(model, metrics: dict[str, dict] | str, calibration=None, *, batch_size: int = 8,
+                          routing=routing_pass):
     """Score every expert of every MoE layer with one metric (a name: returns ExpertScores) or several
-    ({name: params}: returns {name: ExpertScores}), sharing one calibration pass."""
+    ({name: params}: returns {name: ExpertScores}), sharing one calibration pass. routing: how the pass runs,
+    routing(model, calibration, batch_size=, outputs=) -> {ORIGINAL layer: LayerRouting} (the loaded model's
+    forward by default; importance/experts/streaming.py reads one layer at a time)."""
     single = isinstance(metrics, str)
     requests = {metrics: {}} if single else dict(metrics)
     specs = {name: get_expert_metric(name) for name in requests}
@@ -82,7 +97,7 @@ def compute_expert_scores(model, metrics: dict[str, dict] | str, calibration=Non
     stats = {}
     if needing:
         outputs = any(specs[name].needs_outputs for name in needing)
-        stats = routing_pass(model, calibration, batch_size=batch_size, outputs=outputs)
+        stats = routing(model, calibration, batch_size=batch_size, outputs=outputs)
     kept = expert_record(model)["kept"]
     results = {}
     for name, params in requests.items():
@@ -101,3 +116,13 @@ def compute_expert_scores(model, metrics: dict[str, dict] | str, calibration=Non
             extra={"tokens": {str(o): s.tokens for o, s in stats.items()}} if spec.needs_calibration else {},
         )
     return results[metrics] if single else results
+
+
+def expert_scores_markdown(all_scores: dict[str, ExpertScores]) -> str:
+    """Per metric and MoE layer: the experts from the lowest score (removed first) to the highest."""
+    lines = ["| metric | layer | experts, lowest score first (original indices) |", "|---|---|---|"]
+    for name, scores in all_scores.items():
+        for layer, experts, values in zip(scores.layers, scores.experts, scores.values):
+            order = [e for _, e in sorted(zip(values, experts), key=lambda pair: (pair[0], pair[1]))]
+            lines.append(f"| {name} | {layer} | {', '.join(map(str, order))} |")
+    return "\n".join(lines) + "\n"

@@ -55,6 +55,21 @@ class LayerRouting:
             self.weighted_norm_sum[j] += (norms * weights[rows, slots]).sum().cpu()
 
 
+def watch_routing(layer: MoeLayer, stats: LayerRouting, state: dict, outputs: bool):
+    """A forward hook on the layer's experts module adding each call to `stats`; state["mask"] holds the
+    current batch's attention mask (its real tokens). Returns the hook's handle."""
+
+    def hook(module, args, kwargs, out):
+        hidden, index, weights = _experts_call(args, kwargs)
+        real = state["mask"].reshape(-1).to(hidden.device).bool()
+        if real.shape[0] != hidden.shape[0]:
+            raise LayerpruneError(f"layer {layer.original}: {hidden.shape[0]} tokens reached the experts, "
+                                  f"the batch has {real.shape[0]}")
+        stats.observe(module, hidden, index, weights, real, outputs)
+
+    return layer.experts.register_forward_hook(hook, with_kwargs=True)
+
+
 def _experts_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [T, H], top-k index [T, k], top-k weights [T, k]) of a stock experts call."""
     values = list(args) + list(kwargs.values())
@@ -70,19 +85,7 @@ def routing_pass(model, calibration, *, batch_size: int = 8, outputs: bool = Tru
     layers = moe_layers(model)
     stats = {layer.original: LayerRouting(layer.num_experts) for layer in layers}
     state = {"mask": None}
-
-    def hook_for(layer: MoeLayer):
-        def hook(module, args, kwargs, out):
-            hidden, index, weights = _experts_call(args, kwargs)
-            real = state["mask"].reshape(-1).to(hidden.device).bool()
-            if real.shape[0] != hidden.shape[0]:
-                raise LayerpruneError(f"layer {layer.original}: {hidden.shape[0]} tokens reached the experts, "
-                                      f"the batch has {real.shape[0]}")
-            stats[layer.original].observe(module, hidden, index, weights, real, outputs)
-
-        return hook
-
-    handles = [layer.experts.register_forward_hook(hook_for(layer), with_kwargs=True) for layer in layers]
+    handles = [watch_routing(layer, stats[layer.original], state, outputs) for layer in layers]
 
     def set_mask(mask):
         state["mask"] = mask
