@@ -387,8 +387,8 @@ def heal_model(
     resumable = claim_work_dir(work_dir, settings, inputs=inputs, resume=resume) if is_main_process() else resume
     loaded = {}
 
-    def load():
-        loaded["model"] = load_model(model_ref, dtype=config.train_dtype)
+    def load(dtype):  # train_dtype, or a LoRA base's 16-bit dtype (finetune/placement.py)
+        loaded["model"] = load_model(model_ref, dtype=dtype)
         return loaded["model"]
 
     with removed_unless_used(work_dir):

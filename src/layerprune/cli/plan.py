@@ -59,11 +59,21 @@ def plan_command(
         table.add_row(row["stage"], f"{row['peak_gib']:.1f} GiB", "yes" if row["fits"] else "[red]no[/]",
                       format_seconds(row["seconds"]), row["detail"])
     console.print(table)
-    choice = plan.heal
-    console.print(f"healing: {choice['option']}" + ("" if choice["fits"] else " [red](does not fit: nothing does)[/]")
-                  + f"; disk for the pruned and healed models: {plan.disk_bytes / 2**30:.1f} GiB")
+    console.print(healing_line(plan) + f"; disk for the pruned and healed models: {plan.disk_bytes / 2**30:.1f} GiB")
     cards = [f"{gb} {c['option']} ({c['peak_gib']:.1f} GiB)" if c["fits"] else f"{gb} [red]none fits[/]"
              for gb, c in plan.heal_per_card.items()]
     console.print("healing on one GPU of " + ", ".join(cards))
     if plan.gpus_for_full_heal:
         console.print(f"a full-weight heal needs {plan.gpus_for_full_heal} of these GPUs (FSDP)")
+
+
+def healing_line(plan) -> str:
+    """The healing chosen, with its teacher pass where it has one, and whether both fit."""
+    choice, teacher = plan.heal, plan.heal.get("teacher_pass")
+    line = f"healing: {choice['option']}" + (f", after its teacher pass ({teacher['peak_gib']:.1f} GiB)" if teacher
+                                             else "")
+    if not choice["fits"]:
+        return line + " [red](does not fit: nothing does)[/]"
+    if teacher and not teacher["fits"]:
+        return line + ": [red]the teacher pass does not fit[/] (the teacher is then read layer by layer from disk)"
+    return line + (": both fit" if teacher else ": fits")
