@@ -115,7 +115,9 @@ def test_a_lora_heal_loads_a_bf16_base_in_bf16_directly_where_native(bf16_pruned
                                      warmup_steps=0, bf16="auto")
     assert loaded == [{torch.bfloat16} if is_native else {torch.float32}]  # fp32 where bf16 is emulated, as before
     assert {p.dtype for p in result.model.parameters()} == ({torch.bfloat16} if is_native else {torch.float32})
-    assert result.steps == 2 and json.loads((out / "heal.json").read_text())["config"]["method"] == "lora"
+    record = json.loads((out / "heal.json").read_text())
+    assert result.steps == 2 and record["config"]["method"] == "lora"
+    assert record["notes"]["frozen_dtype"] == ("bfloat16" if is_native else "float32")
 
 
 def test_adapter_auto_is_resolved_before_the_load_so_a_lora_base_loads_in_bf16(bf16_pruned, native, monkeypatch):

@@ -229,6 +229,8 @@ class Lora:
         held = frozen_dtype(heal_compute(model, config), checkpoint_dtype(model))
         peft_model = get_peft_model(model, _lora_config(config))  # adapters in fp32 (peft upcasts them)
         hold_frozen_weights(peft_model, held)
+        frozen = {str(p.dtype).removeprefix("torch.") for p in peft_model.parameters() if not p.requires_grad}
+        context.notes["frozen_dtype"] = ",".join(sorted(frozen))  # heal.json: how the base was held
         return peft_model
 
     @staticmethod
