@@ -146,7 +146,8 @@ def test_an_8b_minus_8_layers_heals_by_default_teacher_pass_included_on_one_24gb
     assert rows["teacher pass"]["fits"] and rows["teacher pass"]["peak_gib"] < 0.9 * 24 < 54.9
     assert plan.heal["option"] == "lora" and plan.heal["fits"]
     assert plan.heal["teacher_pass"] == {"peak_gib": rows["teacher pass"]["peak_gib"], "fits": True}
-    assert plan.heal_per_card["24 GB"] == {"option": "lora", "fits": True, "peak_gib": rows["heal"]["peak_gib"]}
+    assert plan.heal_per_card["24 GB"] == {"option": "lora", "fits": True, "peak_gib": rows["heal"]["peak_gib"],
+                                           "teacher": "on the GPU"}
     LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")  # the config alone: no weights
     result = runner.invoke(app, ["plan", str(tmp_path / "llama-8b"), "--num-layers", "8", "--gpus", "1",
                                  "--gpu-memory", "24GB"], terminal_width=200)
@@ -154,6 +155,9 @@ def test_an_8b_minus_8_layers_heals_by_default_teacher_pass_included_on_one_24gb
     assert "healing: lora, after its teacher pass (16.5 GiB): both fit" in result.output
     budget = plan_job(llama8b, 24, Devices("cuda", 1, 24 * GiB), HealConfig(max_minutes=30))
     assert budget.heal["teacher_pass"]["fits"]  # both do not fit 24 GB: the teacher still goes first, alone
+    seventy = shape_from_config(LlamaConfig(**LLAMA_70B))  # 131 GiB of teacher: read from disk, on the CPU
+    assert plan_job(seventy, 60, Devices("cuda", 1, 80 * GiB)).heal_per_card["80 GB"] == {
+        "option": "qlora", "fits": True, "peak_gib": pytest.approx(71.1, abs=0.1), "teacher": "from disk"}
 
 
 def test_the_plan_counts_the_solver_block_of_the_normal_equations():
