@@ -22,6 +22,7 @@ from layerprune.models.dtypes import stored_dtype
 from layerprune.models.loading import load_model, model_folder
 from layerprune.models.model_config import read_model_config
 
+
 def folder_dtype(ref: str) -> torch.dtype | None:
     """The dtype a model's checkpoint stores its weights in (None: a hub id or a config that says nothing)."""
     try:
