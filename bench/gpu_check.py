@@ -8,9 +8,11 @@ wall time and one figure:
 2. prune SmolLM2-135M by 25% (block influence) on the GPU;
 3. heal it with the default recipe (distillation) on the GPU, bf16;
 4. evaluate it (ARC-e + WikiText-2) on the GPU;
-5. QLoRA healing with bitsandbytes (CUDA);
-6. the shared-prefix scorer against stock HFLM (bench/eval_speed.py: identical accuracies, time ratio);
-7. a full-weight heal with FSDP over 2 GPUs (`accelerate launch`, examples/accelerate/fsdp.yaml), when there
+5. LoRA healing over a 16-bit frozen base (CUDA): a few steps, the peak GPU memory and the dtype the frozen
+   base was held in (bfloat16 where the GPU computes bf16: loaded so directly, never in fp32 first);
+6. QLoRA healing with bitsandbytes (CUDA);
+7. the shared-prefix scorer against stock HFLM (bench/eval_speed.py: identical accuracies, time ratio);
+8. a full-weight heal with FSDP over 2 GPUs (`accelerate launch`, examples/accelerate/fsdp.yaml), when there
    are 2.
 
 `--quick` shrinks every step (a few steps, a few documents) so the script itself can be checked on a CPU:
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,6 +59,22 @@ def devices() -> dict:
     import torch
 
     return {"cuda": torch.cuda.is_available(), "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
+def lora_child(pruned: str, out: str, steps: int) -> None:
+    """One LoRA heal in this process (`--lora-child`): a line of JSON with its peak GPU memory (None without
+    CUDA), the dtype its frozen base was held in (heal.json's notes) and the dtype it computed in."""
+    import torch
+
+    from layerprune.api import finetune_model
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result, _ = finetune_model(pruned, out=out, method="lora", data="c4", max_steps=steps, batch_size=4,
+                               max_length=256, warmup_steps=0)
+    print(json.dumps({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                      "frozen_dtype": result.notes.get("frozen_dtype"), "compute": result.notes["compute"]["dtype"]}))
 
 
 def steps(work: Path, quick: bool, found: dict) -> list[tuple[str, str | None, callable]]:
@@ -91,6 +110,16 @@ def steps(work: Path, quick: bool, found: dict) -> list[tuple[str, str | None, c
                       f"{record['perplexity']['wikitext2']['ppl']:.1f}")
         return ok, figure, out, s
 
+    def lora16():
+        ok, out, s = run(["bench/gpu_check.py", "--lora-child", str(pruned), str(work / "lora16"), heal_steps[1]],
+                         launcher=[sys.executable])
+        line = re.search(r'\{"peak_gpu_gib".*?\}', out)  # stdout's line, whatever stderr printed around it
+        if not ok or line is None:
+            return False, "", out, s
+        found = json.loads(line.group(0))
+        return ok, (f"peak GPU memory {found['peak_gpu_gib']} GiB, frozen base {found['frozen_dtype']}, computed "
+                    f"in {found['compute']}"), out, s
+
     def qlora():
         ok, out, s = run(["finetune", str(pruned), "--method", "qlora", *heal_steps, "--out", str(work / "qlora")])
         return ok, last_line(out), out, s
@@ -116,7 +145,7 @@ def steps(work: Path, quick: bool, found: dict) -> list[tuple[str, str | None, c
     except ImportError:
         no_bnb = "bitsandbytes is not installed"
     return [("prune SmolLM2 25%", None, prune), ("heal (distill, bf16)", None, heal), ("eval", None, evaluate),
-            ("QLoRA heal", no_bnb, qlora), ("fast scorer vs HFLM", None, scorer),
+            ("LoRA over a 16-bit base", no_cuda, lora16), ("QLoRA heal", no_bnb, qlora), ("fast scorer vs HFLM", None, scorer),
             ("FSDP heal on 2 GPUs", None if found["gpus"] >= 2 else f"{found['gpus']} GPU(s)", fsdp)]
 
 
@@ -125,7 +154,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/gpu-check")
     parser.add_argument("--quick", action="store_true", help="tiny settings: check the script itself")
     parser.add_argument("--allow-cpu", action="store_true", help="run the GPU steps on a CPU (with --quick)")
+    parser.add_argument("--lora-child", nargs=3, metavar=("PRUNED", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lora_child:  # one step's own process (lora16 below)
+        pruned, out, count = args.lora_child
+        lora_child(pruned, out, int(count))
+        return
     found = devices()
     if not found["cuda"] and not args.allow_cpu:
         raise SystemExit("no CUDA device here; run on a GPU machine, or check the script with --quick --allow-cpu")

@@ -20,6 +20,7 @@ from layerprune.finetune.memory import (
     training_activations,
 )
 from layerprune.finetune.normal_equations import BLOCK
+from layerprune.finetune.config import HealConfig
 from layerprune.planning.job import plan_job
 from layerprune.models.shape import Job, shape_from_config
 from layerprune.hardware.devices import GiB, USABLE, Devices, parse_memory, runtime_bytes
@@ -62,7 +63,7 @@ def test_full_weight_states_are_sixteen_bytes_per_parameter(llama8b):
         ADAM_BYTES * params // 8
 
 
-def test_an_8b_on_one_80gb_gpu_takes_lora_on_eight_full_weights_and_on_24gb_cpu_layer_local(llama8b):
+def test_an_8b_on_one_80gb_gpu_takes_lora_on_eight_full_weights_and_on_a_24gb_cpu_lora_or_layer_local(llama8b):
     job = Job(layers_kept=24)
     one = choose_heal(llama8b, job, Devices("cuda", 1, 80 * GiB))
     assert one.settings["option"] == "lora" and one.fits
@@ -70,8 +71,10 @@ def test_an_8b_on_one_80gb_gpu_takes_lora_on_eight_full_weights_and_on_24gb_cpu_
     assert not refused.fits and refused.bytes_per_device > USABLE * 80 * GiB  # ~96 GiB of states alone
     eight = choose_heal(llama8b, job, Devices("cuda", 8, 80 * GiB))
     assert eight.settings == {"adapter": "none", "fsdp": True, "option": "full"} and eight.fits
-    cpu = choose_heal(llama8b, job, Devices("cpu", 1, 24 * GiB))
-    assert cpu.settings["option"] == "layer-local" and cpu.fits
+    cpu = choose_heal(llama8b, job, Devices("cpu", 1, 24 * GiB))  # native bf16: the base loaded in bf16 directly
+    assert cpu.settings["option"] == "lora" and cpu.fits
+    emulated = choose_heal(llama8b, job, Devices("cpu", 1, 24 * GiB, bf16=False))  # an fp32 base does not fit
+    assert emulated.settings["option"] == "layer-local" and emulated.fits
     assert gpus_for_full_heal(llama8b, job, 80 * GiB) == 2
 
 
@@ -99,7 +102,7 @@ def test_a_70b_heals_layer_by_layer_within_24gb_and_every_streaming_stage_fits()
     assert max(steps) < shape.embedding * 6  # the embeddings' pass is the peak at 70B (as measured)
     heal = replace_streaming_bytes(shape, job, cpu)
     assert heal == runtime_bytes(cpu) + shape.embedding * 6 + 64 * 256 * h * 4 * 3 < 8 * GiB
-    for teacher in (True, False):
+    for teacher in ("alone", "beside", None):
         stages = {s.stage: s for s in plan_memory(shape, job, cpu, teacher=teacher)}
         assert "teacher pass" not in stages
         assert stages["heal"].settings["option"] == "layer-local" and stages["heal"].fits
@@ -121,7 +124,8 @@ def test_an_8b_with_8_layers_removed_heals_with_lora_over_a_16bit_base_on_one_24
     emulated = heal_memory("lora", llama8b, job, Devices("cpu", 1, 64 * GiB, bf16=False))
     assert "(4 B per weight)" in emulated.detail
     native_cpu = heal_memory("lora", llama8b, job, Devices("cpu", 1, 64 * GiB))
-    assert native_cpu.bytes_per_device >= kept * 4  # loaded in fp32 before the base is cast
+    assert "(2 B per weight)" in native_cpu.detail
+    assert native_cpu.bytes_per_device < kept * 4  # loaded in 16 bits directly: never whole in fp32
     fp32_checkpoint = heal_memory("lora", replace(llama8b, stored_bytes=4.0), job, Devices("cuda", 1, 80 * GiB))
     assert "(4 B per weight)" in fp32_checkpoint.detail
 
@@ -134,15 +138,47 @@ def test_the_plan_says_which_healing_each_common_card_takes(llama8b):
     assert plan.to_json()["heal_per_card"]["24 GB"]["option"] == "lora"
 
 
+def test_an_8b_minus_8_layers_heals_by_default_teacher_pass_included_on_one_24gb_gpu(llama8b, tmp_path):
+    """The default heal (distillation) of Llama-3.1-8B minus 8 layers on one 24 GB GPU: its teacher pass holds the
+    teacher alone in bf16 (16.5 GiB; both models in fp32 were 54.9 GiB), then LoRA over a bf16 base (20.2 GiB)."""
+    plan = plan_job(llama8b, 24, Devices("cuda", 1, 24 * GiB))
+    rows = {row["stage"]: row for row in plan.stages}
+    assert rows["teacher pass"]["fits"] and rows["teacher pass"]["peak_gib"] < 0.9 * 24 < 54.9
+    assert plan.heal["option"] == "lora" and plan.heal["fits"]
+    assert plan.heal["teacher_pass"] == {"peak_gib": rows["teacher pass"]["peak_gib"], "fits": True}
+    assert plan.heal_per_card["24 GB"] == {"option": "lora", "fits": True, "peak_gib": rows["heal"]["peak_gib"],
+                                           "teacher": "on the GPU"}
+    LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")  # the config alone: no weights
+    result = runner.invoke(app, ["plan", str(tmp_path / "llama-8b"), "--num-layers", "8", "--gpus", "1",
+                                 "--gpu-memory", "24GB"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "healing: lora, after its teacher pass (16.5 GiB): both fit" in result.output
+    budget = plan_job(llama8b, 24, Devices("cuda", 1, 24 * GiB), HealConfig(max_minutes=30))
+    assert budget.heal["teacher_pass"]["fits"]  # both do not fit 24 GB: the teacher still goes first, alone
+    seventy = shape_from_config(LlamaConfig(**LLAMA_70B))  # 131 GiB of teacher: read from disk, on the CPU
+    assert plan_job(seventy, 60, Devices("cuda", 1, 80 * GiB)).heal_per_card["80 GB"] == {
+        "option": "qlora", "fits": True, "peak_gib": pytest.approx(71.1, abs=0.1), "teacher": "from disk"}
+
+
 def test_the_plan_counts_the_solver_block_of_the_normal_equations():
     assert NORMAL_EQUATIONS_BLOCK == BLOCK
 
 
-def test_the_teacher_pass_holds_teacher_and_student_and_eval_the_pruned_model(llama8b):
-    stages = {s.stage: s for s in plan_memory(llama8b, Job(layers_kept=24), Devices("cuda", 1, 80 * GiB))}
-    both = (llama8b.params() + llama8b.params(24)) * 4  # teacher and student in fp32 until the targets are cached
+def test_the_teacher_pass_holds_the_teacher_alone_in_16_bits_and_eval_the_pruned_model(llama8b):
     job = Job(layers_kept=24)
-    assert stages["teacher pass"].bytes_per_device - both == inference_activations(llama8b, job, 2)
+    gpu = Devices("cuda", 1, 80 * GiB)
+    stages = {s.stage: s for s in plan_memory(llama8b, job, gpu)}
+    teacher = llama8b.params() * 2  # the teacher alone, loaded in bf16 directly; the student loads once it is freed
+    assert stages["teacher pass"].bytes_per_device - teacher == inference_activations(llama8b, job, 2)
+    assert "(2 B per weight) alone" in stages["teacher pass"].detail
+    beside = {s.stage: s for s in plan_memory(llama8b, job, gpu, teacher="beside")}["teacher pass"]
+    assert beside.bytes_per_device - teacher - llama8b.params(24) * 4 == inference_activations(llama8b, job, 2)
+    emulated = Devices("cpu", 1, 256 * GiB, bf16=False)  # bf16 emulated: the teacher in fp32, as it computes
+    alone = {s.stage: s for s in plan_memory(llama8b, job, emulated)}["teacher pass"]
+    assert alone.bytes_per_device - runtime_bytes(emulated) - llama8b.params() * 4 == \
+        inference_activations(llama8b, job, 4)
+    fp32_checkpoint = replace(llama8b, stored_bytes=4.0)  # never rounded to 16 bits
+    assert "(4 B per weight)" in {s.stage: s for s in plan_memory(fp32_checkpoint, job, gpu)}["teacher pass"].detail
     assert stages["score"].bytes_per_device == llama8b.params() * 2 + inference_activations(llama8b, job, 2, False)
     assert stages["eval"].bytes_per_device < stages["teacher pass"].bytes_per_device  # 24 layers, not 32
     assert stages["prune (on disk)"].bytes_per_device == 0  # the kernel copies file to file; no host RAM on a GPU

@@ -68,6 +68,7 @@ from layerprune.models.saving import save_model, write_model_files  # noqa: F401
 from layerprune.models.shape import model_shape
 from layerprune.models.surgery import kept_layers
 from layerprune.planning import job as job_plans
+from layerprune.planning.disk import GGUF_BITS
 from layerprune.planning.estimate import eval_seconds
 from layerprune.planning.run_time import choose_seconds
 from layerprune.selection.config import PruneConfig, ScoreConfig
@@ -394,8 +395,8 @@ def heal_model(
     resumable = claim_work_dir(work_dir, settings, inputs=inputs, resume=resume) if is_main_process() else resume
     loaded = {}
 
-    def load():
-        loaded["model"] = load_model(model_ref, dtype=config.train_dtype)
+    def load(dtype):  # train_dtype, or a LoRA base's 16-bit dtype (finetune/placement.py)
+        loaded["model"] = load_model(model_ref, dtype=dtype)
         return loaded["model"]
 
     with removed_unless_used(work_dir):
@@ -562,12 +563,17 @@ def plan_job(
     gpus: int | None = None,
     gpu_memory: str = "80GB",
     trust_remote_code: bool = False,
+    gguf: str | None = None,
+    out: str = ".",
 ) -> job_plans.JobPlan:
     """Peak memory per device, disk and time of each stage, and the healing that fits, from the model's config
     alone (nothing is loaded): on this machine, or on `gpus` GPUs of `gpu_memory` each. num_layers / ratio:
-    the layers to remove (default 25%; num_layers=0: the model as it is)."""
+    the layers to remove (default 25%; num_layers=0: the model as it is). gguf: a quantization the healed model
+    is exported in (its file counted on disk); out: where the outputs go (the free space of its disk)."""
     if gpus is not None and gpus < 1:
         raise LayerpruneError("--gpus must be at least 1")
+    if gguf is not None and gguf.lower() not in GGUF_BITS:
+        raise LayerpruneError(f"unknown --gguf quantization {gguf!r}; choose one of {', '.join(GGUF_BITS)}")
     if adapter not in ("auto", "none", "lora"):
         raise LayerpruneError(f"unknown --adapter {adapter!r}; choose auto, none or lora")
     gpu_bytes = parse_memory(gpu_memory)  # checked whether or not --gpus uses it
@@ -578,4 +584,4 @@ def plan_job(
     devices = Devices("cuda", gpus, gpu_bytes) if gpus else this_machine()
     prune = as_config(PruneConfig, prune, num_layers=max(drop, 1))
     return job_plans.plan_job(shape, shape.layers - drop, devices, heal, adapter=adapter, prune=prune,
-                              evaluation=evaluation)
+                              evaluation=evaluation, gguf=gguf.lower() if gguf else None, out=out)

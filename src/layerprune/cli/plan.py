@@ -34,15 +34,19 @@ def plan_command(
     ppl_windows: int = typer.Option(300, help="Perplexity windows of the evaluation."),
     gpus: Optional[int] = typer.Option(None, help="Plan for this many GPUs instead of this machine."),
     gpu_memory: str = typer.Option("80GB", help="Memory of each GPU given by --gpus."),
+    gguf: Optional[str] = typer.Option(None, help="Count a GGUF export of the healed model in this quantization "
+                                       "(f16, q8_0, q4_k_m, ...) on disk."),
+    out: str = typer.Option(".", help="Where the outputs will be written: the free space of its disk is checked."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Peak memory per device, disk and time of score -> prune -> teacher -> heal -> eval, and the healing that
     fits, from the model's config alone (nothing is loaded)."""
     from layerprune.api import plan_job  # start-up: `--help` loads no torch (cli/__init__.py)
+    from layerprune.planning.disk import disk_lines
 
     plan = plan_job(model, num_layers=num_layers, ratio=ratio, adapter=adapter, gpus=gpus, gpu_memory=gpu_memory,
-                    trust_remote_code=trust_remote_code,
+                    trust_remote_code=trust_remote_code, gguf=gguf, out=out,
                     heal=config_from_options(HealConfig, dict(  # one line naming the option on a bad value
                         method=method, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
                         gradient_checkpointing=gradient_checkpointing)),
@@ -59,11 +63,24 @@ def plan_command(
         table.add_row(row["stage"], f"{row['peak_gib']:.1f} GiB", "yes" if row["fits"] else "[red]no[/]",
                       format_seconds(row["seconds"]), row["detail"])
     console.print(table)
-    choice = plan.heal
-    console.print(f"healing: {choice['option']}" + ("" if choice["fits"] else " [red](does not fit: nothing does)[/]")
-                  + f"; disk for the pruned and healed models: {plan.disk_bytes / 2**30:.1f} GiB")
-    cards = [f"{gb} {c['option']} ({c['peak_gib']:.1f} GiB)" if c["fits"] else f"{gb} [red]none fits[/]"
-             for gb, c in plan.heal_per_card.items()]
+    console.print(healing_line(plan))
+    cards = [f"{gb} {c['option']} ({c['peak_gib']:.1f} GiB" + ("; the teacher pass from disk" if c.get("teacher") ==
+                                                                 "from disk" else "") + ")"
+             if c["fits"] else f"{gb} [red]none fits[/]" for gb, c in plan.heal_per_card.items()]
     console.print("healing on one GPU of " + ", ".join(cards))
     if plan.gpus_for_full_heal:
         console.print(f"a full-weight heal needs {plan.gpus_for_full_heal} of these GPUs (FSDP)")
+    for line in disk_lines(plan.disk):
+        console.print(line.replace("DOES NOT FIT", "[red]does not fit[/]"), highlight=False)
+
+
+def healing_line(plan) -> str:
+    """The healing chosen, with its teacher pass where it has one, and whether both fit."""
+    choice, teacher = plan.heal, plan.heal.get("teacher_pass")
+    line = f"healing: {choice['option']}" + (f", after its teacher pass ({teacher['peak_gib']:.1f} GiB)" if teacher
+                                             else "")
+    if not choice["fits"]:
+        return line + " [red](does not fit: nothing does)[/]"
+    if teacher and not teacher["fits"]:
+        return line + ": [red]the teacher pass does not fit[/] (the teacher is then read layer by layer from disk)"
+    return line + (": both fit" if teacher else ": fits")

@@ -42,10 +42,26 @@ def lora_dropout_activations(shape: ModelShape, job: Job, layers: int, value_byt
     return kept * tokens * sum(i for i, _ in shape.linear_dims) * value_bytes * 2
 
 
-def lora_base_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
-    """Bytes per frozen weight under LoRA: the checkpoint's 16-bit where the device computes 16-bit natively
-    (finetune/methods.py holds the base so: hardware/compute.py frozen_dtype), else train_dtype (fp32)."""
+def frozen_weight_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
+    """Bytes per frozen weight (a LoRA base, a teacher): the checkpoint's 16-bit where the device computes 16-bit
+    natively (finetune/placement.py loads them so: hardware/compute.py frozen_dtype), else train_dtype (fp32)."""
     return 2 if devices.compute_bytes == 2 and shape.stored_bytes == 2 else job.train_dtype_bytes
+
+
+def teacher_pass_memory(shape: ModelShape, job: Job, devices: Devices, *, beside: bool, activations: int
+                        ) -> StageMemory:
+    """Distillation's teacher pass (finetune/teacher_first.py): the unpruned teacher's top-k targets, made before
+    training. The teacher is whole on each device (it is loaded there, never sharded), its weights held as
+    `frozen_weight_bytes` says and loaded in that dtype directly (on a CPU, fp32 from a 16-bit checkpoint peaks at
+    the larger of the two while read), plus one batch's forward (`activations`). Alone: the student loads only
+    once the teacher is freed. beside: a time budget with room for both, or a teacher read live while training
+    (no top-k cache, init replace): the student is in memory too, in train_dtype."""
+    full, held = shape.params(), frozen_weight_bytes(shape, job, devices)
+    weights = full * (max(held, shape.stored_bytes) if devices.kind == "cpu" else held)
+    student = shape.params(job.layers_kept) * job.train_dtype_bytes if beside else 0
+    how = f"the unpruned teacher ({held} B per weight)" + (
+        " beside the student; freed before training" if beside else " alone; freed before the student loads")
+    return StageMemory("teacher pass", int(runtime_bytes(devices) + weights + student + activations), how)
 
 
 def lora_params(shape: ModelShape, layers: int, r: int) -> int:
@@ -68,7 +84,7 @@ def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> S
         return StageMemory("heal", runtime + states + autocast_copies(params, job, compute) // shards + acts, how,
                            settings={"adapter": "none", "fsdp": sharded})
     if option in ("lora", "qlora"):
-        held = lora_base_bytes(shape, job, devices) if option == "lora" else job.train_dtype_bytes
+        held = frozen_weight_bytes(shape, job, devices) if option == "lora" else job.train_dtype_bytes
         frozen_bytes = NF4_BYTES if option == "qlora" else held
         trained = lora_params(shape, kept, job.lora_r)
         frozen = round(shape.layer_params(kept) * frozen_bytes) + (shape.params(kept) - shape.layer_params(kept)) * held
@@ -77,8 +93,6 @@ def heal_memory(option: str, shape: ModelShape, job: Job, devices: Devices) -> S
             f" + {trained / 1e6:.0f}M LoRA params x {ADAM_BYTES} B"
         total = runtime + frozen + trained * ADAM_BYTES + copies + acts + lora_dropout_activations(shape, job, kept,
                                                                                                    compute)
-        if devices.kind == "cpu":  # loaded in train_dtype before the base is cast (on a GPU: before it moves)
-            total = max(total, runtime + params * job.train_dtype_bytes)
         return StageMemory("heal", total, how, settings={"method": option if option == "qlora" else None,
                                                          "adapter": "lora"})
     # layer-local: `replace --streaming`, one layer at a time

@@ -20,6 +20,7 @@ from layerprune.common.registry import Registry
 from layerprune.errors import LayerpruneError
 from layerprune.finetune.hidden_states import dropped_runs
 from layerprune.hardware.compute import compute_choice, frozen_dtype
+from layerprune.hardware.devices import training_device
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.dtypes import stored_dtype
 from layerprune.models.model_config import read_model_config, trusts_remote_code
@@ -228,6 +229,8 @@ class Lora:
         held = frozen_dtype(heal_compute(model, config), checkpoint_dtype(model))
         peft_model = get_peft_model(model, _lora_config(config))  # adapters in fp32 (peft upcasts them)
         hold_frozen_weights(peft_model, held)
+        frozen = {str(p.dtype).removeprefix("torch.") for p in peft_model.parameters() if not p.requires_grad}
+        context.notes["frozen_dtype"] = ",".join(sorted(frozen))  # heal.json: how the base was held
         return peft_model
 
     @staticmethod
@@ -244,7 +247,8 @@ class QLora:
         from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
 
-        choice = heal_compute(model, config)
+        device = training_device()  # the 4-bit copy trains there; the full-precision model stays where it is
+        choice = compute_choice(device, config.bf16)
         compute_dtype = torch.float32 if choice.dtype == "fp32" else choice.torch_dtype
         context.full_precision = model
         with tempfile.TemporaryDirectory() as tmp:
@@ -252,7 +256,7 @@ class QLora:
             quantized = AutoModelForCausalLM.from_pretrained(
                 tmp,
                 quantization_config=bnb_config("4bit", compute_dtype),
-                device_map={"": next(model.parameters()).device},
+                device_map={"": device},
                 trust_remote_code=trusts_remote_code(),  # as the model was loaded: never a terminal prompt
             )
         disable_cpu_repacking(quantized)

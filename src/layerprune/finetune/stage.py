@@ -18,6 +18,7 @@ from layerprune.finetune.finite import check_finite_weights
 from layerprune.finetune.fit import fit_heal
 from layerprune.finetune.hidden_states import cut_pairs
 from layerprune.finetune.methods import get_method
+from layerprune.finetune.placement import student_dtype, teacher_loader
 from layerprune.finetune.streaming_local import stream_heal
 from layerprune.finetune.teacher_checks import check_teacher, check_vocab_sizes
 from layerprune.finetune.teacher_first import (
@@ -31,7 +32,7 @@ from layerprune.finetune.trainer import heal, write_loss_curve
 from layerprune.models.anatomy import parameter_bytes
 from layerprune.models.checkpoint_rewrite import rewrite_checkpoint
 from layerprune.models.layer_stream import local_folder
-from layerprune.models.loading import folder_tokenizer, load_model, model_folder
+from layerprune.models.loading import folder_tokenizer, model_folder, resolve_model_ref
 from layerprune.models.model_config import read_model_config
 from layerprune.models.saving import write_model_files
 from layerprune.models.surgery import config_provenance, provenance
@@ -75,7 +76,9 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
             raise LayerpruneError(f"{wanted} needs a teacher: set teacher (the unpruned model)")
         if targets is None:  # heal_model_ref checked the teacher before its pass
             check_teacher(loaded.model.config, loaded.tokenizer, teacher_ref, config)
-        load_teacher = _teacher_loader(_vocab_size(loaded.model.config), teacher_ref, config.train_dtype)
+        # frozen unless the least-squares replacement reads it (init replace, or the replace/block-local procedures)
+        load_teacher = teacher_loader(_vocab_size(loaded.model.config), teacher_ref, config,
+                                      frozen=not replacing and get_method(config.method).run is None)
     if prepared is None:
         start = time.perf_counter()
         prepared = prepare_training_rows(config, loaded.tokenizer, load_teacher=load_teacher, log=log)
@@ -93,10 +96,14 @@ def heal_loaded(loaded, config: HealConfig, *, default_teacher: str | None = Non
 
 def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, default_teacher: str | None = None,
                    work_dir=None, resume: bool = False, log=print):
-    """heal_loaded of the model at `model_ref`, loaded by `load()` as late as possible: when distillation's
+    """heal_loaded of the model at `model_ref`, loaded by `load(dtype)` as late as possible: when distillation's
     teacher pass can run first (finetune/teacher_first.py), the teacher's top-k targets are made with the
     teacher alone in memory (layer by layer from disk when it does not fit), the teacher is freed, and only
-    then is the student loaded. tokenizer: for a model folder without one."""
+    then is the student loaded, in placement.student_dtype (a LoRA base in 16 bits directly). tokenizer: for a
+    model folder without one."""
+    local = resolve_model_ref(model_ref).kind != "hub"
+    if local:  # adapter auto resolved before the load: the dtype the model loads in depends on it
+        config = fit_heal(config, read_model_config(model_folder(model_ref)), log=log)
     targets = prepared = None
     spent = 0.0
     if distills_from_cache(config):
@@ -110,7 +117,7 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
             check_teacher(student_config, tokenizer, teacher_ref, config)
             first, streamed = teacher_placement(config, folder, teacher_folder)
             if first:
-                load_teacher = _teacher_loader(_vocab_size(student_config), teacher_ref, config.train_dtype)
+                load_teacher = teacher_loader(_vocab_size(student_config), teacher_ref, config)
                 start = time.perf_counter()
                 prepared = prepare_training_rows(config, tokenizer, load_teacher=load_teacher, log=log)
                 spent = time.perf_counter() - start
@@ -122,22 +129,11 @@ def heal_model_ref(model_ref: str, config: HealConfig, *, load, tokenizer=None, 
                 targets = targets_before_student(prepared[0], config, load_teacher, pad_id=pad_token_id(tokenizer),
                                                  stream_from=teacher_folder if streamed else None, log=log,
                                                  state_layers=[t for _, t in pairs])
-    loaded = load()
+    loaded = load(student_dtype(model_ref, config) if local else config.train_dtype)
     if loaded.tokenizer is None:
         loaded.tokenizer = tokenizer
     return heal_loaded(loaded, config, default_teacher=default_teacher, work_dir=work_dir, resume=resume, log=log,
                        prepared=prepared, targets=targets, spent=spent)
-
-
-def _teacher_loader(student_vocab: int, teacher_ref: str, dtype: str):
-    """A function that loads the teacher: heal calls it, and frees the teacher once its top-k targets are
-    cached (nothing else holds it), so training peaks at the student alone."""
-    def load_teacher():
-        teacher = load_model(teacher_ref, dtype=dtype, load_tokenizer=False).model
-        check_vocab_sizes(student_vocab, teacher.get_output_embeddings().weight.shape[0], teacher_ref)
-        return teacher
-
-    return load_teacher
 
 
 def _vocab_size(model_config) -> int:

@@ -1,5 +1,7 @@
 """The teacher's top-k targets before the student is loaded: distillation's teacher pass with the teacher
-alone in memory (read layer by layer from disk when even it does not fit), freed before the student loads.
+alone in memory, on the device healing computes on (a GPU where there is one) and in its checkpoint's 16-bit
+dtype where that device computes it natively (finetune/placement.py), read layer by layer from disk when even
+it does not fit; freed before the student loads.
 
 It applies when the rows training will read are known before the student is timed: a fixed number of
 steps. Under a time budget (`max_minutes`) the steps follow from a timed student step, so where teacher
@@ -10,7 +12,6 @@ and covers the steps wanted, and the budget then fits the steps to the time that
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import time
@@ -21,9 +22,10 @@ from layerprune.data.sources import BUNDLED_CORPORA
 from layerprune.files.cache import cache_dir
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.methods import get_method
+from layerprune.finetune.placement import folder_dtype, held_dtype
 from layerprune.finetune.teacher import teacher_targets
 from layerprune.hardware.compute import compute_choice
-from layerprune.hardware.devices import available_memory_bytes
+from layerprune.hardware.devices import available_memory_bytes, device_memory_bytes, release_memory, training_device
 from layerprune.models.memory_policy import MEMORY_FRACTION, checkpoint_bytes
 
 
@@ -73,9 +75,14 @@ def examples_answered(config: HealConfig) -> int | None:
 
 def teacher_placement(config: HealConfig, student: Path, teacher: Path) -> tuple[bool, bool]:
     """(whether the teacher pass runs before the student loads, whether the teacher is read layer by layer
-    from disk because its weights alone do not fit the memory available); see the module's docstring."""
-    available = available_memory_bytes() or 0
-    sizes = checkpoint_bytes(student), checkpoint_bytes(teacher)
+    from disk because its weights alone do not fit the memory available); see the module's docstring. The
+    memory is the training device's (a GPU's: the teacher is loaded there), the teacher's size the one it is
+    held in (placement.held_dtype: its checkpoint's 16-bit dtype where the device computes that natively)."""
+    device = training_device()
+    available = (available_memory_bytes() if device == "cpu" else device_memory_bytes(device)) or 0
+    stored = folder_dtype(str(teacher))
+    scale = held_dtype(str(teacher), config, device).itemsize / stored.itemsize if stored is not None else 1.0
+    sizes = checkpoint_bytes(student), round(checkpoint_bytes(teacher) * scale)
     both_fit = not available or sum(sizes) <= MEMORY_FRACTION * available
     first = distills_from_cache(config) and (config.max_minutes is None or not both_fit)
     return first, first and bool(available) and sizes[1] > MEMORY_FRACTION * available
@@ -105,7 +112,7 @@ def targets_before_student(rows: list[dict], config: HealConfig, load_teacher, *
     finally:
         bar.close()
         del teacher
-        gc.collect()
+        release_memory()  # on a GPU too: the student loads next
     notes = {"file": targets.key["file"], "k": config.distill_top_k, "from_cache": cached,
              "seconds": round(time.perf_counter() - start, 2), "before_student": True,
              "streamed": stream_from is not None}

@@ -11,11 +11,10 @@ weights and the prompts: a second run with the same teacher reads them.
 
 from __future__ import annotations
 
-import gc
-
 from layerprune.data.instructions import Example, prompt_ids
 from layerprune.files.cache import cache_dir
 from layerprune.hardware.compute import compute_choice
+from layerprune.hardware.devices import release_memory
 from layerprune.hardware.speed import GENERATED_TOKEN_COST, announced, measure_speed
 from layerprune.models.responses import (
     GENERATION_BATCH, greedy_responses, read_cached_responses, responses_path, write_cached_responses,
@@ -43,7 +42,7 @@ def answered_by_teacher(examples: list[Example], tokenizer, load_teacher, *, new
     else:
         log(f"the teacher's responses to {len(prompts)} prompts: from the cache")
     del teacher
-    gc.collect()
+    release_memory()  # on a GPU too: the next model loads there
     return [Example(e.instruction, e.context, tokenizer.decode(r, skip_special_tokens=True).strip())
             for e, r in zip(examples, responses)]
 

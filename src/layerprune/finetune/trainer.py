@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gc
 import os
 import shutil
 import time
@@ -26,9 +25,11 @@ from layerprune.finetune.hidden_states import StateRecorder, cut_pairs, relative
 from layerprune.finetune.local import replace_unsupported
 from layerprune.finetune.losses import chunked_cross_entropy, chunked_distillation
 from layerprune.finetune.methods import HealContext, get_method, heal_compute, trainable_parameters
+from layerprune.finetune.placement import on_training_device
 from layerprune.finetune.teacher import teacher_targets
 from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
 from layerprune.hardware.compute import announce
+from layerprune.hardware.devices import release_memory
 from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions, unwrapped
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
@@ -123,7 +124,7 @@ class _Prepared:
     rows: list[dict]
     config: HealConfig  # max_steps fitted to the budget once planned
     context: HealContext
-    compute: object  # hardware.compute.ComputeChoice
+    compute: object  # hardware.compute.ComputeChoice, decided once the model is where it trains
     started: float  # perf_counter when heal began: the budget counts from there
     teacher: object = None  # the model distillation reads live (None once its targets are cached)
     targets: object = None  # the teacher's cached top-k targets
@@ -157,11 +158,13 @@ def heal(
     work_dir holds Trainer checkpoints (resume picks up the last one). Under `accelerate launch`
     the Trainer runs data-parallel (DDP/FSDP) with no change here. Before training, one timed step gives
     the estimate printed through `log`, and fits the steps into `config.max_minutes` when set (budget.py).
-    Four steps: prepare (method, teacher, compute), plan (the method's trainable model, the timed step and
-    the budget, the teacher's targets), train (the Trainer), finish (the stock model and its record).
+    Four steps: prepare (method, teacher), plan (the model on the device it trains on and the compute there, the
+    method's trainable model, the timed step and the budget, the teacher's targets), train (the Trainer), finish
+    (the stock model and its record).
     """
     prepared = _prepare(model, rows, config, tokenizer=tokenizer, teacher=teacher, targets=targets)
     if prepared.method.run is not None:  # a procedure of its own (e.g. training-free replacement), not the Trainer
+        _decide_compute(prepared)
         return _run_procedure(prepared.method, prepared.model, prepared.rows, prepared.config, prepared.context)
     _plan(prepared, log)
     trainer, output, seconds = _train_prepared(prepared, Path(work_dir or Path.cwd() / "heal-checkpoints"), resume)
@@ -170,7 +173,7 @@ def heal(
 
 def _prepare(model, rows, config, *, tokenizer, teacher, targets) -> _Prepared:
     """Check the inputs, settle the teacher (targets made before the student loaded, or a loader called now),
-    seed, and decide the compute dtype."""
+    and seed."""
     from transformers import set_seed  # heavy: transformers' training utilities import peft, accelerate
 
     if not rows:
@@ -187,20 +190,20 @@ def _prepare(model, rows, config, *, tokenizer, teacher, targets) -> _Prepared:
         raise LayerpruneError(f"{config.method} needs a teacher model (the unpruned model)")
     set_seed(config.seed)
     context = HealContext(tokenizer=tokenizer, teacher=teacher, notes=notes)
-    compute = heal_compute(model, config)
-    announce(compute)
-    context.notes["compute"] = compute.to_json()
     rows_per_step = rows_per_optimizer_step(config)
-    return _Prepared(method, model, rows, config, context, compute, started, teacher=teacher, targets=targets,
+    return _Prepared(method, model, rows, config, context, None, started, teacher=teacher, targets=targets,
                      rows_per_step=rows_per_step,
                      accumulation=rows_per_step // (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
 
 
 def _plan(p: _Prepared, log) -> None:
-    """Replace the cuts first (init replace), make the method's trainable model, time one step and fit the steps
-    to the budget, then cache the teacher's targets of the rows those steps read and free the teacher."""
+    """Replace the cuts first (init replace), move the model where the Trainer trains it and decide the compute
+    there, make the method's trainable model, time one step and fit the steps to the budget, then cache the
+    teacher's targets of the rows those steps read and free the teacher."""
     if p.config.init == "replace" and provenance(p.model)["dropped_layers"]:  # an unpruned model has no cut
         p.model = _replace_first(p.model, p.rows, p.config, p.context)
+    p.model = on_training_device(p.model, p.config)  # a GPU's: the method and the timed step see where it trains
+    _decide_compute(p)
     p.pairs = _state_pairs(p.model, p.config, p.context)
     # Only a distilling method trains toward the teacher's logits; others get the teacher for init replace only.
     distill_from = p.teacher if p.method.distills else None
@@ -215,12 +218,20 @@ def _plan(p: _Prepared, log) -> None:
         if p.config.max_steps > 0:  # the teacher reads only what the steps will use: one pass over the first rows
             p.rows = p.rows[:p.config.max_steps * p.rows_per_step]
         p.targets = _cached_teacher_targets(distill_from, p.rows, p.config, p.context.tokenizer, p.context,
-                                            p.compute, state_layers=[t for _, t in p.pairs])
+                                            heal_compute(distill_from, p.config),  # on the teacher's device
+                                            state_layers=[t for _, t in p.pairs])
         p.teacher = p.context.teacher = distill_from = None  # its targets are on disk: free it before training
-        gc.collect()
+        release_memory()
     if p.pairs and (p.targets is None or p.targets.states is None):  # a teacher read layer by layer: logits only
         p.context.notes["hidden_states"]["skipped"] = "the teacher's states were not recorded (streamed)"
         p.pairs = []
+
+
+def _decide_compute(p: _Prepared) -> None:
+    """How healing computes on the device the model is on (hardware.compute), said once and kept in the notes."""
+    p.compute = heal_compute(p.model, p.config)
+    announce(p.compute)
+    p.context.notes["compute"] = p.compute.to_json()
 
 
 def _train_prepared(p: _Prepared, work_dir: Path, resume: bool):

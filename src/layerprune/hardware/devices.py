@@ -3,6 +3,8 @@ bf16 natively, their matmul rate, and memory sizes as users write them (80GB).""
 
 from __future__ import annotations
 
+import gc
+import os
 from dataclasses import dataclass, field
 
 from layerprune.errors import LayerpruneError
@@ -81,6 +83,40 @@ def device_flops(devices: Devices) -> tuple[float, str]:
     a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     best = best_matmul_time(a, b, repeats=8)  # warm kernels: the first calls of a dtype are slow
     return 2 * 256 * 1024 * 1024 / max(best, 1e-9) * 0.5, "this CPU's matmul rate, halved for a whole model"
+
+
+def training_device() -> str:
+    """Where healing computes: this process's GPU where CUDA is available (LOCAL_RANK's under a launcher, where
+    the Trainer places the model), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def fsdp_launched() -> bool:
+    """Whether accelerate launched this process with FSDP (it shards the model itself: nothing moves it whole)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Memory a model loaded on `device` can use: a GPU's total, the CPU's available RAM (None when unknown)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    return available_memory_bytes()
+
+
+def release_memory() -> None:
+    """Give back what freed models held: Python's garbage, and the CUDA allocator's cached blocks (so the next
+    model's load sees the whole GPU, and so does nvidia-smi)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def available_memory_bytes() -> int | None:

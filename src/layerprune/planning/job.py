@@ -17,12 +17,15 @@ from layerprune.errors import LayerpruneError
 from layerprune.evaluation.config import EvalConfig
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.local import DEFAULT_LOCAL_ROWS
-from layerprune.finetune.memory import choose_heal, gpus_for_full_heal
-from layerprune.hardware.devices import Devices, GiB, device_flops, this_machine
+from layerprune.finetune.memory import choose_heal, frozen_weight_bytes, gpus_for_full_heal, teacher_pass_memory
+from layerprune.finetune.teacher_first import distills_from_cache
+from layerprune.hardware.devices import USABLE, Devices, GiB, device_flops, this_machine
 from layerprune.hardware.speed import Speed
+from layerprune.models.memory_policy import MEMORY_FRACTION
 from layerprune.models.shape import Job, ModelShape, model_shape
 from layerprune.planning.estimate import eval_seconds, heal_seconds, score_seconds
-from layerprune.planning.memory import plan_memory
+from layerprune.planning.disk import plan_disk
+from layerprune.planning.memory import inference_activations, plan_memory
 from layerprune.selection.config import PruneConfig
 from layerprune.selection.ranking import count_to_drop
 
@@ -38,7 +41,8 @@ class JobPlan:
     stages: list[dict]
     heal: dict
     gpus_for_full_heal: int | None
-    disk_bytes: int
+    disk_bytes: int  # all that the stages write (planning/disk.py)
+    disk: dict = field(default_factory=dict)  # what each writing stage writes, and whether the disks hold it
     heal_per_card: dict = field(default_factory=dict)  # "24 GB": the healing that one such GPU takes
 
     def to_json(self) -> dict:
@@ -48,20 +52,46 @@ class JobPlan:
 CARDS_GB = (24, 48, 80)  # common GPU memories
 
 
-def heal_per_card(shape: ModelShape, job: Job, wanted: str) -> dict:
-    """{"24 GB": {option, fits, peak_gib}, ...}: the healing one GPU of each common size takes."""
+def teacher_mode(heal: HealConfig, shape: ModelShape, job: Job, devices: Devices) -> str | None:
+    """How the heal holds distillation's teacher, as finetune/teacher_first.py decides it: "alone" (its targets
+    made before the student loads), "beside" the student (targets not cached: a live teacher or init replace; or
+    a time budget, with room for both), or None (no teacher pass)."""
+    if heal.method != "distill":
+        return None
+    if not distills_from_cache(heal):
+        return "beside"
+    if heal.max_minutes is None:
+        return "alone"
+    both = shape.params(job.layers_kept) * shape.stored_bytes + shape.params() * frozen_weight_bytes(shape, job,
+                                                                                                     devices)
+    return "beside" if both <= MEMORY_FRACTION * devices.memory else "alone"
+
+
+def heal_per_card(shape: ModelShape, job: Job, wanted: str, heal: HealConfig) -> dict:
+    """{"24 GB": {option, fits, peak_gib, teacher}, ...}: the healing one GPU of each common size takes, its
+    teacher pass included: on the GPU where it fits there (the peak is the larger of the two), else read layer by
+    layer from disk on the CPU (finetune/teacher_first.py), which takes no GPU memory."""
     cards = {}
     for gb in CARDS_GB:
-        chosen = choose_heal(shape, job, Devices("cuda", 1, gb * GiB), wanted)
-        cards[f"{gb} GB"] = {"option": chosen.settings.get("option"), "fits": chosen.fits,
-                             "peak_gib": round(chosen.bytes_per_device / GiB, 2)}
+        devices = Devices("cuda", 1, gb * GiB)
+        chosen = choose_heal(shape, job, devices, wanted)
+        card = {"option": chosen.settings.get("option"), "fits": chosen.fits, "peak_gib": chosen.bytes_per_device}
+        mode = teacher_mode(heal, shape, job, devices)
+        if mode and card["option"] != "layer-local":  # layer-local streams the teacher itself
+            teacher = teacher_pass_memory(shape, job, devices, beside=mode == "beside",
+                                          activations=inference_activations(shape, job, devices.compute_bytes))
+            on_gpu = teacher.bytes_per_device <= USABLE * devices.memory
+            card["teacher"] = "on the GPU" if on_gpu else "from disk"
+            card["peak_gib"] = max(card["peak_gib"], teacher.bytes_per_device if on_gpu else 0)
+        cards[f"{gb} GB"] = {**card, "peak_gib": round(card["peak_gib"] / GiB, 2)}
     return cards
 
 
 def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *, adapter: str = "auto", prune=None,
-             evaluation=None) -> JobPlan:
-    """The plan of prune -> heal -> eval of `shape` down to `layers_kept` layers on `devices`; adapter: auto
-    (the first healing that fits: full weights, LoRA, QLoRA on a GPU, layer-local) | none | lora."""
+             evaluation=None, gguf: str | None = None, out: str = ".") -> JobPlan:
+    """The plan of prune -> heal -> eval (-> a GGUF file of quantization `gguf`) of `shape` down to `layers_kept`
+    layers on `devices`, writing to `out`; adapter: auto (the first healing that fits: full weights, LoRA, QLoRA
+    on a GPU, layer-local) | none | lora."""
     heal = heal or HealConfig()
     prune = prune or PruneConfig(num_layers=shape.layers - layers_kept or 1)
     evaluation = evaluation or EvalConfig()
@@ -78,7 +108,7 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
         wanted = "layer-local"
     elif heal.method in ("lora", "qlora"):
         wanted = heal.method
-    stages = plan_memory(shape, job, devices, heal=wanted, teacher=heal.method == "distill")
+    stages = plan_memory(shape, job, devices, heal=wanted, teacher=teacher_mode(heal, shape, job, devices))
     flops, source = device_flops(devices)
     per_token = 2 * shape.params() + 2 * shape.hidden * shape.vocab
     speed = Speed(forward=per_token / flops, decode=per_token / flops * 50, compute=f"{devices.compute_bytes * 8}-bit")
@@ -105,13 +135,18 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
                      "detail": stage.detail, "settings": stage.settings, "seconds": seconds.get(stage.stage),
                      "time_source": source})
     heal_row = next(stage for stage in stages if stage.stage == "heal")
+    teacher_row = next(({"peak_gib": row["peak_gib"], "fits": row["fits"]} for row in rows
+                        if row["stage"] == "teacher pass"), None)
     full_gpus = gpus_for_full_heal(shape, job, devices.memory) if devices.kind == "cuda" else None
+    disk = plan_disk(shape, layers_kept, heal, heal_row.settings.get("option"), gguf=gguf, out=out, lora_r=heal.lora_r,
+                     frozen_bytes=frozen_weight_bytes(shape, job, devices), train_bytes=job.train_dtype_bytes)
     return JobPlan(model=shape.name, devices=devices.describe(), layers=shape.layers, layers_kept=layers_kept,
                    params=shape.params(), params_kept=shape.params(layers_kept), stages=rows,
-                   heal={"option": heal_row.settings.get("option"), "fits": heal_row.fits, **heal_row.settings},
+                   heal={"option": heal_row.settings.get("option"), "fits": heal_row.fits, **heal_row.settings,
+                         "teacher_pass": teacher_row},
                    gpus_for_full_heal=full_gpus,
-                   disk_bytes=round(shape.params(layers_kept) * shape.stored_bytes * (2 if heal else 1)),
-                   heal_per_card=heal_per_card(shape, job, wanted))
+                   disk_bytes=disk["bytes"], disk=disk,
+                   heal_per_card=heal_per_card(shape, job, wanted, heal))
 
 
 def plan_lines(plan: JobPlan) -> list[str]:

@@ -20,7 +20,7 @@ load. The numbers are estimates with stated formulas; bench/scale_rehearsal.py m
 
 from __future__ import annotations
 
-from layerprune.finetune.memory import choose_heal, replace_streaming_bytes
+from layerprune.finetune.memory import choose_heal, replace_streaming_bytes, teacher_pass_memory
 from layerprune.hardware.devices import USABLE, Devices, StageMemory, runtime_bytes
 from layerprune.models.shape import Job, ModelShape
 
@@ -60,11 +60,11 @@ def stream_eval_bytes(shape: ModelShape, job: Job, devices: Devices) -> int:
     return int(runtime_bytes(devices) + max(head, max(shape.per_layer) * stored) + hidden)
 
 
-def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto", teacher: bool = True
+def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto", teacher: str | None = "alone"
                 ) -> list[StageMemory]:
-    """Peak bytes per device of each stage: score, prune, teacher pass (none where the healing chosen is
-    layer-local: it streams the teacher inside its own peak), heal, eval, and the layer-by-layer variants of
-    score, heal (replace) and eval."""
+    """Peak bytes per device of each stage: score, prune, teacher pass (teacher "alone" or "beside" the student,
+    finetune/memory.py teacher_pass_memory; None, or where the healing chosen is layer-local: it streams the
+    teacher inside its own peak), heal, eval, and the layer-by-layer variants of score, heal (replace) and eval."""
     compute = devices.compute_bytes
     full, kept = shape.params(), shape.params(job.layers_kept)
     infer = inference_activations(shape, job, compute)
@@ -80,9 +80,7 @@ def plan_memory(shape: ModelShape, job: Job, devices: Devices, heal: str = "auto
     ]
     chosen = choose_heal(shape, job, devices, heal)
     if teacher and chosen.settings.get("option") != "layer-local":  # layer-local streams the teacher itself
-        both = (full + kept) * job.train_dtype_bytes // per_device
-        stages.append(StageMemory("teacher pass", runtime + both + infer,
-                                  "the unpruned teacher beside the student; the teacher is freed before training"))
+        stages.append(teacher_pass_memory(shape, job, devices, beside=teacher == "beside", activations=infer))
     stages.append(chosen)
     if chosen.settings.get("option") != "layer-local":  # the layer-by-layer alternative
         stages.append(StageMemory("heal (streaming)", replace_streaming_bytes(shape, job, devices),

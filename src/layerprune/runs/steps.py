@@ -180,8 +180,8 @@ def heal(run: Run, number: int, ref: str, out: Path, *, base: dict) -> str:
     config = run.config.heal[number - 1]
     loaded = {}
 
-    def load():  # as late as possible: a teacher pass that can run first runs with the teacher alone
-        loaded["model"] = run.load(ref, run.original, saved=True, dtype=config.train_dtype)
+    def load(dtype):  # as late as possible: a teacher pass that can run first runs with the teacher alone
+        loaded["model"] = run.load(ref, run.original, saved=True, dtype=dtype)
         return loaded["model"]
 
     run.log(f"healing with {config.method} ({out.name})")
