@@ -565,11 +565,15 @@ def plan_job(
     trust_remote_code: bool = False,
     gguf: str | None = None,
     out: str = ".",
+    expert_ratio: float | None = None,
+    num_experts: int | None = None,
 ) -> job_plans.JobPlan:
     """Peak memory per device, disk and time of each stage, and the healing that fits, from the model's config
     alone (nothing is loaded): on this machine, or on `gpus` GPUs of `gpu_memory` each. num_layers / ratio:
     the layers to remove (default 25%; num_layers=0: the model as it is). gguf: a quantization the healed model
-    is exported in (its file counted on disk); out: where the outputs go (the free space of its disk)."""
+    is exported in (its file counted on disk); out: where the outputs go (the free space of its disk).
+    expert_ratio / num_experts: mixture-of-experts models, the experts removed from every MoE layer (then no
+    layer goes unless num_layers / ratio says so)."""
     if gpus is not None and gpus < 1:
         raise LayerpruneError("--gpus must be at least 1")
     if gguf is not None and gguf.lower() not in GGUF_BITS:
@@ -579,9 +583,10 @@ def plan_job(
     gpu_bytes = parse_memory(gpu_memory)  # checked whether or not --gpus uses it
     heal, evaluation = as_config(HealConfig, heal), as_config(EvalConfig, evaluation)
     shape = model_shape(model_ref, trust_remote_code=trust_remote_code)
-    drop = 0 if num_layers == 0 else count_to_drop(
+    experts_only = (expert_ratio is not None or num_experts is not None) and num_layers is None and ratio is None
+    drop = 0 if num_layers == 0 or experts_only else count_to_drop(
         shape.layers, num_layers=num_layers, ratio=ratio if ratio is not None or num_layers else 0.25)
     devices = Devices("cuda", gpus, gpu_bytes) if gpus else this_machine()
-    prune = as_config(PruneConfig, prune, num_layers=max(drop, 1))
+    prune = as_config(PruneConfig, prune, num_layers=max(drop, 1), expert_ratio=expert_ratio, num_experts=num_experts)
     return job_plans.plan_job(shape, shape.layers - drop, devices, heal, adapter=adapter, prune=prune,
                               evaluation=evaluation, gguf=gguf.lower() if gguf else None, out=out)

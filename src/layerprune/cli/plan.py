@@ -22,6 +22,10 @@ def plan_command(
     ratio: Optional[float] = typer.Option(None, help="Share of the layers to remove (default 0.25)."),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", "-n", help="Layers to remove (0: the model as "
                                              "it is, e.g. an already pruned model to heal)."),
+    expert_ratio: Optional[float] = typer.Option(None, help="Mixture-of-experts models: share of the experts to "
+                                                 "remove from every MoE layer (as prune --expert-ratio)."),
+    num_experts: Optional[int] = typer.Option(None, help="Mixture-of-experts models: experts to remove from every "
+                                              "MoE layer."),
     method: str = typer.Option("distill", help="Healing method (as finetune --method)."),
     adapter: str = typer.Option("auto", help="auto (full weights where they fit, else LoRA, QLoRA on a GPU, else "
                                 "layer-local) | none | lora."),
@@ -46,7 +50,8 @@ def plan_command(
     from layerprune.planning.disk import disk_lines
 
     plan = plan_job(model, num_layers=num_layers, ratio=ratio, adapter=adapter, gpus=gpus, gpu_memory=gpu_memory,
-                    trust_remote_code=trust_remote_code, gguf=gguf, out=out,
+                    trust_remote_code=trust_remote_code, gguf=gguf, out=out, expert_ratio=expert_ratio,
+                    num_experts=num_experts,
                     heal=config_from_options(HealConfig, dict(  # one line naming the option on a bad value
                         method=method, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
                         gradient_checkpointing=gradient_checkpointing)),
@@ -55,7 +60,9 @@ def plan_command(
     if as_json:
         print(json.dumps(plan.to_json(), indent=2))
         return
-    table = Table(title=f"plan: {model}, {plan.layers} -> {plan.layers_kept} layers "
+    experts = f", {plan.experts} -> {plan.experts_kept} experts per MoE layer" if plan.experts != plan.experts_kept \
+        else ""
+    table = Table(title=f"plan: {model}, {plan.layers} -> {plan.layers_kept} layers{experts} "
                         f"({plan.params / 1e9:.2f}B -> {plan.params_kept / 1e9:.2f}B params) on {plan.devices}")
     for column in ("stage", "peak per device", "fits", "time", "how"):
         table.add_column(column, justify="right" if column in ("peak per device", "time") else "left")

@@ -3,10 +3,11 @@ sizes activations scale with (ModelShape, counted on the meta device), and the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import count_parameters, get_anatomy
+from layerprune.models.experts.anatomy import moe_layers
 from layerprune.models.loading import model_folder, resolve_model_ref
 from layerprune.models.memory_policy import checkpoint_bytes
 from layerprune.models.model_config import read_model_config
@@ -26,19 +27,42 @@ class ModelShape:
     vocab: int
     linear_dims: tuple[tuple[int, int], ...]  # (in, out) of each Linear in one layer (LoRA's size)
     stored_bytes: float = 2.0  # per value as stored on disk
+    # Mixture-of-experts: the parameters over all layers (in per_layer) that grow with the expert count (the
+    # routed experts', and the routers' one row per expert), the routers' alone, the experts per MoE layer
+    # and how many each token goes to; the experts per MoE layer the pruned model keeps.
+    expert_params: int = 0
+    router_params: int = 0
+    experts: int = 0
+    top_k: int = 0
+    experts_kept: int = 0
 
     @property
     def layers(self) -> int:
         return len(self.per_layer)
 
     def params(self, layers: int | None = None) -> int:
-        """All parameters with `layers` decoder layers kept (the average layer's size each)."""
-        kept = self.layers if layers is None else layers
-        return round(sum(self.per_layer) * kept / self.layers) + self.embedding + self.head + self.other
+        """All parameters of the model as it is (layers None), or of the pruned model with `layers` decoder
+        layers kept (the average layer's size each) and experts_kept experts per MoE layer."""
+        return self.layer_params(layers) + self.embedding + self.head + self.other
 
     def layer_params(self, layers: int | None = None) -> int:
+        if layers is None:
+            return sum(self.per_layer)
+        gone = self.expert_params * (1 - self.experts_kept / self.experts) if self.experts else 0
+        return round((sum(self.per_layer) - gone) * layers / self.layers)
+
+    def active_params(self, layers: int | None = None) -> int:
+        """The parameters one token's forward computes with: a MoE layer runs top_k of its experts, however many
+        there are (so removing experts leaves the time per token as it was)."""
+        idle = (self.expert_params - self.router_params) * (1 - self.top_k / self.experts) if self.experts else 0
         kept = self.layers if layers is None else layers
-        return round(sum(self.per_layer) * kept / self.layers)
+        return round((sum(self.per_layer) - idle) * kept / self.layers) + self.embedding + self.head + self.other
+
+    def without_experts(self, n_drop: int) -> "ModelShape":
+        """The shape whose pruned model keeps experts - n_drop experts in every MoE layer."""
+        if not self.experts:
+            raise LayerpruneError(f"{self.name} is not a mixture-of-experts model: it has no experts to remove")
+        return replace(self, experts_kept=self.experts - n_drop)
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,7 @@ def shape_from_config(config, name: str = "model", stored_bytes: float | None = 
     head = 0 if tied else in_model
     dims = tuple((m.in_features, m.out_features) for m in anatomy.layers[0].modules() if isinstance(m, torch.nn.Linear))
     text = config.get_text_config()
+    moe = _moe_counts(model)
     dtype = getattr(text, "dtype", None)
     if stored_bytes is None:
         stored_bytes = 4.0 if str(dtype) in ("float32", "torch.float32") else 2.0
@@ -84,8 +109,23 @@ def shape_from_config(config, name: str = "model", stored_bytes: float | None = 
         name=name, per_layer=tuple(counts["per_layer"]), embedding=embedding, head=head,
         other=counts["total"] - sum(counts["per_layer"]) - embedding - in_model, hidden=text.hidden_size,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
-        linear_dims=dims, stored_bytes=stored_bytes,
+        linear_dims=dims, stored_bytes=stored_bytes, **moe,
     )
+
+
+def _moe_counts(model) -> dict:
+    """expert_params / experts / top_k / experts_kept of a (meta) model; {} for a dense one."""
+    try:
+        layers = moe_layers(model)
+    except LayerpruneError:
+        return {}
+    if not layers:
+        return {}
+    experts = layers[0].num_experts
+    routers = sum(p.numel() for layer in layers for p in layer.router.parameters())
+    return {"expert_params": sum(p.numel() for layer in layers for p in layer.experts.parameters()) + routers,
+            "router_params": routers, "experts": experts, "top_k": int(model.config.get_text_config().num_experts_per_tok),
+            "experts_kept": experts}
 
 
 def model_shape(ref: str, *, trust_remote_code: bool = False) -> ModelShape:
@@ -105,7 +145,5 @@ def model_shape(ref: str, *, trust_remote_code: bool = False) -> ModelShape:
     shape = shape_from_config(read_model_config(folder, trust_remote_code=trust_remote_code), ref)
     stored = checkpoint_bytes(folder)
     if stored:
-        from dataclasses import replace
-
         shape = replace(shape, stored_bytes=stored / shape.params())
     return shape

@@ -27,6 +27,7 @@ from layerprune.planning.estimate import eval_seconds, heal_seconds, score_secon
 from layerprune.planning.disk import plan_disk
 from layerprune.planning.memory import inference_activations, plan_memory
 from layerprune.selection.config import PruneConfig
+from layerprune.selection.experts import experts_to_drop
 from layerprune.selection.ranking import count_to_drop
 
 
@@ -44,6 +45,8 @@ class JobPlan:
     disk_bytes: int  # all that the stages write (planning/disk.py)
     disk: dict = field(default_factory=dict)  # what each writing stage writes, and whether the disks hold it
     heal_per_card: dict = field(default_factory=dict)  # "24 GB": the healing that one such GPU takes
+    experts: int = 0  # mixture-of-experts models: experts per MoE layer before and after
+    experts_kept: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -95,6 +98,7 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
     heal = heal or HealConfig()
     prune = prune or PruneConfig(num_layers=shape.layers - layers_kept or 1)
     evaluation = evaluation or EvalConfig()
+    shape = with_expert_budget(shape, prune)
     if not 1 <= layers_kept <= shape.layers:
         raise LayerpruneError(f"cannot keep {layers_kept} of {shape.layers} layers")
 
@@ -110,9 +114,9 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
         wanted = heal.method
     stages = plan_memory(shape, job, devices, heal=wanted, teacher=teacher_mode(heal, shape, job, devices))
     flops, source = device_flops(devices)
-    per_token = 2 * shape.params() + 2 * shape.hidden * shape.vocab
+    per_token = 2 * shape.active_params() + 2 * shape.hidden * shape.vocab  # MoE: the top-k experts only
     speed = Speed(forward=per_token / flops, decode=per_token / flops * 50, compute=f"{devices.compute_bytes * 8}-bit")
-    fraction = shape.params(layers_kept) / shape.params()
+    fraction = shape.active_params(layers_kept) / shape.active_params()
     tokens = prune.calibration.n_samples * prune.calibration.seq_len
     seconds = {"score": score_seconds(prune.metrics, shape.layers, tokens, speed),
                "score (streaming)": score_seconds(prune.metrics, shape.layers, tokens, speed) * 1.2,
@@ -140,7 +144,7 @@ def plan_job(shape: ModelShape, layers_kept: int, devices: Devices, heal=None, *
     full_gpus = gpus_for_full_heal(shape, job, devices.memory) if devices.kind == "cuda" else None
     disk = plan_disk(shape, layers_kept, heal, heal_row.settings.get("option"), gguf=gguf, out=out, lora_r=heal.lora_r,
                      frozen_bytes=frozen_weight_bytes(shape, job, devices), train_bytes=job.train_dtype_bytes)
-    return JobPlan(model=shape.name, devices=devices.describe(), layers=shape.layers, layers_kept=layers_kept,
+    return JobPlan(model=shape.name, experts=shape.experts, experts_kept=shape.experts_kept, devices=devices.describe(), layers=shape.layers, layers_kept=layers_kept,
                    params=shape.params(), params_kept=shape.params(layers_kept), stages=rows,
                    heal={"option": heal_row.settings.get("option"), "fits": heal_row.fits, **heal_row.settings,
                          "teacher_pass": teacher_row},
@@ -168,7 +172,7 @@ def announce_plan(model_ref: str, heal=None, *, prune=None, log=print, min_param
         return  # no config to read here (a hub id not cached): the job's own loading says why
     if shape.params() < min_params:
         return
-    if prune is not None and not prune.prunes_layers:  # experts alone: every layer stays (experts not counted yet)
+    if prune is not None and not prune.prunes_layers:  # experts alone: every layer stays
         kept = shape.layers
     elif prune is not None and prune.drop is not None:
         kept = shape.layers - len(prune.drop)
@@ -176,5 +180,22 @@ def announce_plan(model_ref: str, heal=None, *, prune=None, log=print, min_param
         kept = shape.layers - count_to_drop(shape.layers, num_layers=prune.num_layers, ratio=prune.ratio)
     else:
         kept = shape.layers - count_to_drop(shape.layers, ratio=0.25)
-    for line in plan_lines(plan_job(shape, kept, this_machine(), heal)):
+    try:
+        plan = plan_job(shape, kept, this_machine(), heal, prune=prune if prune is not None and prune.prunes_experts
+                        else None)
+    except LayerpruneError:
+        return  # e.g. an expert budget for a dense model: the job's own checks say why, in its words
+    for line in plan_lines(plan):
         log(line)
+
+
+def with_expert_budget(shape: ModelShape, prune: PruneConfig | None) -> ModelShape:
+    """The shape whose pruned model has lost the experts `prune` removes from every MoE layer."""
+    if prune is None or not prune.prunes_experts:
+        return shape
+    if prune.drop_experts is not None:
+        return shape.without_experts(max(len(experts) for experts in prune.drop_experts.values()))
+    if not shape.experts:
+        raise LayerpruneError(f"{shape.name} is not a mixture-of-experts model: it has no experts to remove")
+    return shape.without_experts(experts_to_drop(shape.experts, shape.top_k, num_experts=prune.num_experts,
+                                                 ratio=prune.expert_ratio))
