@@ -71,7 +71,7 @@ def test_cli_prunes_experts_and_refuses_bad_budgets(moe_dir):
     assert AutoModelForCausalLM.from_pretrained(moe_dir / "cli").config.num_experts == N_EXPERTS - 2
     for args, message in [(["--num-experts", "7"], "at least 2 must stay"),
                           (["--expert-ratio", "0.25", "--num-experts", "2"], "not several"),
-                          (["--num-experts", "2", "--no-load"], "--no-load prunes the layers given by --drop (and "),
+                          (["--num-experts", "2", "--no-load", "--num-layers", "1"], "removes experts only"),
                           (["--drop-experts", "0:1;1:1", "--no-load", "--num-experts", "1"], "not several")]:
         bad = runner.invoke(app, ["prune", str(moe_dir / "moe"), "--out", str(moe_dir / "bad"), *args])
         assert_one_line_error(bad, message)

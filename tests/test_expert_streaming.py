@@ -102,3 +102,31 @@ def test_a_checkpoint_missing_one_experts_tensor_is_refused_by_name(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LayerpruneError, match="no tensor for model.layers.1.mlp.experts.down_proj"):
         stream_scores(tmp_path, calibration(), ["magnitude-l1"])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_no_load_expert_budget_cuts_the_same_experts_as_the_loaded_model(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.api import prune_model
+
+    save_model(tiny_moe_model(family).eval(), tiny_tokenizer(), tmp_path / "moe")
+    (tmp_path / "text.txt").write_text(CORPUS)
+    settings = dict(expert_ratio=0.25, dtype="fp32", log=lambda _: None,
+                    calibration={"source": str(tmp_path / "text.txt"), "n_samples": 4, "seq_len": 32})
+    on_disk = prune_model(str(tmp_path / "moe"), out=str(tmp_path / "disk"), no_load=True, **settings)
+    loaded = prune_model(str(tmp_path / "moe"), out=str(tmp_path / "memory"), **settings)
+    assert on_disk.on_disk and on_disk.experts["dropped"] == loaded.experts["dropped"]
+    assert on_disk.chosen_by == "reap"
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    outputs = [AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()(ids).logits
+               for name in ("disk", "memory")]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_no_load_expert_budget_with_a_layer_budget_is_refused(tmp_path):
+    save_model(tiny_moe_model("qwen3_moe"), tiny_tokenizer(), tmp_path / "moe")
+    result = CliRunner().invoke(app, ["prune", str(tmp_path / "moe"), "-o", str(tmp_path / "out"), "--no-load",
+                                      "--expert-ratio", "0.25", "--num-layers", "1"])
+    assert_one_line_error(result, "removes experts only")
+    assert not (tmp_path / "out").exists()

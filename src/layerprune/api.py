@@ -53,6 +53,7 @@ from layerprune.hardware.speed import announced, measure_speed
 from layerprune.importance import compute_many, get_metric
 from layerprune.importance.experts.registry import compute_expert_scores, expert_scores_markdown, get_expert_metric
 from layerprune.importance.experts.streaming import stream_expert_scores
+from layerprune.importance.experts.streaming import streamed as streamed_experts
 from layerprune.importance.streaming import load_skeleton, stream_scores
 from layerprune.models.anatomy import count_parameters
 from layerprune.models.builtin import builtin_gguf_path
@@ -72,7 +73,7 @@ from layerprune.planning.disk import GGUF_BITS
 from layerprune.planning.estimate import eval_seconds
 from layerprune.planning.run_time import choose_seconds
 from layerprune.selection.config import PruneConfig, ScoreConfig
-from layerprune.selection.experts import prune_experts
+from layerprune.selection.experts import choose_experts, expert_metric_params, prune_experts
 from layerprune.selection.objectives import objective_validation
 from layerprune.selection.ranking import count_to_drop
 from layerprune.selection.scores import (
@@ -257,6 +258,8 @@ def prune_model(
     else:
         check_output_dir(out, overwrite, inputs=inputs)
     job_plans.announce_plan(model_ref, heal_config, prune=config, log=log)  # a model over 1B parameters: the plan
+    if no_load and gguf_source is None and (config.expert_ratio is not None or config.num_experts is not None):
+        return _prune_experts_on_disk(model_ref, config, out, overwrite, dtype, log)
     folder = None if gguf_source is not None else on_disk_folder(
         model_ref, no_load=no_load, drop_given=config.drop is not None or config.drop_experts is not None, say=log,
         model_options={
@@ -323,6 +326,26 @@ def _prune_loaded(loaded: LoadedModel, model_ref: str, config: PruneConfig, heal
     if config.prunes_experts:  # then experts, scored on the model that remains
         how = {**how, "experts": prune_experts(loaded.model, config, calibration, log)}
     return how, records, (samples_before, _samples(loaded, prompts, max_new_tokens))
+
+
+def _prune_experts_on_disk(model_ref: str, config: PruneConfig, out: str, overwrite: bool, dtype: str, log
+                           ) -> PruneResult:
+    """--no-load with an expert budget: the experts scored one decoder layer at a time from the checkpoint,
+    then cut from it tensor by tensor; the whole model is never in memory."""
+    if config.prunes_layers:
+        raise LayerpruneError("--no-load with --expert-ratio/--num-experts removes experts only; remove layers in "
+                              "a second call (`--no-load --drop ...`)")
+    skeleton = load_skeleton(model_ref, dtype=dtype)  # weights stay on disk
+    metric = config.expert_metric
+    calibration = load_calibration_for(skeleton, config.calibration) \
+        if get_expert_metric(metric).needs_calibration else None
+    model, routing = streamed_experts(skeleton.path, dtype)
+    drop, how = choose_experts(model, calibration, metric=metric, num_experts=config.num_experts,
+                               ratio=config.expert_ratio, params=expert_metric_params(config), routing=routing)
+    log(f"removing {how['experts_per_layer']} experts from each of {len(drop)} MoE layers (chosen by {metric}, "
+        "scored one layer at a time), on disk")
+    return prune_checkpoint(skeleton.path, [], out, overwrite=overwrite, source=model_ref, drop_experts=drop,
+                            how={"chosen_by": metric, "experts_per_layer": how["experts_per_layer"]})
 
 
 def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "auto") -> Path | None:

@@ -53,8 +53,8 @@ def on_disk_folder(
     if no_load:
         if not drop_given:
             raise LayerpruneError(
-                "--no-load prunes the layers given by --drop (and the experts given by --drop-experts) only: "
-                "--num-layers/--ratio/--expert-ratio/--num-experts choose them with a metric, "
+                "--no-load prunes the layers given by --drop (and experts, by --drop-experts or an expert budget) "
+                "only: --num-layers/--ratio choose layers with a metric, "
                 "and data-driven metrics need the loaded model (score a big model with `layerprune score --streaming`, "
                 "then pass the chosen indices to --drop)"
             )

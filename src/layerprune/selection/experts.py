@@ -46,13 +46,16 @@ def lowest_experts(scores: ExpertScores, n_drop: int, groups: int = 1) -> dict[i
 
 
 def choose_experts(model: nn.Module, calibration, *, metric: str, num_experts: int | None = None,
-                   ratio: float | None = None, params: dict | None = None) -> tuple[dict[int, list[int]], dict]:
-    """(the experts to remove {ORIGINAL layer: [ORIGINAL experts]}, how they were chosen)."""
+                   ratio: float | None = None, params: dict | None = None, routing=None
+                   ) -> tuple[dict[int, list[int]], dict]:
+    """(the experts to remove {ORIGINAL layer: [ORIGINAL experts]}, how they were chosen). routing: the
+    calibration pass (importance/experts/streaming.py for a model left on disk; default: the loaded model's)."""
     get_expert_metric(metric)
     top_k = model.config.get_text_config().num_experts_per_tok
     groups = expert_groups(model)
     n_drop = experts_to_drop(expert_count(model), top_k, num_experts=num_experts, ratio=ratio, groups=groups)
-    scores = compute_expert_scores(model, {metric: dict(params or {})}, calibration)[metric]
+    scores = compute_expert_scores(model, {metric: dict(params or {})}, calibration,
+                                   **({"routing": routing} if routing is not None else {}))[metric]
     drop = lowest_experts(scores, n_drop, groups)
     how = {"chosen_by": metric, "experts_per_layer": n_drop, "scores": scores.to_json()}
     return drop, how
@@ -68,9 +71,13 @@ def prune_experts(model: nn.Module, config, calibration, log=print) -> dict:
         return {"dropped": {str(layer): sorted(experts) for layer, experts in drop.items()}, "chosen_by": "explicit",
                 "experts_per_layer": max(per_layer)}
     drop, how = choose_experts(model, calibration, metric=config.expert_metric, num_experts=config.num_experts,
-                               ratio=config.expert_ratio, params={"seed": config.calibration.seed}
-                               if config.expert_metric == "random" else None)
+                               ratio=config.expert_ratio, params=expert_metric_params(config))
     remove_experts(model, drop, how={"chosen_by": config.expert_metric})
     log(f"removed {how['experts_per_layer']} experts from each of {len(drop)} MoE layers (chosen by "
         f"{config.expert_metric})")
     return {"dropped": {str(layer): experts for layer, experts in drop.items()}, **how}
+
+
+def expert_metric_params(config) -> dict:
+    """The expert metric's parameters a PruneConfig implies: random draws with the calibration seed."""
+    return {"seed": config.calibration.seed} if config.expert_metric == "random" else {}

@@ -28,6 +28,13 @@ def stream_expert_scores(model_dir: str | os.PathLike, metrics: dict[str, dict] 
                          dtype: str | torch.dtype = "auto", batch_size: int = 8):
     """Like `compute_expert_scores(load_model(model_dir).model, metrics, calibration)`, one layer in memory at
     a time."""
+    model, routing = streamed(model_dir, dtype)
+    return compute_expert_scores(model, metrics, calibration, batch_size=batch_size, routing=routing)
+
+
+def streamed(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"):
+    """(the checkpoint's skeleton, the routing pass over it one layer at a time): what compute_expert_scores
+    and selection's choose_experts take as `routing` for a model left on disk."""
     folder = local_folder(model_dir)
     entries = {entry.name: entry for entry in read_checkpoint(folder)}
     model = skeleton(folder, dtype, entries)
@@ -36,7 +43,7 @@ def stream_expert_scores(model_dir: str | os.PathLike, metrics: dict[str, dict] 
     def routing(model, calibration, *, batch_size: int, outputs: bool) -> dict[int, LayerRouting]:
         return streamed_routing(model, weights, calibration, batch_size=batch_size, outputs=outputs)
 
-    return compute_expert_scores(model, metrics, calibration, batch_size=batch_size, routing=routing)
+    return model, routing
 
 
 def streamed_routing(model, weights: CheckpointWeights, calibration, *, batch_size: int, outputs: bool
