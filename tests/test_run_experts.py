@@ -56,6 +56,9 @@ def test_a_run_removes_layers_then_experts_as_prune_model_does(moe_run):
     pruned = AutoModelForCausalLM.from_pretrained(run / "pruned")
     assert pruned.config.num_hidden_layers == 2 and pruned.config.num_experts == N_EXPERTS - 2
     assert summary["eval"]["final"]["layers"] == 2
+    report = (run / "report.md").read_text()
+    gone = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in selection["experts"]["dropped"].items())
+    assert f"Removed **2 experts** from every MoE layer (chosen by reap; original indices): {gone}." in report
 
     # The same settings through prune_model choose the same experts and give the same model.
     api = prune_model(str(moe_run / "moe"), out=str(moe_run / "api"), metric="reverse-order", num_layers=1,

@@ -19,6 +19,15 @@ def _granularity(run_dir: Path) -> str:
     return ((data or {}).get("prune") or {}).get("granularity") or "block"
 
 
+def _expert_lines(experts) -> list[str]:
+    """Mixture-of-experts runs: the experts each MoE layer lost (ORIGINAL indices)."""
+    if not isinstance(experts, dict) or not isinstance(experts.get("dropped"), dict):
+        return []
+    per_layer = "; ".join(f"layer {layer}: {', '.join(map(str, gone))}" for layer, gone in experts["dropped"].items())
+    return [f"Removed **{experts.get('experts_per_layer')} experts** from every MoE layer (chosen by "
+            f"{experts.get('chosen_by')}; original indices): {per_layer}.", ""]
+
+
 def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     """(markdown, summary dict) from selection.json, eval-*/eval.json, healed-*/heal.json, bench/bench.json."""
     run_dir = Path(run_dir)
@@ -28,9 +37,11 @@ def run_report(run_dir: Path, final_ref: str | None = None) -> tuple[str, dict]:
     if selection:
         what = {"attention": "Removed the attention of", "mlp": "Removed the MLP of"}.get(
             _granularity(run_dir), "Dropped")
-        lines += [f"{what} original layers **{', '.join(map(str, selection['dropped']))}** "
-                  f"(chosen by {selection['chosen_by']}).", ""]
+        if selection["dropped"]:
+            lines += [f"{what} original layers **{', '.join(map(str, selection['dropped']))}** "
+                      f"(chosen by {selection['chosen_by']}).", ""]
         summary["dropped"] = selection["dropped"]
+        lines += _expert_lines(selection.get("experts"))
         if selection.get("candidates"):
             label = objective_label((selection.get("validation") or {}).get("objective"))
             lines += [f"Candidates compared before healing ({label} on {_judged_on(selection)}):", "",
