@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import math
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ from layerprune.data.collate import PadCollator, TokenizedDataset  # noqa: F401 
 from layerprune.errors import LayerpruneError
 from layerprune.files.cache import cache_dir
 from layerprune.files.plotting import pyplot
-from layerprune.files.user_files import disk_full_message
+from layerprune.files.user_files import check_free_space, disk_full_message
 from layerprune.finetune.budget import plan_steps
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.finite import check_finite_weights, check_loss, finite_guard
@@ -29,7 +30,9 @@ from layerprune.finetune.methods import HealContext, get_method, heal_compute, t
 from layerprune.finetune.teacher import teacher_targets
 from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
 from layerprune.hardware.compute import announce
+from layerprune.models.anatomy import parameter_bytes
 from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions, unwrapped
+from layerprune.models.saving import SIDE_FILES_BYTES
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
 
@@ -164,7 +167,9 @@ def heal(
     if prepared.method.run is not None:  # a procedure of its own (e.g. training-free replacement), not the Trainer
         return _run_procedure(prepared.method, prepared.model, prepared.rows, prepared.config, prepared.context)
     _plan(prepared, log)
-    trainer, output, seconds = _train_prepared(prepared, Path(work_dir or Path.cwd() / "heal-checkpoints"), resume)
+    work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
+    check_checkpoint_space(prepared, work_dir, resume)
+    trainer, output, seconds = _train_prepared(prepared, work_dir, resume)
     return _finish(prepared, trainer, output, seconds)
 
 
@@ -221,6 +226,27 @@ def _plan(p: _Prepared, log) -> None:
     if p.pairs and (p.targets is None or p.targets.states is None):  # a teacher read layer by layer: logits only
         p.context.notes["hidden_states"]["skipped"] = "the teacher's states were not recorded (streamed)"
         p.pairs = []
+
+
+def check_checkpoint_space(p: _Prepared, work_dir: Path, resume: bool) -> None:
+    """With save_steps, the Trainer keeps every checkpoint it saves: each holds the trained model's weights (the
+    adapters alone under LoRA/QLoRA), AdamW's two states per trainable weight and small files. Refused before the
+    first step when the ones still to come do not fit on the disk of the work folder."""
+    config = p.config
+    if not config.save_steps:
+        return
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(p.rows) / p.rows_per_step)
+    done = 0
+    last = _last_checkpoint(work_dir) if resume else None
+    if last is not None and Path(last).name.rpartition("-")[2].isdigit():
+        done = int(Path(last).name.rpartition("-")[2])
+    saves = steps // config.save_steps - done // config.save_steps
+    if saves <= 0:
+        return
+    trainable = sum(t.numel() * t.element_size() for t in p.model.parameters() if t.requires_grad)
+    weights = trainable if hasattr(p.model, "peft_config") else parameter_bytes(p.model)
+    check_free_space(work_dir, saves * (weights + 2 * trainable + SIDE_FILES_BYTES),
+                     f"{saves} checkpoints of healing (one every {config.save_steps} steps)")
 
 
 def _train_prepared(p: _Prepared, work_dir: Path, resume: bool):

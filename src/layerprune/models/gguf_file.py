@@ -217,11 +217,15 @@ def prune_gguf(
     metadata = pruned_metadata(r.fields, shape.arch, keep, shape.block_count, shape.sliding, new_record)
     if n_experts is not None:
         metadata[f"{shape.arch}.expert_count"] = (n_experts, gguf.GGUFValueType.UINT32, None)
-    check_free_space(Path(out).parent, sum(int(t.nbytes) for _, t, _ in tensors), "the pruned GGUF")
+    alignment = _scalar(r.fields, "general.alignment")
+    alignment = alignment if isinstance(alignment, int) else None
+    # the tensors, the metadata (the source's header bounds it: the tokenizer's vocabulary is most of it, tens of
+    # MB for a large vocabulary) and the padding that aligns each tensor
+    header = int(r.data_offset) + (alignment or gguf.GGUF_DEFAULT_ALIGNMENT) * len(tensors)
+    check_free_space(out, sum(int(t.nbytes) for _, t, _ in tensors) + header, "the pruned GGUF")
     with atomic_output_file(out, overwrite, inputs=[src, *inputs]) as tmp:
         writer = gguf.GGUFWriter(tmp, shape.arch, endianess=r.endianess)
-        alignment = _scalar(r.fields, "general.alignment")
-        if isinstance(alignment, int):
+        if alignment is not None:
             writer.data_alignment = alignment
         for key, (value, kind, sub) in metadata.items():
             writer.add_key_value(key, value, kind, sub_type=sub)
