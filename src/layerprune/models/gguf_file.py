@@ -156,6 +156,22 @@ def apply_layout(config, path: str | os.PathLike) -> None:
         text.layer_types = ["sliding_attention" if flag else "full_attention" for flag in shape.sliding]
 
 
+def gguf_config(path: str | os.PathLike):
+    """The transformers config of a GGUF file from its metadata and tensor names alone, as the conversion
+    (models/loading.py) builds it and completed by apply_layout: no tensor data is read or dequantized (the
+    header is checked against the data's offsets first)."""
+    from transformers import AutoConfig  # heavy: transformers' config classes
+
+    path = Path(path)
+    check_gguf(path)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as err:
+        raise LayerpruneError(f"could not read the config of {path} from its GGUF metadata: {first_line(err)}") from err
+    apply_layout(config, path)
+    return config
+
+
 def pruned_metadata(fields, arch: str, keep: list[int], count: int, swa: list[bool] | None, record: dict) -> dict:
     """{key: (value, type, sub_type)} of the output: per-layer values cut to `keep` (positions), the rest as is."""
     import gguf
