@@ -284,3 +284,60 @@ def test_jobs_on_models_over_1b_parameters_print_the_plan_first(tmp_path, tiny_d
     quiet = []
     announce_plan(str(tiny_dir), log=quiet.append)
     assert quiet == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_plan_of_a_gguf_reads_its_metadata_only_and_plans_as_its_conversion(tmp_path, monkeypatch, arch):
+    import gguf
+
+    from gguf_files import write_gguf
+    from layerprune.models import loading
+    from layerprune.models.loading import model_folder
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "model.gguf", arch)
+    args = ["--num-layers", "2", "--gpus", "1", "--gpu-memory", "1GB", "--json"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plan dequantized or converted the GGUF")
+
+    class Untouchable:  # a tensor's data, which plan must never look at
+        def __getattr__(self, name):
+            raise AssertionError(f"plan read tensor data ({name})")
+
+        def __array__(self, *args, **kwargs):
+            raise AssertionError("plan read tensor data")
+
+    build = gguf.GGUFReader._build_tensors
+
+    def build_untouchable(self, start, fields):
+        build(self, start, fields)
+        self.tensors = [t._replace(data=Untouchable()) for t in self.tensors]
+
+    with monkeypatch.context() as patched:  # no dequantization, no conversion, no tensor data
+        for module, name in ((gguf, "dequantize"), (gguf.quants, "dequantize"), (loading, "_convert_gguf")):
+            patched.setattr(module, name, refuse)
+        patched.setattr(gguf.GGUFReader, "_build_tensors", build_untouchable)
+        result = runner.invoke(app, ["plan", str(path), *args])
+    assert result.exit_code == 0, result.output
+    from_metadata = json.loads(result.output)
+    assert not (tmp_path / "cache" / "models").exists()  # nothing was converted
+
+    folder = model_folder(str(path))  # the conversion every command that loads the model goes through
+    converted = json.loads(runner.invoke(app, ["plan", folder, *args]).output)
+    assert from_metadata.pop("model") == str(path) and converted.pop("model") == folder
+    # the same plan: every name, count and choice; sizes and times within 1% (the converted folder's weights file
+    # holds its safetensors header too, and its size is what a folder's plan reads)
+    assert same_within(from_metadata, converted, 0.01), (from_metadata, converted)
+    assert from_metadata["layers"] == converted["layers"] and from_metadata["params"] == converted["params"]
+
+
+def same_within(a, b, rel: float) -> bool:
+    """Equal JSON values, numbers other than counts within `rel`."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_within(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_within(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float) or (isinstance(a, int) and a > 10**6 and not isinstance(a, bool)):
+        return b == pytest.approx(a, rel=rel, abs=1e-9)
+    return a == b

@@ -422,11 +422,11 @@ def heal_model(
         loaded["model"] = load_model(model_ref, dtype=dtype)
         return loaded["model"]
 
-    with removed_unless_used(work_dir):
+    with removed_unless_used(work_dir):  # also when the healed folder is refused (a full disk)
         result, record = heal_model_ref(model_ref, config, load=load, work_dir=work_dir, resume=resumable)
-    if not is_main_process():
-        return result, Path(out)  # under accelerate/torchrun only the main process writes
-    write_healed(result, record, loaded["model"].tokenizer, out, overwrite=overwrite)
+        if not is_main_process():
+            return result, Path(out)  # under accelerate/torchrun only the main process writes
+        write_healed(result, record, loaded["model"].tokenizer, out, overwrite=overwrite)
     remove_work_dir(work_dir)
     return result, Path(out)
 

@@ -64,7 +64,17 @@ class Example:
 
 def load_examples(source: str, *, fields: FieldMap | None = None, max_samples: int | None = None, seed: int = 0) -> list[Example]:
     """Read prompt/response examples; the format (Dolly or Alpaca) is detected from the fields."""
-    records = _read_records(source)
+    examples = records_as_examples(read_records(source), source, fields)
+    if max_samples is not None:
+        if max_samples < 1:
+            raise LayerpruneError(f"max_samples must be >= 1, got {max_samples}")
+        random.Random(seed).shuffle(examples)
+        examples = examples[:max_samples]
+    return examples
+
+
+def records_as_examples(records: list[dict], source: str, fields: FieldMap | None = None) -> list[Example]:
+    """One example per record (in order), its fields read as `fields` says or as the first record's format."""
     if not records:
         raise LayerpruneError(f"instruction data {source!r} is empty")
     fields = fields or _detect_fields(records[0], source)
@@ -83,11 +93,6 @@ def load_examples(source: str, *, fields: FieldMap | None = None, max_samples: i
                 raise LayerpruneError(f"{source} record {number}: field {role!r} is {shown}, not text; fix or remove "
                                       "that record")
         examples.append(Example(texts[fields.instruction], texts.get(fields.context, ""), texts[fields.response]))
-    if max_samples is not None:
-        if max_samples < 1:
-            raise LayerpruneError(f"max_samples must be >= 1, got {max_samples}")
-        random.Random(seed).shuffle(examples)
-        examples = examples[:max_samples]
     return examples
 
 
@@ -123,7 +128,8 @@ def dolly_split(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return training, reserved
 
 
-def _read_records(source: str) -> list[dict]:
+def read_records(source: str) -> list[dict]:
+    """The JSON records of instruction data: bundled Dolly, a .json list or .jsonl file, or a hub dataset."""
     if source in ("dolly", "dolly-heldout"):
         training, reserved = dolly_split(dolly_records())
         return training if source == "dolly" else reserved

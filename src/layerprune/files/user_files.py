@@ -157,12 +157,22 @@ def free_bytes(path: str | os.PathLike) -> int | None:
 
 
 def check_free_space(out: str | os.PathLike, needed: int, what: str = "the output") -> None:
-    """Refuse before writing when `needed` bytes (plus 1%) do not fit on the disk of `out`."""
+    """Refuse before writing when `needed` bytes (everything the output will hold, plus 1%) do not fit on the
+    disk of `out`; the error names the output and the disk (its mount point)."""
     free = free_bytes(out)
     if free is not None and needed * 1.01 > free:
         raise LayerpruneError(
-            f"not enough disk space for {what} at {out}: needs {_mb(needed)} MB, {_mb(free)} MB free"
+            f"not enough disk space for {what} at {out}: needs {_mb(needed)} MB, {_mb(free)} MB free on the disk "
+            f"mounted at {mount_point(out)}"
         )
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the disk that would hold `path`."""
+    folder = existing_parent(path).resolve()
+    while not os.path.ismount(folder) and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def _mb(n: int) -> str:

@@ -12,6 +12,7 @@ from layerprune.data.instructions import prompt_ids
 from layerprune.data.training_rows import training_rows
 from layerprune.errors import LayerpruneError
 from layerprune.files.outputs import atomic_output_dir, write_json
+from layerprune.files.user_files import check_free_space
 from layerprune.finetune.budget import less_budget
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.finite import check_finite_weights
@@ -34,10 +35,12 @@ from layerprune.models.checkpoint_rewrite import rewrite_checkpoint
 from layerprune.models.layer_stream import local_folder
 from layerprune.models.loading import folder_tokenizer, model_folder, resolve_model_ref
 from layerprune.models.model_config import read_model_config
-from layerprune.models.saving import write_model_files
+from layerprune.models.saving import model_folder_bytes, write_model_files
 from layerprune.models.surgery import config_provenance, provenance
 from layerprune.models.tokens import pad_token_id
 
+
+HEAL_FILES_BYTES = 1_000_000  # heal.json, loss.csv and loss.png beside the model's files (~100 KB together)
 
 def prepare_training_rows(config: HealConfig, tokenizer, *, load_teacher=None, log=print
                           ) -> tuple[list[dict], dict]:
@@ -171,6 +174,7 @@ def heal_streaming(model_ref: str, out, config: HealConfig, *, overwrite: bool):
 def write_healed(result, record: dict, tokenizer, out, *, overwrite: bool = False) -> Path:
     """The healed model folder: stock checkpoint + heal.json + loss curve, written atomically."""
     check_finite_weights(result.model)  # NaN weights are never saved, whoever healed them
+    check_free_space(out, model_folder_bytes(result.model, tokenizer) + HEAL_FILES_BYTES, "the healed model")
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(result.model, tokenizer, tmp, extra={"heal": record})
         write_json(Path(tmp) / "heal.json", record)

@@ -20,6 +20,7 @@ from torch import nn
 
 from layerprune.data.collate import PadCollator
 from layerprune.errors import LayerpruneError
+from layerprune.files.cache import publish_file
 from layerprune.files.user_files import disk_full_message
 from layerprune.finetune.hidden_states import StateRecorder
 from layerprune.finetune.teacher_cache import load_cached
@@ -164,15 +165,11 @@ def teacher_targets(teacher: nn.Module | str | os.PathLike, rows: list[dict], k:
         values, indices, offsets, *states = compute_teacher_targets(teacher, rows, k, pad_id=pad_id,
                                                                     batch_size=batch_size, compute=compute, log=log,
                                                                     state_layers=state_layers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tensors = {"values": values, "indices": indices, "offsets": offsets, **({"states": states[0]} if states else {})}
-        save_file(tensors, str(partial), metadata={k_: str(v) for k_, v in key.items()})
-        os.replace(partial, path)  # a reader never sees half a file
-    except BaseException as err:
-        partial.unlink(missing_ok=True)  # a full disk must not keep half a cache file
-        full = disk_full_message(err, path.parent) if isinstance(err, Exception) else None
+    tensors = {"values": values, "indices": indices, "offsets": offsets, **({"states": states[0]} if states else {})}
+    try:  # under a temporary name of this process, then one rename: a reader never sees half a file
+        publish_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={k_: str(v) for k_, v in key.items()}))
+    except Exception as err:
+        full = disk_full_message(err, path.parent)
         if full is not None:  # safetensors reports it in its own words
             raise LayerpruneError(full) from None
         raise

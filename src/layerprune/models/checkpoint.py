@@ -38,7 +38,7 @@ from layerprune.models.anatomy import family_spec, supported_model_types
 from layerprune.models.experts.checkpoint import cut_experts_on_disk
 from layerprune.models.model_config import loads_tokenizer, read_model_config, trusts_remote_code
 from layerprune.models.prune_result import PruneResult
-from layerprune.models.saving import RECORD_FILE, write_record_file
+from layerprune.models.saving import RECORD_FILE, SIDE_FILES_BYTES, write_record_file
 from layerprune.models.sublayer import WEIGHTS_NAME as SUBLAYER_WEIGHTS
 from layerprune.models.surgery import check_drop, config_provenance, pruned_provenance, rewrite_config
 
@@ -490,6 +490,13 @@ def _copy_inside(path: Path, target: Path | None, src: Path, roots: list[Path], 
         shutil.copy2(path, target)
 
 
+def _tree_bytes(path: Path) -> int:
+    """The bytes of a file, or of every file in a folder (links followed, as copying them does)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def prune_checkpoint(
     src_dir: str | os.PathLike,
     drop: list[int],
@@ -546,8 +553,9 @@ def prune_checkpoint(
     shards = plan_shards(kept, limit)
     files = shard_file_names(len(shards))
     metadata = source_metadata(src, entries)
-    check_free_space(out_dir, sum(t.nbytes for t in kept), "the pruned checkpoint")
-    copy_side_files(src, None, tokenizer=loads_tokenizer(tokenizer))  # links outside the folder fail here
+    side = copy_side_files(src, None, tokenizer=loads_tokenizer(tokenizer))  # links outside the folder fail here
+    check_free_space(out_dir, sum(t.nbytes for t in kept) + sum(_tree_bytes(src / name) for name in side)
+                     + (src / "config.json").stat().st_size + SIDE_FILES_BYTES, "the pruned checkpoint")
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for file, shard in zip(files, shards):
             write_shard(src, tmp / file, shard, metadata)

@@ -48,7 +48,8 @@ def file_digest(path: Path, known: dict) -> str:
     real = str(path.resolve())
     stat = os.stat(real)
     entry = known.get(real)
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+    if (isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
+            and _is_sha256(entry.get("sha256"))):  # an entry damaged by hand or a crash costs a hash, not an error
         return entry["sha256"]
     digest = hashlib.sha256()
     with open(real, "rb") as f:
@@ -56,6 +57,10 @@ def file_digest(path: Path, known: dict) -> str:
             digest.update(block)
     known[real] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
     return digest.hexdigest()
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def teacher_fingerprint(model: nn.Module, cache_dir: str | os.PathLike) -> str:
@@ -69,20 +74,28 @@ def teacher_fingerprint(model: nn.Module, cache_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _hash_files(digest, files: list[Path], cache_dir) -> None:
-    """Add each file's sha256 (remembered in file-digests.json by path, size and mtime) to `digest`."""
+def file_digests(files: list[Path], cache_dir: str | os.PathLike) -> list[str]:
+    """sha256 of each file, remembered in `cache_dir`/file-digests.json by path, size and mtime (an unchanged
+    file is read once). The record is rewritten whole (temporary file + rename); two processes rewriting it
+    at once may lose each other's new entries, which only costs hashing those files again."""
     record = Path(cache_dir) / "file-digests.json"
     try:
         known = read_json(record, missing_ok=True) or {}
     except LayerpruneError:
         known = {}  # a damaged record only costs hashing again
     known = known if isinstance(known, dict) else {}
-    for path in files:
-        digest.update(f"{path.name}:{file_digest(path, known)}".encode())
+    digests = [file_digest(path, known) for path in files]
     try:
         write_json(record, known)
     except OSError:
         pass  # the record is an optimisation: hashing again next time is correct too
+    return digests
+
+
+def _hash_files(digest, files: list[Path], cache_dir) -> None:
+    """Add each file's sha256 (file_digests) to `digest`."""
+    for path, sha256 in zip(files, file_digests(files, cache_dir)):
+        digest.update(f"{path.name}:{sha256}".encode())
 
 
 def folder_fingerprint(folder: str | os.PathLike, cache_dir: str | os.PathLike) -> str:

@@ -156,6 +156,22 @@ def apply_layout(config, path: str | os.PathLike) -> None:
         text.layer_types = ["sliding_attention" if flag else "full_attention" for flag in shape.sliding]
 
 
+def gguf_config(path: str | os.PathLike):
+    """The transformers config of a GGUF file from its metadata and tensor names alone, as the conversion
+    (models/loading.py) builds it and completed by apply_layout: no tensor data is read or dequantized (the
+    header is checked against the data's offsets first)."""
+    from transformers import AutoConfig  # heavy: transformers' config classes
+
+    path = Path(path)
+    check_gguf(path)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as err:
+        raise LayerpruneError(f"could not read the config of {path} from its GGUF metadata: {first_line(err)}") from err
+    apply_layout(config, path)
+    return config
+
+
 def pruned_metadata(fields, arch: str, keep: list[int], count: int, swa: list[bool] | None, record: dict) -> dict:
     """{key: (value, type, sub_type)} of the output: per-layer values cut to `keep` (positions), the rest as is."""
     import gguf
@@ -217,11 +233,15 @@ def prune_gguf(
     metadata = pruned_metadata(r.fields, shape.arch, keep, shape.block_count, shape.sliding, new_record)
     if n_experts is not None:
         metadata[f"{shape.arch}.expert_count"] = (n_experts, gguf.GGUFValueType.UINT32, None)
-    check_free_space(Path(out).parent, sum(int(t.nbytes) for _, t, _ in tensors), "the pruned GGUF")
+    alignment = _scalar(r.fields, "general.alignment")
+    alignment = alignment if isinstance(alignment, int) else None
+    # the tensors, the metadata (the source's header bounds it: the tokenizer's vocabulary is most of it, tens of
+    # MB for a large vocabulary) and the padding that aligns each tensor
+    header = int(r.data_offset) + (alignment or gguf.GGUF_DEFAULT_ALIGNMENT) * len(tensors)
+    check_free_space(out, sum(int(t.nbytes) for _, t, _ in tensors) + header, "the pruned GGUF")
     with atomic_output_file(out, overwrite, inputs=[src, *inputs]) as tmp:
         writer = gguf.GGUFWriter(tmp, shape.arch, endianess=r.endianess)
-        alignment = _scalar(r.fields, "general.alignment")
-        if isinstance(alignment, int):
+        if alignment is not None:
             writer.data_alignment = alignment
         for key, (value, kind, sub) in metadata.items():
             writer.add_key_value(key, value, kind, sub_type=sub)

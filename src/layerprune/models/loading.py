@@ -15,9 +15,7 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +23,13 @@ from typing import Any
 import torch
 
 from layerprune.errors import LayerpruneError, first_line, shorten
-from layerprune.files.cache import cache_dir
+from layerprune.files.cache import cache_dir, folder_is_whole, publish_folder
 from layerprune.hardware.compute import announce, load_dtype
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.builtin import BUILTIN_MODELS, builtin_gguf_path
 from layerprune.models.checkpoint import INDEX_NAME, layer_index, read_checkpoint
 from layerprune.models.dtypes import parse_dtype, stored_dtype
+from layerprune.models.fingerprint import file_digests
 from layerprune.models.gguf_file import apply_layout, check_gguf
 from layerprune.models.model_config import (  # noqa: F401  (loading_options: the public way to set them)
     loading_options,
@@ -45,6 +44,9 @@ from layerprune.models.sublayer import is_sublayer_folder, load_sublayer_model
 from layerprune.models.surgery import provenance
 
 # Files that make a folder's tokenizer: a folder with none of them is weights-only.
+# Bumped when a converted GGUF folder is laid out otherwise: v2 folders carry a manifest (files/cache.py) and are
+# named by the GGUF's content; the older ones are left to the versions that made them.
+CONVERSION_LAYOUT = "v2"
 TOKENIZER_FILES = (
     "tokenizer*", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "*.model", "special_tokens_map.json",
     "added_tokens.json",
@@ -369,11 +371,13 @@ def _tokenizer_error(folder, files: list[str], err: BaseException) -> Layerprune
 
 
 def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
-    """Dequantize a GGUF file into a Hugging Face folder, once; later calls reuse the cache."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    """Dequantize a GGUF file into a Hugging Face folder, once; later calls reuse the cache. The entry is named
+    by the file's content (sha256, remembered by path, size and time) and appears whole or not at all
+    (files/cache.py): one cut short or missing a file is converted again, never loaded."""
+    content = file_digests([gguf_path], cache_dir() / "models")[0]
+    key = hashlib.sha256(f"{CONVERSION_LAYOUT}:{content}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{name or gguf_path.stem}-{key}"
-    if (target / "config.json").is_file():
+    if folder_is_whole(target):
         return target
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -407,15 +411,10 @@ def _convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
         model.hf_quantizer.remove_quantization_config(model)
 
     apply_layout(model.config, gguf_path)  # a pruned GGUF: original layer numbers, sliding-window layers
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "layerprune-source.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "alias": name}, indent=2) + "\n"
-        )
-        staged = Path(tmp + ".ready")
-        shutil.move(tmp, staged)
-        os.replace(staged, target)
-        os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory's cleanup expects it
-    return target
+        (tmp / "layerprune-source.json").write_text(json.dumps({"gguf": str(gguf_path), "alias": name}, indent=2) + "\n")
+
+    return publish_folder(target, fill)

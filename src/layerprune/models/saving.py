@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -14,6 +15,11 @@ from layerprune.models.sublayer import has_removed_sublayers, write_sublayer_mod
 from layerprune.models.surgery import provenance
 
 RECORD_FILE = "layerprune.json"
+# config.json, generation_config.json, layerprune.json, the model card, tokenizer_config.json, a chat template and
+# the safetensors headers: a few KB to tens of KB each (a 70B checkpoint's headers ~100 KB); 1 MB covers them.
+SIDE_FILES_BYTES = 1_000_000
+SLOW_TOKENIZER_FILES = ("tokenizer*", "vocab.json", "vocab.txt", "merges.txt", "*.model", "*.tiktoken",
+                        "special_tokens_map.json", "added_tokens.json")
 _RECORDED_PACKAGES = ("layerprune", "torch", "transformers", "accelerate", "safetensors", "peft")
 
 
@@ -64,10 +70,31 @@ def write_record_file(folder: str | os.PathLike, record: dict, extra: dict | Non
     )
 
 
+def model_folder_bytes(model, tokenizer) -> int:
+    """What write_model_files puts on disk: the weights, the tokenizer (its tokenizer.json is 3.5 MB for SmolLM2,
+    33 MB for Gemma 3) and the small files."""
+    return parameter_bytes(model) + tokenizer_bytes(tokenizer) + SIDE_FILES_BYTES
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """The size of the tokenizer's files as save_pretrained writes them: a fast tokenizer's tokenizer.json exactly
+    (its pretty-printed JSON), else the tokenizer files of the folder it was loaded from."""
+    if tokenizer is None:
+        return 0
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return len(backend.to_str(pretty=True).encode("utf-8"))
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in SLOW_TOKENIZER_FILES))
+
+
 def save_model(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the model folder atomically; it reloads with `AutoModelForCausalLM.from_pretrained(out)`
     (a model with attention-only/MLP-only removals reloads with `layerprune.load_model(out)` only)."""
-    check_free_space(out, parameter_bytes(model), "the model")  # a full disk: one error before writing
+    check_free_space(out, model_folder_bytes(model, tokenizer), "the model")  # a full disk: one error before writing
     with atomic_output_dir(out, overwrite) as tmp:
         write_model_files(model, tokenizer, tmp, extra)
     return Path(out)

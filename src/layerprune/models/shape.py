@@ -4,13 +4,19 @@ sizes activations scale with (ModelShape, counted on the meta device), and the s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from layerprune.errors import LayerpruneError
 from layerprune.models.anatomy import count_parameters, get_anatomy
+from layerprune.models.builtin import builtin_gguf_path
 from layerprune.models.experts.anatomy import moe_layers
+from layerprune.models.gguf_file import gguf_config
 from layerprune.models.loading import model_folder, resolve_model_ref
 from layerprune.models.memory_policy import checkpoint_bytes
 from layerprune.models.model_config import read_model_config
+
+
+GGUF_LOADED_BYTES = 4.0  # a GGUF file is loaded dequantized to fp32 (models/loading.py), and planned so
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,9 @@ def model_shape(ref: str, *, trust_remote_code: bool = False) -> ModelShape:
             raise LayerpruneError(f"the config of {ref} is not in the local cache (plan reads no weights, but needs "
                                   "config.json): download it once, or pass a local folder") from err
         return shape_from_config(config, ref)
+    if resolved.kind in ("gguf", "builtin"):  # from the metadata: nothing dequantized, no tensor data read
+        path = builtin_gguf_path(resolved.location) if resolved.kind == "builtin" else Path(resolved.location)
+        return shape_from_config(gguf_config(path), ref, stored_bytes=GGUF_LOADED_BYTES)
     folder = model_folder(ref)
     shape = shape_from_config(read_model_config(folder, trust_remote_code=trust_remote_code), ref)
     stored = checkpoint_bytes(folder)
