@@ -107,7 +107,8 @@ class PruneConfig(QualityTargetMixin, StrictConfig):
         None, description="Mixture-of-experts models: ORIGINAL expert indices to remove per ORIGINAL layer, e.g. "
         "{0: [1, 6], 1: [0, 7]} (CLI: '0:1,6;1:0,7'); as many in every MoE layer (no scoring).")
     expert_metric: str = Field("reap", description="How experts are scored for expert_ratio / num_experts: reap | "
-                               "frequency | soft-count | activation-norm | random (higher = keep).")
+                               "frequency | soft-count | activation-norm | random (higher = keep; reap measured best at 25% of the "
+                               "experts on a trained MoE testbed, docs/results.md).")
     protect_first: int = Field(0, ge=0, description="Never drop the first K layers.")
     protect_last: int = Field(0, ge=0, description="Never drop the last K layers.")
     strategy: Literal["one-shot", "iterative"] = Field(
