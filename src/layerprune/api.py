@@ -361,7 +361,9 @@ def _gguf_output_source(model_ref: str, out, config=None, output_format: str = "
                               f"{model_ref} is not one; prune to a folder, then `layerprune export --format gguf`")
     if config is not None and (config.expert_ratio is not None or config.num_experts is not None):
         raise LayerpruneError("a GGUF file loses the experts given by --drop-experts; --expert-ratio / --num-experts "
-                              "choose them on a loaded model: prune to a folder, then `layerprune export --format gguf`")
+                              "score them on the model's checkpoint (`layerprune score CHECKPOINT --metric none "
+                              "--expert-metric reap` lists the lowest first), or prune the checkpoint to a folder "
+                              "and `layerprune export --format gguf`")
     if config is not None and config.granularity != "block":
         raise LayerpruneError("GGUF and llama.cpp need whole decoder layers: --granularity attention/mlp cannot be "
                               "written to a .gguf file")
