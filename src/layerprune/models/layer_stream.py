@@ -302,10 +302,13 @@ def tied_head(model: nn.Module):
         head.weight = own
 
 
-def run_layer(block: nn.Module, i: int, batches: list[dict]) -> None:
-    """Push every recorded batch's hidden states through layer i; its output becomes the next layer's input."""
+def run_layer(block: nn.Module, i: int, batches: list[dict], before=None) -> None:
+    """Push every recorded batch's hidden states through layer i; its output becomes the next layer's input.
+    before(batch): called as each batch goes in (e.g. a hook that needs the batch's attention mask)."""
     with torch.no_grad():
         for batch in batches:
+            if before is not None:
+                before(batch)
             rest, kwargs = batch["calls"][i]
             batch["hidden"] = hidden_of(block(batch["hidden"], *rest, **kwargs))
 

@@ -19,7 +19,6 @@ from layerprune.importance.experts.routing import LayerRouting, watch_routing
 from layerprune.importance.streaming import refuse_non_finite
 from layerprune.models.anatomy import get_anatomy
 from layerprune.models.checkpoint import read_checkpoint
-from layerprune.models.decoder_calls import hidden_of
 from layerprune.models.experts.anatomy import moe_layers
 from layerprune.models.layer_stream import CheckpointWeights, layer_inputs, local_folder, run_layer, skeleton
 
@@ -65,11 +64,7 @@ def streamed_routing(model, weights: CheckpointWeights, calibration, *, batch_si
             layer, state = by_position[i], {}
             handle = watch_routing(layer, stats[layer.original], state, outputs)
             try:
-                with torch.no_grad():
-                    for batch in batches:
-                        state["mask"] = batch["mask"]
-                        rest, kwargs = batch["calls"][i]
-                        batch["hidden"] = hidden_of(block(batch["hidden"], *rest, **kwargs))
+                run_layer(block, i, batches, before=lambda batch: state.update(mask=batch["mask"]))
             finally:
                 handle.remove()
         finally:
